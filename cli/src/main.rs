@@ -1,0 +1,584 @@
+//! `amicus`: the one command for train authors, data owners, station operators and auditors.
+//!
+//! This crate only parses arguments, calls the libraries and prints. Every decision (what a
+//! bundle is, whether it may run, what is released) lives in `amicus-bundle` and
+//! `amicus-runtime`. Exit status: 0 on success, 1 on any failure or refusal, 2 on bad usage.
+
+mod bench;
+mod train_build;
+
+use amicus_bundle::{Bundle, Digest, PublicKey, SecretKey, TrustedKey};
+use amicus_runtime::audit;
+use amicus_runtime::station::{Station, StationError};
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "amicus",
+    version,
+    about = "Personal Health Train runtime: signed WebAssembly trains, sandboxed stations, audit logs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an Ed25519 key pair (PKCS#8 PEM private key, mode 0600; SPKI PEM public key).
+    Keygen {
+        /// Private key file to create; the public key goes beside it (alice.key → alice.pub).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Build, sign, verify and inspect train bundles.
+    #[command(subcommand)]
+    Train(TrainCommand),
+    /// Create and operate a station.
+    #[command(subcommand)]
+    Station(StationCommand),
+    /// Show and verify a station's audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Measure (not test) performance; writes JSON.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// Compile a train crate to a wasm32-wasip2 component and write one bundle file.
+    Build {
+        /// The train crate (a folder with Cargo.toml and train.toml).
+        crate_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add a detached signature over the bundle digest (DSSE envelope, in-toto statement).
+    Sign {
+        bundle: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        /// What the signer vouches as.
+        #[arg(long, default_value = "author")]
+        role: String,
+    },
+    /// Check a bundle's integrity and signatures against trusted public keys.
+    Verify {
+        bundle: PathBuf,
+        /// A trusted public key file (repeatable).
+        #[arg(long = "trust", required = true)]
+        trust: Vec<PathBuf>,
+        /// Distinct trusted signatures required.
+        #[arg(long, default_value_t = 1)]
+        require: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a bundle's manifest, digest, signers, capabilities and sizes.
+    Inspect {
+        bundle: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum StationCommand {
+    /// Create a station: key pair, deny-by-default policy, empty audit log.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The DICOM archive (folder) this station serves.
+        #[arg(long)]
+        archive: PathBuf,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Data owner: trust a signer's public key.
+    Trust {
+        #[arg(long)]
+        dir: PathBuf,
+        public_key: PathBuf,
+        /// Name for the signer (default: the key file's stem).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Data owner: approve a bundle digest (or the digest of a bundle file) to run here.
+    Approve {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A bundle digest (64 hex digits) or a bundle file.
+        digest_or_bundle: String,
+    },
+    /// Verify, admit and run a bundle; print and store the outputs that passed policy.
+    Run {
+        #[arg(long)]
+        dir: PathBuf,
+        bundle: PathBuf,
+        /// Task parameters (a JSON file).
+        #[arg(long)]
+        params: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the station's identity and policy.
+    Show {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Print the audit log's entries (unverified: use `verify` for proof).
+    Show {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify the chain, every signature and the head; name the first bad entry.
+    Verify {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen { out } => keygen(&out),
+        Command::Train(c) => match c {
+            TrainCommand::Build { crate_dir, out } => train_build::build(&crate_dir, &out),
+            TrainCommand::Sign { bundle, key, role } => sign(&bundle, &key, &role),
+            TrainCommand::Verify {
+                bundle,
+                trust,
+                require,
+                json,
+            } => verify(&bundle, &trust, require, json),
+            TrainCommand::Inspect { bundle, json } => inspect(&bundle, json),
+        },
+        Command::Station(c) => match c {
+            StationCommand::Init { dir, archive, name } => {
+                let st = Station::init(&dir, &archive, name.as_deref())?;
+                println!(
+                    "station {:?} created in {}\n  key      {}\n  archive  {}\n  policy   {} (deny by default: trust signers with `amicus station trust`, approve digests with `amicus station approve`)",
+                    st.config().name,
+                    dir.display(),
+                    st.public_key()?.id(),
+                    st.config().archive.display(),
+                    dir.join(amicus_runtime::policy::POLICY_FILE).display(),
+                );
+                Ok(())
+            }
+            StationCommand::Trust {
+                dir,
+                public_key,
+                name,
+            } => {
+                let st = Station::open(&dir)?;
+                let key = PublicKey::read(&public_key)?;
+                let name = name.unwrap_or_else(|| key_name(&public_key));
+                st.trust(&name, &key)?;
+                println!("trusted signer {name:?} (key {})", key.id());
+                Ok(())
+            }
+            StationCommand::Approve {
+                dir,
+                digest_or_bundle,
+            } => approve(&dir, &digest_or_bundle),
+            StationCommand::Run {
+                dir,
+                bundle,
+                params,
+                json,
+            } => station_run(&dir, &bundle, params.as_deref(), json),
+            StationCommand::Show { dir } => {
+                let st = Station::open(&dir)?;
+                let policy = st.policy()?;
+                println!("station   {}", st.config().name);
+                println!("key       {}", st.public_key()?.id());
+                println!("archive   {}", st.config().archive.display());
+                println!("contract  {}", st.config().contract);
+                println!(
+                    "signatures required {} · approval {} · capabilities {}",
+                    policy.required_signatures,
+                    if policy.require_approval {
+                        "required"
+                    } else {
+                        "not required"
+                    },
+                    policy
+                        .allowed_capabilities
+                        .iter()
+                        .map(|c| c.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                for s in policy.trusted_keys() {
+                    println!("trusted   {} {}", s.name, s.key.id());
+                }
+                for a in &policy.approved {
+                    println!(
+                        "approved  {} {}",
+                        a.digest,
+                        a.train.as_deref().unwrap_or("")
+                    );
+                }
+                Ok(())
+            }
+        },
+        Command::Audit(c) => match c {
+            AuditCommand::Show { dir, json } => audit_show(&dir, json),
+            AuditCommand::Verify { dir, json } => audit_verify(&dir, json),
+        },
+        Command::Bench(c) => bench::run(c),
+    }
+}
+
+fn key_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "signer".into())
+}
+
+fn keygen(out: &Path) -> Result<()> {
+    let key = SecretKey::generate()?;
+    let pub_path = key.write_pair(out)?;
+    let public = key.public();
+    println!("private key  {} (mode 0600)", out.display());
+    println!("public key   {}", pub_path.display());
+    println!("key id       {}", public.id());
+    print!("{}", public.to_pem());
+    Ok(())
+}
+
+fn sign(bundle_path: &Path, key_path: &Path, role: &str) -> Result<()> {
+    if role.is_empty()
+        || role.len() > 64
+        || !role.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        bail!("role must be 1-64 letters, digits or '-'");
+    }
+    let key = SecretKey::read(key_path)?;
+    let mut bundle = Bundle::read(bundle_path)?;
+    bundle.sign(&key, role);
+    bundle.write(bundle_path)?;
+    println!(
+        "signed {} ({}) as {role} with key {}",
+        bundle.subject_name(),
+        bundle.digest(),
+        key.public().id()
+    );
+    Ok(())
+}
+
+fn trusted_keys(paths: &[PathBuf]) -> Result<Vec<TrustedKey>> {
+    paths
+        .iter()
+        .map(|p| {
+            Ok(TrustedKey {
+                name: key_name(p),
+                key: PublicKey::read(p)?,
+            })
+        })
+        .collect()
+}
+
+fn verify(bundle_path: &Path, trust: &[PathBuf], require: usize, json: bool) -> Result<()> {
+    if require == 0 {
+        bail!("--require must be at least 1");
+    }
+    let trusted = trusted_keys(trust)?;
+    let bundle = Bundle::read(bundle_path).context("bundle integrity check failed")?;
+    let check = bundle.check_signatures(&trusted, require);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "digest": bundle.digest(),
+                "train": bundle.subject_name(),
+                "ok": check.satisfied(),
+                "signatures": check,
+            }))?
+        );
+    } else {
+        println!("bundle   {} ({})", bundle.subject_name(), bundle.digest());
+        println!(
+            "files    all {} hashes match",
+            bundle.manifest().files.len()
+        );
+        for s in &check.signers {
+            println!(
+                "  {} {} {} {}",
+                if s.valid { "ok " } else { "BAD" },
+                &s.keyid[..16],
+                s.trusted_as.as_deref().unwrap_or("(untrusted)"),
+                s.problem
+                    .as_deref()
+                    .map(|p| format!("— {p}"))
+                    .unwrap_or_else(|| format!("as {}", s.role)),
+            );
+        }
+    }
+    match check.refusal() {
+        None => {
+            if !json {
+                println!(
+                    "verified: {} of {} required trusted signatures",
+                    check.trusted_valid, require
+                );
+            }
+            Ok(())
+        }
+        Some(reason) => bail!("verification failed: {reason}"),
+    }
+}
+
+fn inspect(bundle_path: &Path, json: bool) -> Result<()> {
+    let bundle = Bundle::read(bundle_path)?;
+    let size = std::fs::metadata(bundle_path)?.len();
+    let m = bundle.manifest();
+    let signatures: Vec<serde_json::Value> = bundle
+        .signatures()
+        .iter()
+        .flat_map(|env| {
+            let role = env
+                .statement_for(&bundle.digest())
+                .map(|s| s.predicate.role)
+                .unwrap_or_else(|e| format!("invalid: {e}"));
+            env.signatures
+                .iter()
+                .map(move |s| serde_json::json!({ "keyid": s.keyid, "role": role }))
+        })
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "digest": bundle.digest(),
+                "bundle_bytes": size,
+                "manifest": m,
+                "signatures": signatures,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("train         {} {}", m.train.name, m.train.version);
+    println!("digest        {}", bundle.digest());
+    println!("contract      {}", m.train.contract);
+    if !m.train.authors.is_empty() {
+        println!("authors       {}", m.train.authors.join(", "));
+    }
+    if !m.train.description.is_empty() {
+        println!("description   {}", m.train.description);
+    }
+    let caps: Vec<&str> = m.capabilities.iter().map(|c| c.name()).collect();
+    println!(
+        "capabilities  {}",
+        if caps.is_empty() {
+            "(none)".to_string()
+        } else {
+            caps.join(", ")
+        }
+    );
+    println!(
+        "limits        fuel {} · memory {} MiB · wall {} s",
+        m.limits.fuel, m.limits.memory_mib, m.limits.wall_seconds
+    );
+    for o in &m.outputs {
+        println!(
+            "output        {} ({:?}, at most {} bytes)",
+            o.name, o.kind, o.max_bytes
+        );
+    }
+    for f in &m.files {
+        println!(
+            "file          {} {} bytes sha256 {}",
+            f.path, f.size, f.sha256
+        );
+    }
+    if signatures.is_empty() {
+        println!("signatures    (unsigned)");
+    }
+    for s in &signatures {
+        println!(
+            "signature     {} as {}",
+            s["keyid"].as_str().unwrap_or(""),
+            s["role"].as_str().unwrap_or("")
+        );
+    }
+    println!("bundle size   {size} bytes");
+    Ok(())
+}
+
+fn approve(dir: &Path, arg: &str) -> Result<()> {
+    let st = Station::open(dir)?;
+    let (digest, train) = match arg.parse::<Digest>() {
+        Ok(d) => (d, None),
+        Err(parse_err) => {
+            let path = Path::new(arg);
+            if !path.is_file() {
+                bail!("{parse_err}, and not a bundle file");
+            }
+            let b = Bundle::read(path)?;
+            (b.digest(), Some(b.subject_name()))
+        }
+    };
+    if st.approve(digest, train.clone())? {
+        println!(
+            "approved {digest}{}",
+            train.map(|t| format!(" ({t})")).unwrap_or_default()
+        );
+    } else {
+        println!("{digest} was already approved");
+    }
+    Ok(())
+}
+
+fn station_run(dir: &Path, bundle: &Path, params: Option<&Path>, json: bool) -> Result<()> {
+    let st = Station::open(dir)?;
+    let params = params
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
+        .transpose()?;
+    let bar = if std::io::stderr().is_terminal() && !json {
+        let bar = indicatif::ProgressBar::new(1000);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {percent:>3}% {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let progress_bar = bar.clone();
+    let progress = Box::new(move |fraction: f32, message: &str| {
+        if let Some(b) = &progress_bar {
+            b.set_position((fraction * 1000.0) as u64);
+            b.set_message(message.to_string());
+        }
+    });
+    let result = st.run(bundle, params.as_deref(), progress);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    match result {
+        Ok(record) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&record)?);
+                return Ok(());
+            }
+            println!(
+                "run {} of {} {} succeeded in {} ms (fuel {}, peak memory {} KiB, module from {})",
+                record.run_id,
+                record.train,
+                record.version,
+                record.wall_ms,
+                record.fuel_used,
+                record.peak_memory_bytes / 1024,
+                record.compile
+            );
+            for o in &record.outputs {
+                println!(
+                    "released {} ({} bytes, sha256 {}) → {}",
+                    o.name,
+                    o.bytes,
+                    o.sha256,
+                    o.path.display()
+                );
+                let data = std::fs::read(&o.path)?;
+                if data.len() <= 64 * 1024
+                    && let Ok(text) = std::str::from_utf8(&data)
+                {
+                    println!("{text}");
+                }
+            }
+            println!("run record and log: {}", record.dir.display());
+            Ok(())
+        }
+        Err(StationError::RunFailed {
+            run_id,
+            outcome,
+            reason,
+        }) => {
+            bail!(
+                "run {run_id} did not succeed ({outcome}): {reason}\nnothing was released; log: {}",
+                dir.join("runs").join(&run_id).join("log.txt").display()
+            )
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn audit_show(dir: &Path, json: bool) -> Result<()> {
+    let entries = audit::read_entries(dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    for e in entries {
+        let v = &e.entry;
+        let mut rest = v.clone();
+        if let Some(o) = rest.as_object_mut() {
+            for k in ["seq", "time", "prev", "event"] {
+                o.remove(k);
+            }
+        }
+        println!(
+            "{:>5} {} {:<20} {}",
+            v["seq"],
+            v["time"].as_str().unwrap_or("?"),
+            v["event"].as_str().unwrap_or("?"),
+            rest
+        );
+    }
+    Ok(())
+}
+
+fn audit_verify(dir: &Path, json: bool) -> Result<()> {
+    let st = Station::open(dir)?;
+    let report = audit::verify(dir, &st.public_key()?)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{} entries verified", report.valid_entries);
+        if let Some(n) = report.torn_tail_bytes {
+            println!(
+                "note: torn last line of {n} bytes (a crash mid-write); earlier entries are intact"
+            );
+        }
+        if report.head_lags {
+            println!(
+                "note: head lags the log by one entry (a crash between append and head update)"
+            );
+        }
+    }
+    match &report.problem {
+        None => {
+            if !json {
+                println!("audit log OK");
+            }
+            Ok(())
+        }
+        Some(p) => bail!("audit log verification FAILED: {p}"),
+    }
+}

@@ -1,0 +1,562 @@
+//! The station's tamper-evident audit log.
+//!
+//! `audit.log` holds one JSON line per event: `{"entry":{...},"sig":"<base64>"}`. The entry
+//! carries its sequence number, time, the SHA-256 of the previous entry's exact bytes (`prev`)
+//! and the event. `sig` is the station's Ed25519 signature over `DOMAIN || entry bytes`, so an
+//! edited, deleted, reordered or inserted entry breaks the chain or a signature.
+//!
+//! `audit.head` records the last entry's sequence number and hash, signed, rewritten atomically
+//! after every append. It catches truncation of whole lines, which a hash chain alone cannot.
+//!
+//! Crash safety: an entry is appended with one `write` and synced before the head is updated.
+//! A crash mid-append leaves a torn last line; the next writer moves those bytes to
+//! `audit.torn-<offset>` and records a `torn-tail-recovered` event, and `verify` reports a torn
+//! tail without failing the entries before it. Appends from several processes are serialised
+//! with an exclusive lock on `audit.lock`.
+//!
+//! This module owns those three files and nothing else; it never decides *what* to log.
+
+use amicus_bundle::{Digest, PublicKey, SecretKey, sha256};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+const DOMAIN: &[u8] = b"amicus-audit-v1\n";
+const HEAD_DOMAIN: &[u8] = b"amicus-audit-head-v1\n";
+/// Longest line an append may write; events truncate their free-text fields well below this.
+const MAX_LINE: usize = 256 * 1024;
+/// Longest free-text field (reasons, queries) kept in an event.
+pub const MAX_TEXT: usize = 4096;
+
+pub const LOG_FILE: &str = "audit.log";
+pub const HEAD_FILE: &str = "audit.head";
+const LOCK_FILE: &str = "audit.lock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "audit log {path} is damaged ({reason}); the station refuses to run until `amicus audit verify` passes"
+    )]
+    Damaged { path: PathBuf, reason: String },
+}
+
+/// What happened. Free-text fields are cut to [`MAX_TEXT`] bytes by [`Event::bounded`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    StationInitialised {
+        station_key: String,
+        archive: String,
+    },
+    SignerTrusted {
+        name: String,
+        keyid: String,
+    },
+    DigestApproved {
+        digest: Digest,
+        train: Option<String>,
+    },
+    TrainReceived {
+        digest: Digest,
+        train: String,
+        version: String,
+        bundle_sha256: Digest,
+        bundle_bytes: u64,
+        signers: Vec<String>,
+    },
+    /// A bundle or run request the station refused before running anything.
+    TrainRefused {
+        digest: Option<Digest>,
+        bundle_sha256: Digest,
+        stage: String,
+        reason: String,
+    },
+    RunStarted {
+        run_id: String,
+        digest: Digest,
+        params_sha256: Digest,
+        fuel: u64,
+        memory_bytes: u64,
+        wall_ms: u64,
+        seed: String,
+    },
+    CapabilityCall {
+        run_id: String,
+        capability: String,
+        call: String,
+        detail: String,
+        rows: Option<u64>,
+        outcome: String,
+    },
+    OutputReleased {
+        run_id: String,
+        name: String,
+        bytes: u64,
+        sha256: Digest,
+    },
+    RunFinished {
+        run_id: String,
+        outcome: String,
+        reason: Option<String>,
+        fuel_used: u64,
+        peak_memory_bytes: u64,
+        wall_ms: u64,
+        outputs_released: u64,
+    },
+    TornTailRecovered {
+        offset: u64,
+        bytes: u64,
+        moved_to: String,
+    },
+}
+
+impl Event {
+    /// The same event with every free-text field cut to [`MAX_TEXT`] bytes.
+    pub fn bounded(mut self) -> Event {
+        match &mut self {
+            Event::TrainRefused { reason, .. } => cut(reason),
+            Event::CapabilityCall {
+                detail, outcome, ..
+            } => {
+                cut(detail);
+                cut(outcome);
+            }
+            Event::RunFinished {
+                reason: Some(r), ..
+            } => cut(r),
+            Event::StationInitialised { archive, .. } => cut(archive),
+            _ => {}
+        }
+        self
+    }
+}
+
+/// Cut `s` to at most [`MAX_TEXT`] bytes on a character boundary.
+pub fn cut(s: &mut String) {
+    if s.len() > MAX_TEXT {
+        let mut end = MAX_TEXT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry<E> {
+    seq: u64,
+    time: String,
+    prev: Digest,
+    #[serde(flatten)]
+    event: E,
+}
+
+#[derive(Serialize)]
+struct LineOut<'a> {
+    entry: &'a RawValue,
+    sig: String,
+}
+
+#[derive(Deserialize)]
+struct LineIn<'a> {
+    #[serde(borrow)]
+    entry: &'a RawValue,
+    sig: String,
+}
+
+#[derive(Deserialize)]
+struct EntryHeader {
+    seq: u64,
+    prev: Digest,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Head {
+    seq: u64,
+    hash: Digest,
+    sig: String,
+}
+
+/// The hash `prev` of the first entry points to.
+pub const GENESIS: Digest = Digest([0u8; 32]);
+
+/// Appends signed events to a station's audit log.
+pub struct AuditLog {
+    dir: PathBuf,
+    key: SecretKey,
+}
+
+impl AuditLog {
+    /// The log in station directory `dir`, signed with the station key.
+    pub fn new(dir: &Path, key: SecretKey) -> AuditLog {
+        AuditLog {
+            dir: dir.to_path_buf(),
+            key,
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(LOG_FILE)
+    }
+
+    /// Create an empty log and head (a new station). Fails if a log already exists.
+    pub fn create(&self) -> Result<(), AuditError> {
+        let path = self.path();
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|source| AuditError::Io { path, source })?;
+        Ok(())
+    }
+
+    /// Append one event, durably. Returns its sequence number.
+    pub fn append(&self, event: Event) -> Result<u64, AuditError> {
+        let lock_path = self.dir.join(LOCK_FILE);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| AuditError::Io { path, source }
+        };
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(&lock_path))?;
+        lock.lock().map_err(io(&lock_path))?;
+
+        let path = self.path();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let (mut tail, torn) = read_tail(&mut file, &path)?;
+        if let Some((offset, bytes)) = torn {
+            let moved = self.dir.join(format!("audit.torn-{offset}"));
+            std::fs::write(&moved, &bytes).map_err(io(&moved))?;
+            file.set_len(offset).map_err(io(&path))?;
+            file.sync_all().map_err(io(&path))?;
+            let recovered = Event::TornTailRecovered {
+                offset,
+                bytes: bytes.len() as u64,
+                moved_to: moved
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            };
+            tail = Some(self.write_entry(&mut file, &path, tail, recovered)?);
+        }
+        let written = self.write_entry(&mut file, &path, tail, event.bounded())?;
+        self.write_head(written.0, written.1)?;
+        drop(lock);
+        Ok(written.0)
+    }
+
+    fn write_entry(
+        &self,
+        file: &mut File,
+        path: &Path,
+        tail: Option<(u64, Digest)>,
+        event: Event,
+    ) -> Result<(u64, Digest), AuditError> {
+        let (seq, prev) = match tail {
+            Some((seq, hash)) => (seq + 1, hash),
+            None => (0, GENESIS),
+        };
+        let entry = Entry {
+            seq,
+            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            prev,
+            event,
+        };
+        let entry_json = serde_json::to_string(&entry).expect("an audit entry always serialises");
+        let raw = RawValue::from_string(entry_json).expect("serde_json output is valid JSON");
+        let mut signed = DOMAIN.to_vec();
+        signed.extend_from_slice(raw.get().as_bytes());
+        let line = LineOut {
+            entry: &raw,
+            sig: B64.encode(self.key.sign(&signed)),
+        };
+        let mut bytes = serde_json::to_vec(&line).expect("an audit line always serialises");
+        bytes.push(b'\n');
+        if bytes.len() > MAX_LINE {
+            return Err(AuditError::Damaged {
+                path: path.into(),
+                reason: "refusing to write an oversized entry".into(),
+            });
+        }
+        let io = |source| AuditError::Io {
+            path: path.into(),
+            source,
+        };
+        file.write_all(&bytes).map_err(io)?;
+        file.sync_data().map_err(io)?;
+        Ok((seq, sha256(raw.get().as_bytes())))
+    }
+
+    fn write_head(&self, seq: u64, hash: Digest) -> Result<(), AuditError> {
+        let head = Head {
+            seq,
+            hash,
+            sig: B64.encode(self.key.sign(&head_message(seq, &hash))),
+        };
+        let path = self.dir.join(HEAD_FILE);
+        let bytes = serde_json::to_vec(&head).expect("a head always serialises");
+        amicus_bundle::bundle::write_atomic(&path, &bytes)
+            .map_err(|source| AuditError::Io { path, source })
+    }
+}
+
+fn head_message(seq: u64, hash: &Digest) -> Vec<u8> {
+    let mut m = HEAD_DOMAIN.to_vec();
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(hash.as_bytes());
+    m
+}
+
+/// The last complete entry's (seq, hash), and a torn tail (offset, bytes) if the file does not
+/// end with a newline.
+#[allow(clippy::type_complexity)]
+fn read_tail(
+    file: &mut File,
+    path: &Path,
+) -> Result<(Option<(u64, Digest)>, Option<(u64, Vec<u8>)>), AuditError> {
+    let io = |source| AuditError::Io {
+        path: path.into(),
+        source,
+    };
+    let len = file.metadata().map_err(io)?.len();
+    if len == 0 {
+        return Ok((None, None));
+    }
+    let window = len.min(2 * MAX_LINE as u64 + 1);
+    file.seek(SeekFrom::Start(len - window)).map_err(io)?;
+    let mut buf = Vec::with_capacity(window as usize);
+    Read::by_ref(file)
+        .take(window)
+        .read_to_end(&mut buf)
+        .map_err(io)?;
+    let complete_end = match buf.iter().rposition(|&b| b == b'\n') {
+        Some(i) => i + 1,
+        None if window == len => 0,
+        None => {
+            return Err(AuditError::Damaged {
+                path: path.into(),
+                reason: "last line is longer than any entry".into(),
+            });
+        }
+    };
+    let torn = (complete_end < buf.len()).then(|| {
+        (
+            (len - window) + complete_end as u64,
+            buf[complete_end..].to_vec(),
+        )
+    });
+    let body = &buf[..complete_end];
+    if body.is_empty() {
+        return Ok((None, torn));
+    }
+    let last_start = body[..body.len() - 1]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map(|i| i + 1)
+        .unwrap_or(0);
+    let last = &body[last_start..body.len() - 1];
+    let damaged = |reason: &str| AuditError::Damaged {
+        path: path.into(),
+        reason: reason.into(),
+    };
+    let line: LineIn =
+        serde_json::from_slice(last).map_err(|_| damaged("last entry is not JSON"))?;
+    let header: EntryHeader = serde_json::from_str(line.entry.get())
+        .map_err(|_| damaged("last entry has no sequence number"))?;
+    Ok((
+        Some((header.seq, sha256(line.entry.get().as_bytes()))),
+        torn,
+    ))
+}
+
+/// The outcome of verifying a log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Entries whose chain and signature verified.
+    pub valid_entries: u64,
+    /// The first problem, naming the entry (1-based line number and sequence number).
+    pub problem: Option<String>,
+    /// A torn last line (crash mid-append): its length in bytes. Not a failure by itself.
+    pub torn_tail_bytes: Option<u64>,
+    /// The head file lags one entry behind (crash between append and head update).
+    pub head_lags: bool,
+}
+
+impl VerifyReport {
+    pub fn ok(&self) -> bool {
+        self.problem.is_none()
+    }
+}
+
+/// Verify the log in station directory `dir` against the station's public key.
+pub fn verify(dir: &Path, key: &PublicKey) -> Result<VerifyReport, AuditError> {
+    let path = dir.join(LOG_FILE);
+    let data = std::fs::read(&path).map_err(|source| AuditError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let mut report = VerifyReport {
+        valid_entries: 0,
+        problem: None,
+        torn_tail_bytes: None,
+        head_lags: false,
+    };
+    let complete_end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    if complete_end < data.len() {
+        report.torn_tail_bytes = Some((data.len() - complete_end) as u64);
+    }
+    let mut prev = GENESIS;
+    let mut expect_seq = 0u64;
+    let body = &data[..complete_end];
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    let lines = if body.is_empty() {
+        Vec::new()
+    } else {
+        body.split(|&b| b == b'\n').collect()
+    };
+    for (i, line) in lines.into_iter().enumerate() {
+        let lineno = i + 1;
+        let fail =
+            |what: String| Some(format!("line {lineno} (expected seq {expect_seq}): {what}"));
+        let Ok(parsed) = serde_json::from_slice::<LineIn>(line) else {
+            report.problem = fail("not an audit entry (edited or corrupted)".into());
+            return Ok(finish_head(dir, key, report, expect_seq, prev));
+        };
+        let raw = parsed.entry.get().as_bytes();
+        let mut signed = DOMAIN.to_vec();
+        signed.extend_from_slice(raw);
+        let sig_ok = B64
+            .decode(&parsed.sig)
+            .map(|s| key.verify(&signed, &s))
+            .unwrap_or(false);
+        if !sig_ok {
+            report.problem = fail("signature does not verify (entry edited)".into());
+            return Ok(finish_head(dir, key, report, expect_seq, prev));
+        }
+        let Ok(header) = serde_json::from_slice::<EntryHeader>(raw) else {
+            report.problem = fail("entry has no sequence number".into());
+            return Ok(finish_head(dir, key, report, expect_seq, prev));
+        };
+        if header.seq != expect_seq {
+            report.problem = fail(format!(
+                "sequence number is {} (entries deleted or reordered)",
+                header.seq
+            ));
+            return Ok(finish_head(dir, key, report, expect_seq, prev));
+        }
+        if header.prev != prev {
+            report.problem = fail(
+                "does not chain to the previous entry (entries deleted, inserted or reordered)"
+                    .into(),
+            );
+            return Ok(finish_head(dir, key, report, expect_seq, prev));
+        }
+        prev = sha256(raw);
+        expect_seq += 1;
+        report.valid_entries += 1;
+    }
+    Ok(finish_head(dir, key, report, expect_seq, prev))
+}
+
+/// Compare the verified chain with the signed head to detect truncation.
+fn finish_head(
+    dir: &Path,
+    key: &PublicKey,
+    mut report: VerifyReport,
+    next_seq: u64,
+    last_hash: Digest,
+) -> VerifyReport {
+    if report.problem.is_some() {
+        return report;
+    }
+    let head_path = dir.join(HEAD_FILE);
+    let head: Head = match std::fs::read(&head_path) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(h) => h,
+            Err(_) => {
+                report.problem = Some(format!("{HEAD_FILE} is not valid (edited or corrupted)"));
+                return report;
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && next_seq == 0 => return report,
+        Err(e) => {
+            report.problem = Some(format!("{HEAD_FILE}: {e}"));
+            return report;
+        }
+    };
+    let sig_ok = B64
+        .decode(&head.sig)
+        .map(|s| key.verify(&head_message(head.seq, &head.hash), &s))
+        .unwrap_or(false);
+    if !sig_ok {
+        report.problem = Some(format!("{HEAD_FILE} signature does not verify"));
+        return report;
+    }
+    let last_seq = next_seq.checked_sub(1);
+    match last_seq {
+        Some(last) if head.seq == last => {
+            if head.hash != last_hash {
+                report.problem = Some(format!(
+                    "entry seq {last} differs from the one {HEAD_FILE} recorded (last entry replaced)"
+                ));
+            }
+        }
+        // A crash after the append but before the head update: the log is one entry ahead.
+        Some(last) if head.seq + 1 == last => report.head_lags = true,
+        _ => {
+            report.problem = Some(format!(
+                "log truncated: {HEAD_FILE} records entry seq {} but the log's last valid entry is {}",
+                head.seq,
+                last_seq.map_or("none".to_string(), |s| format!("seq {s}"))
+            ));
+        }
+    }
+    report
+}
+
+/// One entry as `audit show` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShownEntry {
+    pub line: usize,
+    pub entry: serde_json::Value,
+}
+
+/// Read every complete entry (unverified; use [`verify`] for proof).
+pub fn read_entries(dir: &Path) -> Result<Vec<ShownEntry>, AuditError> {
+    let path = dir.join(LOG_FILE);
+    let data = std::fs::read(&path).map_err(|source| AuditError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in data.split(|&b| b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let entry = serde_json::from_slice::<LineIn>(line)
+            .ok()
+            .and_then(|l| serde_json::from_str(l.entry.get()).ok())
+            .unwrap_or_else(|| serde_json::json!({ "unreadable": String::from_utf8_lossy(line) }));
+        out.push(ShownEntry { line: i + 1, entry });
+    }
+    Ok(out)
+}

@@ -1,0 +1,361 @@
+//! The station policy (`policy.toml`): the data owner's decisions, and the checks that apply
+//! them to a bundle before anything runs.
+//!
+//! Deny by default: a new station trusts no signer, approves no digest, grants only the
+//! `cohort` capability, and needs one trusted signature. This module reads, validates, edits
+//! (atomically) and applies the policy; it never runs a train or writes the audit log.
+
+use amicus_bundle::{Bundle, Capability, Digest, Limits, PublicKey, TrustedKey};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const POLICY_FILE: &str = "policy.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid station policy: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("signer key {0} is already trusted")]
+    AlreadyTrusted(String),
+    #[error("a trusted signer is already named {0:?}")]
+    NameTaken(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signer {
+    pub name: String,
+    /// SubjectPublicKeyInfo PEM.
+    pub key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    pub digest: Digest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<String>,
+}
+
+/// Upper bounds on what any train may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceCaps {
+    pub fuel: u64,
+    pub memory_mib: u32,
+    pub wall_seconds: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputCaps {
+    /// Largest single output.
+    pub max_bytes: u64,
+    /// Largest sum of a run's outputs.
+    pub max_total_bytes: u64,
+    /// Largest run log (train log lines plus captured stdout/stderr) kept at the station.
+    pub max_log_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Distinct trusted signatures a bundle needs (at least 1).
+    pub required_signatures: usize,
+    /// Whether the data owner must approve each bundle digest before it may run.
+    pub require_approval: bool,
+    /// Capabilities trains may use on this station.
+    pub allowed_capabilities: Vec<Capability>,
+    pub caps: ResourceCaps,
+    pub outputs: OutputCaps,
+    #[serde(default)]
+    pub trusted_signers: Vec<Signer>,
+    #[serde(default)]
+    pub approved: Vec<Approval>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            required_signatures: 1,
+            require_approval: true,
+            allowed_capabilities: vec![Capability::Cohort],
+            caps: ResourceCaps {
+                fuel: 50_000_000_000,
+                memory_mib: 1024,
+                wall_seconds: 3600,
+            },
+            outputs: OutputCaps {
+                max_bytes: 16 << 20,
+                max_total_bytes: 64 << 20,
+                max_log_bytes: 1 << 20,
+            },
+            trusted_signers: Vec::new(),
+            approved: Vec::new(),
+        }
+    }
+}
+
+const HEADER: &str = "\
+# amicus station policy: the data owner's decisions. Deny by default.
+# Edit with `amicus station trust` / `amicus station approve`, or by hand (then check with
+# `amicus station policy --dir DIR`).
+";
+
+impl Policy {
+    pub fn path(station_dir: &Path) -> PathBuf {
+        station_dir.join(POLICY_FILE)
+    }
+
+    pub fn load(station_dir: &Path) -> Result<Policy, PolicyError> {
+        let path = Self::path(station_dir);
+        let text = std::fs::read_to_string(&path).map_err(|source| PolicyError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let policy: Policy = toml::from_str(&text).map_err(|e| PolicyError::Invalid {
+            path: path.clone(),
+            reason: e.message().to_string(),
+        })?;
+        policy
+            .validate()
+            .map_err(|reason| PolicyError::Invalid { path, reason })?;
+        Ok(policy)
+    }
+
+    /// Write atomically.
+    pub fn save(&self, station_dir: &Path) -> Result<(), PolicyError> {
+        let path = Self::path(station_dir);
+        let text = format!(
+            "{HEADER}{}",
+            toml::to_string(self).expect("a policy always serialises")
+        );
+        amicus_bundle::bundle::write_atomic(&path, text.as_bytes())
+            .map_err(|source| PolicyError::Io { path, source })
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.required_signatures == 0 {
+            return Err("required_signatures must be at least 1".into());
+        }
+        if self.caps.fuel == 0 || self.caps.memory_mib == 0 || self.caps.wall_seconds == 0 {
+            return Err("caps must be positive".into());
+        }
+        if self.outputs.max_bytes == 0 || self.outputs.max_total_bytes == 0 {
+            return Err("output caps must be positive".into());
+        }
+        for s in &self.trusted_signers {
+            PublicKey::from_pem(&s.key, &s.name).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    pub fn trusted_keys(&self) -> Vec<TrustedKey> {
+        self.trusted_signers
+            .iter()
+            .filter_map(|s| {
+                PublicKey::from_pem(&s.key, &s.name)
+                    .ok()
+                    .map(|key| TrustedKey {
+                        name: s.name.clone(),
+                        key,
+                    })
+            })
+            .collect()
+    }
+
+    /// Trust `key` under `name`.
+    pub fn trust(&mut self, name: &str, key: &PublicKey) -> Result<(), PolicyError> {
+        for t in self.trusted_keys() {
+            if t.key == *key {
+                return Err(PolicyError::AlreadyTrusted(key.id().to_string()));
+            }
+            if t.name == name {
+                return Err(PolicyError::NameTaken(name.to_string()));
+            }
+        }
+        self.trusted_signers.push(Signer {
+            name: name.to_string(),
+            key: key.to_pem(),
+        });
+        Ok(())
+    }
+
+    /// Approve `digest`; approving twice is a no-op. Returns whether it was new.
+    pub fn approve(&mut self, digest: Digest, train: Option<String>) -> bool {
+        if self.is_approved(&digest) {
+            return false;
+        }
+        self.approved.push(Approval { digest, train });
+        true
+    }
+
+    pub fn is_approved(&self, digest: &Digest) -> bool {
+        self.approved.iter().any(|a| a.digest == *digest)
+    }
+
+    /// Every check a bundle must pass before it may run, in order. The first failure is the
+    /// refusal, with its stage name.
+    pub fn admit(&self, bundle: &Bundle) -> Result<Admission, Refusal> {
+        let m = bundle.manifest();
+        let sigs = bundle.check_signatures(&self.trusted_keys(), self.required_signatures);
+        if let Some(reason) = sigs.refusal() {
+            return Err(Refusal::new("signatures", reason));
+        }
+        if self.require_approval && !self.is_approved(&bundle.digest()) {
+            return Err(Refusal::new(
+                "approval",
+                format!(
+                    "digest {} is not approved by the data owner (amicus station approve --dir DIR {})",
+                    bundle.digest(),
+                    bundle.digest()
+                ),
+            ));
+        }
+        for c in &m.capabilities {
+            if !self.allowed_capabilities.contains(c) {
+                return Err(Refusal::new(
+                    "capabilities",
+                    format!("capability {c} is not allowed by this station's policy"),
+                ));
+            }
+        }
+        let limits = self.check_limits(&m.limits)?;
+        for o in &m.outputs {
+            if o.max_bytes > self.outputs.max_bytes {
+                return Err(Refusal::new(
+                    "outputs",
+                    format!(
+                        "output {:?} declares up to {} bytes; this station releases at most {} per output",
+                        o.name, o.max_bytes, self.outputs.max_bytes
+                    ),
+                ));
+            }
+        }
+        Ok(Admission {
+            signers: sigs
+                .signers
+                .iter()
+                .filter(|s| s.valid)
+                .map(|s| s.keyid.clone())
+                .collect(),
+            limits,
+        })
+    }
+
+    fn check_limits(&self, l: &Limits) -> Result<Limits, Refusal> {
+        let c = &self.caps;
+        let over = |what: &str, asked: u64, cap: u64| {
+            Refusal::new(
+                "limits",
+                format!("train asks for {what} {asked}, this station allows at most {cap}"),
+            )
+        };
+        if l.fuel > c.fuel {
+            return Err(over("fuel", l.fuel, c.fuel));
+        }
+        if l.memory_mib > c.memory_mib {
+            return Err(over("memory_mib", l.memory_mib.into(), c.memory_mib.into()));
+        }
+        if l.wall_seconds > c.wall_seconds {
+            return Err(over(
+                "wall_seconds",
+                l.wall_seconds.into(),
+                c.wall_seconds.into(),
+            ));
+        }
+        Ok(*l)
+    }
+}
+
+/// What passed admission: the signers that counted and the limits the run gets.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub signers: Vec<String>,
+    pub limits: Limits,
+}
+
+/// Why a bundle may not run: the stage that refused it and a reason for humans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub stage: String,
+    pub reason: String,
+}
+
+impl Refusal {
+    pub fn new(stage: &str, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            stage: stage.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "refused ({}): {}", self.stage, self.reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_policy_round_trips_and_denies() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Policy::default();
+        p.save(dir.path()).unwrap();
+        let back = Policy::load(dir.path()).unwrap();
+        assert_eq!(back, p);
+        assert!(back.trusted_signers.is_empty());
+        assert!(back.require_approval);
+        assert_eq!(back.allowed_capabilities, vec![Capability::Cohort]);
+    }
+
+    #[test]
+    fn invalid_policies_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = toml::to_string(&Policy::default()).unwrap();
+        for (from, to) in [
+            ("required_signatures = 1", "required_signatures = 0"),
+            (
+                "require_approval = true",
+                "require_approval = true\nbackdoor = 1",
+            ),
+            (
+                "allowed_capabilities = [\"cohort\"]",
+                "allowed_capabilities = [\"root\"]",
+            ),
+        ] {
+            let bad = text.replace(from, to);
+            assert_ne!(bad, text);
+            std::fs::write(dir.path().join(POLICY_FILE), bad).unwrap();
+            assert!(Policy::load(dir.path()).is_err(), "accepted {to}");
+        }
+    }
+
+    #[test]
+    fn trust_refuses_duplicates() {
+        let mut p = Policy::default();
+        let k = amicus_bundle::SecretKey::generate().unwrap().public();
+        p.trust("alice", &k).unwrap();
+        assert!(matches!(
+            p.trust("alice2", &k),
+            Err(PolicyError::AlreadyTrusted(_))
+        ));
+        let k2 = amicus_bundle::SecretKey::generate().unwrap().public();
+        assert!(matches!(
+            p.trust("alice", &k2),
+            Err(PolicyError::NameTaken(_))
+        ));
+        assert!(p.approve(amicus_bundle::sha256(b"x"), None));
+        assert!(!p.approve(amicus_bundle::sha256(b"x"), None));
+    }
+}

@@ -1,0 +1,1134 @@
+//! The wasmtime sandbox a train runs in.
+//!
+//! This module owns the engine configuration, the check of a component's imports against the
+//! contract and the WASI allow-list, the compiled-module cache, the three limits (fuel, memory,
+//! wall clock) and the host side of the `amicus:train` contract. It enforces output rules at the
+//! moment of `emit`. It does not read policy files or bundles, and does not write the audit log
+//! or any output: it returns a [`RunReport`] and the station decides what to keep.
+//!
+//! Defence in depth: a component is refused before instantiation if it imports anything outside
+//! the contract and the WASI allow-list, or a capability interface that was not granted; WASI is
+//! linked all the same with no preopened directories, sockets denied, no environment or
+//! arguments, a fixed clock and seeded randomness; the host implementation of each capability
+//! checks the grant again on every call.
+
+use amicus_bundle::{Capability, Digest, Manifest, sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "train",
+        path: "../wit",
+        imports: {
+            "amicus:train/output.emit": trappable,
+        },
+        with: {
+            "amicus:train/tensors.tensor": super::HostTensor,
+            "amicus:train/kernels.model": super::NoModel,
+            "amicus:train/kernels.trainer": super::NoTrainer,
+        },
+    });
+}
+
+use bindings::amicus::train::{cohort, imaging, kernels, output, tensors, types};
+
+/// The contract package and version this station implements.
+pub const CONTRACT_PACKAGE: &str = "amicus:train";
+pub const CONTRACT_VERSION: &str = "0.1.0";
+
+/// WASI interfaces a train may import (package/interface prefixes, any 0.2.x version).
+/// Filesystem, sockets, HTTP and everything else are refused.
+const WASI_ALLOWED: &[&str] = &["wasi:io/", "wasi:clocks/", "wasi:random/", "wasi:cli/"];
+
+/// Epoch tick used for the wall-clock deadline.
+const TICK: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("component is not valid WebAssembly: {0}")]
+    InvalidComponent(String),
+    #[error("component imports {import}: {reason}")]
+    ForbiddenImport { import: String, reason: String },
+    #[error("component does not implement {CONTRACT_PACKAGE}@{CONTRACT_VERSION}: {0}")]
+    NotATrain(String),
+    #[error("sandbox set-up failed: {0}")]
+    Setup(String),
+}
+
+/// Host-side tensor data behind a `tensor` handle.
+#[derive(Debug)]
+pub struct HostTensor {
+    shape: Vec<u32>,
+    data: Vec<f32>,
+}
+
+/// `kernels.model` handles: none can exist until the kernels land.
+#[derive(Debug)]
+pub enum NoModel {}
+
+/// `kernels.trainer` handles: none can exist until the kernels land.
+#[derive(Debug)]
+pub enum NoTrainer {}
+
+/// The station's wasmtime engine: deterministic, fuel- and epoch-instrumented.
+#[derive(Clone)]
+pub struct Sandbox {
+    engine: Engine,
+    cache_dir: Option<PathBuf>,
+}
+
+impl Sandbox {
+    /// An engine; compiled components are cached under `cache_dir` when given.
+    pub fn new(cache_dir: Option<&Path>) -> Result<Sandbox, SandboxError> {
+        let mut c = Config::new();
+        c.consume_fuel(true);
+        c.epoch_interruption(true);
+        c.cranelift_nan_canonicalization(true);
+        c.wasm_relaxed_simd(false);
+        c.relaxed_simd_deterministic(true);
+        c.parallel_compilation(true);
+        let engine = Engine::new(&c).map_err(|e| SandboxError::Setup(e.to_string()))?;
+        Ok(Sandbox {
+            engine,
+            cache_dir: cache_dir.map(Path::to_path_buf),
+        })
+    }
+
+    /// Compile `wasm` (or load the station's own cached compilation of it).
+    pub fn compile(&self, wasm: &[u8]) -> Result<(Component, CompileSource), SandboxError> {
+        let Some(dir) = &self.cache_dir else {
+            let c = Component::new(&self.engine, wasm)
+                .map_err(|e| SandboxError::InvalidComponent(format!("{e:#}")))?;
+            return Ok((c, CompileSource::Compiled));
+        };
+        let path = dir.join(format!(
+            "{}-{}.cwasm",
+            sha256(wasm),
+            self.engine_fingerprint()
+        ));
+        if path.is_file() {
+            // SAFETY: the cache directory belongs to the station and only ever receives files
+            // this function wrote from `Engine::precompile_component`; the file name binds the
+            // source hash and the engine's compatibility hash.
+            if let Ok(c) = unsafe { Component::deserialize_file(&self.engine, &path) } {
+                return Ok((c, CompileSource::Cache));
+            }
+        }
+        let bytes = self
+            .engine
+            .precompile_component(wasm)
+            .map_err(|e| SandboxError::InvalidComponent(format!("{e:#}")))?;
+        std::fs::create_dir_all(dir).map_err(|e| SandboxError::Setup(e.to_string()))?;
+        amicus_bundle::bundle::write_atomic(&path, &bytes)
+            .map_err(|e| SandboxError::Setup(format!("{}: {e}", path.display())))?;
+        // SAFETY: as above; these are the bytes just produced by this engine.
+        let c = unsafe { Component::deserialize(&self.engine, &bytes) }
+            .map_err(|e| SandboxError::Setup(e.to_string()))?;
+        Ok((c, CompileSource::Compiled))
+    }
+
+    fn engine_fingerprint(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        format!("{:016x}", h.finish())
+    }
+
+    /// Every import of `component`, as `package/interface@version` (or a bare function name).
+    pub fn imports(&self, component: &Component) -> Vec<String> {
+        component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect()
+    }
+
+    /// Refuse a component that imports anything but the contract's granted interfaces and the
+    /// WASI allow-list.
+    pub fn check_imports(
+        &self,
+        component: &Component,
+        granted: &BTreeSet<Capability>,
+    ) -> Result<(), SandboxError> {
+        for import in self.imports(component) {
+            check_import(&import, granted)?;
+        }
+        Ok(())
+    }
+
+    /// Run a train. Refusals before the guest starts are errors; everything that happens once
+    /// it started (including traps and limit hits) is in the report.
+    pub fn run(&self, component: &Component, req: RunRequest) -> Result<RunReport, SandboxError> {
+        self.check_imports(component, &req.granted)?;
+        let mut linker: Linker<HostState> = Linker::new(&self.engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| SandboxError::Setup(e.to_string()))?;
+        bindings::Train::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| SandboxError::Setup(e.to_string()))?;
+
+        let memory_cap = req.memory_bytes;
+        let wall_limit = req.wall;
+        let stdout = CappedPipe::new(req.log_cap);
+        let state = HostState {
+            wasi: locked_down_wasi(&req.seed, &stdout),
+            table: ResourceTable::new(),
+            memory: MemoryBudget::new(memory_cap),
+            outputs: OutputGate::new(req.manifest, req.output_max_bytes, req.output_max_total),
+            log: RunLog::new(req.log_cap),
+            granted: req.granted.clone(),
+            calls: Vec::new(),
+            progress: req.progress,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.memory);
+        store
+            .set_fuel(req.fuel)
+            .map_err(|e| SandboxError::Setup(e.to_string()))?;
+        let ticks = (req.wall.as_millis() / TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+
+        let started = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let engine = self.engine.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    engine.increment_epoch();
+                }
+            })
+        };
+
+        let result = (|| {
+            let train = bindings::Train::instantiate(&mut store, component, &linker)
+                .map_err(|e| Err(SandboxError::NotATrain(format!("{e:#}"))))?;
+            train.call_run(&mut store, &req.params).map_err(Ok)
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let _ = ticker.join();
+        let wall = started.elapsed();
+
+        let fuel_used = req.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        let state = store.into_data();
+        let outcome = match result {
+            Err(Err(refusal)) => return Err(refusal),
+            Ok(Ok(())) => match &state.outputs.violation {
+                // Cannot happen (a violation traps), but never release on a violation.
+                Some(v) => Outcome::PolicyViolation(v.clone()),
+                None => Outcome::Succeeded,
+            },
+            Ok(Err(msg)) => Outcome::Failed(msg),
+            Err(Ok(trap)) => match classify_trap(&trap, &state) {
+                Outcome::WallClockExceeded(_) => Outcome::WallClockExceeded(wall_limit),
+                other => other,
+            },
+        };
+        let mut log = state.log;
+        log.stdout = stdout.contents();
+        let outputs = if outcome == Outcome::Succeeded {
+            state.outputs.emitted
+        } else {
+            Vec::new()
+        };
+        Ok(RunReport {
+            outcome,
+            fuel_used,
+            peak_memory_bytes: state.memory.peak as u64,
+            wall,
+            outputs,
+            log,
+            calls: state.calls,
+        })
+    }
+}
+
+/// Whether [`Sandbox::compile`] compiled or loaded from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompileSource {
+    Compiled,
+    Cache,
+}
+
+/// Check one import name against the contract and the WASI allow-list.
+pub fn check_import(import: &str, granted: &BTreeSet<Capability>) -> Result<(), SandboxError> {
+    let refuse = |reason: String| {
+        Err(SandboxError::ForbiddenImport {
+            import: import.to_string(),
+            reason,
+        })
+    };
+    let (path, version) = import.split_once('@').unwrap_or((import, ""));
+    if let Some(interface) = path
+        .strip_prefix(CONTRACT_PACKAGE)
+        .and_then(|r| r.strip_prefix('/'))
+    {
+        if version != CONTRACT_VERSION {
+            return refuse(format!(
+                "contract version {version:?} is not implemented (this station implements {CONTRACT_VERSION})"
+            ));
+        }
+        return match interface {
+            "output" | "types" => Ok(()),
+            other => {
+                let needed: Vec<Capability> = Capability::ALL
+                    .into_iter()
+                    .filter(|c| c.interfaces().contains(&other))
+                    .collect();
+                if needed.is_empty() {
+                    return refuse("not an interface of the contract".into());
+                }
+                if needed.iter().any(|c| granted.contains(c)) {
+                    Ok(())
+                } else {
+                    let names: Vec<&str> = needed.iter().map(|c| c.name()).collect();
+                    refuse(format!(
+                        "needs capability {}, which the manifest does not declare or the station does not grant",
+                        names.join(" or ")
+                    ))
+                }
+            }
+        };
+    }
+    if import.starts_with("wasi:") {
+        if WASI_ALLOWED.iter().any(|p| import.starts_with(p)) && version.starts_with("0.2.") {
+            return Ok(());
+        }
+        return refuse("WASI interface outside the allow-list (io, clocks, random, cli)".into());
+    }
+    refuse("neither the amicus:train contract nor allowed WASI".into())
+}
+
+/// What a run may use and emit.
+pub struct RunRequest<'a> {
+    pub manifest: &'a Manifest,
+    /// Capabilities the manifest declares and the policy grants.
+    pub granted: BTreeSet<Capability>,
+    pub params: String,
+    pub fuel: u64,
+    pub memory_bytes: usize,
+    pub wall: Duration,
+    pub output_max_bytes: u64,
+    pub output_max_total: u64,
+    pub log_cap: usize,
+    /// Seeds the guest's WASI randomness (recorded in the audit log).
+    pub seed: [u8; 32],
+    pub progress: Box<dyn FnMut(f32, &str) + Send>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    /// The train returned an error.
+    Failed(String),
+    /// The train broke an output rule (undeclared name, too large, emitted twice).
+    PolicyViolation(String),
+    OutOfFuel,
+    WallClockExceeded(Duration),
+    MemoryLimit(String),
+    /// Any other trap, e.g. a panic (`unreachable`).
+    Trapped(String),
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed(_) => "failed",
+            Outcome::PolicyViolation(_) => "policy-violation",
+            Outcome::OutOfFuel => "out-of-fuel",
+            Outcome::WallClockExceeded(_) => "wall-clock-exceeded",
+            Outcome::MemoryLimit(_) => "memory-limit",
+            Outcome::Trapped(_) => "trapped",
+        }
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Outcome::Succeeded => None,
+            Outcome::Failed(m) => Some(format!("train returned an error: {m}")),
+            Outcome::PolicyViolation(m) => Some(format!("output policy violated: {m}")),
+            Outcome::OutOfFuel => Some("stopped: fuel exhausted (CPU limit)".into()),
+            Outcome::WallClockExceeded(d) => Some(format!(
+                "stopped: wall-clock limit of {} s exceeded",
+                d.as_secs()
+            )),
+            Outcome::MemoryLimit(m) => Some(format!("stopped: memory limit: {m}")),
+            Outcome::Trapped(m) => Some(format!("train trapped: {m}")),
+        }
+    }
+}
+
+/// Everything a run produced. `outputs` is empty unless the run succeeded.
+#[derive(Debug)]
+pub struct RunReport {
+    pub outcome: Outcome,
+    pub fuel_used: u64,
+    pub peak_memory_bytes: u64,
+    pub wall: Duration,
+    /// Declared name → bytes, in emit order.
+    pub outputs: Vec<(String, Vec<u8>)>,
+    pub log: RunLog,
+    pub calls: Vec<CallRecord>,
+}
+
+/// One capability call, for the audit log.
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    pub capability: String,
+    pub call: String,
+    pub detail: String,
+    pub rows: Option<u64>,
+    pub outcome: String,
+}
+
+/// The train's log lines and captured stdout/stderr, capped.
+#[derive(Debug, Default)]
+pub struct RunLog {
+    pub lines: Vec<(String, String)>,
+    pub stdout: Vec<u8>,
+    pub dropped_lines: u64,
+    bytes: usize,
+    cap: usize,
+}
+
+impl RunLog {
+    fn new(cap: usize) -> RunLog {
+        RunLog {
+            cap,
+            ..Default::default()
+        }
+    }
+
+    fn push(&mut self, level: &str, message: &str) {
+        let mut m = message.to_string();
+        crate::audit::cut(&mut m);
+        if self.bytes + m.len() > self.cap {
+            self.dropped_lines += 1;
+            return;
+        }
+        self.bytes += m.len();
+        self.lines.push((level.to_string(), m));
+    }
+
+    pub fn last_error(&self) -> Option<&str> {
+        self.lines
+            .iter()
+            .rev()
+            .find(|(l, _)| l == "error")
+            .map(|(_, m)| m.as_str())
+    }
+}
+
+fn classify_trap(err: &wasmtime::Error, state: &HostState) -> Outcome {
+    if let Some(v) = &state.outputs.violation {
+        return Outcome::PolicyViolation(v.clone());
+    }
+    if let Some(m) = &state.memory.refused {
+        return Outcome::MemoryLimit(m.clone());
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Outcome::OutOfFuel,
+        Some(Trap::Interrupt) => Outcome::WallClockExceeded(Duration::ZERO),
+        Some(t) => {
+            let mut m = t.to_string();
+            if let Some(panic) = state.log.last_error() {
+                m = format!("{m} ({panic})");
+            }
+            Outcome::Trapped(m)
+        }
+        None => Outcome::Trapped(format!("{err:#}")),
+    }
+}
+
+/// Linear memories plus host tensors, against one cap. Tracks the peak.
+struct MemoryBudget {
+    cap: usize,
+    linear: usize,
+    host: usize,
+    peak: usize,
+    refused: Option<String>,
+}
+
+impl MemoryBudget {
+    fn new(cap: usize) -> MemoryBudget {
+        MemoryBudget {
+            cap,
+            linear: 0,
+            host: 0,
+            peak: 0,
+            refused: None,
+        }
+    }
+
+    fn reserve_host(&mut self, bytes: usize) -> bool {
+        if self.linear + self.host + bytes > self.cap {
+            self.refused = Some(format!(
+                "host tensor of {bytes} bytes would exceed the {} byte limit",
+                self.cap
+            ));
+            return false;
+        }
+        self.host += bytes;
+        self.peak = self.peak.max(self.linear + self.host);
+        true
+    }
+
+    fn release_host(&mut self, bytes: usize) {
+        self.host = self.host.saturating_sub(bytes);
+    }
+}
+
+impl ResourceLimiter for MemoryBudget {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let grow = desired.saturating_sub(current);
+        if self.linear + self.host + grow > self.cap {
+            self.refused = Some(format!(
+                "memory growth to {} bytes refused (limit {} bytes)",
+                self.linear + self.host + grow,
+                self.cap
+            ));
+            return Ok(false);
+        }
+        self.linear += grow;
+        self.peak = self.peak.max(self.linear + self.host);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+
+    fn instances(&self) -> usize {
+        64
+    }
+    fn tables(&self) -> usize {
+        64
+    }
+    fn memories(&self) -> usize {
+        16
+    }
+}
+
+/// Applies the output rules at the moment of `emit`.
+struct OutputGate {
+    declared: BTreeMap<String, u64>,
+    max_total: u64,
+    total: u64,
+    emitted: Vec<(String, Vec<u8>)>,
+    violation: Option<String>,
+}
+
+impl OutputGate {
+    fn new(manifest: &Manifest, policy_max: u64, max_total: u64) -> OutputGate {
+        OutputGate {
+            declared: manifest
+                .outputs
+                .iter()
+                .map(|o| (o.name.clone(), o.max_bytes.min(policy_max)))
+                .collect(),
+            max_total,
+            total: 0,
+            emitted: Vec::new(),
+            violation: None,
+        }
+    }
+
+    fn emit(&mut self, name: &str, data: Vec<u8>) -> Result<(), String> {
+        let shown: String = name.chars().take(128).collect();
+        let Some((declared, max)) = self.declared.get_key_value(name) else {
+            return Err(format!("output {shown:?} is not declared in the manifest"));
+        };
+        if self.emitted.iter().any(|(n, _)| n == name) {
+            return Err(format!("output {shown:?} emitted twice"));
+        }
+        let len = data.len() as u64;
+        if len > *max {
+            return Err(format!(
+                "output {shown:?} is {len} bytes, its limit is {max} bytes"
+            ));
+        }
+        if self.total + len > self.max_total {
+            return Err(format!(
+                "outputs total {} bytes, the station releases at most {} per run",
+                self.total + len,
+                self.max_total
+            ));
+        }
+        self.total += len;
+        self.emitted.push((declared.clone(), data));
+        Ok(())
+    }
+}
+
+struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    memory: MemoryBudget,
+    outputs: OutputGate,
+    log: RunLog,
+    granted: BTreeSet<Capability>,
+    calls: Vec<CallRecord>,
+    progress: Box<dyn FnMut(f32, &str) + Send>,
+}
+
+impl HostState {
+    fn require(&mut self, cap: Capability, call: &str) -> Result<(), types::Error> {
+        if self.granted.contains(&cap) {
+            return Ok(());
+        }
+        self.calls.push(CallRecord {
+            capability: cap.name().into(),
+            call: call.into(),
+            detail: String::new(),
+            rows: None,
+            outcome: "denied".into(),
+        });
+        Err(types::Error::Denied(format!(
+            "capability {cap} is not granted"
+        )))
+    }
+
+    fn not_available(
+        &mut self,
+        cap: Capability,
+        call: &str,
+        detail: String,
+        what: &str,
+    ) -> types::Error {
+        self.calls.push(CallRecord {
+            capability: cap.name().into(),
+            call: call.into(),
+            detail,
+            rows: None,
+            outcome: "not-available".into(),
+        });
+        types::Error::NotAvailable(format!(
+            "capability {cap} is not available on this station: {what}"
+        ))
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl output::Host for HostState {
+    fn log(&mut self, level: output::Level, message: String) {
+        let level = match level {
+            output::Level::Trace => "trace",
+            output::Level::Debug => "debug",
+            output::Level::Info => "info",
+            output::Level::Warn => "warn",
+            output::Level::Error => "error",
+        };
+        self.log.push(level, &message);
+    }
+
+    fn progress(&mut self, fraction: f32, message: String) {
+        let fraction = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let message: String = message.chars().take(200).collect();
+        (self.progress)(fraction, &message);
+    }
+
+    fn emit(&mut self, name: String, data: Vec<u8>) -> wasmtime::Result<()> {
+        if let Err(violation) = self.outputs.emit(&name, data) {
+            self.outputs.violation = Some(violation.clone());
+            return Err(wasmtime::Error::msg(violation));
+        }
+        Ok(())
+    }
+}
+
+impl cohort::Host for HostState {
+    fn select(&mut self, sparql: String) -> Result<cohort::Solutions, types::Error> {
+        self.require(Capability::Cohort, "select")?;
+        let mut detail = format!("sha256:{} ", sha256(sparql.as_bytes()));
+        detail.push_str(&sparql);
+        Err(self.not_available(
+            Capability::Cohort,
+            "select",
+            detail,
+            "this station has no FAIR index yet",
+        ))
+    }
+}
+
+impl tensors::Host for HostState {}
+
+impl tensors::HostTensor for HostState {
+    fn create(
+        &mut self,
+        shape: Vec<u32>,
+        data: Vec<f32>,
+    ) -> Result<Resource<HostTensor>, types::Error> {
+        if !(self.granted.contains(&Capability::Imaging)
+            || self.granted.contains(&Capability::Kernels))
+        {
+            return Err(types::Error::Denied(
+                "tensors need capability imaging or kernels".into(),
+            ));
+        }
+        let elements = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize));
+        if elements != Some(data.len()) || shape.len() > 8 {
+            return Err(types::Error::InvalidArgument(format!(
+                "shape {shape:?} does not hold {} elements",
+                data.len()
+            )));
+        }
+        let bytes = data.len() * 4;
+        if !self.memory.reserve_host(bytes) {
+            return Err(types::Error::LimitExceeded(format!(
+                "a tensor of {bytes} bytes would exceed the run's memory limit"
+            )));
+        }
+        self.table
+            .push(HostTensor { shape, data })
+            .map_err(|e| types::Error::Failed(e.to_string()))
+    }
+
+    fn shape(&mut self, t: Resource<HostTensor>) -> Vec<u32> {
+        self.table
+            .get(&t)
+            .map(|t| t.shape.clone())
+            .unwrap_or_default()
+    }
+
+    fn read(&mut self, t: Resource<HostTensor>) -> Vec<f32> {
+        self.table
+            .get(&t)
+            .map(|t| t.data.clone())
+            .unwrap_or_default()
+    }
+
+    fn drop(&mut self, t: Resource<HostTensor>) -> wasmtime::Result<()> {
+        let t = self.table.delete(t)?;
+        self.memory.release_host(t.data.len() * 4);
+        Ok(())
+    }
+}
+
+impl imaging::Host for HostState {
+    fn load_series(
+        &mut self,
+        series_uid: String,
+        _options: imaging::LoadOptions,
+    ) -> Result<imaging::Volume, types::Error> {
+        self.require(Capability::Imaging, "load-series")?;
+        Err(self.not_available(
+            Capability::Imaging,
+            "load-series",
+            series_uid,
+            "this station has no imaging backend yet",
+        ))
+    }
+
+    fn load_mask(
+        &mut self,
+        series_uid: String,
+        _label: imaging::LabelSource,
+        _options: imaging::LoadOptions,
+    ) -> Result<imaging::Volume, types::Error> {
+        self.require(Capability::Imaging, "load-mask")?;
+        Err(self.not_available(
+            Capability::Imaging,
+            "load-mask",
+            series_uid,
+            "this station has no imaging backend yet",
+        ))
+    }
+}
+
+impl kernels::Host for HostState {}
+
+impl kernels::HostModel for HostState {
+    fn open(&mut self, file: String) -> Result<Resource<NoModel>, types::Error> {
+        self.require(Capability::Kernels, "model.open")?;
+        Err(self.not_available(
+            Capability::Kernels,
+            "model.open",
+            file,
+            "this station has no ONNX Runtime kernels yet",
+        ))
+    }
+
+    fn infer(
+        &mut self,
+        _self_: Resource<NoModel>,
+        _inputs: Vec<(String, Resource<HostTensor>)>,
+    ) -> Result<Vec<(String, Resource<HostTensor>)>, types::Error> {
+        Err(types::Error::Failed(
+            "no model can exist on this station".into(),
+        ))
+    }
+
+    fn drop(&mut self, m: Resource<NoModel>) -> wasmtime::Result<()> {
+        self.table.delete(m)?;
+        Ok(())
+    }
+}
+
+impl kernels::HostTrainer for HostState {
+    fn open(
+        &mut self,
+        file: String,
+        _options: kernels::TrainerOptions,
+    ) -> Result<Resource<NoTrainer>, types::Error> {
+        self.require(Capability::Kernels, "trainer.open")?;
+        Err(self.not_available(
+            Capability::Kernels,
+            "trainer.open",
+            file,
+            "this station has no ONNX Runtime kernels yet",
+        ))
+    }
+
+    fn step(
+        &mut self,
+        _self_: Resource<NoTrainer>,
+        _x: Resource<HostTensor>,
+        _y: Resource<HostTensor>,
+    ) -> Result<f32, types::Error> {
+        Err(types::Error::Failed(
+            "no trainer can exist on this station".into(),
+        ))
+    }
+
+    fn evaluate(
+        &mut self,
+        _self_: Resource<NoTrainer>,
+        _x: Resource<HostTensor>,
+        _y: Resource<HostTensor>,
+    ) -> Result<f32, types::Error> {
+        Err(types::Error::Failed(
+            "no trainer can exist on this station".into(),
+        ))
+    }
+
+    fn get_weights(
+        &mut self,
+        _self_: Resource<NoTrainer>,
+    ) -> Result<Vec<kernels::NamedWeights>, types::Error> {
+        Err(types::Error::Failed(
+            "no trainer can exist on this station".into(),
+        ))
+    }
+
+    fn set_weights(
+        &mut self,
+        _self_: Resource<NoTrainer>,
+        _weights: Vec<kernels::NamedWeights>,
+    ) -> Result<(), types::Error> {
+        Err(types::Error::Failed(
+            "no trainer can exist on this station".into(),
+        ))
+    }
+
+    fn drop(&mut self, t: Resource<NoTrainer>) -> wasmtime::Result<()> {
+        self.table.delete(t)?;
+        Ok(())
+    }
+}
+
+/// WASI for a train: no preopens, no environment or arguments, no network, empty stdin,
+/// stdout/stderr into a capped in-memory buffer, a fixed clock and randomness seeded from
+/// `seed` (so a run is reproducible from its audit entry).
+fn locked_down_wasi(seed: &[u8; 32], stdout: &CappedPipe) -> WasiCtx {
+    use rand::SeedableRng;
+    let mut secure_seed = *seed;
+    secure_seed[0] ^= 1;
+    let mut insecure_seed = *seed;
+    insecure_seed[0] ^= 2;
+    let mut b = wasmtime_wasi::WasiCtxBuilder::new();
+    b.allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .socket_addr_check(|_, _| Box::pin(async { false }))
+        .stdout(stdout.clone())
+        .stderr(stdout.clone())
+        .secure_random(rand::rngs::StdRng::from_seed(secure_seed))
+        .insecure_random(rand::rngs::StdRng::from_seed(insecure_seed))
+        .insecure_random_seed(u128::from_le_bytes(
+            seed[..16].try_into().expect("16 bytes"),
+        ))
+        .wall_clock(FixedWallClock)
+        .monotonic_clock(StepMonotonicClock::default());
+    b.build()
+}
+
+/// 2000-01-01T00:00:00Z for every call: a guest cannot time anything with it.
+struct FixedWallClock;
+
+impl wasmtime_wasi::HostWallClock for FixedWallClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::from_secs(946_684_800)
+    }
+}
+
+/// Advances 1 µs per reading, independent of real time.
+#[derive(Default)]
+struct StepMonotonicClock(AtomicU64);
+
+impl wasmtime_wasi::HostMonotonicClock for StepMonotonicClock {
+    fn resolution(&self) -> u64 {
+        1_000
+    }
+    fn now(&self) -> u64 {
+        self.0.fetch_add(1_000, Ordering::Relaxed)
+    }
+}
+
+/// stdout/stderr of a guest: kept up to `cap` bytes, the rest silently dropped (a guest must
+/// not be able to fail or stall the station by printing).
+#[derive(Clone)]
+struct CappedPipe {
+    buf: Arc<Mutex<Vec<u8>>>,
+    cap: usize,
+}
+
+impl CappedPipe {
+    fn new(cap: usize) -> CappedPipe {
+        CappedPipe {
+            buf: Arc::new(Mutex::new(Vec::new())),
+            cap,
+        }
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        let room = self.cap.saturating_sub(buf.len());
+        buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    fn contents(&self) -> Vec<u8> {
+        self.buf.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for CappedPipe {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for CappedPipe {
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        Box::new(self.clone())
+    }
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::Pollable for CappedPipe {
+    async fn ready(&mut self) {}
+}
+
+impl wasmtime_wasi::p2::OutputStream for CappedPipe {
+    fn write(&mut self, bytes: bytes::Bytes) -> wasmtime_wasi::p2::StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> wasmtime_wasi::p2::StreamResult<()> {
+        Ok(())
+    }
+    fn check_write(&mut self) -> wasmtime_wasi::p2::StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedPipe {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.push(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// A seed for a run's randomness: SHA-256 over the bundle digest, the parameters and the run id.
+pub fn run_seed(digest: &Digest, params: &str, run_id: &str) -> [u8; 32] {
+    let mut m = Vec::new();
+    m.extend_from_slice(digest.as_bytes());
+    m.extend_from_slice(&sha256(params.as_bytes()).0);
+    m.extend_from_slice(run_id.as_bytes());
+    sha256(&m).0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(c: &[Capability]) -> BTreeSet<Capability> {
+        c.iter().copied().collect()
+    }
+
+    #[test]
+    fn import_allow_list() {
+        let none = caps(&[]);
+        assert!(check_import("amicus:train/output@0.1.0", &none).is_ok());
+        assert!(check_import("wasi:io/streams@0.2.6", &none).is_ok());
+        assert!(check_import("wasi:cli/environment@0.2.3", &none).is_ok());
+        for bad in [
+            "wasi:filesystem/preopens@0.2.6",
+            "wasi:sockets/tcp@0.2.6",
+            "wasi:http/outgoing-handler@0.2.6",
+            "wasi:io/streams@0.3.0",
+            "amicus:train/output@0.2.0",
+            "amicus:train/backdoor@0.1.0",
+            "evil:exfil/upload@1.0.0",
+            "upload",
+        ] {
+            assert!(check_import(bad, &none).is_err(), "allowed {bad}");
+        }
+        assert!(check_import("amicus:train/cohort@0.1.0", &none).is_err());
+        assert!(check_import("amicus:train/cohort@0.1.0", &caps(&[Capability::Cohort])).is_ok());
+        assert!(check_import("amicus:train/tensors@0.1.0", &caps(&[Capability::Cohort])).is_err());
+        assert!(check_import("amicus:train/tensors@0.1.0", &caps(&[Capability::Kernels])).is_ok());
+    }
+
+    #[test]
+    fn memory_budget_counts_host_and_linear() {
+        let mut m = MemoryBudget::new(1000);
+        assert!(m.memory_growing(0, 600, None).unwrap());
+        assert!(m.reserve_host(300));
+        assert!(!m.reserve_host(200));
+        assert!(m.refused.is_some());
+        m.release_host(300);
+        assert!(m.memory_growing(600, 1000, None).unwrap());
+        assert!(!m.memory_growing(1000, 1001, None).unwrap());
+        assert_eq!(m.peak, 1000);
+    }
+
+    #[test]
+    fn output_gate_rules() {
+        let manifest = Manifest::parse_source(
+            r#"
+[train]
+name = "t"
+version = "1"
+[limits]
+fuel = 1
+memory_mib = 1
+wall_seconds = 1
+[[outputs]]
+name = "a.json"
+kind = "statistics"
+max_bytes = 10
+[[outputs]]
+name = "b.json"
+kind = "metrics"
+max_bytes = 100
+"#,
+        )
+        .unwrap();
+        let mut g = OutputGate::new(&manifest, 50, 60);
+        assert!(g.emit("a.json", vec![0; 10]).is_ok());
+        assert!(g.emit("a.json", vec![0; 1]).unwrap_err().contains("twice"));
+        assert!(
+            g.emit("c.json", vec![0; 1])
+                .unwrap_err()
+                .contains("not declared")
+        );
+        // b.json is capped by the policy (50), not its declaration (100).
+        assert!(
+            g.emit("b.json", vec![0; 51])
+                .unwrap_err()
+                .contains("limit is 50")
+        );
+        let mut g = OutputGate::new(&manifest, 50, 55);
+        assert!(g.emit("a.json", vec![0; 10]).is_ok());
+        assert!(
+            g.emit("b.json", vec![0; 50])
+                .unwrap_err()
+                .contains("at most 55")
+        );
+    }
+
+    #[test]
+    fn denied_capability_calls_fail_cleanly() {
+        let stdout = CappedPipe::new(10);
+        let manifest = Manifest::parse_source(
+            "[train]\nname = \"t\"\nversion = \"1\"\n[limits]\nfuel = 1\nmemory_mib = 1\nwall_seconds = 1\n",
+        )
+        .unwrap();
+        let mut s = HostState {
+            wasi: locked_down_wasi(&[0; 32], &stdout),
+            table: ResourceTable::new(),
+            memory: MemoryBudget::new(1 << 20),
+            outputs: OutputGate::new(&manifest, 1, 1),
+            log: RunLog::new(100),
+            granted: BTreeSet::new(),
+            calls: Vec::new(),
+            progress: Box::new(|_, _| {}),
+        };
+        let e = cohort::Host::select(&mut s, "SELECT * {}".into()).unwrap_err();
+        assert!(matches!(e, types::Error::Denied(_)));
+        let e = tensors::HostTensor::create(&mut s, vec![1], vec![0.0]).unwrap_err();
+        assert!(matches!(e, types::Error::Denied(_)));
+        assert_eq!(s.calls.len(), 1);
+        assert_eq!(s.calls[0].outcome, "denied");
+
+        s.granted.insert(Capability::Cohort);
+        let e = cohort::Host::select(&mut s, "SELECT * {}".into()).unwrap_err();
+        assert!(matches!(e, types::Error::NotAvailable(ref m) if m.contains("no FAIR index")));
+    }
+
+    #[test]
+    fn capped_pipe_drops_beyond_cap() {
+        let p = CappedPipe::new(5);
+        p.push(b"abc");
+        p.push(b"defgh");
+        assert_eq!(p.contents(), b"abcde");
+    }
+}

@@ -1,0 +1,485 @@
+//! A station directory and the flow that runs a train in it.
+//!
+//! ```text
+//! st1/
+//!   station.toml              name, archive path, contract
+//!   station.key, station.pub  the station's Ed25519 identity (signs the audit log)
+//!   policy.toml               the data owner's policy (see `policy`)
+//!   audit.log, audit.head     the signed audit trail (see `audit`)
+//!   cache/                    the station's own compilations of components
+//!   runs/<run-id>/            run.json, log.txt and outputs/ of every run
+//! ```
+//!
+//! `run` is the only path from a bundle file to released outputs: read and integrity-check →
+//! audit "received" → admit by policy → check imports → run in the sandbox → audit every
+//! capability call and output → write outputs → audit "finished". A refusal at any step is
+//! audited with its stage and reason, and nothing is released. Output file names come from the
+//! manifest's declarations and run ids from the station, never from the guest.
+
+use crate::audit::{AuditError, AuditLog, Event};
+use crate::policy::{Policy, PolicyError, Refusal};
+use crate::sandbox::{CompileSource, Outcome, RunRequest, Sandbox, SandboxError, run_seed};
+use amicus_bundle::{Bundle, Digest, KeyError, PublicKey, SecretKey, sha256};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const STATION_FILE: &str = "station.toml";
+pub const KEY_FILE: &str = "station.key";
+pub const RUNS_DIR: &str = "runs";
+pub const CACHE_DIR: &str = "cache";
+/// Largest parameter document a run accepts.
+pub const MAX_PARAMS_BYTES: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StationError {
+    #[error("{0}")]
+    Refused(Refusal),
+    #[error("run {run_id} {}: {reason}", outcome)]
+    RunFailed {
+        run_id: String,
+        outcome: String,
+        reason: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Audit(#[from] AuditError),
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
+    #[error("{0}")]
+    Key(#[from] KeyError),
+    #[error("{0}")]
+    Sandbox(#[from] SandboxError),
+    #[error("{path}: not a station directory ({reason})")]
+    NotAStation { path: PathBuf, reason: String },
+    #[error("{0} exists and is not empty; choose a new directory for the station")]
+    DirNotEmpty(PathBuf),
+    #[error("archive {0} is not a directory")]
+    BadArchive(PathBuf),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StationError + '_ {
+    move |source| StationError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// `station.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StationConfig {
+    pub name: String,
+    /// The DICOM archive this station serves (a folder).
+    pub archive: PathBuf,
+    pub contract: String,
+}
+
+/// An opened station directory.
+pub struct Station {
+    dir: PathBuf,
+    config: StationConfig,
+}
+
+/// What a successful run released.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleasedOutput {
+    pub name: String,
+    pub bytes: u64,
+    pub sha256: Digest,
+    pub path: PathBuf,
+}
+
+/// The record of a run (`runs/<id>/run.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub train: String,
+    pub version: String,
+    pub digest: Digest,
+    pub outcome: String,
+    pub reason: Option<String>,
+    pub fuel_used: u64,
+    pub peak_memory_bytes: u64,
+    pub wall_ms: u64,
+    pub compile: String,
+    pub outputs: Vec<ReleasedOutput>,
+    pub dir: PathBuf,
+}
+
+impl Station {
+    /// Create a new station in `dir` (which must not exist or be empty).
+    pub fn init(dir: &Path, archive: &Path, name: Option<&str>) -> Result<Station, StationError> {
+        if !archive.is_dir() {
+            return Err(StationError::BadArchive(archive.to_path_buf()));
+        }
+        let archive = archive.canonicalize().map_err(io(archive))?;
+        if dir.exists() {
+            let mut entries = std::fs::read_dir(dir).map_err(io(dir))?;
+            if entries.next().is_some() {
+                return Err(StationError::DirNotEmpty(dir.to_path_buf()));
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(dir))?;
+        }
+        let name = name.map(str::to_string).unwrap_or_else(|| {
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "station".into())
+        });
+        let config = StationConfig {
+            name,
+            archive: archive.clone(),
+            contract: amicus_bundle::CONTRACT.to_string(),
+        };
+        let key = SecretKey::generate()?;
+        key.write_pair(&dir.join(KEY_FILE))?;
+        let path = dir.join(STATION_FILE);
+        std::fs::write(&path, toml::to_string(&config).expect("config serialises"))
+            .map_err(io(&path))?;
+        Policy::default().save(dir)?;
+        std::fs::create_dir_all(dir.join(RUNS_DIR)).map_err(io(dir))?;
+        let station_key = key.public().id().to_string();
+        let log = AuditLog::new(dir, key);
+        log.create()?;
+        log.append(Event::StationInitialised {
+            station_key,
+            archive: archive.display().to_string(),
+        })?;
+        Ok(Station {
+            dir: dir.to_path_buf(),
+            config,
+        })
+    }
+
+    pub fn open(dir: &Path) -> Result<Station, StationError> {
+        let path = dir.join(STATION_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| StationError::NotAStation {
+            path: dir.to_path_buf(),
+            reason: format!("{STATION_FILE}: {e}"),
+        })?;
+        let config: StationConfig =
+            toml::from_str(&text).map_err(|e| StationError::NotAStation {
+                path: dir.to_path_buf(),
+                reason: format!("{STATION_FILE}: {}", e.message()),
+            })?;
+        Ok(Station {
+            dir: dir.to_path_buf(),
+            config,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &StationConfig {
+        &self.config
+    }
+
+    pub fn public_key(&self) -> Result<PublicKey, StationError> {
+        Ok(PublicKey::read(&amicus_bundle::keys::public_key_path(
+            &self.dir.join(KEY_FILE),
+        ))?)
+    }
+
+    fn audit(&self) -> Result<AuditLog, StationError> {
+        Ok(AuditLog::new(
+            &self.dir,
+            SecretKey::read(&self.dir.join(KEY_FILE))?,
+        ))
+    }
+
+    pub fn policy(&self) -> Result<Policy, StationError> {
+        Ok(Policy::load(&self.dir)?)
+    }
+
+    /// Data owner: trust a signer's public key under `name`.
+    pub fn trust(&self, name: &str, key: &PublicKey) -> Result<(), StationError> {
+        let audit = self.audit()?;
+        let mut policy = self.policy()?;
+        policy.trust(name, key)?;
+        policy.save(&self.dir)?;
+        audit.append(Event::SignerTrusted {
+            name: name.to_string(),
+            keyid: key.id().to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// Data owner: approve a bundle digest. Returns false when it was already approved.
+    pub fn approve(&self, digest: Digest, train: Option<String>) -> Result<bool, StationError> {
+        let audit = self.audit()?;
+        let mut policy = self.policy()?;
+        if !policy.approve(digest, train.clone()) {
+            return Ok(false);
+        }
+        policy.save(&self.dir)?;
+        audit.append(Event::DigestApproved { digest, train })?;
+        Ok(true)
+    }
+
+    /// Verify, admit and run the bundle at `bundle_path`. Outputs are written to
+    /// `runs/<run-id>/outputs/` only if the run succeeds.
+    pub fn run(
+        &self,
+        bundle_path: &Path,
+        params: Option<&str>,
+        progress: Box<dyn FnMut(f32, &str) + Send>,
+    ) -> Result<RunRecord, StationError> {
+        let audit = self.audit()?;
+        let raw = read_capped(bundle_path, amicus_bundle::bundle::MAX_BUNDLE_BYTES)?;
+        let bundle_sha256 = sha256(&raw);
+        let refuse = |digest: Option<Digest>, refusal: Refusal| -> StationError {
+            match audit.append(Event::TrainRefused {
+                digest,
+                bundle_sha256,
+                stage: refusal.stage.clone(),
+                reason: refusal.reason.clone(),
+            }) {
+                Ok(_) => StationError::Refused(refusal),
+                Err(e) => e.into(),
+            }
+        };
+        let bundle = match Bundle::from_reader(&raw[..]) {
+            Ok(b) => b,
+            Err(e) => return Err(refuse(None, Refusal::new("bundle", e.to_string()))),
+        };
+        drop(raw);
+        let digest = bundle.digest();
+        let manifest = bundle.manifest();
+        audit.append(Event::TrainReceived {
+            digest,
+            train: manifest.train.name.clone(),
+            version: manifest.train.version.clone(),
+            bundle_sha256,
+            bundle_bytes: std::fs::metadata(bundle_path).map(|m| m.len()).unwrap_or(0),
+            signers: bundle
+                .signatures()
+                .iter()
+                .flat_map(|e| e.signatures.iter().map(|s| s.keyid.clone()))
+                .collect(),
+        })?;
+
+        let policy = self.policy()?;
+        let admission = policy.admit(&bundle).map_err(|r| refuse(Some(digest), r))?;
+
+        let params = params.unwrap_or("{}").to_string();
+        if params.len() > MAX_PARAMS_BYTES {
+            return Err(refuse(
+                Some(digest),
+                Refusal::new(
+                    "params",
+                    format!("parameters exceed {MAX_PARAMS_BYTES} bytes"),
+                ),
+            ));
+        }
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(&params) {
+            return Err(refuse(
+                Some(digest),
+                Refusal::new("params", format!("parameters are not JSON: {e}")),
+            ));
+        }
+
+        let sandbox = Sandbox::new(Some(&self.dir.join(CACHE_DIR)))?;
+        let (component, source) = match sandbox.compile(bundle.component()) {
+            Ok(c) => c,
+            Err(SandboxError::InvalidComponent(e)) => {
+                return Err(refuse(Some(digest), Refusal::new("component", e)));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let granted = manifest.capabilities.iter().copied().collect();
+        if let Err(e) = sandbox.check_imports(&component, &granted) {
+            return Err(refuse(Some(digest), Refusal::new("imports", e.to_string())));
+        }
+
+        let run_id = new_run_id();
+        let seed = run_seed(&digest, &params, &run_id);
+        let limits = admission.limits;
+        audit.append(Event::RunStarted {
+            run_id: run_id.clone(),
+            digest,
+            params_sha256: sha256(params.as_bytes()),
+            fuel: limits.fuel,
+            memory_bytes: u64::from(limits.memory_mib) << 20,
+            wall_ms: u64::from(limits.wall_seconds) * 1000,
+            seed: hex::encode(seed),
+        })?;
+
+        let report = sandbox.run(
+            &component,
+            RunRequest {
+                manifest,
+                granted,
+                params,
+                fuel: limits.fuel,
+                memory_bytes: (limits.memory_mib as usize) << 20,
+                wall: Duration::from_secs(limits.wall_seconds.into()),
+                output_max_bytes: policy.outputs.max_bytes,
+                output_max_total: policy.outputs.max_total_bytes,
+                log_cap: policy.outputs.max_log_bytes as usize,
+                seed,
+                progress,
+            },
+        );
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = e.to_string();
+                audit.append(Event::RunFinished {
+                    run_id: run_id.clone(),
+                    outcome: "not-a-train".into(),
+                    reason: Some(reason.clone()),
+                    fuel_used: 0,
+                    peak_memory_bytes: 0,
+                    wall_ms: 0,
+                    outputs_released: 0,
+                })?;
+                return Err(StationError::RunFailed {
+                    run_id,
+                    outcome: "not-a-train".into(),
+                    reason,
+                });
+            }
+        };
+
+        for c in &report.calls {
+            audit.append(Event::CapabilityCall {
+                run_id: run_id.clone(),
+                capability: c.capability.clone(),
+                call: c.call.clone(),
+                detail: c.detail.clone(),
+                rows: c.rows,
+                outcome: c.outcome.clone(),
+            })?;
+        }
+
+        let runs = self.dir.join(RUNS_DIR);
+        let partial = runs.join(format!(".partial-{run_id}"));
+        let final_dir = runs.join(&run_id);
+        std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+        let mut released = Vec::new();
+        if report.outcome == Outcome::Succeeded && !report.outputs.is_empty() {
+            let out_dir = partial.join("outputs");
+            std::fs::create_dir_all(&out_dir).map_err(io(&out_dir))?;
+            for (name, data) in &report.outputs {
+                // `name` is the manifest's declaration (validated plain file name), chosen by
+                // the output gate from the declared set, not the guest's string.
+                let path = out_dir.join(name);
+                amicus_bundle::bundle::write_atomic(&path, data).map_err(io(&path))?;
+                released.push(ReleasedOutput {
+                    name: name.clone(),
+                    bytes: data.len() as u64,
+                    sha256: sha256(data),
+                    path: final_dir.join("outputs").join(name),
+                });
+            }
+            for r in &released {
+                audit.append(Event::OutputReleased {
+                    run_id: run_id.clone(),
+                    name: r.name.clone(),
+                    bytes: r.bytes,
+                    sha256: r.sha256,
+                })?;
+            }
+        }
+
+        let record = RunRecord {
+            run_id: run_id.clone(),
+            train: manifest.train.name.clone(),
+            version: manifest.train.version.clone(),
+            digest,
+            outcome: report.outcome.label().to_string(),
+            reason: report.outcome.reason(),
+            fuel_used: report.fuel_used,
+            peak_memory_bytes: report.peak_memory_bytes,
+            wall_ms: report.wall.as_millis() as u64,
+            compile: match source {
+                CompileSource::Compiled => "compiled",
+                CompileSource::Cache => "cache",
+            }
+            .to_string(),
+            outputs: released,
+            dir: final_dir.clone(),
+        };
+        let mut log_text = String::new();
+        for (level, line) in &report.log.lines {
+            log_text.push_str(&format!("[{level}] {line}\n"));
+        }
+        if report.log.dropped_lines > 0 {
+            log_text.push_str(&format!(
+                "[station] {} log lines dropped (log limit)\n",
+                report.log.dropped_lines
+            ));
+        }
+        if !report.log.stdout.is_empty() {
+            log_text.push_str("[station] captured stdout/stderr follows\n");
+            log_text.push_str(&String::from_utf8_lossy(&report.log.stdout));
+        }
+        let log_path = partial.join("log.txt");
+        std::fs::write(&log_path, log_text).map_err(io(&log_path))?;
+        let record_path = partial.join("run.json");
+        std::fs::write(
+            &record_path,
+            serde_json::to_vec_pretty(&record).expect("a run record serialises"),
+        )
+        .map_err(io(&record_path))?;
+
+        audit.append(Event::RunFinished {
+            run_id: run_id.clone(),
+            outcome: record.outcome.clone(),
+            reason: record.reason.clone(),
+            fuel_used: record.fuel_used,
+            peak_memory_bytes: record.peak_memory_bytes,
+            wall_ms: record.wall_ms,
+            outputs_released: record.outputs.len() as u64,
+        })?;
+        std::fs::rename(&partial, &final_dir).map_err(io(&final_dir))?;
+
+        match report.outcome {
+            Outcome::Succeeded => Ok(record),
+            other => Err(StationError::RunFailed {
+                run_id,
+                outcome: other.label().to_string(),
+                reason: other.reason().unwrap_or_default(),
+            }),
+        }
+    }
+}
+
+/// A run id: UTC time plus 32 random bits, e.g. `20261127T214500Z-9f2c61d0`.
+fn new_run_id() -> String {
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let stamp: String = now.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    let mut r = [0u8; 4];
+    // Uniqueness, not secrecy: fall back to the process id if the OS has no randomness.
+    if getrandom::fill(&mut r).is_err() {
+        r = std::process::id().to_le_bytes();
+    }
+    format!("{stamp}-{}", hex::encode(r))
+}
+
+fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, StationError> {
+    let f = std::fs::File::open(path).map_err(io(path))?;
+    let mut data = Vec::new();
+    f.take(cap + 1).read_to_end(&mut data).map_err(io(path))?;
+    if data.len() as u64 > cap {
+        return Err(StationError::Refused(Refusal::new(
+            "bundle",
+            format!("bundle file is larger than {cap} bytes"),
+        )));
+    }
+    Ok(data)
+}
