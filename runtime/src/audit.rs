@@ -522,6 +522,12 @@ fn finish_head(
         }
         // A crash after the append but before the head update: the log is one entry ahead.
         Some(last) if head.seq + 1 == last => report.head_lags = true,
+        Some(last) if head.seq + 1 < last => {
+            report.problem = Some(format!(
+                "{HEAD_FILE} records entry seq {} but the log goes on to seq {last}: the head was replaced by an old copy",
+                head.seq
+            ));
+        }
         _ => {
             report.problem = Some(format!(
                 "log truncated: {HEAD_FILE} records entry seq {} but the log's last valid entry is {}",
@@ -559,4 +565,224 @@ pub fn read_entries(dir: &Path) -> Result<Vec<ShownEntry>, AuditError> {
         out.push(ShownEntry { line: i + 1, entry });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_with(n: u64) -> (tempfile::TempDir, PublicKey) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::generate().unwrap();
+        let public = key.public();
+        let log = AuditLog::new(dir.path(), key);
+        log.create().unwrap();
+        for i in 0..n {
+            log.append(Event::SignerTrusted {
+                name: format!("signer-{i}"),
+                keyid: "k".repeat(8),
+            })
+            .unwrap();
+        }
+        (dir, public)
+    }
+
+    fn lines(dir: &Path) -> Vec<String> {
+        std::fs::read_to_string(dir.join(LOG_FILE))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn write_lines(dir: &Path, lines: &[String]) {
+        let mut text = lines.join("\n");
+        text.push('\n');
+        std::fs::write(dir.join(LOG_FILE), text).unwrap();
+    }
+
+    fn problem(dir: &Path, key: &PublicKey) -> String {
+        let r = verify(dir, key).unwrap();
+        r.problem.expect("verification should fail")
+    }
+
+    #[test]
+    fn intact_log_verifies() {
+        let (dir, key) = log_with(5);
+        let r = verify(dir.path(), &key).unwrap();
+        assert!(r.ok(), "{r:?}");
+        assert_eq!(r.valid_entries, 5);
+        assert!(r.torn_tail_bytes.is_none());
+        let shown = read_entries(dir.path()).unwrap();
+        assert_eq!(shown.len(), 5);
+        assert_eq!(shown[2].entry["event"], "signer-trusted");
+    }
+
+    #[test]
+    fn empty_log_verifies() {
+        let (dir, key) = log_with(0);
+        assert!(verify(dir.path(), &key).unwrap().ok());
+    }
+
+    #[test]
+    fn edited_entry_is_named() {
+        let (dir, key) = log_with(5);
+        let mut l = lines(dir.path());
+        l[2] = l[2].replace("signer-2", "signer-X");
+        write_lines(dir.path(), &l);
+        let p = problem(dir.path(), &key);
+        assert!(p.starts_with("line 3 "), "{p}");
+        assert!(p.contains("signature"), "{p}");
+    }
+
+    #[test]
+    fn deleted_entry_is_named() {
+        let (dir, key) = log_with(5);
+        let mut l = lines(dir.path());
+        l.remove(1);
+        write_lines(dir.path(), &l);
+        let p = problem(dir.path(), &key);
+        assert!(p.starts_with("line 2 (expected seq 1)"), "{p}");
+    }
+
+    #[test]
+    fn reordered_entries_are_named() {
+        let (dir, key) = log_with(5);
+        let mut l = lines(dir.path());
+        l.swap(3, 4);
+        write_lines(dir.path(), &l);
+        let p = problem(dir.path(), &key);
+        assert!(p.starts_with("line 4 (expected seq 3)"), "{p}");
+    }
+
+    #[test]
+    fn truncated_log_is_detected() {
+        let (dir, key) = log_with(5);
+        let mut l = lines(dir.path());
+        l.truncate(3);
+        write_lines(dir.path(), &l);
+        let p = problem(dir.path(), &key);
+        assert!(p.contains("truncated") && p.contains("seq 4"), "{p}");
+    }
+
+    #[test]
+    fn replaced_last_entry_is_detected() {
+        // Re-signing is impossible without the key, but replaying an old valid line is not.
+        let (dir, key) = log_with(3);
+        let mut l = lines(dir.path());
+        l[2] = l[1].clone();
+        write_lines(dir.path(), &l);
+        assert!(problem(dir.path(), &key).starts_with("line 3"));
+    }
+
+    #[test]
+    fn forged_head_is_detected() {
+        let (dir, key) = log_with(3);
+        let head = std::fs::read_to_string(dir.path().join(HEAD_FILE)).unwrap();
+        std::fs::write(
+            dir.path().join(HEAD_FILE),
+            head.replace("\"seq\":2", "\"seq\":1"),
+        )
+        .unwrap();
+        assert!(problem(dir.path(), &key).contains("head signature"));
+    }
+
+    #[test]
+    fn torn_tail_is_reported_and_recovered() {
+        let (dir, key) = log_with(3);
+        let mut data = std::fs::read(dir.path().join(LOG_FILE)).unwrap();
+        data.extend_from_slice(b"{\"entry\":{\"seq\":3,\"ti");
+        std::fs::write(dir.path().join(LOG_FILE), &data).unwrap();
+        let r = verify(dir.path(), &key).unwrap();
+        assert!(r.ok(), "{r:?}");
+        assert_eq!(r.valid_entries, 3);
+        assert_eq!(r.torn_tail_bytes, Some(21));
+    }
+
+    #[test]
+    fn append_after_torn_tail_moves_it_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::generate().unwrap();
+        let public = key.public();
+        let log = AuditLog::new(dir.path(), key);
+        log.create().unwrap();
+        log.append(Event::SignerTrusted {
+            name: "a".into(),
+            keyid: "k".into(),
+        })
+        .unwrap();
+        let mut data = std::fs::read(dir.path().join(LOG_FILE)).unwrap();
+        let torn_at = data.len();
+        data.extend_from_slice(b"{\"entry\":");
+        std::fs::write(dir.path().join(LOG_FILE), &data).unwrap();
+        log.append(Event::SignerTrusted {
+            name: "b".into(),
+            keyid: "k".into(),
+        })
+        .unwrap();
+        let r = verify(dir.path(), &public).unwrap();
+        assert!(r.ok(), "{r:?}");
+        assert_eq!(r.valid_entries, 3);
+        assert!(r.torn_tail_bytes.is_none());
+        let moved = dir.path().join(format!("audit.torn-{torn_at}"));
+        assert_eq!(std::fs::read(moved).unwrap(), b"{\"entry\":");
+        let shown = read_entries(dir.path()).unwrap();
+        assert_eq!(shown[1].entry["event"], "torn-tail-recovered");
+    }
+
+    #[test]
+    fn head_lagging_by_one_is_tolerated() {
+        // A crash after an append but before the head update leaves the head one behind.
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::generate().unwrap();
+        let public = key.public();
+        let log = AuditLog::new(dir.path(), key);
+        log.create().unwrap();
+        let ev = |n: &str| Event::SignerTrusted {
+            name: n.into(),
+            keyid: "k".into(),
+        };
+        log.append(ev("a")).unwrap();
+        log.append(ev("b")).unwrap();
+        let old_head = std::fs::read(dir.path().join(HEAD_FILE)).unwrap();
+        log.append(ev("c")).unwrap();
+        std::fs::write(dir.path().join(HEAD_FILE), &old_head).unwrap();
+        let r = verify(dir.path(), &public).unwrap();
+        assert!(r.ok() && r.head_lags, "{r:?}");
+        // Two behind cannot come from one crash: an old head was put back.
+        log.append(ev("d")).unwrap();
+        std::fs::write(dir.path().join(HEAD_FILE), &old_head).unwrap();
+        assert!(problem(dir.path(), &public).contains("replaced by an old copy"));
+    }
+
+    #[test]
+    fn damaged_last_line_blocks_appends() {
+        let (dir, _key) = log_with(2);
+        let mut l = lines(dir.path());
+        l[1] = "garbage".into();
+        write_lines(dir.path(), &l);
+        let log = AuditLog::new(dir.path(), SecretKey::generate().unwrap());
+        assert!(matches!(
+            log.append(Event::SignerTrusted {
+                name: "x".into(),
+                keyid: "k".into()
+            }),
+            Err(AuditError::Damaged { .. })
+        ));
+    }
+
+    #[test]
+    fn long_text_is_cut() {
+        let e = Event::TrainRefused {
+            digest: None,
+            bundle_sha256: GENESIS,
+            stage: "x".into(),
+            reason: "é".repeat(MAX_TEXT),
+        }
+        .bounded();
+        let Event::TrainRefused { reason, .. } = e else {
+            unreachable!()
+        };
+        assert!(reason.len() <= MAX_TEXT + 3);
+    }
 }

@@ -1,0 +1,486 @@
+//! End-to-end tests of the `amicus` command: real keys, real WebAssembly trains built with
+//! cargo, a real station directory. Every refusal must fail the command, say why, leave an
+//! audit entry, release nothing, and keep the audit log verifiable.
+
+mod common;
+
+use common::*;
+
+fn assert_refused(f: &Fixture, out: &Out, stage: &str, needle: &str) {
+    assert!(
+        out.stderr.contains(needle),
+        "expected {needle:?} in:\n{}",
+        out.text()
+    );
+    let e = f.last_event("train-refused");
+    assert_eq!(e["stage"], stage, "{e}");
+    assert!(e["reason"].as_str().unwrap().contains(needle), "{e}");
+    assert!(f.released().is_empty(), "something was released");
+    f.audit_verifies();
+}
+
+fn assert_run_failed(f: &Fixture, out: &Out, outcome: &str, needle: &str) {
+    assert!(!out.ok, "run should fail:\n{}", out.text());
+    assert!(
+        out.stderr.contains("nothing was released"),
+        "{}",
+        out.text()
+    );
+    let e = f.last_event("run-finished");
+    assert_eq!(e["outcome"], outcome, "{e}");
+    assert!(
+        e["reason"].as_str().unwrap_or("").contains(needle),
+        "expected {needle:?} in {e}"
+    );
+    assert_eq!(e["outputs_released"], 0);
+    assert!(f.released().is_empty(), "something was released");
+    assert!(
+        !f.events().iter().any(|e| e["event"] == "output-released"),
+        "an output-released entry exists"
+    );
+    f.audit_verifies();
+}
+
+#[test]
+fn round_trip_keygen_build_sign_verify_approve_run_audit() {
+    let f = Fixture::new();
+    let key_mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(f.path("alice.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(key_mode, 0o600);
+    assert!(
+        std::fs::read_to_string(f.path("alice.pub"))
+            .unwrap()
+            .starts_with("-----BEGIN PUBLIC KEY-----")
+    );
+
+    let b = f.signed("cohort-stats", &["alice", "bob"]);
+    let out = ok(&[
+        "train",
+        "verify",
+        s(&b),
+        "--trust",
+        s(&f.path("alice.pub")),
+        "--trust",
+        s(&f.path("bob.pub")),
+        "--require",
+        "2",
+    ]);
+    assert!(out.stdout.contains("verified: 2 of 2"), "{}", out.text());
+
+    let inspect = ok(&["train", "inspect", s(&b), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&inspect.stdout).unwrap();
+    assert_eq!(v["manifest"]["train"]["name"], "cohort-stats");
+    assert_eq!(v["manifest"]["capabilities"][0], "cohort");
+    assert_eq!(v["signatures"].as_array().unwrap().len(), 2);
+    let digest = v["digest"].as_str().unwrap().to_string();
+
+    ok(&["station", "approve", "--dir", s(&f.station()), &digest]);
+    let out = f.run(&b, Some(r#"{"min_cell": 3}"#));
+    assert!(out.ok, "{}", out.text());
+    assert!(
+        out.stdout.contains("released summary.json"),
+        "{}",
+        out.stdout
+    );
+
+    let released = f.released();
+    assert_eq!(released.len(), 1);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&released[0]).unwrap()).unwrap();
+    assert_eq!(summary["min_cell"], 3);
+    assert_eq!(summary["index"]["state"], "unavailable");
+    assert!(
+        summary["index"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not available on this station")
+    );
+
+    let kinds: Vec<String> = f
+        .events()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    for k in [
+        "station-initialised",
+        "signer-trusted",
+        "digest-approved",
+        "train-received",
+        "run-started",
+        "capability-call",
+        "output-released",
+        "run-finished",
+    ] {
+        assert!(kinds.contains(&k.to_string()), "no {k} in {kinds:?}");
+    }
+    let call = f.last_event("capability-call");
+    assert_eq!(call["capability"], "cohort");
+    assert_eq!(call["outcome"], "not-available");
+    let fin = f.last_event("run-finished");
+    assert_eq!(fin["outcome"], "succeeded");
+    assert!(fin["fuel_used"].as_u64().unwrap() > 0);
+    assert!(fin["peak_memory_bytes"].as_u64().unwrap() > 0);
+    let rel = f.last_event("output-released");
+    assert_eq!(rel["name"], "summary.json");
+    assert_eq!(
+        rel["sha256"].as_str().unwrap(),
+        amicus_bundle::sha256(&std::fs::read(&released[0]).unwrap()).to_hex()
+    );
+    let verify = ok(&["audit", "verify", "--dir", s(&f.station())]);
+    assert!(verify.stdout.contains("audit log OK"));
+
+    // A second run loads the station's cached compilation.
+    let again = f.run(&b, None);
+    assert!(
+        again.ok && again.stdout.contains("module from cache"),
+        "{}",
+        again.text()
+    );
+}
+
+#[test]
+fn unsigned_bundle_is_refused() {
+    let f = Fixture::new();
+    let b = f.signed("cohort-stats", &[]);
+    f.approve(&b);
+    let out = f.run(&b, None);
+    assert!(!out.ok);
+    assert_refused(&f, &out, "signatures", "unsigned");
+    fails(&["train", "verify", s(&b), "--trust", s(&f.path("alice.pub"))]);
+}
+
+#[test]
+fn untrusted_signer_is_refused() {
+    let f = Fixture::new();
+    let b = f.signed("cohort-stats", &["mallory"]);
+    f.approve(&b);
+    let out = f.run(&b, None);
+    assert_refused(&f, &out, "signatures", "not trusted");
+    let v = fails(&["train", "verify", s(&b), "--trust", s(&f.path("alice.pub"))]);
+    assert!(v.text().contains("(untrusted)"), "{}", v.text());
+}
+
+#[test]
+fn too_few_signatures_are_refused() {
+    let f = Fixture::new();
+    ok(&[
+        "station",
+        "trust",
+        "--dir",
+        s(&f.station()),
+        s(&f.path("bob.pub")),
+    ]);
+    f.policy_edit("required_signatures = 1", "required_signatures = 2");
+    let b = f.ready("cohort-stats");
+    let out = f.run(&b, None);
+    assert_refused(
+        &f,
+        &out,
+        "signatures",
+        "1 valid signature(s) from trusted keys, 2 required",
+    );
+    fails(&[
+        "train",
+        "verify",
+        s(&b),
+        "--trust",
+        s(&f.path("alice.pub")),
+        "--trust",
+        s(&f.path("bob.pub")),
+        "--require",
+        "2",
+    ]);
+    // The reviewer's signature completes it.
+    ok(&[
+        "train",
+        "sign",
+        s(&b),
+        "--key",
+        s(&f.path("bob.key")),
+        "--role",
+        "reviewer",
+    ]);
+    let out = f.run(&b, None);
+    assert!(out.ok, "{}", out.text());
+}
+
+/// Position of `needle` inside the bundle file.
+fn find(data: &[u8], needle: &[u8]) -> usize {
+    data.windows(needle.len())
+        .position(|w| w == needle)
+        .expect("needle in bundle")
+}
+
+#[test]
+fn component_byte_changed_after_signing_is_refused() {
+    let f = Fixture::new();
+    let b = f.ready("cohort-stats");
+    let mut data = std::fs::read(&b).unwrap();
+    // The component's data follows its 512-byte tar header; flip a byte well inside it.
+    let header = find(&data, b"train.wasm\0");
+    data[header + 512 + 2000] ^= 0x01;
+    std::fs::write(&b, &data).unwrap();
+    let out = f.run(&b, None);
+    assert_refused(&f, &out, "bundle", "does not match the manifest");
+    let e = f.last_event("train-refused");
+    assert!(e["digest"].is_null());
+}
+
+#[test]
+fn manifest_byte_changed_after_signing_is_refused() {
+    let f = Fixture::new();
+    let b = f.ready("cohort-stats");
+    let mut data = std::fs::read(&b).unwrap();
+    // Same length, still canonical TOML: a bigger memory limit. The digest changes, so the
+    // signature (over the old digest) no longer vouches for it.
+    let at = find(&data, b"memory_mib = 64");
+    data[at + 13] = b'9';
+    // Fix the tar header checksum so only the content change is what gets caught.
+    fix_tar_checksum(&mut data, 0);
+    std::fs::write(&b, &data).unwrap();
+    let out = f.run(&b, None);
+    assert!(!out.ok, "{}", out.text());
+    assert_refused(&f, &out, "signatures", "not this bundle");
+}
+
+fn fix_tar_checksum(data: &mut [u8], header: usize) {
+    let h = &mut data[header..header + 512];
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    let text = format!("{sum:06o}\0 ");
+    h[148..156].copy_from_slice(text.as_bytes());
+}
+
+#[test]
+fn unapproved_digest_is_refused() {
+    let f = Fixture::new();
+    let b = f.signed("cohort-stats", &["alice"]);
+    let out = f.run(&b, None);
+    assert_refused(&f, &out, "approval", "not approved by the data owner");
+}
+
+#[test]
+fn capability_not_allowed_is_refused() {
+    let f = Fixture::new();
+    let b = f.ready("testing/misbehave"); // declares imaging; the default policy grants cohort
+    let out = f.run(&b, Some(r#"{"do":"ok"}"#));
+    assert_refused(
+        &f,
+        &out,
+        "capabilities",
+        "capability imaging is not allowed",
+    );
+}
+
+#[test]
+fn limits_above_the_station_caps_are_refused() {
+    let f = Fixture::new();
+    f.policy_edit("memory_mib = 1024", "memory_mib = 16");
+    let b = f.ready("cohort-stats");
+    let out = f.run(&b, None);
+    assert_refused(
+        &f,
+        &out,
+        "limits",
+        "memory_mib 64, this station allows at most 16",
+    );
+}
+
+#[test]
+fn bad_params_are_refused() {
+    let f = Fixture::new();
+    let b = f.ready("cohort-stats");
+    let out = f.run(&b, Some("{not json"));
+    assert_refused(&f, &out, "params", "not JSON");
+}
+
+#[test]
+fn file_access_through_wasi_is_refused_before_running() {
+    let f = Fixture::new();
+    let b = f.ready("testing/fs-escape");
+    let out = f.run(&b, None);
+    assert_refused(&f, &out, "imports", "wasi:filesystem/");
+    assert!(!f.events().iter().any(|e| e["event"] == "run-started"));
+}
+
+#[test]
+fn socket_access_through_wasi_is_refused_before_running() {
+    let f = Fixture::new();
+    let b = f.ready("testing/net-escape");
+    let out = f.run(&b, None);
+    assert_refused(&f, &out, "imports", "wasi:sockets/");
+}
+
+#[test]
+fn foreign_import_is_refused() {
+    let f = Fixture::new();
+    let b = f.ready("testing/foreign-import");
+    let out = f.run(&b, None);
+    assert_refused(&f, &out, "imports", "evil:exfil/upload@1.0.0");
+}
+
+/// The misbehave train with imaging granted, so each behaviour gets to run.
+fn misbehaving() -> (Fixture, std::path::PathBuf) {
+    let f = Fixture::new();
+    f.policy_edit(
+        "allowed_capabilities = [\"cohort\"]",
+        "allowed_capabilities = [\"cohort\", \"imaging\"]",
+    );
+    let b = f.ready("testing/misbehave");
+    (f, b)
+}
+
+#[test]
+fn misbehave_ok_run_releases_its_output() {
+    let (f, b) = misbehaving();
+    let out = f.run(&b, Some(r#"{"do":"ok"}"#));
+    assert!(out.ok, "{}", out.text());
+    assert_eq!(f.released().len(), 1);
+}
+
+#[test]
+fn infinite_loop_is_stopped_by_fuel() {
+    let (f, b) = misbehaving();
+    let out = f.run(&b, Some(r#"{"do":"loop"}"#));
+    assert_run_failed(&f, &out, "out-of-fuel", "fuel exhausted");
+    assert_eq!(f.last_event("run-finished")["fuel_used"], 500_000_000);
+}
+
+#[test]
+fn memory_bomb_is_stopped_by_the_limiter() {
+    let (f, b) = misbehaving();
+    let out = f.run(&b, Some(r#"{"do":"alloc"}"#));
+    assert_run_failed(&f, &out, "memory-limit", "refused (limit 33554432 bytes)");
+    assert!(
+        f.last_event("run-finished")["peak_memory_bytes"]
+            .as_u64()
+            .unwrap()
+            <= 32 << 20
+    );
+}
+
+#[test]
+fn host_tensor_bomb_counts_against_the_memory_limit() {
+    let (f, b) = misbehaving();
+    let out = f.run(&b, Some(r#"{"do":"tensor-bomb"}"#));
+    assert_run_failed(&f, &out, "failed", "memory limit");
+}
+
+#[test]
+fn undeclared_output_fails_the_run() {
+    let (f, b) = misbehaving();
+    let out = f.run(&b, Some(r#"{"do":"undeclared"}"#));
+    assert_run_failed(
+        &f,
+        &out,
+        "policy-violation",
+        "\"secret.bin\" is not declared",
+    );
+}
+
+#[test]
+fn oversized_output_fails_the_run() {
+    let (f, b) = misbehaving();
+    let out = f.run(&b, Some(r#"{"do":"oversized"}"#));
+    assert_run_failed(
+        &f,
+        &out,
+        "policy-violation",
+        "4096 bytes, its limit is 1024",
+    );
+}
+
+#[test]
+fn output_emitted_twice_fails_the_run() {
+    let (f, b) = misbehaving();
+    let out = f.run(&b, Some(r#"{"do":"twice"}"#));
+    assert_run_failed(&f, &out, "policy-violation", "emitted twice");
+}
+
+#[test]
+fn outputs_of_a_failed_run_are_not_released() {
+    let (f, b) = misbehaving();
+    let out = f.run(&b, Some(r#"{"do":"emit-then-fail"}"#));
+    assert_run_failed(&f, &out, "failed", "failed after emitting");
+}
+
+#[test]
+fn guest_panic_is_a_clean_failure() {
+    let (f, b) = misbehaving();
+    let out = f.run(&b, Some(r#"{"do":"panic"}"#));
+    assert_run_failed(&f, &out, "trapped", "deliberate panic in a train");
+}
+
+#[test]
+fn unavailable_capability_fails_cleanly_inside_the_train() {
+    let (f, b) = misbehaving();
+    let out = f.run(&b, Some(r#"{"do":"imaging"}"#));
+    assert_run_failed(&f, &out, "failed", "not available on this station");
+    let call = f.last_event("capability-call");
+    assert_eq!(call["capability"], "imaging");
+    assert_eq!(call["call"], "load-series");
+}
+
+#[test]
+fn log_and_stdout_floods_are_capped() {
+    let (f, b) = misbehaving();
+    f.policy_edit("max_log_bytes = 1048576", "max_log_bytes = 10000");
+    for what in ["log-flood", "stdout-flood"] {
+        let out = f.run(&b, Some(&format!(r#"{{"do":"{what}"}}"#)));
+        assert!(out.ok, "{what}: {}", out.text());
+        let fin = f.last_event("run-finished");
+        let log = f
+            .station()
+            .join("runs")
+            .join(fin["run_id"].as_str().unwrap())
+            .join("log.txt");
+        let len = std::fs::metadata(log).unwrap().len();
+        assert!(len < 20_000, "{what}: log is {len} bytes");
+    }
+}
+
+#[test]
+fn audit_tampering_is_detected_and_named() {
+    let f = Fixture::new();
+    let b = f.ready("cohort-stats");
+    assert!(f.run(&b, None).ok);
+    let log_path = f.station().join("audit.log");
+    let original = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<&str> = original.lines().collect();
+    assert!(lines.len() >= 8);
+    let check = |text: String, needle: &str| {
+        std::fs::write(&log_path, text).unwrap();
+        let out = fails(&["audit", "verify", "--dir", s(&f.station())]);
+        assert!(
+            out.stderr.contains(needle),
+            "expected {needle:?}:\n{}",
+            out.text()
+        );
+        std::fs::write(&log_path, &original).unwrap();
+    };
+    let join = |l: Vec<&str>| l.join("\n") + "\n";
+    // Edit: change the approved train name inside entry 3.
+    check(
+        original.replacen("cohort-stats@0.1.0", "cohort-stats@0.1.1", 1),
+        "line 3 (expected seq 2)",
+    );
+    let mut deleted = lines.clone();
+    deleted.remove(4);
+    check(join(deleted), "line 5 (expected seq 4)");
+    let mut reordered = lines.clone();
+    reordered.swap(5, 6);
+    check(join(reordered), "line 6 (expected seq 5)");
+    let mut truncated = lines.clone();
+    truncated.truncate(lines.len() - 2);
+    check(join(truncated), "log truncated");
+    // A torn last line (crash mid-write) is reported but earlier entries stay valid.
+    std::fs::write(&log_path, format!("{original}{{\"entry\":{{\"seq\"")).unwrap();
+    let out = ok(&["audit", "verify", "--dir", s(&f.station())]);
+    assert!(out.stdout.contains("torn last line"), "{}", out.text());
+}
