@@ -488,11 +488,11 @@ fn station_run(dir: &Path, bundle: &Path, params: Option<&Path>, json: bool) -> 
                 return Ok(());
             }
             println!(
-                "run {} of {} {} succeeded in {} ms (fuel {}, peak memory {} KiB, module from {})",
+                "run {} of {} {} succeeded in {:.1} ms (fuel {}, peak memory {} KiB, module from {})",
                 record.run_id,
                 record.train,
                 record.version,
-                record.wall_ms,
+                record.wall_us as f64 / 1000.0,
                 record.fuel_used,
                 record.peak_memory_bytes / 1024,
                 record.compile

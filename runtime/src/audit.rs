@@ -110,7 +110,7 @@ pub enum Event {
         reason: Option<String>,
         fuel_used: u64,
         peak_memory_bytes: u64,
-        wall_ms: u64,
+        wall_us: u64,
         outputs_released: u64,
     },
     TornTailRecovered {

@@ -307,6 +307,9 @@ pub fn check_import(import: &str, granted: &BTreeSet<Capability>) -> Result<(), 
     refuse("neither the amicus:train contract nor allowed WASI".into())
 }
 
+/// Receives the train's progress reports: fraction in [0, 1] and a short message.
+pub type ProgressSink = Box<dyn FnMut(f32, &str) + Send>;
+
 /// What a run may use and emit.
 pub struct RunRequest<'a> {
     pub manifest: &'a Manifest,
@@ -321,7 +324,7 @@ pub struct RunRequest<'a> {
     pub log_cap: usize,
     /// Seeds the guest's WASI randomness (recorded in the audit log).
     pub seed: [u8; 32],
-    pub progress: Box<dyn FnMut(f32, &str) + Send>,
+    pub progress: ProgressSink,
 }
 
 /// How a run ended.
@@ -588,7 +591,7 @@ struct HostState {
     log: RunLog,
     granted: BTreeSet<Capability>,
     calls: Vec<CallRecord>,
-    progress: Box<dyn FnMut(f32, &str) + Send>,
+    progress: ProgressSink,
 }
 
 impl HostState {

@@ -18,7 +18,9 @@
 
 use crate::audit::{AuditError, AuditLog, Event};
 use crate::policy::{Policy, PolicyError, Refusal};
-use crate::sandbox::{CompileSource, Outcome, RunRequest, Sandbox, SandboxError, run_seed};
+use crate::sandbox::{
+    CompileSource, Outcome, ProgressSink, RunRequest, Sandbox, SandboxError, run_seed,
+};
 use amicus_bundle::{Bundle, Digest, KeyError, PublicKey, SecretKey, sha256};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
@@ -107,7 +109,7 @@ pub struct RunRecord {
     pub reason: Option<String>,
     pub fuel_used: u64,
     pub peak_memory_bytes: u64,
-    pub wall_ms: u64,
+    pub wall_us: u64,
     pub compile: String,
     pub outputs: Vec<ReleasedOutput>,
     pub dir: PathBuf,
@@ -236,7 +238,7 @@ impl Station {
         &self,
         bundle_path: &Path,
         params: Option<&str>,
-        progress: Box<dyn FnMut(f32, &str) + Send>,
+        progress: ProgressSink,
     ) -> Result<RunRecord, StationError> {
         let audit = self.audit()?;
         let raw = read_capped(bundle_path, amicus_bundle::bundle::MAX_BUNDLE_BYTES)?;
@@ -344,7 +346,7 @@ impl Station {
                     reason: Some(reason.clone()),
                     fuel_used: 0,
                     peak_memory_bytes: 0,
-                    wall_ms: 0,
+                    wall_us: 0,
                     outputs_released: 0,
                 })?;
                 return Err(StationError::RunFailed {
@@ -405,7 +407,7 @@ impl Station {
             reason: report.outcome.reason(),
             fuel_used: report.fuel_used,
             peak_memory_bytes: report.peak_memory_bytes,
-            wall_ms: report.wall.as_millis() as u64,
+            wall_us: report.wall.as_micros() as u64,
             compile: match source {
                 CompileSource::Compiled => "compiled",
                 CompileSource::Cache => "cache",
@@ -443,7 +445,7 @@ impl Station {
             reason: record.reason.clone(),
             fuel_used: record.fuel_used,
             peak_memory_bytes: record.peak_memory_bytes,
-            wall_ms: record.wall_ms,
+            wall_us: record.wall_us,
             outputs_released: record.outputs.len() as u64,
         })?;
         std::fs::rename(&partial, &final_dir).map_err(io(&final_dir))?;

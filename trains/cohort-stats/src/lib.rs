@@ -50,7 +50,9 @@ impl Train for CohortStats {
         if min_cell == 0 {
             return Err("min_cell must be at least 1".into());
         }
-        let query: String = params.get("query")?.unwrap_or_else(|| DEFAULT_QUERY.to_string());
+        let query: String = params
+            .get("query")?
+            .unwrap_or_else(|| DEFAULT_QUERY.to_string());
         amicus_sdk::log::info(&format!("cohort-stats: min_cell={min_cell}"));
         amicus_sdk::progress(0.1, "querying the FAIR index");
 

@@ -60,7 +60,8 @@ impl Train for Misbehave {
             "tensor-bomb" => {
                 let mut keep = Vec::new();
                 loop {
-                    let t = amicus_sdk::tensors::Tensor::create(&[1024, 1024], &vec![0.0; 1 << 20])?;
+                    let t =
+                        amicus_sdk::tensors::Tensor::create(&[1024, 1024], &vec![0.0; 1 << 20])?;
                     keep.push(t);
                 }
             }
