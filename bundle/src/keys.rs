@@ -170,10 +170,13 @@ impl SecretKey {
                 return Err(KeyError::Exists(p.into()));
             }
         }
-        let pem = self
-            .0
-            .to_pkcs8_pem(LineEnding::LF)
-            .expect("encoding a valid Ed25519 key cannot fail");
+        // PKCS#8 v1 (RFC 8410 section 7, no embedded public key): the form OpenSSL 3.0 reads.
+        let pem = ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: self.0.to_bytes(),
+            public_key: None,
+        }
+        .to_pkcs8_pem(LineEnding::LF)
+        .expect("encoding a valid Ed25519 key cannot fail");
         write_new(key_path, pem.as_bytes(), 0o600)?;
         write_new(&pub_path, self.public().to_pem().as_bytes(), 0o644)?;
         Ok(pub_path)

@@ -484,3 +484,31 @@ fn audit_tampering_is_detected_and_named() {
     let out = ok(&["audit", "verify", "--dir", s(&f.station())]);
     assert!(out.stdout.contains("torn last line"), "{}", out.text());
 }
+
+#[test]
+fn keys_interoperate_with_openssl() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("openssl not installed; skipping the interoperability check");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("k.key");
+    ok(&["keygen", "--out", s(&key)]);
+    let derived = std::process::Command::new("openssl")
+        .args(["pkey", "-pubout", "-in", s(&key)])
+        .output()
+        .unwrap();
+    assert!(
+        derived.status.success(),
+        "{}",
+        String::from_utf8_lossy(&derived.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(derived.stdout).unwrap(),
+        std::fs::read_to_string(tmp.path().join("k.pub")).unwrap()
+    );
+}

@@ -182,7 +182,7 @@ impl Sandbox {
             memory: MemoryBudget::new(memory_cap),
             outputs: OutputGate::new(req.manifest, req.output_max_bytes, req.output_max_total),
             log: RunLog::new(req.log_cap),
-            granted: req.granted.clone(),
+            granted: req.granted,
             calls: Vec::new(),
             progress: req.progress,
         };
@@ -776,6 +776,11 @@ impl imaging::Host for HostState {
 
 impl kernels::Host for HostState {}
 
+/// Models and trainers cannot be created until the kernels land, so no handle can reach these.
+fn no_such_handle(kind: &str) -> types::Error {
+    types::Error::Failed(format!("no {kind} can exist on this station"))
+}
+
 impl kernels::HostModel for HostState {
     fn open(&mut self, file: String) -> Result<Resource<NoModel>, types::Error> {
         self.require(Capability::Kernels, "model.open")?;
@@ -792,9 +797,7 @@ impl kernels::HostModel for HostState {
         _self_: Resource<NoModel>,
         _inputs: Vec<(String, Resource<HostTensor>)>,
     ) -> Result<Vec<(String, Resource<HostTensor>)>, types::Error> {
-        Err(types::Error::Failed(
-            "no model can exist on this station".into(),
-        ))
+        Err(no_such_handle("model"))
     }
 
     fn drop(&mut self, m: Resource<NoModel>) -> wasmtime::Result<()> {
@@ -824,9 +827,7 @@ impl kernels::HostTrainer for HostState {
         _x: Resource<HostTensor>,
         _y: Resource<HostTensor>,
     ) -> Result<f32, types::Error> {
-        Err(types::Error::Failed(
-            "no trainer can exist on this station".into(),
-        ))
+        Err(no_such_handle("trainer"))
     }
 
     fn evaluate(
@@ -835,18 +836,14 @@ impl kernels::HostTrainer for HostState {
         _x: Resource<HostTensor>,
         _y: Resource<HostTensor>,
     ) -> Result<f32, types::Error> {
-        Err(types::Error::Failed(
-            "no trainer can exist on this station".into(),
-        ))
+        Err(no_such_handle("trainer"))
     }
 
     fn get_weights(
         &mut self,
         _self_: Resource<NoTrainer>,
     ) -> Result<Vec<kernels::NamedWeights>, types::Error> {
-        Err(types::Error::Failed(
-            "no trainer can exist on this station".into(),
-        ))
+        Err(no_such_handle("trainer"))
     }
 
     fn set_weights(
@@ -854,9 +851,7 @@ impl kernels::HostTrainer for HostState {
         _self_: Resource<NoTrainer>,
         _weights: Vec<kernels::NamedWeights>,
     ) -> Result<(), types::Error> {
-        Err(types::Error::Failed(
-            "no trainer can exist on this station".into(),
-        ))
+        Err(no_such_handle("trainer"))
     }
 
     fn drop(&mut self, t: Resource<NoTrainer>) -> wasmtime::Result<()> {

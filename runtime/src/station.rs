@@ -243,6 +243,7 @@ impl Station {
         let audit = self.audit()?;
         let raw = read_capped(bundle_path, amicus_bundle::bundle::MAX_BUNDLE_BYTES)?;
         let bundle_sha256 = sha256(&raw);
+        let bundle_bytes = raw.len() as u64;
         let refuse = |digest: Option<Digest>, refusal: Refusal| -> StationError {
             match audit.append(Event::TrainRefused {
                 digest,
@@ -266,7 +267,7 @@ impl Station {
             train: manifest.train.name.clone(),
             version: manifest.train.version.clone(),
             bundle_sha256,
-            bundle_bytes: std::fs::metadata(bundle_path).map(|m| m.len()).unwrap_or(0),
+            bundle_bytes,
             signers: bundle
                 .signatures()
                 .iter()
