@@ -44,6 +44,21 @@ enum Command {
     /// Show and verify a station's audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Write a synthetic hospital DICOM archive (CT + RTSTRUCT ground truth), deterministic for a seed.
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        /// Site name (institution); also separates the random streams of sites.
+        #[arg(long)]
+        site: String,
+        #[arg(long, default_value_t = 10)]
+        patients: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Scanner and population profile: academic, community or legacy.
+        #[arg(long, default_value = "academic")]
+        profile: String,
+    },
     /// Measure (not test) performance; writes JSON.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -250,8 +265,63 @@ fn run(cli: Cli) -> Result<()> {
             AuditCommand::Show { dir, json } => audit_show(&dir, json),
             AuditCommand::Verify { dir, json } => audit_verify(&dir, json),
         },
+        Command::Synth {
+            out,
+            site,
+            patients,
+            seed,
+            profile,
+        } => synth(&out, &site, patients, seed, &profile),
         Command::Bench(c) => bench::run(c),
     }
+}
+
+fn synth(out: &Path, site: &str, patients: usize, seed: u64, profile: &str) -> Result<()> {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(patients as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{bar:30}] {pos}/{len} patients {elapsed}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let summary = amicus_synth::generate(out, site, patients, seed, profile, |done, _| {
+        if let Some(b) = &bar {
+            b.set_position(done as u64);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let p = &summary.profile;
+    println!(
+        "wrote {} patients ({} files, {} lesions) for site {site:?} to {}",
+        summary.patients.len(),
+        summary.files(),
+        summary.lesions(),
+        out.display()
+    );
+    println!(
+        "profile {}: {} {} kernel {}, {} mm slices, {}x{} px of {:.3} mm, noise {} HU, offset {} HU",
+        p.name,
+        p.manufacturer,
+        p.model,
+        p.kernel,
+        p.slice_thickness_mm,
+        p.rows,
+        p.rows,
+        p.pixel_spacing_mm(),
+        p.noise_hu,
+        p.hu_offset
+    );
+    println!(
+        "ground truth: {}",
+        out.join(amicus_synth::GROUND_TRUTH).display()
+    );
+    Ok(())
 }
 
 fn key_name(path: &Path) -> String {
