@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what amicus needs to build and test, idempotently:
-# - the wasm32-wasip2 Rust target (trains are WebAssembly components).
-# Later parts add the ONNX Runtime library (from the PyPI wheel) and Debian packages here.
+# - the wasm32-wasip2 Rust target (trains are WebAssembly components);
+# - dicom3tools (Debian: dciodvfy validates the synthetic DICOM in the tests);
+# - pydicom and numpy in a venv at ~/.cache/amicus/venv (a second, independent DICOM reader).
+# Later parts add the ONNX Runtime library (from the PyPI wheel) here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,4 +18,18 @@ if command -v rustup >/dev/null; then
   fi
 else
   echo "setup: rustup not found; make sure the wasm32-wasip2 target is installed" >&2
+fi
+
+if ! command -v dciodvfy >/dev/null; then
+  echo "setup: installing dicom3tools (dciodvfy)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dicom3tools >/dev/null
+fi
+
+VENV="${HOME}/.cache/amicus/venv"
+if ! "$VENV/bin/python" -c "import pydicom, numpy" 2>/dev/null; then
+  echo "setup: creating $VENV with pydicom and numpy"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "pydicom==3.*" "numpy<3"
 fi

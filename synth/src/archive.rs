@@ -21,6 +21,7 @@ pub struct PatientRecord {
     pub study_uid: String,
     pub ct_series_uid: String,
     pub rtstruct_series_uid: String,
+    pub seg_series_uid: String,
     pub frame_of_reference_uid: String,
     pub slices: usize,
     pub rows: u16,
@@ -29,20 +30,26 @@ pub struct PatientRecord {
     pub phantom: Phantom,
 }
 
-struct Study<'a> {
-    seed: u64,
-    site: &'a str,
-    profile: &'a Profile,
-    who: &'a Identity,
-    study_uid: String,
-    for_uid: String,
-    study_date: String,
-    accession: String,
+pub(crate) struct Study<'a> {
+    pub(crate) seed: u64,
+    pub(crate) site: &'a str,
+    pub(crate) profile: &'a Profile,
+    pub(crate) who: &'a Identity,
+    pub(crate) study_uid: String,
+    pub(crate) for_uid: String,
+    pub(crate) study_date: String,
+    pub(crate) accession: String,
 }
 
 impl Study<'_> {
     /// Patient, study, equipment and frame-of-reference attributes shared by every instance.
-    fn common(&self, obj: &mut Obj, modality: &str, series_uid: &str, series_number: u16) {
+    pub(crate) fn common(
+        &self,
+        obj: &mut Obj,
+        modality: &str,
+        series_uid: &str,
+        series_number: u16,
+    ) {
         put_str(obj, tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 192");
         put_str(obj, tags::PATIENT_NAME, VR::PN, &self.who.name);
         put_str(obj, tags::PATIENT_ID, VR::LO, &self.who.patient_id);
@@ -131,11 +138,22 @@ pub fn write_patient(
         &slices,
         &label,
     )?;
+    let seg_series_uid = uid(seed, &[site, &label, "seg-series"]);
+    crate::seg::write_seg(
+        &dir.join("seg.dcm"),
+        &study,
+        &phantom,
+        &ct_series_uid,
+        &seg_series_uid,
+        &slices,
+        &label,
+    )?;
     Ok(PatientRecord {
         folder,
         study_uid: study.study_uid.clone(),
         ct_series_uid,
         rtstruct_series_uid,
+        seg_series_uid,
         frame_of_reference_uid: study.for_uid.clone(),
         slices: slices.len(),
         rows: profile.rows,
@@ -146,9 +164,11 @@ pub fn write_patient(
 }
 
 /// One written CT slice: its SOP Instance UID and z position.
-struct Slice {
-    sop_uid: String,
-    z: f64,
+pub(crate) struct Slice {
+    pub(crate) sop_uid: String,
+    pub(crate) z: f64,
+    /// Image Position (Patient) x and y of the first pixel centre.
+    pub(crate) origin: (f64, f64),
 }
 
 fn write_ct(
@@ -255,7 +275,7 @@ fn write_ct(
             &sop_uid,
             &dir.join(format!("{:04}.dcm", k + 1)),
         )?;
-        out.push(Slice { sop_uid, z });
+        out.push(Slice { sop_uid, z, origin });
     }
     Ok(out)
 }
@@ -297,23 +317,16 @@ fn obj_is(obj: &mut Obj, tag: dicom_core::Tag, v: usize) {
     ));
 }
 
-struct Roi {
-    name: String,
-    interpreted: &'static str,
-    color: &'static str,
+pub(crate) struct Roi {
+    pub(crate) name: String,
+    pub(crate) interpreted: &'static str,
+    pub(crate) color: &'static str,
     /// The ROI's outline on each slice it appears on.
-    sections: Vec<(usize, Ellipse)>,
+    pub(crate) sections: Vec<(usize, Ellipse)>,
 }
 
-fn write_rtstruct(
-    path: &Path,
-    st: &Study,
-    phantom: &Phantom,
-    ct_series_uid: &str,
-    series_uid: &str,
-    slices: &[Slice],
-    label: &str,
-) -> Result<(), String> {
+/// The ground-truth structures: one ROI per lesion (`GTV-n`), then `Lung_L` and `Lung_R`.
+pub(crate) fn rois(phantom: &Phantom, slices: &[Slice]) -> Vec<Roi> {
     let mut rois = Vec::new();
     for l in &phantom.lesions {
         rois.push(Roi {
@@ -344,6 +357,19 @@ fn write_rtstruct(
                 .collect(),
         });
     }
+    rois
+}
+
+fn write_rtstruct(
+    path: &Path,
+    st: &Study,
+    phantom: &Phantom,
+    ct_series_uid: &str,
+    series_uid: &str,
+    slices: &[Slice],
+    label: &str,
+) -> Result<(), String> {
+    let rois = rois(phantom, slices);
 
     let sop_uid = uid(st.seed, &[st.site, label, "rtstruct"]);
     let mut obj = Obj::new_empty();

@@ -4,7 +4,8 @@
 //! A site gets a [`profile::Profile`] (scanner noise, kernel, slice thickness, in-plane size,
 //! calibration offset, lesion prevalence and sizes) so that a federation of sites is non-IID.
 //! Each patient is a thorax [`phantom::Phantom`] with 0-3 lesions, written as a CT series and an
-//! RTSTRUCT (one ROI per lesion, `GTV-n`, plus `Lung_L` / `Lung_R`) that references it, with
+//! RTSTRUCT (one ROI per lesion, `GTV-n`, plus `Lung_L` / `Lung_R`) and a binary DICOM SEG with
+//! the same structures, both referencing the CT, with
 //! fake direct identifiers (names, birth dates, IDs, addresses) so pseudonymisation is exercised.
 //! `ground-truth.json` records the exact geometry (no identifiers).
 //!
@@ -16,6 +17,7 @@ pub mod identity;
 pub mod phantom;
 pub mod profile;
 pub mod rng;
+mod seg;
 
 use serde::Serialize;
 use std::path::Path;
@@ -43,7 +45,7 @@ impl Summary {
         self.patients.iter().map(|p| p.phantom.lesions.len()).sum()
     }
     pub fn files(&self) -> usize {
-        self.patients.iter().map(|p| p.slices + 1).sum()
+        self.patients.iter().map(|p| p.slices + 2).sum()
     }
 }
 
