@@ -576,8 +576,12 @@ fn station_run(dir: &Path, bundle: &Path, params: Option<&Path>, json: bool) -> 
                     o.path.display()
                 );
                 let data = std::fs::read(&o.path)?;
+                // Show small text outputs, but never bytes that could drive the terminal.
                 if data.len() <= 64 * 1024
                     && let Ok(text) = std::str::from_utf8(&data)
+                    && !text
+                        .chars()
+                        .any(|c| c.is_control() && !matches!(c, '\n' | '\t' | '\r'))
                 {
                     println!("{text}");
                 }

@@ -226,7 +226,7 @@ impl Sandbox {
                 Some(v) => Outcome::PolicyViolation(v.clone()),
                 None => Outcome::Succeeded,
             },
-            Ok(Err(msg)) => Outcome::Failed(msg),
+            Ok(Err(msg)) => Outcome::Failed(guest_text(&msg)),
             Err(Ok(trap)) => match classify_trap(&trap, &state) {
                 Outcome::WallClockExceeded(_) => Outcome::WallClockExceeded(wall_limit),
                 other => other,
@@ -413,8 +413,7 @@ impl RunLog {
     }
 
     fn push(&mut self, level: &str, message: &str) {
-        let mut m = message.to_string();
-        crate::audit::cut(&mut m);
+        let m = guest_text(message);
         if self.bytes + m.len() > self.cap {
             self.dropped_lines += 1;
             return;
@@ -660,7 +659,7 @@ impl output::Host for HostState {
         } else {
             0.0
         };
-        let message: String = message.chars().take(200).collect();
+        let message: String = guest_text(&message).chars().take(200).collect();
         (self.progress)(fraction, &message);
     }
 
@@ -994,6 +993,24 @@ impl tokio::io::AsyncWrite for CappedPipe {
     }
 }
 
+/// Text that came from a guest, made safe to show and store: control characters (terminal
+/// escape sequences among them) are escaped, except newline and tab, and the length is capped.
+pub fn guest_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(crate::audit::MAX_TEXT));
+    for c in s.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        if out.len() >= crate::audit::MAX_TEXT {
+            break;
+        }
+    }
+    crate::audit::cut(&mut out);
+    out
+}
+
 /// A seed for a run's randomness: SHA-256 over the bundle digest, the parameters and the run id.
 pub fn run_seed(digest: &Digest, params: &str, run_id: &str) -> [u8; 32] {
     let mut m = Vec::new();
@@ -1120,6 +1137,13 @@ max_bytes = 100
         s.granted.insert(Capability::Cohort);
         let e = cohort::Host::select(&mut s, "SELECT * {}".into()).unwrap_err();
         assert!(matches!(e, types::Error::NotAvailable(ref m) if m.contains("no FAIR index")));
+    }
+
+    #[test]
+    fn guest_text_escapes_control_characters() {
+        assert_eq!(guest_text("ok\nline\ttab"), "ok\nline\ttab");
+        assert_eq!(guest_text("\u{1b}[2J"), "\\u{1b}[2J");
+        assert!(guest_text(&"x".repeat(10_000)).len() <= crate::audit::MAX_TEXT + 3);
     }
 
     #[test]
