@@ -11,7 +11,9 @@ use amicus_sdk::cohort::Term;
 use amicus_sdk::{HostError, Params, Train};
 use serde::Serialize;
 
-/// Series per modality, in the LinkedDicom vocabulary (DICOM tag (0008,0060) Modality).
+/// Series per modality, written against the LinkedDicom vocabulary (DICOM tag (0008,0060)
+/// Modality). The station's index mapping is defined by the FAIR index work; align this query
+/// with its documented mapping when that lands.
 const DEFAULT_QUERY: &str = "\
 PREFIX ldcm: <https://johanvansoest.nl/ontologies/LinkedDicom/>
 SELECT ?modality (COUNT(DISTINCT ?series) AS ?n)
