@@ -1,6 +1,6 @@
 //! One synthetic patient as DICOM files: a CT series and its RTSTRUCT ground truth.
 
-use crate::dicom::{Obj, ds, ds_list, put_seq, put_str, put_u16, uid, write};
+use crate::dicom::{Obj, ds, ds_list, put_pixel_module, put_seq, put_str, uid, write};
 use crate::identity::Identity;
 use crate::phantom::{Ellipse, Phantom, render_slice};
 use crate::profile::Profile;
@@ -245,19 +245,7 @@ fn write_ct(
         );
         put_str(&mut obj, tags::SLICE_LOCATION, VR::DS, &ds(z));
         put_str(&mut obj, tags::PIXEL_SPACING, VR::DS, &ds_list(&[dx, dx]));
-        put_u16(&mut obj, tags::SAMPLES_PER_PIXEL, 1);
-        put_str(
-            &mut obj,
-            tags::PHOTOMETRIC_INTERPRETATION,
-            VR::CS,
-            "MONOCHROME2",
-        );
-        put_u16(&mut obj, tags::ROWS, p.rows);
-        put_u16(&mut obj, tags::COLUMNS, p.rows);
-        put_u16(&mut obj, tags::BITS_ALLOCATED, 16);
-        put_u16(&mut obj, tags::BITS_STORED, 12);
-        put_u16(&mut obj, tags::HIGH_BIT, 11);
-        put_u16(&mut obj, tags::PIXEL_REPRESENTATION, 0);
+        put_pixel_module(&mut obj, p.rows, 16, 12);
         put_str(&mut obj, tags::RESCALE_INTERCEPT, VR::DS, "-1024");
         put_str(&mut obj, tags::RESCALE_SLOPE, VR::DS, "1");
         put_str(&mut obj, tags::RESCALE_TYPE, VR::LO, "HU");
@@ -280,23 +268,27 @@ fn write_ct(
     Ok(out)
 }
 
-/// Contour data (x\y\z triplets) for a polygon in the plane `z`.
-fn contour_item(poly: &[(f64, f64)], z: f64, slice: &Slice) -> Obj {
-    let mut item = Obj::new_empty();
-    let mut image = Obj::new_empty();
+/// A reference to one CT image (SOP class and instance).
+pub(crate) fn image_ref(sop_uid: &str) -> Obj {
+    let mut o = Obj::new_empty();
     put_str(
-        &mut image,
+        &mut o,
         tags::REFERENCED_SOP_CLASS_UID,
         VR::UI,
         uids::CT_IMAGE_STORAGE,
     );
-    put_str(
-        &mut image,
-        tags::REFERENCED_SOP_INSTANCE_UID,
-        VR::UI,
-        &slice.sop_uid,
+    put_str(&mut o, tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, sop_uid);
+    o
+}
+
+/// Contour data (x\y\z triplets) for a polygon in the plane `z`.
+fn contour_item(poly: &[(f64, f64)], z: f64, slice: &Slice) -> Obj {
+    let mut item = Obj::new_empty();
+    put_seq(
+        &mut item,
+        tags::CONTOUR_IMAGE_SEQUENCE,
+        vec![image_ref(&slice.sop_uid)],
     );
-    put_seq(&mut item, tags::CONTOUR_IMAGE_SEQUENCE, vec![image]);
     put_str(
         &mut item,
         tags::CONTOUR_GEOMETRIC_TYPE,
@@ -398,25 +390,7 @@ fn write_rtstruct(
     put_str(&mut obj, tags::STRUCTURE_SET_DATE, VR::DA, &st.study_date);
     put_str(&mut obj, tags::STRUCTURE_SET_TIME, VR::TM, "120000");
 
-    let images: Vec<Obj> = slices
-        .iter()
-        .map(|s| {
-            let mut o = Obj::new_empty();
-            put_str(
-                &mut o,
-                tags::REFERENCED_SOP_CLASS_UID,
-                VR::UI,
-                uids::CT_IMAGE_STORAGE,
-            );
-            put_str(
-                &mut o,
-                tags::REFERENCED_SOP_INSTANCE_UID,
-                VR::UI,
-                &s.sop_uid,
-            );
-            o
-        })
-        .collect();
+    let images: Vec<Obj> = slices.iter().map(|s| image_ref(&s.sop_uid)).collect();
     let mut series = Obj::new_empty();
     put_str(
         &mut series,

@@ -3,7 +3,7 @@
 
 use dicom_core::value::{DataSetSequence, PrimitiveValue};
 use dicom_core::{DataElement, Tag, VR};
-use dicom_dictionary_std::uids;
+use dicom_dictionary_std::{tags, uids};
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -65,6 +65,18 @@ pub fn put_u16(obj: &mut Obj, tag: Tag, value: u16) {
 
 pub fn put_seq(obj: &mut Obj, tag: Tag, items: Vec<Obj>) {
     obj.put(DataElement::new(tag, VR::SQ, DataSetSequence::from(items)));
+}
+
+/// Image Pixel module of a square, unsigned, single-sample MONOCHROME2 image.
+pub fn put_pixel_module(obj: &mut Obj, rows: u16, bits_allocated: u16, bits_stored: u16) {
+    put_u16(obj, tags::SAMPLES_PER_PIXEL, 1);
+    put_str(obj, tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2");
+    put_u16(obj, tags::ROWS, rows);
+    put_u16(obj, tags::COLUMNS, rows);
+    put_u16(obj, tags::BITS_ALLOCATED, bits_allocated);
+    put_u16(obj, tags::BITS_STORED, bits_stored);
+    put_u16(obj, tags::HIGH_BIT, bits_stored - 1);
+    put_u16(obj, tags::PIXEL_REPRESENTATION, 0);
 }
 
 /// Write `obj` as a Part 10 file in explicit VR little endian.

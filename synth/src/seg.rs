@@ -2,8 +2,8 @@
 //! segment is present), referencing the CT through the Derivation Image and Common Instance
 //! Reference modules, on the CT's grid so a mask voxel is exactly a CT voxel.
 
-use crate::archive::{Roi, Slice, Study, rois};
-use crate::dicom::{Obj, ds, ds_list, put_seq, put_str, put_u16, uid, write};
+use crate::archive::{Roi, Slice, Study, image_ref, rois};
+use crate::dicom::{Obj, ds, ds_list, put_pixel_module, put_seq, put_str, put_u16, uid, write};
 use crate::phantom::Phantom;
 use dicom_core::value::PrimitiveValue;
 use dicom_core::{DataElement, VR, dicom_value};
@@ -120,19 +120,7 @@ pub(crate) fn write_seg(
         "Synthetic ground truth",
     );
     put_str(&mut obj, tags::CONTENT_CREATOR_NAME, VR::PN, "amicus^synth");
-    put_u16(&mut obj, tags::SAMPLES_PER_PIXEL, 1);
-    put_str(
-        &mut obj,
-        tags::PHOTOMETRIC_INTERPRETATION,
-        VR::CS,
-        "MONOCHROME2",
-    );
-    put_u16(&mut obj, tags::ROWS, p.rows);
-    put_u16(&mut obj, tags::COLUMNS, p.rows);
-    put_u16(&mut obj, tags::BITS_ALLOCATED, 1);
-    put_u16(&mut obj, tags::BITS_STORED, 1);
-    put_u16(&mut obj, tags::HIGH_BIT, 0);
-    put_u16(&mut obj, tags::PIXEL_REPRESENTATION, 0);
+    put_pixel_module(&mut obj, p.rows, 1, 1);
     put_str(&mut obj, tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00");
     put_str(&mut obj, tags::SEGMENTATION_TYPE, VR::CS, "BINARY");
     put_seq(
@@ -260,19 +248,7 @@ pub(crate) fn write_seg(
                 tags::SEGMENT_IDENTIFICATION_SEQUENCE,
                 vec![ident],
             );
-            let mut source = Obj::new_empty();
-            put_str(
-                &mut source,
-                tags::REFERENCED_SOP_CLASS_UID,
-                VR::UI,
-                uids::CT_IMAGE_STORAGE,
-            );
-            put_str(
-                &mut source,
-                tags::REFERENCED_SOP_INSTANCE_UID,
-                VR::UI,
-                &slice.sop_uid,
-            );
+            let mut source = image_ref(&slice.sop_uid);
             put_seq(
                 &mut source,
                 tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
@@ -305,25 +281,7 @@ pub(crate) fn write_seg(
     );
 
     // Common Instance Reference: every CT image the frames derive from.
-    let instances = slices
-        .iter()
-        .map(|s| {
-            let mut o = Obj::new_empty();
-            put_str(
-                &mut o,
-                tags::REFERENCED_SOP_CLASS_UID,
-                VR::UI,
-                uids::CT_IMAGE_STORAGE,
-            );
-            put_str(
-                &mut o,
-                tags::REFERENCED_SOP_INSTANCE_UID,
-                VR::UI,
-                &s.sop_uid,
-            );
-            o
-        })
-        .collect();
+    let instances = slices.iter().map(|s| image_ref(&s.sop_uid)).collect();
     let mut series = Obj::new_empty();
     put_str(
         &mut series,
