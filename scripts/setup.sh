@@ -2,7 +2,8 @@
 # Installs what amicus needs to build and test, idempotently:
 # - the wasm32-wasip2 Rust target (trains are WebAssembly components);
 # - dicom3tools (Debian: dciodvfy validates the synthetic DICOM in the tests);
-# - pydicom and numpy in a venv at ~/.cache/amicus/venv (a second, independent DICOM reader).
+# - pydicom, numpy and rdflib in a venv at ~/.cache/amicus/venv (independent readers of the
+#   DICOM and the PROV-O the tests check).
 # Later parts add the ONNX Runtime library (from the PyPI wheel) here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +29,8 @@ if ! command -v dciodvfy >/dev/null; then
 fi
 
 VENV="${HOME}/.cache/amicus/venv"
-if ! "$VENV/bin/python" -c "import pydicom, numpy" 2>/dev/null; then
-  echo "setup: creating $VENV with pydicom and numpy"
+if ! "$VENV/bin/python" -c "import pydicom, numpy, rdflib" 2>/dev/null; then
+  echo "setup: creating $VENV with pydicom, numpy and rdflib"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "pydicom==3.*" "numpy<3"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "pydicom==3.*" "numpy<3" "rdflib==7.*"
 fi

@@ -164,6 +164,14 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Verify, then export the log as W3C PROV-O Turtle (station-generated facts only).
+    Export {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -264,6 +272,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Audit(c) => match c {
             AuditCommand::Show { dir, json } => audit_show(&dir, json),
             AuditCommand::Verify { dir, json } => audit_verify(&dir, json),
+            AuditCommand::Export { dir, out } => audit_export(&dir, out.as_deref()),
         },
         Command::Synth {
             out,
@@ -655,4 +664,26 @@ fn audit_verify(dir: &Path, json: bool) -> Result<()> {
         }
         Some(p) => bail!("audit log verification FAILED: {p}"),
     }
+}
+
+fn audit_export(dir: &Path, out: Option<&Path>) -> Result<()> {
+    let st = Station::open(dir)?;
+    let key = st.public_key()?;
+    let report = audit::verify(dir, &key)?;
+    if let Some(p) = &report.problem {
+        bail!("refusing to export an audit log that does not verify: {p}");
+    }
+    let turtle = amicus_runtime::prov::export_turtle(dir, &key.id().to_string())?;
+    match out {
+        Some(path) => {
+            std::fs::write(path, turtle).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "exported {} verified entries as PROV-O to {}",
+                report.valid_entries,
+                path.display()
+            );
+        }
+        None => print!("{turtle}"),
+    }
+    Ok(())
 }

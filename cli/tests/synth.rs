@@ -7,17 +7,8 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn python() -> Option<PathBuf> {
-    let p = std::env::var_os("AMICUS_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(&std::env::var("HOME").unwrap_or_default())
-                .join(".cache/amicus/venv/bin/python")
-        });
-    p.is_file().then_some(p)
-}
+use std::process::Command;
 
 fn have_dciodvfy() -> bool {
     Command::new("dciodvfy").arg("-help").output().is_ok()

@@ -1,7 +1,7 @@
 //! The amicus station: everything that happens inside a hospital.
 //!
 //! - [`policy`]: the data owner's decisions (`policy.toml`) and the admission checks;
-//! - [`audit`]: the signed, hash-chained audit log;
+//! - [`audit`]: the signed, hash-chained audit log; [`prov`]: its export as PROV-O;
 //! - [`sandbox`]: the wasmtime sandbox and the host side of the `amicus:train` contract;
 //! - [`station`]: a station directory, and the verify → admit → run → release flow that ties
 //!   the others together.
@@ -11,5 +11,6 @@
 
 pub mod audit;
 pub mod policy;
+pub mod prov;
 pub mod sandbox;
 pub mod station;

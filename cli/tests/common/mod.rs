@@ -198,3 +198,14 @@ impl Fixture {
         ok(&["audit", "verify", "--dir", s(&self.station())]);
     }
 }
+
+/// The Python of the venv `scripts/setup.sh` makes (pydicom, numpy, rdflib), or `AMICUS_PYTHON`.
+pub fn python() -> Option<PathBuf> {
+    let p = std::env::var_os("AMICUS_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(&std::env::var("HOME").unwrap_or_default())
+                .join(".cache/amicus/venv/bin/python")
+        });
+    p.is_file().then_some(p)
+}
