@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what amicus needs to build and test, idempotently:
+# Installs what amicus needs, idempotently:
 # - the wasm32-wasip2 Rust target (trains are WebAssembly components);
+# and with --test, what the test suite needs besides:
 # - dicom3tools (Debian: dciodvfy validates the synthetic DICOM in the tests);
 # - pydicom, numpy and rdflib in a venv at ~/.cache/amicus/venv (independent readers of the
 #   DICOM and the PROV-O the tests check).
@@ -21,9 +22,11 @@ else
   echo "setup: rustup not found; make sure the wasm32-wasip2 target is installed" >&2
 fi
 
+[ "${1:-}" = "--test" ] || exit 0
+
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 if ! command -v dciodvfy >/dev/null; then
   echo "setup: installing dicom3tools (dciodvfy)"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dicom3tools >/dev/null
 fi
@@ -31,6 +34,11 @@ fi
 VENV="${HOME}/.cache/amicus/venv"
 if ! "$VENV/bin/python" -c "import pydicom, numpy, rdflib" 2>/dev/null; then
   echo "setup: creating $VENV with pydicom, numpy and rdflib"
-  python3 -m venv "$VENV"
+  if ! python3 -m venv "$VENV" 2>/dev/null; then
+    # Debian's system Python keeps venv in a separate package.
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$VENV"
+  fi
   "$VENV/bin/pip" install -q --disable-pip-version-check "pydicom==3.*" "numpy<3" "rdflib==7.*"
 fi

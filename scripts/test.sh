@@ -3,5 +3,5 @@
 # Tests build on release profile: wasmtime's compiler is ~10x slower as a debug build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 cargo test --release --workspace

@@ -201,8 +201,9 @@ impl Sandbox {
             let engine = self.engine.clone();
             let stop = stop.clone();
             std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(TICK);
+                // park_timeout, not sleep: the run's end unparks the ticker so it exits at once.
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::park_timeout(TICK);
                     engine.increment_epoch();
                 }
             })
@@ -213,7 +214,8 @@ impl Sandbox {
                 .map_err(|e| Err(SandboxError::NotATrain(format!("{e:#}"))))?;
             train.call_run(&mut store, &req.params).map_err(Ok)
         })();
-        stop.store(true, Ordering::Relaxed);
+        stop.store(true, Ordering::Release);
+        ticker.thread().unpark();
         let _ = ticker.join();
         let wall = started.elapsed();
 
