@@ -591,3 +591,42 @@ assert [str(r[0]) for r in refusals] == ["signatures"], refusals
     let out = fails(&["audit", "export", "--dir", s(&f.station())]);
     assert!(out.stderr.contains("does not verify"), "{}", out.text());
 }
+
+#[test]
+fn a_run_interrupted_by_a_crash_is_recovered_and_audited() {
+    let f = Fixture::new();
+    let b = f.ready("cohort-stats");
+    // What a station killed mid-run leaves: a partial run directory the log never saw finish.
+    let id = "20990101T000000Z-deadbeef";
+    let partial = f.station().join("runs").join(format!(".partial-{id}"));
+    std::fs::create_dir_all(partial.join("outputs")).unwrap();
+    std::fs::write(partial.join("outputs/summary.json"), b"{}").unwrap();
+    assert!(f.run(&b, None).ok);
+    let recovered = f.station().join("runs").join(id);
+    assert!(recovered.join("RECOVERED.txt").is_file());
+    assert!(
+        recovered.join("outputs/summary.json").is_file(),
+        "files are never deleted"
+    );
+    assert!(!partial.exists());
+    let e = f
+        .events()
+        .into_iter()
+        .find(|e| e["event"] == "run-finished" && e["run_id"] == id)
+        .expect("the interrupted run is audited");
+    assert_eq!(e["outcome"], "interrupted");
+    assert_eq!(e["outputs_released"], 0);
+    f.audit_verifies();
+}
+
+#[test]
+fn an_oversized_bundle_is_refused_and_audited_without_reading_it_into_memory() {
+    let f = Fixture::new();
+    let big = f.path("huge.train");
+    let file = std::fs::File::create(&big).unwrap();
+    file.set_len((1 << 30) + 1).unwrap(); // sparse: costs no disk
+    drop(file);
+    let out = f.run(&big, None);
+    assert_refused(&f, &out, "bundle", "larger than 1073741824 bytes");
+    assert!(f.last_event("train-refused")["bundle_sha256"].is_string());
+}

@@ -232,6 +232,64 @@ impl Station {
         Ok(true)
     }
 
+    /// Finish what a station that stopped mid-run left in `runs/.partial-<id>/`: the directory is
+    /// moved to `runs/<id>/` (with a note), and a run the log never saw finish gets a
+    /// `run-finished` entry with outcome `interrupted`. Outputs stay exactly as audited: files are
+    /// never deleted, and the log says which were released.
+    pub fn recover_interrupted_runs(&self, audit: &AuditLog) -> Result<usize, StationError> {
+        let runs = self.dir.join(RUNS_DIR);
+        let Ok(entries) = std::fs::read_dir(&runs) else {
+            return Ok(0);
+        };
+        let partial: Vec<(String, PathBuf)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let id = name.strip_prefix(".partial-")?;
+                // Run ids are the station's own (time-random); ignore anything else.
+                let plain =
+                    !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                plain.then(|| (id.to_string(), e.path()))
+            })
+            .collect();
+        if partial.is_empty() {
+            return Ok(0);
+        }
+        let log = crate::audit::read_entries(&self.dir)?;
+        let finished = |id: &str| {
+            log.iter()
+                .any(|e| e.entry["event"] == "run-finished" && e.entry["run_id"] == id)
+        };
+        let released = |id: &str| {
+            log.iter()
+                .filter(|e| e.entry["event"] == "output-released" && e.entry["run_id"] == id)
+                .count() as u64
+        };
+        for (id, path) in &partial {
+            if !finished(id) {
+                audit.append(Event::RunFinished {
+                    run_id: id.clone(),
+                    outcome: "interrupted".into(),
+                    reason: Some("the station stopped during the run".into()),
+                    fuel_used: 0,
+                    peak_memory_bytes: 0,
+                    wall_us: 0,
+                    outputs_released: released(id),
+                })?;
+            }
+            let note = path.join("RECOVERED.txt");
+            std::fs::write(
+                &note,
+                "This run's directory was completed after the station stopped during the run.\n\
+                 The audit log says which outputs were released.\n",
+            )
+            .map_err(io(&note))?;
+            let final_dir = runs.join(id);
+            std::fs::rename(path, &final_dir).map_err(io(&final_dir))?;
+        }
+        Ok(partial.len())
+    }
+
     /// Verify, admit and run the bundle at `bundle_path`. Outputs are written to
     /// `runs/<run-id>/outputs/` only if the run succeeds.
     pub fn run(
@@ -241,7 +299,26 @@ impl Station {
         progress: ProgressSink,
     ) -> Result<RunRecord, StationError> {
         let audit = self.audit()?;
-        let raw = read_capped(bundle_path, amicus_bundle::bundle::MAX_BUNDLE_BYTES)?;
+        self.recover_interrupted_runs(&audit)?;
+        let raw = match read_capped(bundle_path, amicus_bundle::bundle::MAX_BUNDLE_BYTES)? {
+            Ok(raw) => raw,
+            Err(file_sha256) => {
+                let refusal = Refusal::new(
+                    "bundle",
+                    format!(
+                        "bundle file is larger than {} bytes",
+                        amicus_bundle::bundle::MAX_BUNDLE_BYTES
+                    ),
+                );
+                audit.append(Event::TrainRefused {
+                    digest: None,
+                    bundle_sha256: file_sha256,
+                    stage: refusal.stage.clone(),
+                    reason: refusal.reason.clone(),
+                })?;
+                return Err(StationError::Refused(refusal));
+            }
+        };
         let bundle_sha256 = sha256(&raw);
         let bundle_bytes = raw.len() as u64;
         let refuse = |digest: Option<Digest>, refusal: Refusal| -> StationError {
@@ -474,15 +551,31 @@ fn new_run_id() -> String {
     format!("{stamp}-{}", hex::encode(r))
 }
 
-fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, StationError> {
-    let f = std::fs::File::open(path).map_err(io(path))?;
-    let mut data = Vec::new();
-    f.take(cap + 1).read_to_end(&mut data).map_err(io(path))?;
-    if data.len() as u64 > cap {
-        return Err(StationError::Refused(Refusal::new(
-            "bundle",
-            format!("bundle file is larger than {cap} bytes"),
-        )));
+/// The file's bytes, or — when it is larger than `cap` — its SHA-256 (streamed, for the audit
+/// entry of the refusal).
+fn read_capped(path: &Path, cap: u64) -> Result<Result<Vec<u8>, Digest>, StationError> {
+    use sha2::Digest as _;
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut h = sha2::Sha256::new();
+    let declared = f.metadata().map_err(io(path))?.len();
+    if declared <= cap {
+        let mut data = Vec::with_capacity(declared as usize);
+        (&mut f)
+            .take(cap + 1)
+            .read_to_end(&mut data)
+            .map_err(io(path))?;
+        if data.len() as u64 <= cap {
+            return Ok(Ok(data));
+        }
+        h.update(&data); // the file grew while being read
     }
-    Ok(data)
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Err(Digest(h.finalize().into())))
 }
