@@ -5,7 +5,6 @@ use dicom_core::value::{DataSetSequence, PrimitiveValue};
 use dicom_core::{DataElement, Tag, VR};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
-use sha2::{Digest, Sha256};
 use std::path::Path;
 
 /// Implementation Class UID of amicus-synth (under the UUID-derived 2.25 root).
@@ -14,14 +13,7 @@ pub const IMPLEMENTATION_VERSION: &str = "AMICUS_SYNTH_01";
 
 /// A UID under the 2.25 root (ISO/IEC 9834-8), derived from a seed and labels.
 pub fn uid(seed: u64, labels: &[&str]) -> String {
-    let mut h = Sha256::new();
-    h.update(b"amicus-synth-uid");
-    h.update(seed.to_le_bytes());
-    for l in labels {
-        h.update((l.len() as u64).to_le_bytes());
-        h.update(l.as_bytes());
-    }
-    let d = h.finalize();
+    let d = crate::rng::labelled_hash(b"amicus-synth-uid", seed, labels);
     let mut b = [0u8; 16];
     b.copy_from_slice(&d[..16]);
     // A version-4-like value: 122 bits of hash, never starting with a zero digit.

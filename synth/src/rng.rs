@@ -3,6 +3,19 @@
 
 use sha2::{Digest, Sha256};
 
+/// SHA-256 over `domain`, the seed and length-prefixed labels: the one way this crate derives
+/// anything (random streams, UIDs) from a seed, so different labels never collide.
+pub fn labelled_hash(domain: &[u8], seed: u64, labels: &[&str]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(domain);
+    h.update(seed.to_le_bytes());
+    for l in labels {
+        h.update((l.len() as u64).to_le_bytes());
+        h.update(l.as_bytes());
+    }
+    h.finalize().into()
+}
+
 #[derive(Debug, Clone)]
 pub struct Rng {
     s: [u64; 4],
@@ -11,13 +24,7 @@ pub struct Rng {
 impl Rng {
     /// A generator for one purpose: the labels keep streams for different purposes apart.
     pub fn new(seed: u64, labels: &[&str]) -> Rng {
-        let mut h = Sha256::new();
-        h.update(seed.to_le_bytes());
-        for l in labels {
-            h.update((l.len() as u64).to_le_bytes());
-            h.update(l.as_bytes());
-        }
-        let d = h.finalize();
+        let d = labelled_hash(b"", seed, labels);
         let mut s = [0u64; 4];
         for (i, w) in s.iter_mut().enumerate() {
             *w = u64::from_le_bytes(d[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
