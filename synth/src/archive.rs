@@ -129,10 +129,11 @@ pub fn write_patient(
     let ct_series_uid = uid(seed, &[site, &label, "ct-series"]);
     let slices = write_ct(&dir.join("ct"), &study, &phantom, &ct_series_uid, &label)?;
     let rtstruct_series_uid = uid(seed, &[site, &label, "rtstruct-series"]);
+    let rois = rois(&phantom, &slices);
     write_rtstruct(
         &dir.join("rtstruct.dcm"),
         &study,
-        &phantom,
+        &rois,
         &ct_series_uid,
         &rtstruct_series_uid,
         &slices,
@@ -142,7 +143,7 @@ pub fn write_patient(
     crate::seg::write_seg(
         &dir.join("seg.dcm"),
         &study,
-        &phantom,
+        &rois,
         &ct_series_uid,
         &seg_series_uid,
         &slices,
@@ -355,14 +356,12 @@ pub(crate) fn rois(phantom: &Phantom, slices: &[Slice]) -> Vec<Roi> {
 fn write_rtstruct(
     path: &Path,
     st: &Study,
-    phantom: &Phantom,
+    rois: &[Roi],
     ct_series_uid: &str,
     series_uid: &str,
     slices: &[Slice],
     label: &str,
 ) -> Result<(), String> {
-    let rois = rois(phantom, slices);
-
     let sop_uid = uid(st.seed, &[st.site, label, "rtstruct"]);
     let mut obj = Obj::new_empty();
     st.common(&mut obj, "RTSTRUCT", series_uid, 3);

@@ -2,9 +2,8 @@
 //! segment is present), referencing the CT through the Derivation Image and Common Instance
 //! Reference modules, on the CT's grid so a mask voxel is exactly a CT voxel.
 
-use crate::archive::{Roi, Slice, Study, image_ref, rois};
+use crate::archive::{Roi, Slice, Study, image_ref};
 use crate::dicom::{Obj, ds, ds_list, put_pixel_module, put_seq, put_str, put_u16, uid, write};
-use crate::phantom::Phantom;
 use dicom_core::value::PrimitiveValue;
 use dicom_core::{DataElement, VR, dicom_value};
 use dicom_dictionary_std::{tags, uids};
@@ -63,7 +62,7 @@ fn segment_item(number: u16, roi: &Roi) -> Obj {
 pub(crate) fn write_seg(
     path: &Path,
     st: &Study,
-    phantom: &Phantom,
+    rois: &[Roi],
     ct_series_uid: &str,
     series_uid: &str,
     slices: &[Slice],
@@ -72,7 +71,6 @@ pub(crate) fn write_seg(
     let p = st.profile;
     let n = p.rows as usize;
     let dx = p.pixel_spacing_mm();
-    let rois = rois(phantom, slices);
     let sop_uid = uid(st.seed, &[st.site, label, "seg"]);
     let dim_uid = uid(st.seed, &[st.site, label, "seg-dimensions"]);
 
