@@ -1,0 +1,403 @@
+//! Guarded SPARQL over the index: what trains may ask (`select`, `tally`) and what the data
+//! owner may ask (`owner_query`).
+//!
+//! Owns the checks between a query text and the store: length limit, SPARQL updates and
+//! SERVICE refused before evaluation, SELECT only for trains, a wall-clock limit enforced by
+//! cancellation, a row limit, and the minimum cohort: every row of a train's result must be
+//! attributable to patients (through the patient, study or series IRIs it holds) and the whole
+//! result must cover at least the station's minimum number of distinct patients. `tally`
+//! counts distinct patients per cell and suppresses small cells on the station. Never writes.
+
+use crate::graph::Index;
+use oxigraph::model::Term;
+use oxigraph::sparql::{CancellationToken, QueryResults, SparqlEvaluator};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// The station's limits on one query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryLimits {
+    pub max_query_bytes: usize,
+    pub max_rows: usize,
+    pub timeout: Duration,
+    /// Smallest number of distinct patients a train's result may cover.
+    pub min_patients: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("the query is {len} bytes; the station allows at most {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("SPARQL updates are not allowed: the index is read-only")]
+    Update,
+    #[error("not a valid SPARQL query: {0}")]
+    Syntax(String),
+    #[error("only SELECT queries are allowed here, not {0}")]
+    NotSelect(&'static str),
+    #[error("SERVICE (federated query) is not allowed: queries stay inside the station")]
+    Service,
+    #[error("the result has more than {0} rows (station limit)")]
+    TooManyRows(usize),
+    #[error("the query ran longer than {0} ms (station limit)")]
+    Timeout(u128),
+    #[error(
+        "row {0} cannot be attributed to a patient: select the series, study or patient IRIs \
+         the rows are about, so the station can check the minimum cohort"
+    )]
+    NotAttributable(usize),
+    #[error("the result covers fewer distinct patients than the station's minimum cohort ({0})")]
+    BelowMinimum(u32),
+    #[error("query evaluation failed: {0}")]
+    Evaluation(String),
+}
+
+/// An RDF term as plain data.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Cell {
+    Iri {
+        value: String,
+    },
+    Literal {
+        value: String,
+        datatype: String,
+        language: Option<String>,
+    },
+    BlankNode {
+        value: String,
+    },
+}
+
+impl Cell {
+    fn of(term: &Term) -> Cell {
+        match term {
+            Term::NamedNode(n) => Cell::Iri {
+                value: n.as_str().to_string(),
+            },
+            Term::BlankNode(b) => Cell::BlankNode {
+                value: b.as_str().to_string(),
+            },
+            Term::Literal(l) => Cell::Literal {
+                value: l.value().to_string(),
+                datatype: l.datatype().as_str().to_string(),
+                language: l.language().map(str::to_string),
+            },
+        }
+    }
+
+    /// The lexical value (IRI, literal value or blank node label).
+    pub fn value(&self) -> &str {
+        match self {
+            Cell::Iri { value } | Cell::Literal { value, .. } | Cell::BlankNode { value } => value,
+        }
+    }
+}
+
+/// A train's SELECT result that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Solutions {
+    pub variables: Vec<String>,
+    pub rows: Vec<Vec<Option<Cell>>>,
+}
+
+/// Counts per cell, small cells suppressed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tally {
+    /// The key columns: projected variables never bound to a patient-attributable IRI.
+    pub columns: Vec<String>,
+    pub cells: Vec<TallyCell>,
+    /// Cells left out because they cover fewer patients than the minimum (keys not shown).
+    pub suppressed: u32,
+    pub min_patients: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TallyCell {
+    pub key: Vec<Option<String>>,
+    /// Distinct patients in the cell.
+    pub patients: u32,
+    /// Distinct attributable items in the cell (e.g. series, when the query selects series).
+    pub items: u32,
+}
+
+/// Parse and refuse what no one may run. Returns the parsed query.
+fn parse(sparql: &str, max_bytes: usize) -> Result<spargebra::Query, QueryError> {
+    if sparql.len() > max_bytes {
+        return Err(QueryError::TooLong {
+            len: sparql.len(),
+            max: max_bytes,
+        });
+    }
+    let query = match spargebra::SparqlParser::new().parse_query(sparql) {
+        Ok(q) => q,
+        Err(e) => {
+            if spargebra::SparqlParser::new().parse_update(sparql).is_ok() {
+                return Err(QueryError::Update);
+            }
+            return Err(QueryError::Syntax(e.to_string().replace('\n', " ")));
+        }
+    };
+    // SERVICE may hide anywhere (also inside EXISTS); the S-expression form names every one.
+    // A string literal containing "(service " is refused too: safe, and unlikely.
+    if query.to_sse().contains("(service ") {
+        return Err(QueryError::Service);
+    }
+    Ok(query)
+}
+
+fn kind(query: &spargebra::Query) -> &'static str {
+    match query {
+        spargebra::Query::Select { .. } => "SELECT",
+        spargebra::Query::Construct { .. } => "CONSTRUCT",
+        spargebra::Query::Describe { .. } => "DESCRIBE",
+        spargebra::Query::Ask { .. } => "ASK",
+    }
+}
+
+/// Cancels the token when the deadline passes; stops when dropped.
+struct Watchdog {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(token: CancellationToken, timeout: Duration) -> Watchdog {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + timeout;
+            while !flag.load(std::sync::atomic::Ordering::Acquire) {
+                let now = Instant::now();
+                if now >= deadline {
+                    token.cancel();
+                    return;
+                }
+                std::thread::park_timeout(deadline - now);
+            }
+        });
+        Watchdog {
+            done,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// Evaluate a parsed query with the time limit; `each` sees results as they come.
+fn evaluate<T>(
+    index: &Index,
+    query: spargebra::Query,
+    timeout: Duration,
+    each: impl FnOnce(QueryResults<'_>) -> Result<T, QueryError>,
+) -> Result<T, QueryError> {
+    let token = CancellationToken::new();
+    let started = Instant::now();
+    let _watchdog = Watchdog::start(token.clone(), timeout);
+    let timed_out = |e: String| {
+        if token.is_cancelled() || started.elapsed() >= timeout {
+            QueryError::Timeout(timeout.as_millis())
+        } else {
+            QueryError::Evaluation(e)
+        }
+    };
+    // oxigraph is built without `http-client`: it has no SERVICE handler at all, so even a
+    // SERVICE that slipped past `parse` could not reach the network.
+    let results = SparqlEvaluator::new()
+        .with_cancellation_token(token.clone())
+        .for_query(query)
+        .on_store(&index.store)
+        .execute()
+        .map_err(|e| timed_out(e.to_string()))?;
+    match each(results) {
+        Err(QueryError::Evaluation(e)) => Err(timed_out(e)),
+        other => other,
+    }
+}
+
+/// Run a train's SELECT and collect at most `max_rows` rows.
+fn select_rows(index: &Index, sparql: &str, limits: &QueryLimits) -> Result<Solutions, QueryError> {
+    let query = parse(sparql, limits.max_query_bytes)?;
+    if !matches!(query, spargebra::Query::Select { .. }) {
+        return Err(QueryError::NotSelect(kind(&query)));
+    }
+    evaluate(index, query, limits.timeout, |results| {
+        let QueryResults::Solutions(solutions) = results else {
+            return Err(QueryError::NotSelect("a non-SELECT form"));
+        };
+        let variables: Vec<String> = solutions
+            .variables()
+            .iter()
+            .map(|v| v.as_str().to_string())
+            .collect();
+        let mut rows = Vec::new();
+        for solution in solutions {
+            let solution = solution.map_err(|e| QueryError::Evaluation(e.to_string()))?;
+            if rows.len() == limits.max_rows {
+                return Err(QueryError::TooManyRows(limits.max_rows));
+            }
+            rows.push(
+                solution
+                    .values()
+                    .iter()
+                    .map(|t| t.as_ref().map(Cell::of))
+                    .collect(),
+            );
+        }
+        Ok(Solutions { variables, rows })
+    })
+}
+
+fn row_patients(index: &Index, row: &[Option<Cell>]) -> BTreeSet<u32> {
+    row.iter()
+        .flatten()
+        .filter_map(|c| match c {
+            Cell::Iri { value } => index.patient_of(value),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A train's SELECT: every check, including the minimum cohort over the whole result.
+pub fn select(index: &Index, sparql: &str, limits: &QueryLimits) -> Result<Solutions, QueryError> {
+    let solutions = select_rows(index, sparql, limits)?;
+    let mut patients = BTreeSet::new();
+    for (i, row) in solutions.rows.iter().enumerate() {
+        let these = row_patients(index, row);
+        if these.is_empty() {
+            return Err(QueryError::NotAttributable(i + 1));
+        }
+        patients.extend(these);
+    }
+    if (patients.len() as u64) < u64::from(limits.min_patients) {
+        return Err(QueryError::BelowMinimum(limits.min_patients));
+    }
+    Ok(solutions)
+}
+
+/// A train's counting query: rows grouped by their non-attributable values, distinct
+/// patients counted per group, groups under the minimum cohort suppressed (key hidden too).
+pub fn tally(index: &Index, sparql: &str, limits: &QueryLimits) -> Result<Tally, QueryError> {
+    let solutions = select_rows(index, sparql, limits)?;
+    let n = solutions.variables.len();
+    // A column is an item column if any row binds it to an attributable IRI.
+    let mut item_column = vec![false; n];
+    for row in &solutions.rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(Cell::Iri { value }) = cell
+                && index.patient_of(value).is_some()
+            {
+                item_column[i] = true;
+            }
+        }
+    }
+    type Group = (BTreeSet<u32>, BTreeSet<Vec<Option<Cell>>>);
+    let mut groups: BTreeMap<Vec<Option<String>>, Group> = BTreeMap::new();
+    for (r, row) in solutions.rows.iter().enumerate() {
+        let patients = row_patients(index, row);
+        if patients.is_empty() {
+            return Err(QueryError::NotAttributable(r + 1));
+        }
+        let key = (0..n)
+            .filter(|i| !item_column[*i])
+            .map(|i| row[i].as_ref().map(|c| c.value().to_string()))
+            .collect();
+        let item = (0..n)
+            .filter(|i| item_column[*i])
+            .map(|i| row[i].clone())
+            .collect();
+        let group = groups.entry(key).or_default();
+        group.0.extend(patients);
+        group.1.insert(item);
+    }
+    let mut cells = Vec::new();
+    let mut suppressed = 0;
+    for (key, (patients, items)) in groups {
+        if (patients.len() as u64) < u64::from(limits.min_patients) {
+            suppressed += 1;
+        } else {
+            cells.push(TallyCell {
+                key,
+                patients: patients.len() as u32,
+                items: items.len() as u32,
+            });
+        }
+    }
+    Ok(Tally {
+        columns: (0..n)
+            .filter(|i| !item_column[*i])
+            .map(|i| solutions.variables[i].clone())
+            .collect(),
+        cells,
+        suppressed,
+        min_patients: limits.min_patients,
+    })
+}
+
+/// How the data owner wants results printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerFormat {
+    /// SPARQL 1.1 Query Results JSON (SELECT/ASK) or N-Triples (CONSTRUCT/DESCRIBE).
+    Json,
+    /// Tab-separated values (SELECT), `true`/`false` (ASK), N-Triples (CONSTRUCT/DESCRIBE).
+    Text,
+}
+
+/// The data owner's read-only query: any query form, no SERVICE, no updates, time-limited,
+/// no row limit and no minimum cohort (it is the owner's own data, it stays on the station).
+pub fn owner_query(
+    index: &Index,
+    sparql: &str,
+    timeout: Duration,
+    format: OwnerFormat,
+) -> Result<Vec<u8>, QueryError> {
+    use oxigraph::io::{RdfFormat, RdfSerializer};
+    use oxigraph::sparql::results::{QueryResultsFormat, QueryResultsSerializer};
+    let query = parse(sparql, 1 << 20)?;
+    let io = |e: std::io::Error| QueryError::Evaluation(e.to_string());
+    evaluate(index, query, timeout, |results| {
+        let mut out = Vec::new();
+        let results_format = match format {
+            OwnerFormat::Json => QueryResultsFormat::Json,
+            OwnerFormat::Text => QueryResultsFormat::Tsv,
+        };
+        match results {
+            QueryResults::Solutions(solutions) => {
+                let mut w = QueryResultsSerializer::from_format(results_format)
+                    .serialize_solutions_to_writer(&mut out, solutions.variables().to_vec())
+                    .map_err(io)?;
+                for solution in solutions {
+                    let solution = solution.map_err(|e| QueryError::Evaluation(e.to_string()))?;
+                    w.serialize(solution.iter()).map_err(io)?;
+                }
+                w.finish().map_err(io)?;
+            }
+            QueryResults::Boolean(b) => match format {
+                OwnerFormat::Json => {
+                    QueryResultsSerializer::from_format(results_format)
+                        .serialize_boolean_to_writer(&mut out, b)
+                        .map_err(io)?;
+                }
+                OwnerFormat::Text => out.extend_from_slice(if b { b"true\n" } else { b"false\n" }),
+            },
+            QueryResults::Graph(triples) => {
+                let mut w = RdfSerializer::from_format(RdfFormat::NTriples).for_writer(&mut out);
+                for t in triples {
+                    let t = t.map_err(|e| QueryError::Evaluation(e.to_string()))?;
+                    w.serialize_triple(&t).map_err(io)?;
+                }
+                w.finish().map_err(io)?;
+            }
+        }
+        Ok(out)
+    })
+}

@@ -1,0 +1,447 @@
+//! The index against real synthetic archives: scan, graph, incremental re-scan, quarantine,
+//! pseudonymisation, guarded queries and the catalog.
+
+use amicus_index::query::{self, OwnerFormat, QueryError, QueryLimits};
+use amicus_index::{CatalogInfo, Index, catalog_turtle, scan};
+use dicom_dictionary_std::tags;
+use std::path::Path;
+use std::time::Duration;
+
+fn synth(dir: &Path, patients: usize, profile: &str, seed: u64) -> amicus_synth::Summary {
+    amicus_synth::generate(dir, "Test Hospital", patients, seed, profile, |_, _| {}).unwrap()
+}
+
+fn owner(index: &Index, q: &str) -> String {
+    let out = query::owner_query(index, q, Duration::from_secs(10), OwnerFormat::Text).unwrap();
+    String::from_utf8(out).unwrap()
+}
+
+const PREFIX: &str = "PREFIX ldcm: <https://johanvansoest.nl/ontologies/LinkedDicom/>\n";
+
+fn limits(min_patients: u32) -> QueryLimits {
+    QueryLimits {
+        max_query_bytes: 4096,
+        max_rows: 10_000,
+        timeout: Duration::from_secs(10),
+        min_patients,
+    }
+}
+
+#[test]
+fn synthetic_archive_is_indexed_with_references_and_rois() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("archive");
+    let summary = synth(&archive, 3, "academic", 7);
+    let index_dir = tmp.path().join("index");
+    let mut files = 0;
+    let report = scan(&archive, &index_dir, |p| {
+        if let amicus_index::Progress::File(_) = p {
+            files += 1
+        }
+    })
+    .unwrap();
+    // ground-truth.json is not DICOM: quarantined with a reason, not fatal.
+    assert_eq!(report.quarantined.len(), 1, "{:?}", report.quarantined);
+    assert_eq!(report.quarantined[0].path, "ground-truth.json");
+    assert!(
+        report.quarantined[0].reason.contains("not a DICOM file"),
+        "{}",
+        report.quarantined[0].reason
+    );
+    assert_eq!(report.indexed as usize, summary.files());
+    assert_eq!(files, summary.files() + 1);
+    assert_eq!(report.counts.patients, 3);
+    assert_eq!(report.counts.studies, 3);
+    assert_eq!(report.counts.series, 9);
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+
+    let index = amicus_index::Index::load(&index_dir.join("graph.nq")).unwrap();
+    assert_eq!(index.patients(), 3);
+    for p in &summary.patients {
+        // RTSTRUCT and SEG reference their CT series, found by a join.
+        let q = format!(
+            "{PREFIX}SELECT ?kind WHERE {{ ?x ldcm:R0020000E <urn:oid:{}> ; ldcm:T00080060 ?kind }} ORDER BY ?kind",
+            p.ct_series_uid
+        );
+        assert_eq!(owner(&index, &q), "?kind\n\"RTSTRUCT\"\n\"SEG\"\n");
+        let q = format!(
+            "{PREFIX}SELECT ?roi WHERE {{ <urn:oid:{}> ldcm:T30060026 ?roi }} ORDER BY ?roi",
+            p.rtstruct_series_uid
+        );
+        let rois = owner(&index, &q);
+        for organ in ["Lung_L", "Lung_R"] {
+            assert!(rois.contains(organ), "{rois}");
+        }
+        assert_eq!(
+            rois.matches("GTV-").count(),
+            p.phantom.lesions.len(),
+            "{rois}"
+        );
+        let q = format!(
+            "{PREFIX}SELECT ?n ?t ?rows WHERE {{ <urn:oid:{}> ldcm:T00201209 ?n ; ldcm:T00180050 ?t ; ldcm:T00280010 ?rows }}",
+            p.ct_series_uid
+        );
+        let row = owner(&index, &q);
+        let fields: Vec<&str> = row.lines().nth(1).unwrap().split('\t').collect();
+        assert_eq!(fields[0], p.slices.to_string());
+        assert!(
+            fields[1].contains(&p.slice_thickness_mm.to_string()),
+            "{row}"
+        );
+        assert_eq!(fields[2], p.rows.to_string());
+    }
+}
+
+#[test]
+fn rescan_is_incremental_idempotent_and_quarantines_bad_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("archive");
+    let summary = synth(&archive, 2, "community", 11);
+    let index_dir = tmp.path().join("index");
+    let first = scan(&archive, &index_dir, |_| {}).unwrap();
+    let again = scan(&archive, &index_dir, |_| {}).unwrap();
+    assert_eq!(again.new + again.changed + again.removed, 0);
+    assert_eq!(again.unchanged, first.files_seen);
+    assert_eq!(
+        again.graph_sha256, first.graph_sha256,
+        "re-indexing changed the graph"
+    );
+
+    // Remove one CT slice, truncate another, add junk, a duplicate, and a raw dataset.
+    let ct = archive.join(&summary.patients[0].folder).join("ct");
+    let mut slices: Vec<_> = std::fs::read_dir(&ct)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    slices.sort();
+    std::fs::remove_file(&slices[0]).unwrap();
+    let bytes = std::fs::read(&slices[1]).unwrap();
+    std::fs::write(&slices[1], &bytes[..700]).unwrap();
+    std::fs::write(archive.join("notes.txt"), "not dicom").unwrap();
+    std::fs::copy(&slices[2], archive.join("copy.dcm")).unwrap();
+    std::fs::write(archive.join("empty.dcm"), b"").unwrap();
+
+    let third = scan(&archive, &index_dir, |_| {}).unwrap();
+    assert_eq!(third.removed, 1);
+    assert_eq!(third.changed, 1);
+    assert_eq!(third.new, 3);
+    let reasons: std::collections::BTreeMap<_, _> = third
+        .quarantined
+        .iter()
+        .map(|q| (q.path.as_str(), q.reason.as_str()))
+        .collect();
+    assert!(
+        reasons["notes.txt"].contains("not a DICOM file"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons["empty.dcm"].contains("not a DICOM file"),
+        "{reasons:?}"
+    );
+    // Of two files with one SOP instance, the first path in sorted order counts.
+    let original = slices[2]
+        .strip_prefix(&archive)
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    assert!(
+        reasons[original.as_str()].contains("duplicate SOP instance of copy.dcm"),
+        "{reasons:?}"
+    );
+    assert!(!reasons.contains_key("copy.dcm"));
+    let truncated = slices[1]
+        .strip_prefix(&archive)
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    assert!(
+        reasons[truncated.as_str()].contains("unreadable DICOM"),
+        "{reasons:?}"
+    );
+    assert_eq!(third.indexed, first.indexed - 2);
+
+    let index = amicus_index::Index::load(&index_dir.join("graph.nq")).unwrap();
+    let q = format!(
+        "{PREFIX}SELECT ?n WHERE {{ <urn:oid:{}> ldcm:T00201209 ?n }}",
+        summary.patients[0].ct_series_uid
+    );
+    assert_eq!(
+        owner(&index, &q),
+        format!("?n\n{}\n", summary.patients[0].slices - 2)
+    );
+
+    // Restoring the files brings the graph back to the first one, byte for byte.
+    std::fs::remove_file(archive.join("copy.dcm")).unwrap();
+    std::fs::remove_file(archive.join("notes.txt")).unwrap();
+    std::fs::remove_file(archive.join("empty.dcm")).unwrap();
+    std::fs::write(&slices[1], &bytes).unwrap();
+    std::fs::copy(&slices[2], &slices[0]).unwrap();
+    std::fs::remove_file(&slices[0]).unwrap();
+    let fourth = scan(&archive, &index_dir, |_| {}).unwrap();
+    assert_eq!(fourth.removed, 3);
+    assert_eq!(fourth.indexed, first.indexed - 1);
+}
+
+/// Every direct identifier written by synth, read back from the files themselves.
+fn identifiers(archive: &Path) -> Vec<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for path in amicus_synth::archive::dicom_files(archive) {
+        let obj = dicom_object::open_file(&path).unwrap();
+        for tag in [
+            tags::PATIENT_NAME,
+            tags::PATIENT_ID,
+            tags::PATIENT_BIRTH_DATE,
+            tags::PATIENT_ADDRESS,
+            tags::PATIENT_TELEPHONE_NUMBERS,
+            tags::STUDY_DATE,
+            tags::ACCESSION_NUMBER,
+            tags::REFERRING_PHYSICIAN_NAME,
+            tags::OPERATORS_NAME,
+        ] {
+            if let Some(v) = obj.get(tag).and_then(|e| e.to_str().ok()) {
+                let v = v.trim().to_string();
+                if v.len() >= 4 {
+                    out.insert(v.clone());
+                    // Name parts on their own, too.
+                    out.extend(v.split('^').filter(|p| p.len() >= 4).map(str::to_string));
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+#[test]
+fn no_direct_identifier_reaches_the_index_or_catalog() {
+    let tmp = tempfile::tempdir().unwrap();
+    let index_dir = tmp.path().join("index");
+    let mut ids = Vec::new();
+    for (i, profile) in ["academic", "community", "legacy"].into_iter().enumerate() {
+        let archive = tmp.path().join(profile);
+        synth(&archive, 2, profile, 100 + i as u64);
+        ids.extend(identifiers(&archive));
+    }
+    assert!(ids.len() >= 12, "{ids:?}");
+    let mut everything = Vec::new();
+    for profile in ["academic", "community", "legacy"] {
+        let report = scan(&tmp.path().join(profile), &index_dir, |_| {}).unwrap();
+        assert_eq!(report.counts.patients, 2);
+        for name in ["graph.nq", "files.jsonl", "report.json"] {
+            everything.extend(std::fs::read(index_dir.join(name)).unwrap());
+        }
+        let index = Index::load(&index_dir.join("graph.nq")).unwrap();
+        let info = CatalogInfo {
+            base: "urn:amicus:station:test",
+            title: "Test",
+            publisher: "Test Hospital",
+            license: "https://creativecommons.org/publicdomain/zero/1.0/",
+            min_patients: 1,
+        };
+        everything.extend(
+            catalog_turtle(&index, &info, Some(&report))
+                .unwrap()
+                .into_bytes(),
+        );
+    }
+    let text = String::from_utf8_lossy(&everything);
+    for id in &ids {
+        assert!(
+            !text.contains(id.as_str()),
+            "identifier {id:?} leaked into the index"
+        );
+    }
+}
+
+#[test]
+fn train_queries_are_guarded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("archive");
+    synth(&archive, 4, "academic", 3);
+    let index_dir = tmp.path().join("index");
+    scan(&archive, &index_dir, |_| {}).unwrap();
+    let index = Index::load(&index_dir.join("graph.nq")).unwrap();
+    let ct =
+        format!("{PREFIX}SELECT ?s ?t WHERE {{ ?s ldcm:T00080060 \"CT\" ; ldcm:T00180050 ?t }}");
+
+    let ok = query::select(&index, &ct, &limits(4)).unwrap();
+    assert_eq!(ok.rows.len(), 4);
+    assert_eq!(ok.variables, ["s", "t"]);
+    assert_eq!(
+        query::select(&index, &ct, &limits(5)).unwrap_err(),
+        QueryError::BelowMinimum(5)
+    );
+    let one = format!("{PREFIX}SELECT ?s WHERE {{ ?s ldcm:T00080060 \"CT\" }} LIMIT 1");
+    assert_eq!(
+        query::select(&index, &one, &limits(2)).unwrap_err(),
+        QueryError::BelowMinimum(2)
+    );
+    let bare = format!("{PREFIX}SELECT DISTINCT ?m WHERE {{ ?s ldcm:T00080060 ?m }}");
+    assert_eq!(
+        query::select(&index, &bare, &limits(1)).unwrap_err(),
+        QueryError::NotAttributable(1)
+    );
+    let mut few_rows = limits(1);
+    few_rows.max_rows = 3;
+    assert_eq!(
+        query::select(&index, &ct, &few_rows).unwrap_err(),
+        QueryError::TooManyRows(3)
+    );
+
+    let update = format!("{PREFIX}INSERT DATA {{ <urn:x> <urn:y> <urn:z> }}");
+    assert_eq!(
+        query::select(&index, &update, &limits(1)).unwrap_err(),
+        QueryError::Update
+    );
+    let delete = "DELETE WHERE { ?s ?p ?o }";
+    assert_eq!(
+        query::select(&index, delete, &limits(1)).unwrap_err(),
+        QueryError::Update
+    );
+    let service = "SELECT * WHERE { SERVICE <http://127.0.0.1:9/sparql> { ?s ?p ?o } }";
+    assert_eq!(
+        query::select(&index, service, &limits(1)).unwrap_err(),
+        QueryError::Service
+    );
+    let nested =
+        "SELECT * WHERE { ?s ?p ?o FILTER EXISTS { SERVICE SILENT <urn:x> { ?s ?p ?o } } }";
+    assert_eq!(
+        query::select(&index, nested, &limits(1)).unwrap_err(),
+        QueryError::Service
+    );
+    let construct = "CONSTRUCT { ?s ?p ?o } WHERE { ?s ?p ?o }";
+    assert_eq!(
+        query::select(&index, construct, &limits(1)).unwrap_err(),
+        QueryError::NotSelect("CONSTRUCT")
+    );
+    assert_eq!(
+        query::select(&index, "ASK {}", &limits(1)).unwrap_err(),
+        QueryError::NotSelect("ASK")
+    );
+    let long = format!("{ct}\n#{}", "x".repeat(5000));
+    assert!(matches!(
+        query::select(&index, &long, &limits(1)),
+        Err(QueryError::TooLong { .. })
+    ));
+    assert!(matches!(
+        query::select(&index, "SELEKT", &limits(1)),
+        Err(QueryError::Syntax(_))
+    ));
+
+    // A query that cannot finish in time is cancelled.
+    let mut quick = limits(1);
+    quick.timeout = Duration::from_millis(50);
+    quick.max_rows = usize::MAX;
+    let heavy = "SELECT (COUNT(*) AS ?n) WHERE { ?a ?b ?c . ?d ?e ?f . ?g ?h ?i . ?j ?k ?l }";
+    let started = std::time::Instant::now();
+    assert_eq!(
+        query::select(&index, heavy, &quick).unwrap_err(),
+        QueryError::Timeout(50)
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[test]
+fn tally_counts_patients_and_suppresses_small_cells() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("archive");
+    let summary = synth(&archive, 5, "academic", 21);
+    let index_dir = tmp.path().join("index");
+    scan(&archive, &index_dir, |_| {}).unwrap();
+    let index = Index::load(&index_dir.join("graph.nq")).unwrap();
+
+    let by_modality = format!("{PREFIX}SELECT ?s ?m WHERE {{ ?s ldcm:T00080060 ?m }}");
+    let t = query::tally(&index, &by_modality, &limits(5)).unwrap();
+    assert_eq!(t.columns, ["m"]);
+    let cells: Vec<(String, u32, u32)> = t
+        .cells
+        .iter()
+        .map(|c| (c.key[0].clone().unwrap(), c.patients, c.items))
+        .collect();
+    assert_eq!(
+        cells,
+        [
+            ("CT".into(), 5, 5),
+            ("RTSTRUCT".into(), 5, 5),
+            ("SEG".into(), 5, 5)
+        ]
+    );
+    assert_eq!(t.suppressed, 0);
+
+    // Lesion ROI names: each GTV-n holds fewer patients than the minimum of 5 unless all
+    // patients have that many lesions; the suppressed ones are counted, not shown.
+    let by_roi = format!("{PREFIX}SELECT ?s ?roi WHERE {{ ?s ldcm:T30060026 ?roi }}");
+    let t = query::tally(&index, &by_roi, &limits(5)).unwrap();
+    let with = |n: usize| {
+        summary
+            .patients
+            .iter()
+            .filter(|p| p.phantom.lesions.len() >= n)
+            .count() as u32
+    };
+    for n in 1..=3 {
+        let shown = t
+            .cells
+            .iter()
+            .find(|c| c.key[0].as_deref() == Some(&format!("GTV-{n}")));
+        if with(n) >= 5 {
+            assert_eq!(shown.unwrap().patients, with(n));
+        } else {
+            assert!(
+                shown.is_none(),
+                "GTV-{n} with {} patients was not suppressed",
+                with(n)
+            );
+        }
+    }
+    let expected_suppressed = (1..=3).filter(|n| with(*n) > 0 && with(*n) < 5).count() as u32;
+    assert_eq!(t.suppressed, expected_suppressed);
+    assert!(
+        t.cells
+            .iter()
+            .any(|c| c.key[0].as_deref() == Some("Lung_L") && c.patients == 5)
+    );
+
+    let bare = format!("{PREFIX}SELECT ?m WHERE {{ ?s ldcm:T00080060 ?m }}");
+    assert_eq!(
+        query::tally(&index, &bare, &limits(1)).unwrap_err(),
+        QueryError::NotAttributable(1)
+    );
+}
+
+#[test]
+fn catalog_is_turtle_with_rounded_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("archive");
+    synth(&archive, 6, "legacy", 5);
+    let index_dir = tmp.path().join("index");
+    let report = scan(&archive, &index_dir, |_| {}).unwrap();
+    let index = Index::load(&index_dir.join("graph.nq")).unwrap();
+    let info = |min| CatalogInfo {
+        base: "urn:amicus:station:abc",
+        title: "Legacy Hospital",
+        publisher: "Legacy Hospital IT",
+        license: "https://creativecommons.org/publicdomain/zero/1.0/",
+        min_patients: min,
+    };
+    let ttl = catalog_turtle(&index, &info(5), Some(&report)).unwrap();
+    // It parses as Turtle, and says what it should.
+    let store = oxigraph::store::Store::new().unwrap();
+    store
+        .load_from_reader(oxigraph::io::RdfFormat::Turtle, ttl.as_bytes())
+        .unwrap();
+    assert!(ttl.contains("dcat:Catalog"), "{ttl}");
+    assert!(
+        ttl.contains("healthdcatap:numberOfUniqueIndividuals \"10\"^^xsd:nonNegativeInteger"),
+        "{ttl}"
+    );
+    assert!(
+        ttl.contains("dct:license <https://creativecommons.org/publicdomain/zero/1.0/>"),
+        "{ttl}"
+    );
+    assert!(ttl.contains("prov:wasGeneratedBy"), "{ttl}");
+    assert!(!ttl.contains("urn:oid:"), "{ttl}");
+    // Above the number of patients, nothing is counted.
+    let ttl = catalog_turtle(&index, &info(7), Some(&report)).unwrap();
+    assert!(!ttl.contains("numberOfUniqueIndividuals"), "{ttl}");
+    assert!(!ttl.contains("dataset:imaging:CT"), "{ttl}");
+}
