@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The end-to-end demo on embedded defaults: a researcher builds and signs the cohort-stats
-# train, a hospital creates a station, its data owner trusts the researcher and approves the
-# train, the station runs it, and an auditor verifies the station's log.
+# The end-to-end demo on embedded defaults: a synthetic hospital archive is generated and
+# indexed into a station's FAIR index, a researcher builds and signs the cohort-stats train,
+# the data owner trusts the researcher and approves the train, the station runs it (counts
+# with small cells suppressed by the station), and an auditor verifies the station's log.
 # Everything lands in ./demo-out (removed and recreated on each run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,7 @@ cargo build --release --bin amicus
 A="$PWD/target/release/amicus"
 OUT="$PWD/demo-out"
 rm -rf "$OUT"
-mkdir -p "$OUT/archive"
+mkdir -p "$OUT"
 cd "$OUT"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -22,8 +23,16 @@ step "researcher: key pair and signed train bundle"
 "$A" train inspect cohort-stats.train
 "$A" train verify cohort-stats.train --trust alice.pub
 
-step "hospital: a station (deny by default)"
+step "hospital: a synthetic DICOM archive (CT + RTSTRUCT + SEG, fake identities)"
+"$A" synth --out archive --site "Demo Hospital" --patients 12 --seed 1 --profile academic
+
+step "hospital: a station (deny by default) and its FAIR index"
 "$A" station init --dir st1 --archive archive --name demo-hospital
+"$A" station index --dir st1
+"$A" station query --dir st1 'PREFIX ldcm: <https://johanvansoest.nl/ontologies/LinkedDicom/>
+SELECT ?modality (COUNT(?series) AS ?series_count) WHERE { ?series ldcm:T00080060 ?modality } GROUP BY ?modality'
+"$A" station catalog --dir st1 > catalog.ttl
+echo "public catalog (aggregate counts only): $OUT/catalog.ttl"
 step "the station refuses the train until its data owner trusts the signer and approves it"
 if "$A" station run --dir st1 cohort-stats.train; then
   echo "demo: the unapproved train ran; that must never happen" >&2
@@ -33,7 +42,7 @@ fi
 "$A" station approve --dir st1 cohort-stats.train
 
 step "station: verify, admit and run"
-echo '{"min_cell": 5}' > params.json
+echo '{"tables": ["modality", "body_part", "roi", "segment"]}' > params.json
 "$A" station run --dir st1 cohort-stats.train --params params.json
 
 step "auditor: the station's log"

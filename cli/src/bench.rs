@@ -103,6 +103,7 @@ fn start(bundle_path: &Path, iterations: usize, out: &Path) -> Result<()> {
                     log_cap: 1 << 20,
                     seed: [0; 32],
                     progress: Box::new(|_, _| {}),
+                    cohort: None,
                 },
             )?)
         })?;

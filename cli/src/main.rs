@@ -12,7 +12,7 @@ use amicus_runtime::audit;
 use amicus_runtime::station::{Station, StationError};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -146,6 +146,32 @@ enum StationCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Data owner: scan the archive into the station's FAIR index (incremental: only new,
+    /// changed and removed files are touched). Bad files are quarantined with a reason.
+    Index {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Print the full report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Data owner: run a read-only SPARQL query (SELECT, ASK, CONSTRUCT, DESCRIBE) on the
+    /// station's own index. Audited.
+    Query {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The query text, or @FILE to read it from a file.
+        sparql: String,
+        /// SPARQL 1.1 results JSON instead of tab-separated values.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the station's public description: a DCAT catalog (Turtle) with aggregate counts
+    /// only, small counts suppressed.
+    Catalog {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -234,6 +260,31 @@ fn run(cli: Cli) -> Result<()> {
                 params,
                 json,
             } => station_run(&dir, &bundle, params.as_deref(), json),
+            StationCommand::Index { dir, json } => station_index(&dir, json),
+            StationCommand::Query { dir, sparql, json } => {
+                let st = Station::open(&dir)?;
+                let text = match sparql.strip_prefix('@') {
+                    Some(file) => std::fs::read_to_string(file)
+                        .with_context(|| format!("reading the query from {file}"))?,
+                    None => sparql,
+                };
+                let format = if json {
+                    amicus_index::OwnerFormat::Json
+                } else {
+                    amicus_index::OwnerFormat::Text
+                };
+                let out = st.query(&text, format)?;
+                std::io::stdout().write_all(&out)?;
+                if json {
+                    println!();
+                }
+                Ok(())
+            }
+            StationCommand::Catalog { dir } => {
+                let st = Station::open(&dir)?;
+                print!("{}", st.catalog()?);
+                Ok(())
+            }
             StationCommand::Show { dir } => {
                 let st = Station::open(&dir)?;
                 let policy = st.policy()?;
@@ -283,6 +334,71 @@ fn run(cli: Cli) -> Result<()> {
         } => synth(&out, &site, patients, seed, &profile),
         Command::Bench(c) => bench::run(c),
     }
+}
+
+fn station_index(dir: &Path, json: bool) -> Result<()> {
+    let st = Station::open(dir)?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{bar:30}] {pos}/{len} files {per_sec} {elapsed} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let report = st.index(|p| {
+        if let Some(b) = &bar {
+            match p {
+                amicus_index::Progress::Found(n) => b.set_length(n),
+                amicus_index::Progress::File(_) => b.inc(1),
+                amicus_index::Progress::Writing => b.set_message("writing the graph"),
+            }
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let c = &report.counts;
+    println!(
+        "indexed {} in {:.1} s: {} files seen ({} new, {} changed, {} unchanged, {} removed)",
+        report.archive,
+        report.seconds,
+        report.files_seen,
+        report.new,
+        report.changed,
+        report.unchanged,
+        report.removed
+    );
+    println!(
+        "  {} instances in {} series, {} studies, {} patients ({} triples)",
+        c.instances, c.series, c.studies, c.patients, c.triples
+    );
+    if !report.quarantined.is_empty() {
+        println!("  quarantined {} files:", report.quarantined.len());
+        for q in report.quarantined.iter().take(20) {
+            println!("    {}: {}", q.path, q.reason);
+        }
+        if report.quarantined.len() > 20 {
+            println!("    ... {} more", report.quarantined.len() - 20);
+        }
+    }
+    for w in &report.warnings {
+        println!("  warning: {w}");
+    }
+    println!(
+        "  report: {}",
+        amicus_index::index_dir(dir)
+            .join(amicus_index::scan::REPORT_FILE)
+            .display()
+    );
+    Ok(())
 }
 
 fn synth(out: &Path, site: &str, patients: usize, seed: u64, profile: &str) -> Result<()> {

@@ -25,6 +25,7 @@ fn run(sandbox: &Sandbox, bundle: &Bundle, params: &str, fuel: u64, wall: Durati
                 log_cap: 1 << 20,
                 seed: [7; 32],
                 progress: Box::new(|_, _| {}),
+                cohort: None,
             },
         )
         .unwrap()
@@ -62,14 +63,14 @@ fn fuel_use_is_deterministic() {
     let a = run(
         &sandbox,
         &b,
-        r#"{"min_cell": 2}"#,
+        r#"{"tables": ["modality"]}"#,
         1 << 32,
         Duration::from_secs(30),
     );
     let c = run(
         &sandbox,
         &b,
-        r#"{"min_cell": 2}"#,
+        r#"{"tables": ["modality"]}"#,
         1 << 32,
         Duration::from_secs(30),
     );
@@ -79,7 +80,7 @@ fn fuel_use_is_deterministic() {
     let d = run(
         &sandbox,
         &b,
-        r#"{"min_cell": 3}"#,
+        r#"{"tables": ["roi"]}"#,
         1 << 32,
         Duration::from_secs(30),
     );

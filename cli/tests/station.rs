@@ -81,7 +81,7 @@ fn round_trip_keygen_build_sign_verify_approve_run_audit() {
     let digest = v["digest"].as_str().unwrap().to_string();
 
     ok(&["station", "approve", "--dir", s(&f.station()), &digest]);
-    let out = f.run(&b, Some(r#"{"min_cell": 3}"#));
+    let out = f.run(&b, Some(r#"{"tables": ["modality", "roi"]}"#));
     assert!(out.ok, "{}", out.text());
     assert!(
         out.stdout.contains("released summary.json"),
@@ -93,7 +93,7 @@ fn round_trip_keygen_build_sign_verify_approve_run_audit() {
     assert_eq!(released.len(), 1);
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&released[0]).unwrap()).unwrap();
-    assert_eq!(summary["min_cell"], 3);
+    assert_eq!(summary["requested"], serde_json::json!(["modality", "roi"]));
     assert_eq!(summary["index"]["state"], "unavailable");
     assert!(
         summary["index"]["reason"]

@@ -118,6 +118,25 @@ pub enum Event {
         bytes: u64,
         moved_to: String,
     },
+    /// The archive was (re-)indexed. Counts only; quarantined paths stay in the index report.
+    ArchiveIndexed {
+        files_seen: u64,
+        indexed: u64,
+        new: u64,
+        changed: u64,
+        removed: u64,
+        quarantined: u64,
+        patients: u64,
+        studies: u64,
+        series: u64,
+        triples: u64,
+        graph_sha256: String,
+    },
+    /// The data owner queried the index (`amicus station query`).
+    IndexQueried {
+        query_sha256: Digest,
+        outcome: String,
+    },
 }
 
 impl Event {
@@ -135,6 +154,7 @@ impl Event {
                 reason: Some(r), ..
             } => cut(r),
             Event::StationInitialised { archive, .. } => cut(archive),
+            Event::IndexQueried { outcome, .. } => cut(outcome),
             _ => {}
         }
         self

@@ -75,6 +75,10 @@ pub struct Policy {
     pub caps: ResourceCaps,
     pub outputs: OutputCaps,
     #[serde(default)]
+    pub cohort: CohortPolicy,
+    #[serde(default)]
+    pub catalog: CatalogPolicy,
+    #[serde(default)]
     pub trusted_signers: Vec<Signer>,
     #[serde(default)]
     pub approved: Vec<Approval>,
@@ -96,8 +100,59 @@ impl Default for Policy {
                 max_total_bytes: 64 << 20,
                 max_log_bytes: 1 << 20,
             },
+            cohort: CohortPolicy::default(),
+            catalog: CatalogPolicy::default(),
             trusted_signers: Vec::new(),
             approved: Vec::new(),
+        }
+    }
+}
+
+/// Limits on the cohort queries of trains (`[cohort]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CohortPolicy {
+    /// Smallest number of distinct patients a query result (or a tally cell) may cover.
+    pub min_patients: u32,
+    /// Largest number of rows a query may return.
+    pub max_rows: u64,
+    /// Longest a query may run.
+    pub timeout_ms: u64,
+    /// Longest query text.
+    pub max_query_bytes: u64,
+}
+
+impl Default for CohortPolicy {
+    fn default() -> Self {
+        CohortPolicy {
+            min_patients: 10,
+            max_rows: 100_000,
+            timeout_ms: 10_000,
+            max_query_bytes: 16 << 10,
+        }
+    }
+}
+
+/// What `amicus station catalog` publishes about the station (`[catalog]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogPolicy {
+    /// Defaults to the station's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Defaults to the station's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher: Option<String>,
+    /// License IRI of the catalog record (the images themselves are never published).
+    pub license: String,
+}
+
+impl Default for CatalogPolicy {
+    fn default() -> Self {
+        CatalogPolicy {
+            title: None,
+            publisher: None,
+            license: "https://creativecommons.org/publicdomain/zero/1.0/".into(),
         }
     }
 }
@@ -149,6 +204,17 @@ impl Policy {
         }
         if self.outputs.max_bytes == 0 || self.outputs.max_total_bytes == 0 {
             return Err("output caps must be positive".into());
+        }
+        let c = &self.cohort;
+        if c.min_patients == 0 {
+            return Err("cohort.min_patients must be at least 1".into());
+        }
+        if c.max_rows == 0 || c.timeout_ms == 0 || c.max_query_bytes == 0 {
+            return Err("cohort limits must be positive".into());
+        }
+        if !self.catalog.license.contains(':') || self.catalog.license.contains(char::is_whitespace)
+        {
+            return Err("catalog.license must be an IRI".into());
         }
         for s in &self.trusted_signers {
             PublicKey::from_pem(&s.key, &s.name).map_err(|e| e.to_string())?;

@@ -185,6 +185,7 @@ impl Sandbox {
             granted: req.granted,
             calls: Vec::new(),
             progress: req.progress,
+            cohort: req.cohort,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
@@ -327,6 +328,15 @@ pub struct RunRequest<'a> {
     /// Seeds the guest's WASI randomness (recorded in the audit log).
     pub seed: [u8; 32],
     pub progress: ProgressSink,
+    /// The station's FAIR index and query limits; `None` when the archive is not indexed.
+    pub cohort: Option<CohortAccess>,
+}
+
+/// What the `cohort` capability queries, under which limits.
+#[derive(Clone)]
+pub struct CohortAccess {
+    pub index: Arc<amicus_index::Index>,
+    pub limits: amicus_index::QueryLimits,
 }
 
 /// How a run ended.
@@ -593,6 +603,7 @@ struct HostState {
     granted: BTreeSet<Capability>,
     calls: Vec<CallRecord>,
     progress: ProgressSink,
+    cohort: Option<CohortAccess>,
 }
 
 impl HostState {
@@ -674,17 +685,119 @@ impl output::Host for HostState {
     }
 }
 
+impl HostState {
+    /// Run a guarded index query for the guest, and record it for the audit log: the query's
+    /// hash and text (capped), the row count, and the outcome with its reason.
+    fn cohort_query<T>(
+        &mut self,
+        call: &str,
+        sparql: String,
+        query: impl FnOnce(
+            &amicus_index::Index,
+            &str,
+            &amicus_index::QueryLimits,
+        ) -> Result<T, amicus_index::QueryError>,
+        rows: impl FnOnce(&T) -> u64,
+    ) -> Result<T, types::Error> {
+        self.require(Capability::Cohort, call)?;
+        let mut detail = format!("sha256:{} ", sha256(sparql.as_bytes()));
+        detail.extend(guest_text(&sparql).chars().take(4096));
+        let Some(access) = self.cohort.clone() else {
+            return Err(self.not_available(
+                Capability::Cohort,
+                call,
+                detail,
+                "this station has not indexed its archive (amicus station index)",
+            ));
+        };
+        let result = query(&access.index, &sparql, &access.limits);
+        let (outcome, rows_seen, answer) = match result {
+            Ok(value) => {
+                let n = rows(&value);
+                ("ok".to_string(), Some(n), Ok(value))
+            }
+            Err(e) => {
+                use amicus_index::QueryError as Q;
+                let reason = e.to_string();
+                let (label, err) = match e {
+                    Q::TooLong { .. } | Q::TooManyRows(_) | Q::Timeout(_) => (
+                        "limit-exceeded",
+                        types::Error::LimitExceeded(reason.clone()),
+                    ),
+                    Q::Syntax(_) => (
+                        "invalid-argument",
+                        types::Error::InvalidArgument(reason.clone()),
+                    ),
+                    Q::Evaluation(_) => ("failed", types::Error::Failed(reason.clone())),
+                    Q::Update
+                    | Q::Service
+                    | Q::NotSelect(_)
+                    | Q::NotAttributable(_)
+                    | Q::BelowMinimum(_) => ("denied", types::Error::Denied(reason.clone())),
+                };
+                (format!("{label}: {reason}"), None, Err(err))
+            }
+        };
+        self.calls.push(CallRecord {
+            capability: Capability::Cohort.name().into(),
+            call: call.into(),
+            detail,
+            rows: rows_seen,
+            outcome,
+        });
+        answer
+    }
+}
+
+fn wit_term(cell: amicus_index::Cell) -> cohort::Term {
+    match cell {
+        amicus_index::Cell::Iri { value } => cohort::Term::Iri(value),
+        amicus_index::Cell::BlankNode { value } => cohort::Term::BlankNode(value),
+        amicus_index::Cell::Literal {
+            value,
+            datatype,
+            language,
+        } => cohort::Term::Literal(cohort::Literal {
+            value,
+            datatype,
+            language,
+        }),
+    }
+}
+
 impl cohort::Host for HostState {
     fn select(&mut self, sparql: String) -> Result<cohort::Solutions, types::Error> {
-        self.require(Capability::Cohort, "select")?;
-        let mut detail = format!("sha256:{} ", sha256(sparql.as_bytes()));
-        detail.push_str(&sparql);
-        Err(self.not_available(
-            Capability::Cohort,
-            "select",
-            detail,
-            "this station has no FAIR index yet",
-        ))
+        let solutions = self.cohort_query("select", sparql, amicus_index::query::select, |s| {
+            s.rows.len() as u64
+        })?;
+        Ok(cohort::Solutions {
+            variables: solutions.variables,
+            rows: solutions
+                .rows
+                .into_iter()
+                .map(|row| row.into_iter().map(|c| c.map(wit_term)).collect())
+                .collect(),
+        })
+    }
+
+    fn tally(&mut self, sparql: String) -> Result<cohort::TallyResult, types::Error> {
+        let tally = self.cohort_query("tally", sparql, amicus_index::query::tally, |t| {
+            t.cells.len() as u64
+        })?;
+        Ok(cohort::TallyResult {
+            columns: tally.columns,
+            cells: tally
+                .cells
+                .into_iter()
+                .map(|c| cohort::TallyCell {
+                    key: c.key,
+                    patients: c.patients,
+                    items: c.items,
+                })
+                .collect(),
+            suppressed: tally.suppressed,
+            min_patients: tally.min_patients,
+        })
     }
 }
 
@@ -1128,6 +1241,7 @@ max_bytes = 100
             granted: BTreeSet::new(),
             calls: Vec::new(),
             progress: Box::new(|_, _| {}),
+            cohort: None,
         };
         let e = cohort::Host::select(&mut s, "SELECT * {}".into()).unwrap_err();
         assert!(matches!(e, types::Error::Denied(_)));
@@ -1138,7 +1252,7 @@ max_bytes = 100
 
         s.granted.insert(Capability::Cohort);
         let e = cohort::Host::select(&mut s, "SELECT * {}".into()).unwrap_err();
-        assert!(matches!(e, types::Error::NotAvailable(ref m) if m.contains("no FAIR index")));
+        assert!(matches!(e, types::Error::NotAvailable(ref m) if m.contains("not indexed")));
     }
 
     #[test]

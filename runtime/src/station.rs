@@ -19,9 +19,9 @@
 use crate::audit::{AuditError, AuditLog, Event};
 use crate::policy::{Policy, PolicyError, Refusal};
 use crate::sandbox::{
-    CompileSource, Outcome, ProgressSink, RunRequest, Sandbox, SandboxError, run_seed,
+    CohortAccess, CompileSource, Outcome, ProgressSink, RunRequest, Sandbox, SandboxError, run_seed,
 };
-use amicus_bundle::{Bundle, Digest, KeyError, PublicKey, SecretKey, sha256};
+use amicus_bundle::{Bundle, Capability, Digest, KeyError, PublicKey, SecretKey, sha256};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -64,6 +64,24 @@ pub enum StationError {
     DirNotEmpty(PathBuf),
     #[error("archive {0} is not a directory")]
     BadArchive(PathBuf),
+    #[error("indexing the archive: {0}")]
+    Index(#[from] amicus_index::ScanError),
+    #[error("the station's index cannot be loaded: {0}")]
+    IndexDamaged(#[from] amicus_index::LoadError),
+    #[error("{0}")]
+    Query(#[from] amicus_index::QueryError),
+    #[error("{0}")]
+    Catalog(#[from] amicus_index::catalog::CatalogError),
+}
+
+/// The index's query limits from the policy's `[cohort]` section.
+pub fn query_limits(c: &crate::policy::CohortPolicy) -> amicus_index::QueryLimits {
+    amicus_index::QueryLimits {
+        max_query_bytes: usize::try_from(c.max_query_bytes).unwrap_or(usize::MAX),
+        max_rows: usize::try_from(c.max_rows).unwrap_or(usize::MAX),
+        timeout: Duration::from_millis(c.timeout_ms),
+        min_patients: c.min_patients,
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StationError + '_ {
@@ -201,6 +219,91 @@ impl Station {
             &self.dir,
             SecretKey::read(&self.dir.join(KEY_FILE))?,
         ))
+    }
+
+    /// The index and the policy's query limits, if the archive has been indexed.
+    fn cohort_access(&self, policy: &Policy) -> Result<Option<CohortAccess>, StationError> {
+        let graph = amicus_index::index_dir(&self.dir).join(amicus_index::scan::GRAPH_FILE);
+        if !graph.exists() {
+            return Ok(None);
+        }
+        let index = amicus_index::Index::load(&graph)?;
+        Ok(Some(CohortAccess {
+            index: std::sync::Arc::new(index),
+            limits: query_limits(&policy.cohort),
+        }))
+    }
+
+    /// Scan the station's archive into its index (incrementally) and audit the result.
+    pub fn index(
+        &self,
+        progress: impl FnMut(amicus_index::Progress<'_>),
+    ) -> Result<amicus_index::IndexReport, StationError> {
+        let audit = self.audit()?;
+        let report = amicus_index::scan(
+            &self.config.archive,
+            &amicus_index::index_dir(&self.dir),
+            progress,
+        )?;
+        audit.append(Event::ArchiveIndexed {
+            files_seen: report.files_seen,
+            indexed: report.indexed,
+            new: report.new,
+            changed: report.changed,
+            removed: report.removed,
+            quarantined: report.quarantined.len() as u64,
+            patients: report.counts.patients,
+            studies: report.counts.studies,
+            series: report.counts.series,
+            triples: report.counts.triples,
+            graph_sha256: report.graph_sha256.clone(),
+        })?;
+        Ok(report)
+    }
+
+    /// The data owner's read-only query on the index (audited: hash and outcome).
+    pub fn query(
+        &self,
+        sparql: &str,
+        format: amicus_index::OwnerFormat,
+    ) -> Result<Vec<u8>, StationError> {
+        let policy = self.policy()?;
+        let audit = self.audit()?;
+        let index = amicus_index::open(&self.dir)?;
+        let timeout = Duration::from_millis(policy.cohort.timeout_ms);
+        let result = amicus_index::query::owner_query(&index, sparql, timeout, format);
+        audit.append(Event::IndexQueried {
+            query_sha256: sha256(sparql.as_bytes()),
+            outcome: match &result {
+                Ok(bytes) => format!("ok: {} bytes", bytes.len()),
+                Err(e) => format!("refused: {e}"),
+            },
+        })?;
+        Ok(result?)
+    }
+
+    /// The station's public DCAT catalog as Turtle (aggregate counts only).
+    pub fn catalog(&self) -> Result<String, StationError> {
+        let policy = self.policy()?;
+        let index = amicus_index::open(&self.dir)?;
+        let report = amicus_index::scan::last_report(&amicus_index::index_dir(&self.dir));
+        let base = format!("urn:amicus:station:{}", self.public_key()?.id());
+        let info = amicus_index::CatalogInfo {
+            base: &base,
+            title: policy.catalog.title.as_deref().unwrap_or(&self.config.name),
+            publisher: policy
+                .catalog
+                .publisher
+                .as_deref()
+                .unwrap_or(&self.config.name),
+            license: &policy.catalog.license,
+            min_patients: policy.cohort.min_patients,
+        };
+        Ok(amicus_index::catalog_turtle(
+            &index,
+            &info,
+            report.as_ref(),
+        )?)
     }
 
     pub fn policy(&self) -> Result<Policy, StationError> {
@@ -385,6 +488,11 @@ impl Station {
             return Err(refuse(Some(digest), Refusal::new("imports", e.to_string())));
         }
 
+        let cohort = if granted.contains(&Capability::Cohort) {
+            self.cohort_access(&policy)?
+        } else {
+            None
+        };
         let run_id = new_run_id();
         let seed = run_seed(&digest, &params, &run_id);
         let limits = admission.limits;
@@ -412,6 +520,7 @@ impl Station {
                 log_cap: policy.outputs.max_log_bytes as usize,
                 seed,
                 progress,
+                cohort,
             },
         );
         let report = match report {

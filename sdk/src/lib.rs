@@ -178,12 +178,37 @@ pub fn emit_json<T: Serialize>(name: &str, value: &T) -> Result<()> {
 }
 
 /// Capability `cohort`: SPARQL SELECT over the station's FAIR index.
+///
+/// The index uses LinkedDicom's DICOM-tag vocabulary (see the repository's
+/// `docs/fair-index.md`): `?series ldcm:T00080060 "CT"` is "Modality is CT".
 pub mod cohort {
-    pub use crate::bindings::amicus::train::cohort::{Literal, Solutions, Term};
+    pub use crate::bindings::amicus::train::cohort::{
+        Literal, Solutions, TallyCell, TallyResult, Term,
+    };
 
-    /// Run a SPARQL SELECT query.
+    /// The LinkedDicom namespace, for `PREFIX ldcm: <...>`.
+    pub const LDCM: &str = "https://johanvansoest.nl/ontologies/LinkedDicom/";
+
+    /// Run a SPARQL SELECT query. Every row must hold a patient, study or series IRI and the
+    /// rows must cover the station's minimum cohort, or the station refuses.
     pub fn select(sparql: &str) -> Result<Solutions, crate::HostError> {
         crate::bindings::amicus::train::cohort::select(sparql)
+    }
+
+    /// Count distinct patients per group of the non-IRI columns of a SELECT; the station
+    /// suppresses groups under its minimum cohort.
+    pub fn tally(sparql: &str) -> Result<TallyResult, crate::HostError> {
+        crate::bindings::amicus::train::cohort::tally(sparql)
+    }
+
+    impl Term {
+        /// The lexical value: IRI, literal value or blank node label.
+        pub fn text(&self) -> &str {
+            match self {
+                Term::Iri(s) | Term::BlankNode(s) => s,
+                Term::Literal(l) => &l.value,
+            }
+        }
     }
 }
 

@@ -55,7 +55,12 @@ impl Train for Misbehave {
                 amicus_sdk::imaging::load_series("1.2.3", options)?;
             }
             "cohort" => {
-                amicus_sdk::cohort::select("SELECT * WHERE { ?s ?p ?o }")?;
+                let query: String = params
+                    .get("query")?
+                    .unwrap_or_else(|| "SELECT * WHERE { ?s ?p ?o }".into());
+                let solutions = amicus_sdk::cohort::select(&query)?;
+                let rows = solutions.rows.len();
+                amicus_sdk::emit("result.json", format!("{{\"rows\":{rows}}}").as_bytes());
             }
             "tensor-bomb" => {
                 let mut keep = Vec::new();
