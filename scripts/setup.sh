@@ -4,7 +4,9 @@
 # and with --test, what the test suite needs besides:
 # - dicom3tools (Debian: dciodvfy validates the synthetic DICOM in the tests);
 # - pydicom, numpy and rdflib in a venv at ~/.cache/amicus/venv (independent readers of the
-#   DICOM and the PROV-O the tests check).
+#   DICOM and the PROV-O the tests check);
+# - a real-world DICOM corpus at ~/.cache/amicus/corpus: pydicom's own test files and the
+#   pydicom-data wheel's files (both from PyPI), which the index must read or quarantine.
 # Later parts add the ONNX Runtime library (from the PyPI wheel) here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,4 +43,29 @@ if ! "$VENV/bin/python" -c "import pydicom, numpy, rdflib" 2>/dev/null; then
     python3 -m venv "$VENV"
   fi
   "$VENV/bin/pip" install -q --disable-pip-version-check "pydicom==3.*" "numpy<3" "rdflib==7.*"
+fi
+
+CORPUS="${HOME}/.cache/amicus/corpus"
+if [ ! -f "$CORPUS/.complete" ]; then
+  echo "setup: unpacking the real-world DICOM corpus into $CORPUS"
+  rm -rf "$CORPUS"
+  mkdir -p "$CORPUS/wheel"
+  "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps \
+    "pydicom-data==1.0.0" -d "$CORPUS/wheel"
+  "$VENV/bin/python" - "$CORPUS" <<'PY'
+import pathlib, shutil, sys, zipfile
+import pydicom
+corpus = pathlib.Path(sys.argv[1])
+wheel = next((corpus / "wheel").glob("pydicom_data-*.whl"))
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith("data_store/data/") and not name.endswith("/"):
+            target = corpus / "pydicom-data" / pathlib.Path(name).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(z.read(name))
+tests = pathlib.Path(pydicom.__file__).parent / "data" / "test_files"
+shutil.copytree(tests, corpus / "pydicom", symlinks=False)
+PY
+  rm -rf "$CORPUS/wheel"
+  touch "$CORPUS/.complete"
 fi

@@ -85,11 +85,13 @@ pub fn read_facts(path: &Path, key: &PseudonymKey) -> Result<InstanceFacts, Head
 
 const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+const EXPLICIT_VR_BE: &str = "1.2.840.10008.1.2.2";
 
 fn open(path: &Path) -> Result<(InMemDicomObject, String), HeaderError> {
     let mut head = [0u8; 132];
     let n = read_up_to(path, &mut head).map_err(|e| HeaderError::Unreadable(e.to_string()))?;
     if n == 132 && &head[128..132] == b"DICM" {
+        guard_lengths(path, None)?;
         let file = OpenFileOptions::new()
             .read_until(tags::PIXEL_DATA)
             .open_file(path)
@@ -103,21 +105,30 @@ fn open(path: &Path) -> Result<(InMemDicomObject, String), HeaderError> {
     }
     // No preamble/"DICM": accept only what looks like a raw little-endian dataset that starts
     // with a group 0008 element (as pydicom's test `rtstruct.dcm`), otherwise it is not DICOM.
-    if n < 8 || head[0..2] != [0x08, 0x00] {
+    let little = head[0..2] == [0x08, 0x00];
+    let big = head[0..2] == [0x00, 0x08];
+    if n < 8 || !(little || big) {
         return Err(HeaderError::NotDicom(
             "no DICM prefix and no group 0008 dataset at the start".into(),
         ));
     }
-    // Explicit VR if bytes 4..6 are an uppercase VR, implicit otherwise.
+    // Explicit VR if bytes 4..6 are an uppercase VR, implicit otherwise; big endian is
+    // always explicit (the retired Explicit VR Big Endian).
     let explicit = head[4].is_ascii_uppercase() && head[5].is_ascii_uppercase();
-    let ts_uid = if explicit {
-        EXPLICIT_VR_LE
-    } else {
-        IMPLICIT_VR_LE
+    let ts_uid = match (big, explicit) {
+        (true, true) => EXPLICIT_VR_BE,
+        (true, false) => {
+            return Err(HeaderError::NotDicom(
+                "big-endian data without explicit VRs is not DICOM".into(),
+            ));
+        }
+        (false, true) => EXPLICIT_VR_LE,
+        (false, false) => IMPLICIT_VR_LE,
     };
     let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
         .get(ts_uid)
         .ok_or_else(|| HeaderError::Unreadable(format!("transfer syntax {ts_uid} unknown")))?;
+    guard_lengths(path, Some(ts))?;
     let file = std::fs::File::open(path).map_err(|e| HeaderError::Unreadable(e.to_string()))?;
     let obj = InMemDicomObject::read_dataset_with_ts(std::io::BufReader::new(file), ts)
         .map_err(|e| HeaderError::Unreadable(format!("no file meta group: {}", one_line(&e))))?;
@@ -125,6 +136,172 @@ fn open(path: &Path) -> Result<(InMemDicomObject, String), HeaderError> {
 }
 
 use dicom_transfer_syntax_registry::TransferSyntaxIndex as _;
+
+/// Counts the bytes a reader handed out.
+struct Counting<R> {
+    inner: R,
+    read: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// Refuse a file whose element, sequence or item lengths exceed the file's own size.
+///
+/// dicom-rs 0.10 allocates (and zero-fills) a value's declared length before reading it: a
+/// 674-byte file declaring a 4 GB value (pydicom's `UN_sequence.dcm`) made it take 3.6 GB
+/// and 9 s. This walks the same tokens with dicom-rs's own tokenizer, checking each declared
+/// length before the value is read, and stops at the pixel data like the real read. Tokenizer
+/// errors are left to the real read to report.
+fn guard_lengths(
+    path: &Path,
+    no_meta: Option<&dicom_encoding::TransferSyntax>,
+) -> Result<(), HeaderError> {
+    use dicom_core::VR;
+    use dicom_core::header::{HasLength, Header};
+    use dicom_parser::dataset::{DataSetReader, DataToken};
+    use std::io::{Seek, SeekFrom};
+    let io = |e: std::io::Error| HeaderError::Unreadable(e.to_string());
+    let file_len = std::fs::metadata(path).map_err(io)?.len();
+    let too_long = |what: &str, len: u32| {
+        HeaderError::Unreadable(format!(
+            "{what} declares {len} bytes, more than the whole file ({file_len} bytes)"
+        ))
+    };
+    let registry = dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+    let explicit_le = registry
+        .get(EXPLICIT_VR_LE)
+        .ok_or_else(|| HeaderError::Unreadable("no explicit VR little endian".into()))?;
+    let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+
+    let (ts, start) = match no_meta {
+        Some(ts) => (ts, 0),
+        None => {
+            // The file meta group: explicit VR little endian from byte 132, up to the first
+            // element outside group 0002.
+            file.seek(SeekFrom::Start(132)).map_err(io)?;
+            let mut counting = Counting {
+                inner: &mut file,
+                read: 0,
+            };
+            let mut ts_uid = String::new();
+            let mut start = None;
+            {
+                let Ok(mut tokens) = DataSetReader::new_with_ts(&mut counting, explicit_le) else {
+                    return Ok(());
+                };
+                let mut last = None;
+                for _ in 0..10_000 {
+                    match tokens.next() {
+                        Some(Ok(DataToken::ElementHeader(h))) => {
+                            if h.tag().group() != 0x0002 {
+                                let long = matches!(
+                                    h.vr(),
+                                    VR::OB
+                                        | VR::OD
+                                        | VR::OF
+                                        | VR::OL
+                                        | VR::OV
+                                        | VR::OW
+                                        | VR::SQ
+                                        | VR::SV
+                                        | VR::UC
+                                        | VR::UN
+                                        | VR::UR
+                                        | VR::UT
+                                        | VR::UV
+                                );
+                                let header_bytes = if long { 12 } else { 8 };
+                                start = Some(header_bytes);
+                                break;
+                            }
+                            if let Some(len) = h.length().get()
+                                && u64::from(len) > file_len
+                            {
+                                return Err(too_long("a file meta element", len));
+                            }
+                            last = Some(h.tag());
+                        }
+                        Some(Ok(DataToken::PrimitiveValue(v))) => {
+                            if last == Some(dicom_core::Tag(0x0002, 0x0010)) {
+                                ts_uid = v.to_str().trim_end_matches(['\0', ' ']).to_string();
+                            }
+                        }
+                        Some(Ok(DataToken::SequenceStart { tag, .. })) if tag.group() != 0x0002 => {
+                            // The data set starts with a sequence (or an undefined-length
+                            // UN): its header had the long explicit form.
+                            start = Some(12);
+                            break;
+                        }
+                        Some(Ok(_)) => return Ok(()),
+                        Some(Err(_)) | None => return Ok(()),
+                    }
+                }
+            }
+            let Some(header_bytes) = start else {
+                return Ok(());
+            };
+            let Some(ts) = registry.get(&ts_uid) else {
+                return Ok(());
+            };
+            (ts, 132 + counting.read - header_bytes)
+        }
+    };
+    if ts.uid() == "1.2.840.10008.1.2.1.99" || ts.uid() == "1.2.840.10008.1.2.8.1" {
+        // Deflated data sets inflate beyond the file size; dicom-rs reads them as they are.
+        return Ok(());
+    }
+    file.seek(SeekFrom::Start(start)).map_err(io)?;
+    let Ok(tokens) = DataSetReader::new_with_ts(&mut file, ts) else {
+        return Ok(());
+    };
+    let mut depth = 0usize;
+    for token in tokens {
+        match token {
+            Ok(DataToken::ElementHeader(h)) => {
+                if depth == 0 && h.tag() == tags::PIXEL_DATA {
+                    return Ok(());
+                }
+                if let Some(len) = h.length().get()
+                    && u64::from(len) > file_len
+                {
+                    return Err(too_long(&format!("element {}", h.tag()), len));
+                }
+            }
+            Ok(DataToken::SequenceStart { tag, len }) => {
+                if let Some(len) = len.get()
+                    && u64::from(len) > file_len
+                {
+                    return Err(too_long(&format!("sequence {tag}"), len));
+                }
+                depth += 1;
+            }
+            Ok(DataToken::ItemStart { len }) => {
+                if let Some(len) = len.get()
+                    && u64::from(len) > file_len
+                {
+                    return Err(too_long("an item", len));
+                }
+                depth += 1;
+            }
+            Ok(DataToken::PixelSequenceStart) => {
+                if depth == 0 {
+                    return Ok(());
+                }
+                depth += 1;
+            }
+            Ok(DataToken::SequenceEnd | DataToken::ItemEnd) => depth = depth.saturating_sub(1),
+            Ok(_) => {}
+            Err(_) => return Ok(()),
+        }
+    }
+    Ok(())
+}
 
 fn read_up_to(path: &Path, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut f = std::fs::File::open(path)?;
@@ -144,9 +321,21 @@ fn one_line(e: &dyn std::fmt::Display) -> String {
 }
 
 /// Text of an element, trimmed of DICOM padding; `None` when absent or empty.
+///
+/// Values stored with VR UN in explicit-VR files reach us as raw bytes, which dicom-rs
+/// renders as "49\46\...". Every standard attribute read here is text or numbers-as-text,
+/// so UN bytes are decoded as the ASCII text they hold; anything else is treated as absent.
 fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
     let e = obj.get(tag)?;
-    let s = e.to_str().ok()?;
+    let s = if e.vr() == dicom_core::VR::UN {
+        let bytes = e.to_bytes().ok()?;
+        if !bytes.iter().all(|b| *b == 0 || (0x20..0x7f).contains(b)) {
+            return None;
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    } else {
+        e.to_str().ok()?.into_owned()
+    };
     let s = s.trim_matches(|c: char| c == '\0' || c.is_whitespace());
     (!s.is_empty()).then(|| s.to_string())
 }
@@ -173,11 +362,46 @@ pub fn is_uid(v: &str) -> bool {
 }
 
 fn float(obj: &InMemDicomObject, tag: Tag) -> Option<f64> {
-    obj.get(tag)?.to_float64().ok().filter(|v| v.is_finite())
+    let e = obj.get(tag)?;
+    let v = if e.vr() == dicom_core::VR::UN {
+        // DS stored as UN: the text before the first backslash.
+        text(obj, tag)?.split('\\').next()?.trim().parse().ok()?
+    } else {
+        e.to_float64().ok()?
+    };
+    v.is_finite().then_some(v)
+}
+
+fn floats(obj: &InMemDicomObject, tag: Tag) -> Vec<f64> {
+    let Some(e) = obj.get(tag) else {
+        return Vec::new();
+    };
+    let values = if e.vr() == dicom_core::VR::UN {
+        text(obj, tag)
+            .map(|t| {
+                t.split('\\')
+                    .filter_map(|v| v.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    } else {
+        e.to_multi_float64().unwrap_or_default()
+    };
+    values.into_iter().filter(|v: &f64| v.is_finite()).collect()
 }
 
 fn uint(obj: &InMemDicomObject, tag: Tag) -> Option<u32> {
-    obj.get(tag)?.to_int::<u32>().ok()
+    let e = obj.get(tag)?;
+    if e.vr() == dicom_core::VR::UN {
+        // US (2 bytes) stored as UN, little endian as in the explicit VR little endian files
+        // where UN is met in practice; IS (text) otherwise.
+        let bytes = e.to_bytes().ok()?;
+        return match bytes.len() {
+            2 => Some(u32::from(u16::from_le_bytes([bytes[0], bytes[1]]))),
+            _ => text(obj, tag)?.trim().parse().ok(),
+        };
+    }
+    e.to_int::<u32>().ok()
 }
 
 fn facts_of(
@@ -250,13 +474,7 @@ fn facts_of(
         study_year: study_date.map(|(y, _, _)| y),
         body_part: text(obj, tags::BODY_PART_EXAMINED),
         slice_thickness_mm: float(obj, tags::SLICE_THICKNESS),
-        pixel_spacing_mm: obj
-            .get(tags::PIXEL_SPACING)
-            .and_then(|e| e.to_multi_float64().ok())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|v| v.is_finite())
-            .collect(),
+        pixel_spacing_mm: floats(obj, tags::PIXEL_SPACING),
         rows: uint(obj, tags::ROWS),
         columns: uint(obj, tags::COLUMNS),
         frames: uint(obj, tags::NUMBER_OF_FRAMES),
@@ -358,6 +576,80 @@ mod tests {
         assert!(!is_uid("1.2.a"));
         assert!(!is_uid(""));
         assert!(!is_uid(&"1.".repeat(40)));
+    }
+
+    /// Explicit VR little endian element with a 2-byte length.
+    fn element(
+        group: u16,
+        elem: u16,
+        vr: &[u8; 2],
+        value: &[u8],
+        declared: Option<u16>,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend(group.to_le_bytes());
+        out.extend(elem.to_le_bytes());
+        out.extend(vr);
+        out.extend(declared.unwrap_or(value.len() as u16).to_le_bytes());
+        out.extend(value);
+        out
+    }
+
+    fn file_with(dataset: &[u8]) -> tempfile::NamedTempFile {
+        let ts = b"1.2.840.10008.1.2.1\0";
+        let mut meta = element(0x0002, 0x0010, b"UI", ts, None);
+        let mut bytes = vec![0u8; 128];
+        bytes.extend(b"DICM");
+        let mut group_length = element(
+            0x0002,
+            0x0000,
+            b"UL",
+            &(meta.len() as u32).to_le_bytes(),
+            None,
+        );
+        bytes.append(&mut group_length);
+        bytes.append(&mut meta);
+        bytes.extend(dataset);
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), bytes).unwrap();
+        f
+    }
+
+    #[test]
+    fn a_declared_length_beyond_the_file_is_refused_before_allocation() {
+        let key = PseudonymKey::from_bytes([7; 32]);
+        // A UI value that claims 60000 bytes in a file of ~200.
+        let bad = element(0x0008, 0x0016, b"UI", b"1.2.3\0", Some(60_000));
+        let f = file_with(&bad);
+        let e = read_facts(f.path(), &key).unwrap_err();
+        assert!(
+            matches!(&e, HeaderError::Unreadable(m) if m.contains("more than the whole file")),
+            "{e}"
+        );
+        // The same element with its true length is read (and then lacks other attributes).
+        let good = element(0x0008, 0x0016, b"UI", b"1.2.3\0", None);
+        let f = file_with(&good);
+        let e = read_facts(f.path(), &key).unwrap_err();
+        assert!(matches!(e, HeaderError::Missing(_)), "{e}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Garbage after a valid file meta group, or raw: an error or facts, never a panic.
+        #[test]
+        fn arbitrary_data_sets_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048), raw in proptest::prelude::any::<bool>()) {
+            let key = PseudonymKey::from_bytes([7; 32]);
+            let f = if raw {
+                let f = tempfile::NamedTempFile::new().unwrap();
+                let mut bytes = vec![0x08, 0x00];
+                bytes.extend(&body);
+                std::fs::write(f.path(), bytes).unwrap();
+                f
+            } else {
+                file_with(&body)
+            };
+            let _ = read_facts(f.path(), &key);
+        }
     }
 
     proptest::proptest! {

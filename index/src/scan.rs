@@ -163,9 +163,14 @@ pub fn scan(
                 } else {
                     new += 1;
                 }
-                let outcome = match read_facts(&path, &key) {
-                    Ok(facts) => Outcome::Facts(Box::new(facts)),
-                    Err(e) => Outcome::Quarantined(e.to_string()),
+                // A parser bug must cost one file, not the scan.
+                let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    read_facts(&path, &key)
+                }));
+                let outcome = match read {
+                    Ok(Ok(facts)) => Outcome::Facts(Box::new(facts)),
+                    Ok(Err(e)) => Outcome::Quarantined(e.to_string()),
+                    Err(_) => Outcome::Quarantined("the DICOM parser panicked on this file".into()),
                 };
                 FileEntry {
                     path: rel.clone(),

@@ -445,3 +445,87 @@ fn catalog_is_turtle_with_rounded_counts() {
     assert!(!ttl.contains("numberOfUniqueIndividuals"), "{ttl}");
     assert!(!ttl.contains("dataset:imaging:CT"), "{ttl}");
 }
+
+/// The real-world corpus `scripts/setup.sh --test` unpacks (pydicom's test files and the
+/// pydicom-data wheel): odd transfer syntaxes, files without meta, UN values, truncated and
+/// malicious files.
+fn corpus() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("AMICUS_CORPUS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(&std::env::var("HOME").unwrap_or_default()).join(".cache/amicus/corpus")
+        });
+    if dir.join(".complete").is_file() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "real-world corpus missing under CI: run scripts/setup.sh --test"
+    );
+    eprintln!("real-world corpus missing: run scripts/setup.sh --test; skipping");
+    None
+}
+
+#[test]
+fn real_world_corpus_is_indexed_or_quarantined_and_reindexing_is_idempotent() {
+    let Some(corpus) = corpus() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let index_dir = tmp.path().join("index");
+    let first = scan(&corpus, &index_dir, |_| {}).unwrap();
+    assert!(first.files_seen >= 200, "{}", first.files_seen);
+    // Every file is accounted for: indexed, or quarantined with a reason.
+    assert_eq!(
+        first.indexed + first.quarantined.len() as u64,
+        first.files_seen
+    );
+    assert!(first.quarantined.iter().all(|q| !q.reason.is_empty()));
+    assert!(first.indexed >= 100, "{}", first.indexed);
+    let reason = |p: &str| {
+        first
+            .quarantined
+            .iter()
+            .find(|q| q.path == p)
+            .map(|q| q.reason.as_str())
+    };
+    // Lengths beyond the file are refused before dicom-rs allocates them (this file made it
+    // allocate 3.6 GB).
+    assert!(
+        reason("pydicom/UN_sequence.dcm")
+            .unwrap()
+            .contains("more than the whole file")
+    );
+    assert!(
+        reason("pydicom/README.txt")
+            .unwrap()
+            .contains("not a DICOM file")
+    );
+    assert!(
+        reason("pydicom/rtplan_truncated.dcm")
+            .unwrap()
+            .contains("unreadable")
+    );
+    // Read despite quirks: no file meta, big endian, UN-encoded standard attributes.
+    assert_eq!(reason("pydicom/rtstruct.dcm"), None);
+    assert_eq!(reason("pydicom-data/explicit_VR-UN.dcm"), None);
+    assert!(
+        !reason("pydicom/ExplVR_BigEndNoMeta.dcm")
+            .unwrap()
+            .contains("not a DICOM")
+    );
+
+    let again = scan(&corpus, &index_dir, |_| {}).unwrap();
+    assert_eq!(again.unchanged, again.files_seen);
+    assert_eq!(again.new + again.changed + again.removed, 0);
+    assert_eq!(again.graph_sha256, first.graph_sha256);
+    assert_eq!(again.quarantined, first.quarantined);
+    // The real-world graph answers joins: the RTSTRUCT's referenced series, CT series sizes.
+    let index = Index::load(&index_dir.join("graph.nq")).unwrap();
+    let ct = owner(
+        &index,
+        &format!(
+            "{PREFIX}SELECT (COUNT(?s) AS ?n) WHERE {{ ?st ldcm:has_series ?s . ?s ldcm:T00080060 \"CT\" }}"
+        ),
+    );
+    let n: u64 = ct.lines().nth(1).unwrap().parse().unwrap();
+    assert!(n >= 5, "{ct}");
+}
