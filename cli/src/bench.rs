@@ -1,4 +1,5 @@
-//! `amicus bench start`: how long it takes a station to get a train going.
+//! `amicus bench start`: how long it takes a station to get a train going (`bench index` is
+//! in `bench_index.rs`).
 //!
 //! Measures, for one bundle: signature verification (read + hash + check), a cold compile,
 //! loading the station's cached compilation, and a full run with the cached module
@@ -21,6 +22,8 @@ pub enum BenchCommand {
         #[arg(long, default_value = "bench-start.json")]
         out: PathBuf,
     },
+    /// Header indexing against pydicom, and cohort query latency on a large real index.
+    Index(crate::bench_index::IndexArgs),
 }
 
 pub fn run(c: BenchCommand) -> Result<()> {
@@ -30,6 +33,7 @@ pub fn run(c: BenchCommand) -> Result<()> {
             iterations,
             out,
         } => start(&bundle, iterations.max(1), &out),
+        BenchCommand::Index(args) => crate::bench_index::run(args),
     }
 }
 

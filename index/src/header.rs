@@ -11,7 +11,7 @@ use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use dicom_object::{InMemDicomObject, OpenFileOptions};
 use serde::{Deserialize, Serialize};
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::Path;
 
 /// What the index keeps of one DICOM instance. Plain data, no identifiers.
@@ -128,7 +128,13 @@ fn open(path: &Path) -> Result<(InMemDicomObject, String), HeaderError> {
     let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
         .get(ts_uid)
         .ok_or_else(|| HeaderError::Unreadable(format!("transfer syntax {ts_uid} unknown")))?;
-    guard_lengths(path, Some(ts))?;
+    guard_lengths(
+        path,
+        Some(Encoding {
+            explicit: ts_uid != IMPLICIT_VR_LE,
+            big_endian: ts_uid == EXPLICIT_VR_BE,
+        }),
+    )?;
     let file = std::fs::File::open(path).map_err(|e| HeaderError::Unreadable(e.to_string()))?;
     let obj = InMemDicomObject::read_dataset_with_ts(std::io::BufReader::new(file), ts)
         .map_err(|e| HeaderError::Unreadable(format!("no file meta group: {}", one_line(&e))))?;
@@ -137,170 +143,353 @@ fn open(path: &Path) -> Result<(InMemDicomObject, String), HeaderError> {
 
 use dicom_transfer_syntax_registry::TransferSyntaxIndex as _;
 
-/// Counts the bytes a reader handed out.
-struct Counting<R> {
-    inner: R,
-    read: u64,
-}
-
-impl<R: Read> Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.read += n as u64;
-        Ok(n)
-    }
-}
-
 /// Refuse a file whose element, sequence or item lengths exceed the file's own size.
 ///
 /// dicom-rs 0.10 allocates (and zero-fills) a value's declared length before reading it: a
 /// 674-byte file declaring a 4 GB value (pydicom's `UN_sequence.dcm`) made it take 3.6 GB
-/// and 9 s. This walks the same tokens with dicom-rs's own tokenizer, checking each declared
-/// length before the value is read, and stops at the pixel data like the real read. Tokenizer
-/// errors are left to the real read to report.
-fn guard_lengths(
-    path: &Path,
-    no_meta: Option<&dicom_encoding::TransferSyntax>,
-) -> Result<(), HeaderError> {
-    use dicom_core::VR;
-    use dicom_core::header::{HasLength, Header};
-    use dicom_parser::dataset::{DataSetReader, DataToken};
-    use std::io::{Seek, SeekFrom};
+/// and 9 s. This walks the element headers the way dicom-rs's tokenizer does (explicit or
+/// implicit VR, either byte order, into sequences and items, implicit VR inside an
+/// undefined-length UN, fragments of nested encapsulated pixel data), skipping values
+/// without decoding them, and stops at the top-level pixel data like the real read. What it
+/// cannot make sense of is left to the real read to report.
+fn guard_lengths(path: &Path, no_meta: Option<Encoding>) -> Result<(), HeaderError> {
     let io = |e: std::io::Error| HeaderError::Unreadable(e.to_string());
     let file_len = std::fs::metadata(path).map_err(io)?.len();
-    let too_long = |what: &str, len: u32| {
-        HeaderError::Unreadable(format!(
-            "{what} declares {len} bytes, more than the whole file ({file_len} bytes)"
-        ))
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut r = Cursor {
+        inner: std::io::BufReader::with_capacity(16 << 10, file),
+        pos: 0,
+        file_len,
     };
-    let registry = dicom_transfer_syntax_registry::TransferSyntaxRegistry;
-    let explicit_le = registry
-        .get(EXPLICIT_VR_LE)
-        .ok_or_else(|| HeaderError::Unreadable("no explicit VR little endian".into()))?;
-    let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+    let encoding = match no_meta {
+        Some(e) => e,
+        None => match r.meta()? {
+            Some(e) => e,
+            None => return Ok(()),
+        },
+    };
+    r.walk(encoding)
+}
 
-    let (ts, start) = match no_meta {
-        Some(ts) => (ts, 0),
-        None => {
-            // The file meta group: explicit VR little endian from byte 132, up to the first
-            // element outside group 0002.
-            file.seek(SeekFrom::Start(132)).map_err(io)?;
-            let mut counting = Counting {
-                inner: &mut file,
-                read: 0,
+/// How a data set is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Encoding {
+    explicit: bool,
+    big_endian: bool,
+}
+
+impl Encoding {
+    /// `None` for transfer syntaxes whose data set is not stored as it is (deflate).
+    fn of(ts_uid: &str) -> Option<Encoding> {
+        match ts_uid {
+            IMPLICIT_VR_LE => Some(Encoding {
+                explicit: false,
+                big_endian: false,
+            }),
+            EXPLICIT_VR_BE => Some(Encoding {
+                explicit: true,
+                big_endian: true,
+            }),
+            "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.8.1" => None,
+            _ => Some(Encoding {
+                explicit: true,
+                big_endian: false,
+            }),
+        }
+    }
+}
+
+/// Whether an explicit VR header has two reserved bytes and a 4-byte length: the long VRs,
+/// and (as dicom-rs reads them, as UN) unknown VR codes.
+fn long_vr(vr: [u8; 2]) -> bool {
+    let short = matches!(
+        &vr,
+        b"AE"
+            | b"AS"
+            | b"AT"
+            | b"CS"
+            | b"DA"
+            | b"DS"
+            | b"DT"
+            | b"FL"
+            | b"FD"
+            | b"IS"
+            | b"LO"
+            | b"LT"
+            | b"PN"
+            | b"SH"
+            | b"SL"
+            | b"SS"
+            | b"ST"
+            | b"TM"
+            | b"UI"
+            | b"UL"
+            | b"US"
+    );
+    !short
+}
+
+#[derive(Debug)]
+struct Frame {
+    /// End offset of a defined-length sequence or item; `None` until its delimiter.
+    end: Option<u64>,
+    kind: FrameKind,
+    encoding: Encoding,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FrameKind {
+    Sequence,
+    Item,
+    Fragments,
+}
+
+struct Cursor {
+    inner: std::io::BufReader<std::fs::File>,
+    pos: u64,
+    file_len: u64,
+}
+
+impl Cursor {
+    fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let mut b = [0u8; N];
+        self.inner.read_exact(&mut b).ok()?;
+        self.pos += N as u64;
+        Some(b)
+    }
+
+    fn u16(&mut self, e: Encoding) -> Option<u16> {
+        let b = self.bytes::<2>()?;
+        Some(if e.big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        })
+    }
+
+    fn u32(&mut self, e: Encoding) -> Option<u32> {
+        let b = self.bytes::<4>()?;
+        Some(if e.big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
+    }
+
+    fn skip(&mut self, n: u64) -> bool {
+        let Ok(n) = i64::try_from(n) else {
+            return false;
+        };
+        if self.inner.seek_relative(n).is_err() {
+            return false;
+        }
+        self.pos += n as u64;
+        true
+    }
+
+    fn check(&self, what: impl FnOnce() -> String, len: u32) -> Result<(), HeaderError> {
+        if u64::from(len) > self.file_len {
+            return Err(HeaderError::Unreadable(format!(
+                "{} declares {len} bytes, more than the whole file ({} bytes)",
+                what(),
+                self.file_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Walk the file meta group (explicit VR little endian from byte 132); the data set's
+    /// encoding, or `None` when the walk cannot tell (the real read reports why).
+    fn meta(&mut self) -> Result<Option<Encoding>, HeaderError> {
+        let le = Encoding {
+            explicit: true,
+            big_endian: false,
+        };
+        if !self.skip(132) {
+            return Ok(None);
+        }
+        let mut ts = String::new();
+        loop {
+            let Some(group) = self.u16(le) else {
+                return Ok(None);
             };
-            let mut ts_uid = String::new();
-            let mut start = None;
+            if group != 0x0002 {
+                self.inner
+                    .seek_relative(-2)
+                    .map_err(|e| HeaderError::Unreadable(e.to_string()))?;
+                self.pos -= 2;
+                break;
+            }
+            let (Some(element), Some(vr)) = (self.u16(le), self.bytes::<2>()) else {
+                return Ok(None);
+            };
+            let len = if long_vr(vr) {
+                let (Some(_), Some(len)) = (self.bytes::<2>(), self.u32(le)) else {
+                    return Ok(None);
+                };
+                len
+            } else {
+                let Some(len) = self.u16(le) else {
+                    return Ok(None);
+                };
+                u32::from(len)
+            };
+            self.check(|| format!("file meta element (0002,{element:04X})"), len)?;
+            if element == 0x0010 && len <= 64 {
+                let mut value = vec![0u8; len as usize];
+                if self.inner.read_exact(&mut value).is_err() {
+                    return Ok(None);
+                }
+                self.pos += u64::from(len);
+                ts = String::from_utf8_lossy(&value)
+                    .trim_end_matches(['\0', ' '])
+                    .to_string();
+            } else if !self.skip(u64::from(len)) {
+                return Ok(None);
+            }
+        }
+        if ts.is_empty() {
+            return Ok(None);
+        }
+        Ok(Encoding::of(&ts))
+    }
+
+    /// Walk the data set's element headers up to the top-level pixel data.
+    fn walk(&mut self, base: Encoding) -> Result<(), HeaderError> {
+        const UNDEFINED: u32 = 0xFFFF_FFFF;
+        let mut stack: Vec<Frame> = Vec::new();
+        for _ in 0..1_000_000 {
+            while stack
+                .last()
+                .is_some_and(|f| f.end.is_some_and(|end| self.pos >= end))
             {
-                let Ok(mut tokens) = DataSetReader::new_with_ts(&mut counting, explicit_le) else {
+                stack.pop();
+            }
+            let enc = stack.last().map_or(base, |f| f.encoding);
+            let (Some(group), Some(element)) = (self.u16(enc), self.u16(enc)) else {
+                return Ok(());
+            };
+            if group == 0xFFFE {
+                let Some(len) = self.u32(enc) else {
                     return Ok(());
                 };
-                let mut last = None;
-                for _ in 0..10_000 {
-                    match tokens.next() {
-                        Some(Ok(DataToken::ElementHeader(h))) => {
-                            if h.tag().group() != 0x0002 {
-                                let long = matches!(
-                                    h.vr(),
-                                    VR::OB
-                                        | VR::OD
-                                        | VR::OF
-                                        | VR::OL
-                                        | VR::OV
-                                        | VR::OW
-                                        | VR::SQ
-                                        | VR::SV
-                                        | VR::UC
-                                        | VR::UN
-                                        | VR::UR
-                                        | VR::UT
-                                        | VR::UV
-                                );
-                                let header_bytes = if long { 12 } else { 8 };
-                                start = Some(header_bytes);
-                                break;
-                            }
-                            if let Some(len) = h.length().get()
-                                && u64::from(len) > file_len
-                            {
-                                return Err(too_long("a file meta element", len));
-                            }
-                            last = Some(h.tag());
+                match element {
+                    0xE000 if stack.last().is_some_and(|f| f.kind == FrameKind::Fragments) => {
+                        self.check(|| "a pixel data fragment".into(), len)?;
+                        if len == UNDEFINED || !self.skip(u64::from(len)) {
+                            return Ok(());
                         }
-                        Some(Ok(DataToken::PrimitiveValue(v))) => {
-                            if last == Some(dicom_core::Tag(0x0002, 0x0010)) {
-                                ts_uid = v.to_str().trim_end_matches(['\0', ' ']).to_string();
+                    }
+                    0xE000 => {
+                        let end = if len == UNDEFINED {
+                            None
+                        } else {
+                            self.check(|| "an item".into(), len)?;
+                            Some(self.pos + u64::from(len))
+                        };
+                        stack.push(Frame {
+                            end,
+                            kind: FrameKind::Item,
+                            encoding: enc,
+                        });
+                    }
+                    0xE00D => {
+                        if stack
+                            .last()
+                            .is_some_and(|f| f.kind == FrameKind::Item && f.end.is_none())
+                        {
+                            stack.pop();
+                        }
+                    }
+                    0xE0DD => {
+                        if stack
+                            .last()
+                            .is_some_and(|f| f.kind != FrameKind::Item && f.end.is_none())
+                        {
+                            stack.pop();
+                        }
+                    }
+                    _ => return Ok(()),
+                }
+                continue;
+            }
+            let (vr, len) = if enc.explicit {
+                let Some(vr) = self.bytes::<2>() else {
+                    return Ok(());
+                };
+                if long_vr(vr) {
+                    let (Some(_), Some(len)) = (self.bytes::<2>(), self.u32(enc)) else {
+                        return Ok(());
+                    };
+                    (Some(vr), len)
+                } else {
+                    let Some(len) = self.u16(enc) else {
+                        return Ok(());
+                    };
+                    (Some(vr), u32::from(len))
+                }
+            } else {
+                let Some(len) = self.u32(enc) else {
+                    return Ok(());
+                };
+                (None, len)
+            };
+            let pixel_data = (group, element) == (0x7FE0, 0x0010);
+            if pixel_data && stack.is_empty() {
+                return Ok(());
+            }
+            let what = || format!("element ({group:04X},{element:04X})");
+            if len == UNDEFINED {
+                // dicom-rs 0.10 reads an undefined-length UN as a sequence in the data set's
+                // own encoding (not implicit VR, as the standard has it); so does this walk,
+                // since it guards dicom-rs's reading.
+                let kind = if pixel_data {
+                    FrameKind::Fragments
+                } else {
+                    FrameKind::Sequence
+                };
+                let encoding = enc;
+                stack.push(Frame {
+                    end: None,
+                    kind,
+                    encoding,
+                });
+                continue;
+            }
+            self.check(what, len)?;
+            let sequence = match vr {
+                Some(vr) => vr == *b"SQ",
+                // Implicit VR: a sequence if its value starts with an item tag.
+                None => {
+                    len >= 8 && {
+                        let peek = self
+                            .inner
+                            .fill_buf()
+                            .map(|b| b.get(..4).map(|t| t.to_vec()))
+                            .ok()
+                            .flatten();
+                        peek.is_some_and(|t| {
+                            if enc.big_endian {
+                                t == [0xFF, 0xFE, 0xE0, 0x00]
+                            } else {
+                                t == [0xFE, 0xFF, 0x00, 0xE0]
                             }
-                        }
-                        Some(Ok(DataToken::SequenceStart { tag, .. })) if tag.group() != 0x0002 => {
-                            // The data set starts with a sequence (or an undefined-length
-                            // UN): its header had the long explicit form.
-                            start = Some(12);
-                            break;
-                        }
-                        Some(Ok(_)) => return Ok(()),
-                        Some(Err(_)) | None => return Ok(()),
+                        })
                     }
                 }
-            }
-            let Some(header_bytes) = start else {
-                return Ok(());
             };
-            let Some(ts) = registry.get(&ts_uid) else {
+            if sequence {
+                stack.push(Frame {
+                    end: Some(self.pos + u64::from(len)),
+                    kind: FrameKind::Sequence,
+                    encoding: enc,
+                });
+            } else if !self.skip(u64::from(len)) {
                 return Ok(());
-            };
-            (ts, 132 + counting.read - header_bytes)
+            }
         }
-    };
-    if ts.uid() == "1.2.840.10008.1.2.1.99" || ts.uid() == "1.2.840.10008.1.2.8.1" {
-        // Deflated data sets inflate beyond the file size; dicom-rs reads them as they are.
-        return Ok(());
+        Ok(())
     }
-    file.seek(SeekFrom::Start(start)).map_err(io)?;
-    let Ok(tokens) = DataSetReader::new_with_ts(&mut file, ts) else {
-        return Ok(());
-    };
-    let mut depth = 0usize;
-    for token in tokens {
-        match token {
-            Ok(DataToken::ElementHeader(h)) => {
-                if depth == 0 && h.tag() == tags::PIXEL_DATA {
-                    return Ok(());
-                }
-                if let Some(len) = h.length().get()
-                    && u64::from(len) > file_len
-                {
-                    return Err(too_long(&format!("element {}", h.tag()), len));
-                }
-            }
-            Ok(DataToken::SequenceStart { tag, len }) => {
-                if let Some(len) = len.get()
-                    && u64::from(len) > file_len
-                {
-                    return Err(too_long(&format!("sequence {tag}"), len));
-                }
-                depth += 1;
-            }
-            Ok(DataToken::ItemStart { len }) => {
-                if let Some(len) = len.get()
-                    && u64::from(len) > file_len
-                {
-                    return Err(too_long("an item", len));
-                }
-                depth += 1;
-            }
-            Ok(DataToken::PixelSequenceStart) => {
-                if depth == 0 {
-                    return Ok(());
-                }
-                depth += 1;
-            }
-            Ok(DataToken::SequenceEnd | DataToken::ItemEnd) => depth = depth.saturating_sub(1),
-            Ok(_) => {}
-            Err(_) => return Ok(()),
-        }
-    }
-    Ok(())
 }
 
 fn read_up_to(path: &Path, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -132,10 +132,11 @@ pub fn scan(
     ));
 
     let (mut new, mut changed, mut unchanged) = (0, 0, 0);
-    let mut entries: Vec<FileEntry> = Vec::with_capacity(files.len());
+    // Slots in sorted order: reused entries now, parsed ones filled in by the workers.
+    let mut slots: Vec<Option<FileEntry>> = Vec::with_capacity(files.len());
+    let mut to_parse: Vec<(usize, &String, u64, u128)> = Vec::new();
     for rel in &files {
-        let path = archive.join(rel);
-        let meta = match std::fs::metadata(&path) {
+        let meta = match std::fs::metadata(archive.join(rel)) {
             Ok(m) => m,
             Err(e) => {
                 quarantined.push(Quarantined {
@@ -152,10 +153,11 @@ pub fn scan(
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos());
-        let entry = match previous.remove(rel) {
+        match previous.remove(rel) {
             Some(old) if old.size == size && old.mtime_ns == mtime_ns => {
                 unchanged += 1;
-                old
+                slots.push(Some(old));
+                progress(Progress::File(rel));
             }
             old => {
                 if old.is_some() {
@@ -163,31 +165,65 @@ pub fn scan(
                 } else {
                     new += 1;
                 }
-                // A parser bug must cost one file, not the scan.
-                let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    read_facts(&path, &key)
-                }));
-                let outcome = match read {
-                    Ok(Ok(facts)) => Outcome::Facts(Box::new(facts)),
-                    Ok(Err(e)) => Outcome::Quarantined(e.to_string()),
-                    Err(_) => Outcome::Quarantined("the DICOM parser panicked on this file".into()),
-                };
-                FileEntry {
-                    path: rel.clone(),
-                    size,
-                    mtime_ns,
-                    outcome,
-                }
+                to_parse.push((slots.len(), rel, size, mtime_ns));
+                slots.push(None);
             }
-        };
+        }
+    }
+    // Parse headers on every core; results come back to this thread for progress.
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let (next, to_parse, key, archive) = (&next, &to_parse, &key, &archive);
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(slot, rel, size, mtime_ns)) = to_parse.get(i) else {
+                        break;
+                    };
+                    let path = archive.join(rel);
+                    // A parser bug must cost one file, not the scan.
+                    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        read_facts(&path, key)
+                    }));
+                    let outcome = match read {
+                        Ok(Ok(facts)) => Outcome::Facts(Box::new(facts)),
+                        Ok(Err(e)) => Outcome::Quarantined(e.to_string()),
+                        Err(_) => {
+                            Outcome::Quarantined("the DICOM parser panicked on this file".into())
+                        }
+                    };
+                    let entry = FileEntry {
+                        path: rel.clone(),
+                        size,
+                        mtime_ns,
+                        outcome,
+                    };
+                    if tx.send((slot, entry)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        for (slot, entry) in rx {
+            progress(Progress::File(&entry.path));
+            slots[slot] = Some(entry);
+        }
+    });
+    let entries: Vec<FileEntry> = slots.into_iter().flatten().collect();
+    for entry in &entries {
         if let Outcome::Quarantined(reason) = &entry.outcome {
             quarantined.push(Quarantined {
-                path: rel.clone(),
+                path: entry.path.clone(),
                 reason: reason.clone(),
             });
         }
-        entries.push(entry);
-        progress(Progress::File(rel));
     }
     let removed = previous.len() as u64;
 
