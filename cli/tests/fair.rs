@@ -196,12 +196,27 @@ fn data_owner_queries_and_publishes_a_catalog() {
             "rdflib venv missing under CI: run scripts/setup.sh --test"
         );
     }
+    // The auditor's PROV-O export records the index run.
+    ok(&[
+        "audit",
+        "export",
+        "--dir",
+        s(&st),
+        "--out",
+        s(&f.path("audit.ttl")),
+    ]);
     if let Some(python) = common::python() {
+        let script = "import sys, rdflib
+g = rdflib.Graph(); g.parse(sys.argv[1], format='turtle')
+a = rdflib.Graph(); a.parse(sys.argv[2], format='turtle')
+q = 'PREFIX prov: <http://www.w3.org/ns/prov#> SELECT ?r WHERE { ?g prov:wasGeneratedBy ?r . ?r a prov:Activity }'
+print(len(g), len(list(a.query(q))))";
         let check = std::process::Command::new(python)
             .args([
                 "-c",
-                "import sys, rdflib; g = rdflib.Graph(); g.parse(sys.argv[1], format='turtle'); print(len(g))",
+                script,
                 s(&f.path("catalog.ttl")),
+                s(&f.path("audit.ttl")),
             ])
             .output()
             .unwrap();
@@ -210,6 +225,10 @@ fn data_owner_queries_and_publishes_a_catalog() {
             "{}",
             String::from_utf8_lossy(&check.stderr)
         );
+        let out = String::from_utf8_lossy(&check.stdout);
+        let counts: Vec<u64> = out.split_whitespace().map(|n| n.parse().unwrap()).collect();
+        assert!(counts[0] > 10, "{out}");
+        assert!(counts[1] >= 1, "no index run in the PROV-O export: {out}");
     }
 }
 

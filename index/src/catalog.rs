@@ -271,6 +271,8 @@ pub fn catalog_turtle(
             .with_prefix(prefix, ns)
             .map_err(|e| CatalogError::Iri(ns.into(), e.to_string()))?;
     }
+    // Grouped by subject (stable: each subject's triples keep their order) for readable Turtle.
+    triples.sort_by_key(|t| t.subject.to_string());
     let mut w = serializer.for_writer(Vec::new());
     for t in &triples {
         w.serialize_triple(t)?;

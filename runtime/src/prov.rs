@@ -111,6 +111,25 @@ pub fn export_turtle(dir: &Path, station_keyid: &str) -> Result<String, AuditErr
                     lit(e["bundle_sha256"].as_str().unwrap_or("")),
                 );
             }
+            "archive-indexed" => {
+                let graph = e["graph_sha256"].as_str().unwrap_or("");
+                let _ = writeln!(
+                    out,
+                    "\n{} a prov:Entity, au:IndexGraph ;\n    au:graphSha256 {} ;\n    prov:wasGeneratedBy {} .",
+                    scoped("index-graph", graph),
+                    lit(graph),
+                    scoped("index-run", &seq),
+                );
+                let _ = writeln!(
+                    out,
+                    "\n{} a prov:Activity, au:IndexRun ;\n    prov:wasAssociatedWith {station} ;\n    prov:endedAtTime {} ;\n    au:filesSeen {} ;\n    au:indexed {} ;\n    au:quarantined {} ;\n    au:auditSeq {seq} .",
+                    scoped("index-run", &seq),
+                    time(e),
+                    int(&e["files_seen"]),
+                    int(&e["indexed"]),
+                    int(&e["quarantined"]),
+                );
+            }
             "digest-approved" => {
                 let _ = writeln!(
                     out,
