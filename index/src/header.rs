@@ -79,7 +79,7 @@ pub enum HeaderError {
 /// file meta group; files without one (raw implicit-VR datasets, as some old tools write) are
 /// read through a fallback path and reported as such in `transfer_syntax`.
 pub fn read_facts(path: &Path, key: &PseudonymKey) -> Result<InstanceFacts, HeaderError> {
-    let (obj, transfer_syntax) = open(path)?;
+    let (obj, transfer_syntax) = open(path, false)?;
     facts_of(&obj, transfer_syntax, key)
 }
 
@@ -87,13 +87,29 @@ const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 const EXPLICIT_VR_BE: &str = "1.2.840.10008.1.2.2";
 
-fn open(path: &Path) -> Result<(InMemDicomObject, String), HeaderError> {
+/// Read a DICOM file's header (up to the pixel data) behind the length guard.
+pub fn read_header(path: &Path) -> Result<(InMemDicomObject, String), HeaderError> {
+    open(path, false)
+}
+
+/// Read a whole DICOM file, pixel data included, behind the same length guard (which then
+/// also checks the pixel data's declared length). Returns the data set and its transfer
+/// syntax UID. For the imaging module, which needs the pixels.
+pub fn read_whole(path: &Path) -> Result<(InMemDicomObject, String), HeaderError> {
+    open(path, true)
+}
+
+fn open(path: &Path, with_pixels: bool) -> Result<(InMemDicomObject, String), HeaderError> {
     let mut head = [0u8; 132];
     let n = read_up_to(path, &mut head).map_err(|e| HeaderError::Unreadable(e.to_string()))?;
     if n == 132 && &head[128..132] == b"DICM" {
-        guard_lengths(path, None)?;
-        let file = OpenFileOptions::new()
-            .read_until(tags::PIXEL_DATA)
+        guard_lengths(path, None, with_pixels)?;
+        let options = if with_pixels {
+            OpenFileOptions::new()
+        } else {
+            OpenFileOptions::new().read_until(tags::PIXEL_DATA)
+        };
+        let file = options
             .open_file(path)
             .map_err(|e| HeaderError::Unreadable(one_line(&e)))?;
         let ts = file
@@ -134,6 +150,7 @@ fn open(path: &Path) -> Result<(InMemDicomObject, String), HeaderError> {
             explicit: ts_uid != IMPLICIT_VR_LE,
             big_endian: ts_uid == EXPLICIT_VR_BE,
         }),
+        with_pixels,
     )?;
     let file = std::fs::File::open(path).map_err(|e| HeaderError::Unreadable(e.to_string()))?;
     let obj = InMemDicomObject::read_dataset_with_ts(std::io::BufReader::new(file), ts)
@@ -152,7 +169,11 @@ use dicom_transfer_syntax_registry::TransferSyntaxIndex as _;
 /// undefined-length UN, fragments of nested encapsulated pixel data), skipping values
 /// without decoding them, and stops at the top-level pixel data like the real read. What it
 /// cannot make sense of is left to the real read to report.
-fn guard_lengths(path: &Path, no_meta: Option<Encoding>) -> Result<(), HeaderError> {
+fn guard_lengths(
+    path: &Path,
+    no_meta: Option<Encoding>,
+    with_pixels: bool,
+) -> Result<(), HeaderError> {
     let io = |e: std::io::Error| HeaderError::Unreadable(e.to_string());
     let file_len = std::fs::metadata(path).map_err(io)?.len();
     let file = std::fs::File::open(path).map_err(io)?;
@@ -168,7 +189,7 @@ fn guard_lengths(path: &Path, no_meta: Option<Encoding>) -> Result<(), HeaderErr
             None => return Ok(()),
         },
     };
-    r.walk(encoding)
+    r.walk(encoding, with_pixels)
 }
 
 /// How a data set is encoded.
@@ -355,7 +376,7 @@ impl Cursor {
     }
 
     /// Walk the data set's element headers up to the top-level pixel data.
-    fn walk(&mut self, base: Encoding) -> Result<(), HeaderError> {
+    fn walk(&mut self, base: Encoding, with_pixels: bool) -> Result<(), HeaderError> {
         const UNDEFINED: u32 = 0xFFFF_FFFF;
         let mut stack: Vec<Frame> = Vec::new();
         for _ in 0..1_000_000 {
@@ -436,7 +457,14 @@ impl Cursor {
             };
             let pixel_data = (group, element) == (0x7FE0, 0x0010);
             if pixel_data && stack.is_empty() {
-                return Ok(());
+                if !with_pixels {
+                    return Ok(());
+                }
+                if len != UNDEFINED {
+                    self.check(|| "the pixel data".into(), len)?;
+                    return Ok(());
+                }
+                // Encapsulated pixel data: its fragments are walked (and checked) below.
             }
             let what = || format!("element ({group:04X},{element:04X})");
             if len == UNDEFINED {

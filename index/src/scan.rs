@@ -315,6 +315,59 @@ pub fn scan(
     Ok(report)
 }
 
+/// What the last scan saw: the archive folder and every file's entry (for the imaging module,
+/// which finds a series' files here instead of trusting anything a train says).
+#[derive(Debug, Clone)]
+pub struct ArchiveState {
+    pub archive: PathBuf,
+    pub entries: Vec<FileEntry>,
+}
+
+impl ArchiveState {
+    /// Paths of the indexed files of a series, in path order.
+    pub fn series_files(&self, series_uid: &str) -> Vec<PathBuf> {
+        self.entries
+            .iter()
+            .filter_map(|e| match &e.outcome {
+                Outcome::Facts(f) if f.series_uid == series_uid => Some(self.archive.join(&e.path)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The indexed instances of `modality` that reference `series_uid` (RTSTRUCT or SEG
+    /// objects drawn on it), with their facts.
+    pub fn referencing(&self, series_uid: &str, modality: &str) -> Vec<(PathBuf, &InstanceFacts)> {
+        self.entries
+            .iter()
+            .filter_map(|e| match &e.outcome {
+                Outcome::Facts(f)
+                    if f.modality == modality
+                        && f.referenced_series.iter().any(|r| r == series_uid) =>
+                {
+                    Some((self.archive.join(&e.path), f.as_ref()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The state the last scan left in `index_dir`, if any (and readable).
+pub fn archive_state(index_dir: &Path) -> Option<ArchiveState> {
+    let file = std::fs::File::open(index_dir.join(STATE_FILE)).ok()?;
+    let mut lines = std::io::BufReader::new(file).lines();
+    let header: StateHeader = serde_json::from_str(&lines.next()?.ok()?).ok()?;
+    let mut entries = Vec::new();
+    for line in lines {
+        entries.push(serde_json::from_str(&line.ok()?).ok()?);
+    }
+    Some(ArchiveState {
+        archive: PathBuf::from(header.archive),
+        entries,
+    })
+}
+
 /// The last scan's report, if any.
 pub fn last_report(index_dir: &Path) -> Option<IndexReport> {
     let text = std::fs::read(index_dir.join(REPORT_FILE)).ok()?;
