@@ -108,6 +108,7 @@ fn start(bundle_path: &Path, iterations: usize, out: &Path) -> Result<()> {
                     seed: [0; 32],
                     progress: Box::new(|_, _| {}),
                     cohort: None,
+                    imaging: None,
                 },
             )?)
         })?;

@@ -26,6 +26,7 @@ fn run(sandbox: &Sandbox, bundle: &Bundle, params: &str, fuel: u64, wall: Durati
                 seed: [7; 32],
                 progress: Box::new(|_, _| {}),
                 cohort: None,
+                imaging: None,
             },
         )
         .unwrap()

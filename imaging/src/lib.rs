@@ -22,7 +22,7 @@ pub mod series;
 
 pub use grid::{Geometry, Volume};
 pub use options::{Window, apply_window, crop_or_pad};
-pub use series::load_series;
+pub use series::{load_series, series_geometry};
 
 /// Why a series or mask could not be loaded. Every variant says what to fix.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -337,6 +337,17 @@ pub(crate) fn arrange(mut slices: Vec<Slice>) -> Result<(Vec<Slice>, Geometry), 
     Ok((slices, geometry))
 }
 
+/// The grid of the images `files` (one series), from their headers only.
+pub fn series_geometry(files: &[PathBuf]) -> Result<Geometry, ImagingError> {
+    let mut slices = Vec::with_capacity(files.len());
+    for path in files {
+        let (obj, ts) =
+            amicus_index::header::read_header(path).map_err(|e| bad(path, e.to_string()))?;
+        slices.push(read_slice(path, &obj, &ts)?);
+    }
+    Ok(arrange(slices)?.1)
+}
+
 /// Load the images `files` (one series) as a volume, refusing before allocation if it would
 /// need more than `max_bytes`.
 pub fn load_series(files: &[PathBuf], max_bytes: u64) -> Result<Volume, ImagingError> {

@@ -186,6 +186,7 @@ impl Sandbox {
             calls: Vec::new(),
             progress: req.progress,
             cohort: req.cohort,
+            imaging: req.imaging,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
@@ -330,6 +331,8 @@ pub struct RunRequest<'a> {
     pub progress: ProgressSink,
     /// The station's FAIR index and query limits; `None` when the archive is not indexed.
     pub cohort: Option<CohortAccess>,
+    /// The indexed archive, for `imaging`; `None` when the archive is not indexed.
+    pub imaging: Option<Arc<amicus_index::scan::ArchiveState>>,
 }
 
 /// What the `cohort` capability queries, under which limits.
@@ -604,6 +607,7 @@ struct HostState {
     calls: Vec<CallRecord>,
     progress: ProgressSink,
     cohort: Option<CohortAccess>,
+    imaging: Option<Arc<amicus_index::scan::ArchiveState>>,
 }
 
 impl HostState {
@@ -857,34 +861,217 @@ impl tensors::HostTensor for HostState {
     }
 }
 
+impl HostState {
+    /// Bytes left in the run's memory budget for host tensors.
+    fn memory_left(&self) -> u64 {
+        (self
+            .memory
+            .cap
+            .saturating_sub(self.memory.linear + self.memory.host)) as u64
+    }
+
+    /// Record an imaging call for the audit log and turn an imaging error into the contract's.
+    fn imaging_call<T>(
+        &mut self,
+        call: &str,
+        detail: String,
+        result: Result<T, amicus_imaging::ImagingError>,
+    ) -> Result<T, types::Error> {
+        use amicus_imaging::ImagingError as E;
+        let (outcome, answer) = match result {
+            Ok(v) => ("ok".to_string(), Ok(v)),
+            Err(e) => {
+                let reason = e.to_string();
+                let (label, err) = match e {
+                    E::TooLarge { .. } => (
+                        "limit-exceeded",
+                        types::Error::LimitExceeded(reason.clone()),
+                    ),
+                    E::Unsupported(_) => {
+                        ("not-available", types::Error::NotAvailable(reason.clone()))
+                    }
+                    E::UnknownSeries(_) | E::NoLabel(_) => (
+                        "invalid-argument",
+                        types::Error::InvalidArgument(reason.clone()),
+                    ),
+                    E::BadFile { .. } | E::Inconsistent(_) => {
+                        ("failed", types::Error::Failed(reason.clone()))
+                    }
+                };
+                (format!("{label}: {reason}"), Err(err))
+            }
+        };
+        self.calls.push(CallRecord {
+            capability: Capability::Imaging.name().into(),
+            call: call.into(),
+            detail,
+            rows: None,
+            outcome,
+        });
+        answer
+    }
+
+    /// Apply the load options the contract offers, then hand the volume over as a tensor.
+    fn deliver(
+        &mut self,
+        mut volume: amicus_imaging::Volume,
+        options: &imaging::LoadOptions,
+        is_mask: bool,
+    ) -> Result<imaging::Volume, amicus_imaging::ImagingError> {
+        use amicus_imaging::ImagingError as E;
+        if options.spacing.is_some() {
+            return Err(E::Unsupported("resampling to another spacing".into()));
+        }
+        if let Some((x, y, z)) = options.size {
+            volume = amicus_imaging::crop_or_pad(
+                &volume,
+                [x as usize, y as usize, z as usize],
+                if is_mask {
+                    0.0
+                } else {
+                    volume.data.iter().copied().fold(f32::INFINITY, f32::min)
+                },
+                self.memory_left(),
+            )?;
+        }
+        if let (Some(w), false) = (options.window, is_mask) {
+            amicus_imaging::apply_window(
+                &mut volume,
+                amicus_imaging::Window {
+                    center: w.center,
+                    width: w.width,
+                },
+            )?;
+        }
+        let bytes = volume.data.len() * 4;
+        if !self.memory.reserve_host(bytes) {
+            return Err(E::TooLarge {
+                needed: bytes as u64,
+                available: self.memory_left(),
+            });
+        }
+        let [z, y, x] = volume.shape();
+        let g = volume.geometry;
+        let tensor = self
+            .table
+            .push(HostTensor {
+                shape: vec![z as u32, y as u32, x as u32],
+                data: volume.data,
+            })
+            .map_err(|e| E::Unsupported(format!("tensor table: {e}")))?;
+        Ok(imaging::Volume {
+            data: tensor,
+            geometry: imaging::Geometry {
+                origin: (g.origin[0], g.origin[1], g.origin[2]),
+                spacing: (g.spacing[0], g.spacing[1], g.spacing[2]),
+                direction: g.direction.iter().flatten().copied().collect(),
+            },
+        })
+    }
+
+    fn series_files(
+        &self,
+        uid: &str,
+    ) -> Result<Vec<std::path::PathBuf>, amicus_imaging::ImagingError> {
+        let state = self.imaging.as_ref().expect("checked by the caller");
+        let files = state.series_files(uid);
+        if files.is_empty() {
+            return Err(amicus_imaging::ImagingError::UnknownSeries(guest_text(uid)));
+        }
+        Ok(files)
+    }
+}
+
+fn options_text(o: &imaging::LoadOptions) -> String {
+    format!(
+        "spacing={:?} size={:?} window={:?}",
+        o.spacing,
+        o.size,
+        o.window.map(|w| (w.center, w.width))
+    )
+}
+
 impl imaging::Host for HostState {
     fn load_series(
         &mut self,
         series_uid: String,
-        _options: imaging::LoadOptions,
+        options: imaging::LoadOptions,
     ) -> Result<imaging::Volume, types::Error> {
         self.require(Capability::Imaging, "load-series")?;
-        Err(self.not_available(
-            Capability::Imaging,
-            "load-series",
-            series_uid,
-            "this station has no imaging backend yet",
-        ))
+        let detail = format!("{} {}", guest_text(&series_uid), options_text(&options));
+        if self.imaging.is_none() {
+            return Err(self.not_available(
+                Capability::Imaging,
+                "load-series",
+                detail,
+                "this station has not indexed its archive (amicus station index)",
+            ));
+        }
+        let result = self
+            .series_files(&series_uid)
+            .and_then(|files| amicus_imaging::load_series(&files, self.memory_left()))
+            .and_then(|volume| self.deliver(volume, &options, false));
+        self.imaging_call("load-series", detail, result)
     }
 
     fn load_mask(
         &mut self,
         series_uid: String,
-        _label: imaging::LabelSource,
-        _options: imaging::LoadOptions,
+        label: imaging::LabelSource,
+        options: imaging::LoadOptions,
     ) -> Result<imaging::Volume, types::Error> {
         self.require(Capability::Imaging, "load-mask")?;
-        Err(self.not_available(
-            Capability::Imaging,
-            "load-mask",
-            series_uid,
-            "this station has no imaging backend yet",
-        ))
+        let (modality, name) = match &label {
+            imaging::LabelSource::RtstructRoi(n) => ("RTSTRUCT", n.clone()),
+            imaging::LabelSource::SegSegment(n) => ("SEG", n.clone()),
+        };
+        let detail = format!(
+            "{} {modality} {:?} {}",
+            guest_text(&series_uid),
+            guest_text(&name),
+            options_text(&options)
+        );
+        let Some(state) = self.imaging.clone() else {
+            return Err(self.not_available(
+                Capability::Imaging,
+                "load-mask",
+                detail,
+                "this station has not indexed its archive (amicus station index)",
+            ));
+        };
+        let result = self.series_files(&series_uid).and_then(|files| {
+            let geometry = amicus_imaging::series_geometry(&files)?;
+            // The labels drawn on this series, matched through their references.
+            let candidates = state.referencing(&series_uid, modality);
+            let holder = candidates.iter().find(|(_, f)| {
+                if modality == "RTSTRUCT" {
+                    f.roi_names.contains(&name)
+                } else {
+                    f.segment_labels.contains(&name)
+                }
+            });
+            let Some((path, _)) = holder else {
+                return Err(amicus_imaging::ImagingError::NoLabel(format!(
+                    "{:?} in any {modality} referencing series {}",
+                    guest_text(&name),
+                    guest_text(&series_uid)
+                )));
+            };
+            let needed = geometry.voxels() as u64 * 4;
+            if needed > self.memory_left() {
+                return Err(amicus_imaging::ImagingError::TooLarge {
+                    needed,
+                    available: self.memory_left(),
+                });
+            }
+            let mask = if modality == "RTSTRUCT" {
+                amicus_imaging::rtstruct::load_roi_mask(path, &name, &geometry)?
+            } else {
+                amicus_imaging::seg::load_segment_mask(path, &name, &geometry)?
+            };
+            self.deliver(mask, &options, true)
+        });
+        self.imaging_call("load-mask", detail, result)
     }
 }
 
@@ -1242,6 +1429,7 @@ max_bytes = 100
             calls: Vec::new(),
             progress: Box::new(|_, _| {}),
             cohort: None,
+            imaging: None,
         };
         let e = cohort::Host::select(&mut s, "SELECT * {}".into()).unwrap_err();
         assert!(matches!(e, types::Error::Denied(_)));

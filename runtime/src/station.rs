@@ -493,6 +493,12 @@ impl Station {
         } else {
             None
         };
+        let imaging = if granted.contains(&Capability::Imaging) {
+            amicus_index::scan::archive_state(&amicus_index::index_dir(&self.dir))
+                .map(std::sync::Arc::new)
+        } else {
+            None
+        };
         let run_id = new_run_id();
         let seed = run_seed(&digest, &params, &run_id);
         let limits = admission.limits;
@@ -521,6 +527,7 @@ impl Station {
                 seed,
                 progress,
                 cohort,
+                imaging,
             },
         );
         let report = match report {

@@ -47,12 +47,14 @@ impl Train for Misbehave {
                 amicus_sdk::emit("result.json", b"{}");
             }
             "imaging" => {
+                let size: Option<(u32, u32, u32)> = params.get("size")?;
                 let options = amicus_sdk::imaging::LoadOptions {
                     spacing: None,
-                    size: None,
+                    size,
                     window: None,
                 };
-                amicus_sdk::imaging::load_series("1.2.3", options)?;
+                let series: String = params.get("series")?.unwrap_or_else(|| "1.2.3".into());
+                amicus_sdk::imaging::load_series(&series, options)?;
             }
             "cohort" => {
                 let query: String = params
