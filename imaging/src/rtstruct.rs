@@ -6,24 +6,10 @@
 
 use crate::ImagingError;
 use crate::grid::{Geometry, Volume};
-use crate::series::floats;
+use crate::values::{floats, items, text};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use std::path::Path;
-
-fn text(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Option<String> {
-    let s = obj
-        .get(tag)?
-        .to_str()
-        .ok()?
-        .trim_matches(|c: char| c == '\0' || c.is_whitespace())
-        .to_string();
-    (!s.is_empty()).then_some(s)
-}
-
-fn items(obj: &InMemDicomObject, tag: dicom_core::Tag) -> &[InMemDicomObject] {
-    obj.get(tag).and_then(|e| e.items()).unwrap_or(&[])
-}
 
 /// ROI names in an RTSTRUCT object.
 pub fn roi_names(obj: &InMemDicomObject) -> Vec<String> {

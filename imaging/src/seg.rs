@@ -7,29 +7,10 @@
 
 use crate::ImagingError;
 use crate::grid::{Geometry, Volume};
-use crate::series::floats;
+use crate::values::{floats, items, text, uint};
 use dicom_core::value::PrimitiveValue;
 use dicom_dictionary_std::tags;
-use dicom_object::InMemDicomObject;
 use std::path::Path;
-
-fn text(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Option<String> {
-    let s = obj
-        .get(tag)?
-        .to_str()
-        .ok()?
-        .trim_matches(|c: char| c == '\0' || c.is_whitespace())
-        .to_string();
-    (!s.is_empty()).then_some(s)
-}
-
-fn uint(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Option<u32> {
-    obj.get(tag)?.to_int::<u32>().ok()
-}
-
-fn items(obj: &InMemDicomObject, tag: dicom_core::Tag) -> &[InMemDicomObject] {
-    obj.get(tag).and_then(|e| e.items()).unwrap_or(&[])
-}
 
 /// The mask of the segment labelled `label` of the SEG at `path` on `geometry`.
 pub fn load_segment_mask(

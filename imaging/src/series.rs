@@ -2,8 +2,9 @@
 
 use crate::ImagingError;
 use crate::grid::{Geometry, Volume, cross, dot};
+use crate::values::{floats, uint};
+use dicom_core::Tag;
 use dicom_core::value::{DicomValueType, PrimitiveValue};
-use dicom_core::{Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use std::path::{Path, PathBuf};
@@ -38,42 +39,6 @@ fn bad(path: &Path, reason: impl Into<String>) -> ImagingError {
         path: path.display().to_string(),
         reason: reason.into(),
     }
-}
-
-fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
-    let e = obj.get(tag)?;
-    let s = if e.vr() == VR::UN {
-        String::from_utf8_lossy(&e.to_bytes().ok()?).into_owned()
-    } else {
-        e.to_str().ok()?.into_owned()
-    };
-    let s = s.trim_matches(|c: char| c == '\0' || c.is_whitespace());
-    (!s.is_empty()).then(|| s.to_string())
-}
-
-/// Decimal strings (DS) of an element; UN-encoded text too (dicom-rs reads UN as bytes, and
-/// Rescale Slope/Intercept stored as UN would otherwise come out as their byte values).
-pub(crate) fn floats(obj: &InMemDicomObject, tag: Tag) -> Option<Vec<f64>> {
-    let e = obj.get(tag)?;
-    let v: Vec<f64> = if e.vr() == VR::UN || e.vr() == VR::DS {
-        text(obj, tag)?
-            .split('\\')
-            .map(|p| p.trim().parse::<f64>())
-            .collect::<Result<_, _>>()
-            .ok()?
-    } else {
-        e.to_multi_float64().ok()?
-    };
-    v.iter().all(|x| x.is_finite()).then_some(v)
-}
-
-fn uint(obj: &InMemDicomObject, tag: Tag) -> Option<u32> {
-    let e = obj.get(tag)?;
-    if e.vr() == VR::UN {
-        let b = e.to_bytes().ok()?;
-        return (b.len() == 2).then(|| u32::from(u16::from_le_bytes([b[0], b[1]])));
-    }
-    e.to_int::<u32>().ok()
 }
 
 fn vec3(v: &[f64]) -> [f64; 3] {
