@@ -14,28 +14,11 @@ const LDCM: &str = "PREFIX ldcm: <https://johanvansoest.nl/ontologies/LinkedDico
 /// minimum cohort of `min`.
 fn indexed(profile: &str, patients: usize, seed: u64, min: u32) -> (Fixture, serde_json::Value) {
     let f = Fixture::new();
-    ok(&[
-        "synth",
-        "--out",
-        s(&f.path("archive")),
-        "--site",
-        &format!("{profile} hospital"),
-        "--patients",
-        &patients.to_string(),
-        "--seed",
-        &seed.to_string(),
-        "--profile",
-        profile,
-    ]);
+    f.synth_archive(profile, patients, seed);
     f.policy_edit("min_patients = 10", &format!("min_patients = {min}"));
     let out = ok(&["station", "index", "--dir", s(&f.station()), "--json"]);
     let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     (f, report)
-}
-
-fn ground_truth(f: &Fixture) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(f.path("archive").join("ground-truth.json")).unwrap())
-        .unwrap()
 }
 
 fn table<'a>(summary: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
@@ -88,7 +71,7 @@ fn synth_index_and_cohort_stats_on_three_profiles() {
         assert_eq!(cell(roi, "Lung_L"), Some((4, 4)));
         // Lesion ROIs: shown with exact counts when at least 3 patients have one, else
         // suppressed by the station.
-        let truth = ground_truth(&f);
+        let truth = f.ground_truth();
         let with = |n: usize| {
             truth["patients"]
                 .as_array()
@@ -305,14 +288,7 @@ fn refused_train_queries_are_audited_and_release_nothing() {
     f.policy_edit("max_rows = 100000", "max_rows = 2");
     let out = misbehave_query(&f, &b, &ct);
     assert!(!out.ok);
-    let call = f.last_event("capability-call");
-    assert!(
-        call["outcome"]
-            .as_str()
-            .unwrap()
-            .starts_with("limit-exceeded: the result has more than 2 rows"),
-        "{call}"
-    );
+    f.last_call_outcome("limit-exceeded: the result has more than 2 rows");
     f.audit_verifies();
 }
 

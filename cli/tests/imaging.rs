@@ -5,26 +5,9 @@ mod common;
 
 use common::{Fixture, ok, s};
 
-fn ground_truth(f: &Fixture) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(f.path("archive").join("ground-truth.json")).unwrap())
-        .unwrap()
-}
-
 fn imaging_station(profile: &str, patients: usize, seed: u64) -> Fixture {
     let f = Fixture::new();
-    ok(&[
-        "synth",
-        "--out",
-        s(&f.path("archive")),
-        "--site",
-        "Imaging Hospital",
-        "--patients",
-        &patients.to_string(),
-        "--seed",
-        &seed.to_string(),
-        "--profile",
-        profile,
-    ]);
+    f.synth_archive(profile, patients, seed);
     f.policy_edit("min_patients = 10", "min_patients = 1");
     f.policy_edit(
         "allowed_capabilities = [\"cohort\"]",
@@ -53,7 +36,7 @@ fn lesion_volumes_match_the_ground_truth() {
         .unwrap(),
     )
     .unwrap();
-    let truth = ground_truth(&f);
+    let truth = f.ground_truth();
     let lesions: Vec<&serde_json::Value> = truth["patients"]
         .as_array()
         .unwrap()
@@ -124,19 +107,12 @@ fn imaging_refusals_are_clear_and_audited() {
     );
     // A volume larger than the run's memory limit (here: padded to 2000 × 2000 × 100 voxels,
     // 1.6 GB, in a train limited to 32 MiB) is refused before it is allocated.
-    let truth = ground_truth(&f);
+    let truth = f.ground_truth();
     let ct = truth["patients"][0]["ct_series_uid"].as_str().unwrap();
     let params =
         serde_json::json!({"do": "imaging", "series": ct, "size": [2000, 2000, 100]}).to_string();
     let out = f.run(&b, Some(&params));
     assert!(!out.ok);
-    let call = f.last_event("capability-call");
-    assert!(
-        call["outcome"]
-            .as_str()
-            .unwrap()
-            .starts_with("limit-exceeded"),
-        "{call}"
-    );
+    f.last_call_outcome("limit-exceeded");
     assert!(f.released().is_empty());
 }

@@ -194,6 +194,37 @@ impl Fixture {
         out
     }
 
+    /// Fill the (empty) archive with `patients` synthetic patients of `profile`.
+    pub fn synth_archive(&self, profile: &str, patients: usize, seed: u64) {
+        ok(&[
+            "synth",
+            "--out",
+            s(&self.path("archive")),
+            "--site",
+            &format!("{profile} hospital"),
+            "--patients",
+            &patients.to_string(),
+            "--seed",
+            &seed.to_string(),
+            "--profile",
+            profile,
+        ]);
+    }
+
+    /// The ground truth synth wrote next to the archive.
+    pub fn ground_truth(&self) -> serde_json::Value {
+        let path = self.path("archive").join("ground-truth.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    /// The last capability call's audit entry, whose outcome must start with `prefix`.
+    pub fn last_call_outcome(&self, prefix: &str) -> serde_json::Value {
+        let call = self.last_event("capability-call");
+        let outcome = call["outcome"].as_str().unwrap_or("");
+        assert!(outcome.starts_with(prefix), "expected {prefix:?}: {call}");
+        call
+    }
+
     pub fn audit_verifies(&self) {
         ok(&["audit", "verify", "--dir", s(&self.station())]);
     }
