@@ -11,8 +11,8 @@
 //! Supported now: single-frame images in the native (uncompressed) transfer syntaxes, 8/16-bit,
 //! signed or unsigned, one sample per pixel; RTSTRUCT closed planar contours (even-odd rule at
 //! pixel centres, so holes and several contours per slice work); binary and fractional SEG.
-//! Compressed transfer syntaxes, multi-frame images, resampling and patch sampling are refused
-//! with a clear error (see `docs/imaging.md`).
+//! Compressed transfer syntaxes, multi-frame images and patch sampling are refused with a clear
+//! error (see `docs/imaging.md`).
 
 mod grid;
 pub mod options;
@@ -22,7 +22,7 @@ pub mod series;
 mod values;
 
 pub use grid::{Geometry, Volume};
-pub use options::{Window, apply_window, crop_or_pad};
+pub use options::{Window, apply_window, crop_or_pad, resample};
 pub use series::{load_series, series_geometry};
 
 /// Why a series or mask could not be loaded. Every variant says what to fix.

@@ -1,5 +1,6 @@
-//! Options a train may ask for on a loaded volume: an intensity window, and crop/pad to a fixed
-//! size around the centre.
+//! Options a train may ask for on a loaded volume: resampling to a spacing (trilinear for
+//! images, nearest neighbour for masks), an intensity window, and crop/pad to a fixed size
+//! around the centre.
 
 use crate::ImagingError;
 use crate::grid::Volume;
@@ -24,6 +25,76 @@ pub fn apply_window(volume: &mut Volume, w: Window) -> Result<(), ImagingError> 
         *v = ((*v - low) / w.width).clamp(0.0, 1.0);
     }
     Ok(())
+}
+
+/// Resample to `spacing` (x, y, z) in mm on a grid with the same origin and direction that
+/// covers the same extent: trilinear interpolation for images, nearest neighbour for masks
+/// (`nearest`). `max_bytes` bounds the result.
+pub fn resample(
+    volume: &Volume,
+    spacing: [f64; 3],
+    nearest: bool,
+    max_bytes: u64,
+) -> Result<Volume, ImagingError> {
+    if spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err(ImagingError::Inconsistent(format!(
+            "spacing {spacing:?} must be positive"
+        )));
+    }
+    let old = volume.geometry.size;
+    let old_spacing = volume.geometry.spacing;
+    let size: [usize; 3] = std::array::from_fn(|a| {
+        ((old[a] as f64 * old_spacing[a] / spacing[a]).round() as usize).max(1)
+    });
+    let needed = size
+        .iter()
+        .try_fold(4u64, |acc, &n| acc.checked_mul(n as u64))
+        .unwrap_or(u64::MAX);
+    if needed > max_bytes {
+        return Err(ImagingError::TooLarge {
+            needed,
+            available: max_bytes,
+        });
+    }
+    // Old continuous coordinate of new voxel i along each axis, split into index and weight.
+    let axis = |a: usize| -> Vec<(usize, usize, f32)> {
+        (0..size[a])
+            .map(|i| {
+                let x = (i as f64 * spacing[a] / old_spacing[a]).clamp(0.0, (old[a] - 1) as f64);
+                let lo = x.floor() as usize;
+                let hi = (lo + 1).min(old[a] - 1);
+                let t = (x - lo as f64) as f32;
+                if nearest {
+                    let n = if t >= 0.5 { hi } else { lo };
+                    (n, n, 0.0)
+                } else {
+                    (lo, hi, t)
+                }
+            })
+            .collect()
+    };
+    let (ax, ay, az) = (axis(0), axis(1), axis(2));
+    let at = |x: usize, y: usize, z: usize| volume.data[(z * old[1] + y) * old[0] + x];
+    let mut data = Vec::with_capacity(size.iter().product());
+    for &(z0, z1, tz) in &az {
+        for &(y0, y1, ty) in &ay {
+            for &(x0, x1, tx) in &ax {
+                let lerp = |a: f32, b: f32, t: f32| a + (b - a) * t;
+                let plane = |z| {
+                    lerp(
+                        lerp(at(x0, y0, z), at(x1, y0, z), tx),
+                        lerp(at(x0, y1, z), at(x1, y1, z), tx),
+                        ty,
+                    )
+                };
+                data.push(lerp(plane(z0), plane(z1), tz));
+            }
+        }
+    }
+    let mut geometry = volume.geometry.clone();
+    geometry.spacing = spacing;
+    geometry.size = size;
+    Ok(Volume { data, geometry })
 }
 
 /// Crop or pad (with `fill`) to `size` (x, y, z), keeping the volume's centre; the geometry's
@@ -113,6 +184,29 @@ mod tests {
             crop_or_pad(&v, [1000, 1000, 1000], 0.0, 1 << 20),
             Err(ImagingError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn resampling_interpolates_images_and_keeps_masks_binary() {
+        // x ramp 0, 1, 2, 3 at 1 mm → 0.5 mm: 8 samples, linear, clamped at the end.
+        let v = ramp([4, 1, 1]);
+        let r = resample(&v, [0.5, 2.0, 3.0], false, 1 << 20).unwrap();
+        assert_eq!(r.geometry.size, [8, 1, 1]);
+        assert_eq!(r.data, [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.0]);
+        assert_eq!(r.geometry.origin, v.geometry.origin);
+        // Downsampling a mask by 2 with nearest neighbour stays 0/1.
+        let mut m = ramp([4, 4, 1]);
+        for (i, x) in m.data.iter_mut().enumerate() {
+            *x = if i % 4 >= 2 { 1.0 } else { 0.0 };
+        }
+        let r = resample(&m, [2.0, 4.0, 3.0], true, 1 << 20).unwrap();
+        assert_eq!(r.geometry.size, [2, 2, 1]);
+        assert_eq!(r.data, [0.0, 1.0, 0.0, 1.0]);
+        assert!(matches!(
+            resample(&v, [1e-6, 1.0, 1.0], false, 1 << 20),
+            Err(ImagingError::TooLarge { .. })
+        ));
+        assert!(resample(&v, [0.0, 1.0, 1.0], false, 1 << 20).is_err());
     }
 
     #[test]

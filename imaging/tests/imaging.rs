@@ -112,6 +112,14 @@ fn rtstruct_and_seg_masks_match_the_lesions() {
                     lesion.center
                 );
             }
+            // Resampled to 1 mm isotropic (nearest neighbour), a mask keeps its volume.
+            let iso = amicus_imaging::resample(&m, [1.0, 1.0, 1.0], true, BIG).unwrap();
+            let iso_volume: f64 = iso.data.iter().map(|v| f64::from(*v)).sum();
+            assert!(iso.data.iter().all(|v| *v == 0.0 || *v == 1.0));
+            assert!(
+                (iso_volume - volume).abs() / volume < 0.1,
+                "{iso_volume} vs {volume}"
+            );
             // Volume within 2% for lesions large enough to be resolved (radius ≥ 5 voxels).
             let min_radius = lesion.radii.iter().copied().fold(f64::INFINITY, f64::min);
             if min_radius >= 5.0 * ct.geometry.spacing[2] {

@@ -919,8 +919,8 @@ impl HostState {
         is_mask: bool,
     ) -> Result<imaging::Volume, amicus_imaging::ImagingError> {
         use amicus_imaging::ImagingError as E;
-        if options.spacing.is_some() {
-            return Err(E::Unsupported("resampling to another spacing".into()));
+        if let Some((x, y, z)) = options.spacing {
+            volume = amicus_imaging::resample(&volume, [x, y, z], is_mask, self.memory_left())?;
         }
         if let Some((x, y, z)) = options.size {
             volume = amicus_imaging::crop_or_pad(
