@@ -1,5 +1,5 @@
 //! `amicus bench start`: how long it takes a station to get a train going (`bench index` is
-//! in `bench_index.rs`).
+//! in `bench_index.rs`, `bench imaging` in `bench_imaging.rs`).
 //!
 //! Measures, for one bundle: signature verification (read + hash + check), a cold compile,
 //! loading the station's cached compilation, and a full run with the cached module
@@ -24,6 +24,8 @@ pub enum BenchCommand {
     },
     /// Header indexing against pydicom, and cohort query latency on a large real index.
     Index(crate::bench_index::IndexArgs),
+    /// Series → volume throughput against pydicom.
+    Imaging(crate::bench_imaging::ImagingArgs),
 }
 
 pub fn run(c: BenchCommand) -> Result<()> {
@@ -34,6 +36,7 @@ pub fn run(c: BenchCommand) -> Result<()> {
             out,
         } => start(&bundle, iterations.max(1), &out),
         BenchCommand::Index(args) => crate::bench_index::run(args),
+        BenchCommand::Imaging(args) => crate::bench_imaging::run(args),
     }
 }
 
