@@ -370,3 +370,27 @@ fn no_direct_identifier_leaves_the_archive() {
         assert!(!text.contains(id.as_str()), "{id:?} left the archive");
     }
 }
+
+#[test]
+fn a_damaged_index_refuses_runs_and_says_so() {
+    let (f, _) = indexed("academic", 2, 13, 1);
+    let catalog = ok(&["station", "catalog", "--dir", s(&f.station())]).stdout;
+    let published = f.last_event("catalog-published");
+    assert_eq!(published["bytes"], catalog.len());
+    std::fs::write(f.station().join("index/graph.nq"), "<urn:a> <urn:b> broken").unwrap();
+    let b = f.ready("cohort-stats");
+    let out = f.run(&b, None);
+    assert!(!out.ok, "{}", out.text());
+    let refused = f.last_event("train-refused");
+    assert_eq!(refused["stage"], "index", "{refused}");
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be loaded"),
+        "{refused}"
+    );
+    // Re-indexing repairs it (the graph is always rewritten from the facts).
+    ok(&["station", "index", "--dir", s(&f.station())]);
+    assert!(f.run(&b, None).ok);
+}

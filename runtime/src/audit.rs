@@ -132,6 +132,12 @@ pub enum Event {
         triples: u64,
         graph_sha256: String,
     },
+    /// The station's public catalog was produced (`amicus station catalog`): what was
+    /// disclosed can be matched by its hash.
+    CatalogPublished {
+        sha256: Digest,
+        bytes: u64,
+    },
     /// The data owner queried the index (`amicus station query`).
     IndexQueried {
         query_sha256: Digest,

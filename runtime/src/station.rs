@@ -299,11 +299,12 @@ impl Station {
             license: &policy.catalog.license,
             min_patients: policy.cohort.min_patients,
         };
-        Ok(amicus_index::catalog_turtle(
-            &index,
-            &info,
-            report.as_ref(),
-        )?)
+        let turtle = amicus_index::catalog_turtle(&index, &info, report.as_ref())?;
+        self.audit()?.append(Event::CatalogPublished {
+            sha256: sha256(turtle.as_bytes()),
+            bytes: turtle.len() as u64,
+        })?;
+        Ok(turtle)
     }
 
     pub fn policy(&self) -> Result<Policy, StationError> {
@@ -489,7 +490,10 @@ impl Station {
         }
 
         let cohort = if granted.contains(&Capability::Cohort) {
-            self.cohort_access(&policy)?
+            match self.cohort_access(&policy) {
+                Ok(access) => access,
+                Err(e) => return Err(refuse(Some(digest), Refusal::new("index", e.to_string()))),
+            }
         } else {
             None
         };
