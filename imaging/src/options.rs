@@ -27,6 +27,21 @@ pub fn apply_window(volume: &mut Volume, w: Window) -> Result<(), ImagingError> 
     Ok(())
 }
 
+/// Refuse a float32 grid of `size` voxels that would not fit in `max_bytes`.
+fn fits(size: [usize; 3], max_bytes: u64) -> Result<(), ImagingError> {
+    let needed = size
+        .iter()
+        .try_fold(4u64, |acc, &n| acc.checked_mul(n as u64))
+        .unwrap_or(u64::MAX);
+    if needed > max_bytes {
+        return Err(ImagingError::TooLarge {
+            needed,
+            available: max_bytes,
+        });
+    }
+    Ok(())
+}
+
 /// Resample to `spacing` (x, y, z) in mm on a grid with the same origin and direction that
 /// covers the same extent: trilinear interpolation for images, nearest neighbour for masks
 /// (`nearest`). `max_bytes` bounds the result.
@@ -46,16 +61,7 @@ pub fn resample(
     let size: [usize; 3] = std::array::from_fn(|a| {
         ((old[a] as f64 * old_spacing[a] / spacing[a]).round() as usize).max(1)
     });
-    let needed = size
-        .iter()
-        .try_fold(4u64, |acc, &n| acc.checked_mul(n as u64))
-        .unwrap_or(u64::MAX);
-    if needed > max_bytes {
-        return Err(ImagingError::TooLarge {
-            needed,
-            available: max_bytes,
-        });
-    }
+    fits(size, max_bytes)?;
     // Old continuous coordinate of new voxel i along each axis, split into index and weight.
     let axis = |a: usize| -> Vec<(usize, usize, f32)> {
         (0..size[a])
@@ -110,16 +116,7 @@ pub fn crop_or_pad(
             "crop/pad size must be positive".into(),
         ));
     }
-    let needed = size
-        .iter()
-        .try_fold(4u64, |acc, &n| acc.checked_mul(n as u64))
-        .unwrap_or(u64::MAX);
-    if needed > max_bytes {
-        return Err(ImagingError::TooLarge {
-            needed,
-            available: max_bytes,
-        });
-    }
+    fits(size, max_bytes)?;
     let old = volume.geometry.size;
     // Offset of the new grid's first voxel in old voxel coordinates (may be negative).
     let offset: Vec<i64> = (0..3)
