@@ -94,6 +94,36 @@ impl Study<'_> {
         put_str(obj, tags::INSTITUTION_NAME, VR::LO, self.site);
         put_str(obj, tags::BODY_PART_EXAMINED, VR::CS, "CHEST");
     }
+
+    /// `common` plus what every ground-truth object (RTSTRUCT, SEG) of this study shares:
+    /// its SOP class and instance, series description, model name and instance number 1.
+    pub(crate) fn derived_object(
+        &self,
+        modality: &str,
+        series_uid: &str,
+        series_number: u16,
+        sop_class: &str,
+        sop_uid: &str,
+        description: &str,
+    ) -> Obj {
+        let mut obj = Obj::new_empty();
+        self.common(&mut obj, modality, series_uid, series_number);
+        put_str(&mut obj, tags::SOP_CLASS_UID, VR::UI, sop_class);
+        put_str(&mut obj, tags::SOP_INSTANCE_UID, VR::UI, sop_uid);
+        put_str(&mut obj, tags::SERIES_DESCRIPTION, VR::LO, description);
+        put_str(
+            &mut obj,
+            tags::MANUFACTURER_MODEL_NAME,
+            VR::LO,
+            "amicus-synth",
+        );
+        obj.put(DataElement::new(
+            tags::INSTANCE_NUMBER,
+            VR::IS,
+            PrimitiveValue::from("1"),
+        ));
+        obj
+    }
 }
 
 /// Write patient number `index` of `site` under `out/<folder>/`.
@@ -363,28 +393,15 @@ fn write_rtstruct(
     label: &str,
 ) -> Result<(), String> {
     let sop_uid = uid(st.seed, &[st.site, label, "rtstruct"]);
-    let mut obj = Obj::new_empty();
-    st.common(&mut obj, "RTSTRUCT", series_uid, 3);
-    put_str(
-        &mut obj,
-        tags::SOP_CLASS_UID,
-        VR::UI,
+    let mut obj = st.derived_object(
+        "RTSTRUCT",
+        series_uid,
+        3,
         uids::RT_STRUCTURE_SET_STORAGE,
+        &sop_uid,
+        "Ground truth",
     );
-    put_str(&mut obj, tags::SOP_INSTANCE_UID, VR::UI, &sop_uid);
-    put_str(&mut obj, tags::SERIES_DESCRIPTION, VR::LO, "Ground truth");
     put_str(&mut obj, tags::OPERATORS_NAME, VR::PN, "");
-    put_str(
-        &mut obj,
-        tags::MANUFACTURER_MODEL_NAME,
-        VR::LO,
-        "amicus-synth",
-    );
-    obj.put(DataElement::new(
-        tags::INSTANCE_NUMBER,
-        VR::IS,
-        PrimitiveValue::from("1"),
-    ));
     put_str(&mut obj, tags::STRUCTURE_SET_LABEL, VR::SH, "GT");
     put_str(&mut obj, tags::STRUCTURE_SET_DATE, VR::DA, &st.study_date);
     put_str(&mut obj, tags::STRUCTURE_SET_TIME, VR::TM, "120000");

@@ -74,26 +74,13 @@ pub(crate) fn write_seg(
     let sop_uid = uid(st.seed, &[st.site, label, "seg"]);
     let dim_uid = uid(st.seed, &[st.site, label, "seg-dimensions"]);
 
-    let mut obj = Obj::new_empty();
-    st.common(&mut obj, "SEG", series_uid, 4);
-    put_str(
-        &mut obj,
-        tags::SOP_CLASS_UID,
-        VR::UI,
+    let mut obj = st.derived_object(
+        "SEG",
+        series_uid,
+        4,
         uids::SEGMENTATION_STORAGE,
-    );
-    put_str(&mut obj, tags::SOP_INSTANCE_UID, VR::UI, &sop_uid);
-    put_str(
-        &mut obj,
-        tags::SERIES_DESCRIPTION,
-        VR::LO,
+        &sop_uid,
         "Ground truth segmentation",
-    );
-    put_str(
-        &mut obj,
-        tags::MANUFACTURER_MODEL_NAME,
-        VR::LO,
-        "amicus-synth",
     );
     put_str(&mut obj, tags::DEVICE_SERIAL_NUMBER, VR::LO, "1");
     put_str(
@@ -102,11 +89,6 @@ pub(crate) fn write_seg(
         VR::LO,
         env!("CARGO_PKG_VERSION"),
     );
-    obj.put(DataElement::new(
-        tags::INSTANCE_NUMBER,
-        VR::IS,
-        PrimitiveValue::from("1"),
-    ));
     put_str(&mut obj, tags::IMAGE_TYPE, VR::CS, "DERIVED\\PRIMARY");
     put_str(&mut obj, tags::CONTENT_DATE, VR::DA, &st.study_date);
     put_str(&mut obj, tags::CONTENT_TIME, VR::TM, "120000");
