@@ -19,7 +19,6 @@ pub mod options;
 pub mod rtstruct;
 pub mod seg;
 pub mod series;
-mod values;
 
 pub use grid::{Geometry, Volume};
 pub use options::{Window, apply_window, crop_or_pad, resample};

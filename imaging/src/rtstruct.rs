@@ -6,7 +6,7 @@
 
 use crate::ImagingError;
 use crate::grid::{Geometry, Volume};
-use crate::values::{floats, items, text};
+use amicus_index::values::{floats, items, text};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use std::path::Path;

@@ -7,7 +7,7 @@
 
 use crate::ImagingError;
 use crate::grid::{Geometry, Volume};
-use crate::values::{floats, items, text, uint};
+use amicus_index::values::{floats, items, text, uint};
 use dicom_core::value::PrimitiveValue;
 use dicom_dictionary_std::tags;
 use std::path::Path;

@@ -2,7 +2,7 @@
 
 use crate::ImagingError;
 use crate::grid::{Geometry, Volume, cross, dot};
-use crate::values::{floats, uint};
+use amicus_index::values::{floats, uint};
 use dicom_core::Tag;
 use dicom_core::value::{DicomValueType, PrimitiveValue};
 use dicom_dictionary_std::tags;

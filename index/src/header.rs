@@ -7,6 +7,7 @@
 //! derive the pseudonym or the age and are dropped here: nothing returned holds them.
 
 use crate::pseudonym::PseudonymKey;
+use crate::values::{float, floats, items, text, uint};
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use dicom_object::{InMemDicomObject, OpenFileOptions};
@@ -537,26 +538,6 @@ fn one_line(e: &dyn std::fmt::Display) -> String {
     s.chars().take(300).collect()
 }
 
-/// Text of an element, trimmed of DICOM padding; `None` when absent or empty.
-///
-/// Values stored with VR UN in explicit-VR files reach us as raw bytes, which dicom-rs
-/// renders as "49\46\...". Every standard attribute read here is text or numbers-as-text,
-/// so UN bytes are decoded as the ASCII text they hold; anything else is treated as absent.
-fn text(obj: &InMemDicomObject, tag: Tag) -> Option<String> {
-    let e = obj.get(tag)?;
-    let s = if e.vr() == dicom_core::VR::UN {
-        let bytes = e.to_bytes().ok()?;
-        if !bytes.iter().all(|b| *b == 0 || (0x20..0x7f).contains(b)) {
-            return None;
-        }
-        String::from_utf8_lossy(&bytes).into_owned()
-    } else {
-        e.to_str().ok()?.into_owned()
-    };
-    let s = s.trim_matches(|c: char| c == '\0' || c.is_whitespace());
-    (!s.is_empty()).then(|| s.to_string())
-}
-
 fn required(obj: &InMemDicomObject, tag: Tag, name: &'static str) -> Result<String, HeaderError> {
     text(obj, tag).ok_or(HeaderError::Missing(name))
 }
@@ -576,49 +557,6 @@ pub fn is_uid(v: &str) -> bool {
         && v.len() <= 64
         && v.split('.')
             .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-}
-
-fn float(obj: &InMemDicomObject, tag: Tag) -> Option<f64> {
-    let e = obj.get(tag)?;
-    let v = if e.vr() == dicom_core::VR::UN {
-        // DS stored as UN: the text before the first backslash.
-        text(obj, tag)?.split('\\').next()?.trim().parse().ok()?
-    } else {
-        e.to_float64().ok()?
-    };
-    v.is_finite().then_some(v)
-}
-
-fn floats(obj: &InMemDicomObject, tag: Tag) -> Vec<f64> {
-    let Some(e) = obj.get(tag) else {
-        return Vec::new();
-    };
-    let values = if e.vr() == dicom_core::VR::UN {
-        text(obj, tag)
-            .map(|t| {
-                t.split('\\')
-                    .filter_map(|v| v.trim().parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    } else {
-        e.to_multi_float64().unwrap_or_default()
-    };
-    values.into_iter().filter(|v: &f64| v.is_finite()).collect()
-}
-
-fn uint(obj: &InMemDicomObject, tag: Tag) -> Option<u32> {
-    let e = obj.get(tag)?;
-    if e.vr() == dicom_core::VR::UN {
-        // US (2 bytes) stored as UN, little endian as in the explicit VR little endian files
-        // where UN is met in practice; IS (text) otherwise.
-        let bytes = e.to_bytes().ok()?;
-        return match bytes.len() {
-            2 => Some(u32::from(u16::from_le_bytes([bytes[0], bytes[1]]))),
-            _ => text(obj, tag)?.trim().parse().ok(),
-        };
-    }
-    e.to_int::<u32>().ok()
 }
 
 fn facts_of(
@@ -691,7 +629,7 @@ fn facts_of(
         study_year: study_date.map(|(y, _, _)| y),
         body_part: text(obj, tags::BODY_PART_EXAMINED),
         slice_thickness_mm: float(obj, tags::SLICE_THICKNESS),
-        pixel_spacing_mm: floats(obj, tags::PIXEL_SPACING),
+        pixel_spacing_mm: floats(obj, tags::PIXEL_SPACING).unwrap_or_default(),
         rows: uint(obj, tags::ROWS),
         columns: uint(obj, tags::COLUMNS),
         frames: uint(obj, tags::NUMBER_OF_FRAMES),
@@ -703,10 +641,6 @@ fn facts_of(
         referenced_series,
         transfer_syntax,
     })
-}
-
-fn items(obj: &InMemDicomObject, tag: Tag) -> &[InMemDicomObject] {
-    obj.get(tag).and_then(|e| e.items()).unwrap_or(&[])
 }
 
 /// Series Instance UIDs anywhere below a referencing sequence item (bounded depth).

@@ -13,6 +13,7 @@ pub mod header;
 pub mod pseudonym;
 pub mod query;
 pub mod scan;
+pub mod values;
 
 pub use catalog::{CatalogInfo, catalog_turtle};
 pub use graph::{GraphCounts, Index, LoadError};
