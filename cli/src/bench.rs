@@ -40,6 +40,48 @@ pub fn run(c: BenchCommand) -> Result<()> {
     }
 }
 
+/// `$HOME`.
+pub(crate) fn home() -> PathBuf {
+    PathBuf::from(std::env::var("HOME").unwrap_or_default())
+}
+
+/// The test venv's python (`scripts/setup.sh --test`), or `$AMICUS_PYTHON`, if present.
+pub(crate) fn venv_python() -> Option<PathBuf> {
+    let p = std::env::var_os("AMICUS_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cache/amicus/venv/bin/python"));
+    p.is_file().then_some(p)
+}
+
+/// Median of seconds.
+pub(crate) fn median_secs(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Run a Python baseline `script` that reads `input` (a file path, argv[1]) and a repetition
+/// count (argv[2]) and prints its median seconds. `None` when there is no venv python.
+pub(crate) fn python_baseline(script: &str, input: &str, reps: usize) -> Result<Option<f64>> {
+    let Some(python) = venv_python() else {
+        eprintln!("bench: no venv python (run scripts/setup.sh --test): pydicom baseline skipped");
+        return Ok(None);
+    };
+    let list = tempfile::NamedTempFile::new()?;
+    std::fs::write(list.path(), input)?;
+    let out = std::process::Command::new(python)
+        .args(["-c", script])
+        .arg(list.path())
+        .arg(reps.to_string())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "python baseline failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(Some(String::from_utf8_lossy(&out.stdout).trim().parse()?))
+}
+
 fn median(mut v: Vec<Duration>) -> f64 {
     v.sort();
     v[v.len() / 2].as_secs_f64() * 1000.0

@@ -6,9 +6,10 @@
 //! position and stacked with numpy). Reports MB/s of output volume and slices/s, the ratio
 //! (goal ≥ 2x pydicom on uncompressed data) and writes JSON and Markdown; asserts nothing.
 
-use anyhow::{Result, bail};
+use crate::bench::{median_secs as median, python_baseline};
+use anyhow::Result;
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -59,24 +60,8 @@ times.sort()
 print(times[len(times) // 2])
 "#;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn pydicom_seconds(series: &[Vec<PathBuf>], reps: usize) -> Result<Option<f64>> {
-    let python = std::env::var_os("AMICUS_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(&std::env::var("HOME").unwrap_or_default())
-                .join(".cache/amicus/venv/bin/python")
-        });
-    if !python.is_file() {
-        eprintln!("bench: no venv python (run scripts/setup.sh --test): pydicom baseline skipped");
-        return Ok(None);
-    }
-    let list = tempfile::NamedTempFile::new()?;
-    let text: Vec<String> = series
+    let lines: Vec<String> = series
         .iter()
         .map(|files| {
             files
@@ -86,19 +71,7 @@ fn pydicom_seconds(series: &[Vec<PathBuf>], reps: usize) -> Result<Option<f64>> 
                 .join("\t")
         })
         .collect();
-    std::fs::write(list.path(), text.join("\n"))?;
-    let out = std::process::Command::new(python)
-        .args(["-c", PYDICOM_LOADER])
-        .arg(list.path())
-        .arg(reps.to_string())
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "pydicom loader failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(Some(String::from_utf8_lossy(&out.stdout).trim().parse()?))
+    python_baseline(PYDICOM_LOADER, &lines.join("\n"), reps)
 }
 
 pub fn run(args: ImagingArgs) -> Result<()> {

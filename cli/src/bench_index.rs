@@ -7,6 +7,7 @@
 //! and the median latency of join queries (goal ≤ 100 ms). Writes JSON and Markdown; asserts
 //! nothing. The last line states the headline figure against its goal.
 
+use crate::bench::{home, median_secs as median, python_baseline, venv_python};
 use amicus_index::{InstanceFacts, query};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -83,22 +84,6 @@ struct Report {
     idc: Option<IdcFigures>,
 }
 
-fn venv_python() -> Option<PathBuf> {
-    let p = std::env::var_os("AMICUS_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home().join(".cache/amicus/venv/bin/python"));
-    p.is_file().then_some(p)
-}
-
-fn home() -> PathBuf {
-    PathBuf::from(std::env::var("HOME").unwrap_or_default())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn files_below(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for e in std::fs::read_dir(dir)? {
         let e = e?;
@@ -131,25 +116,8 @@ print(times[len(times) // 2])
 "#;
 
 fn pydicom_seconds(files: &[PathBuf], reps: usize) -> Result<Option<f64>> {
-    let Some(python) = venv_python() else {
-        eprintln!("bench: no venv python (run scripts/setup.sh --test): pydicom baseline skipped");
-        return Ok(None);
-    };
-    let list = tempfile::NamedTempFile::new()?;
     let text: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-    std::fs::write(list.path(), text.join("\n"))?;
-    let out = std::process::Command::new(python)
-        .args(["-c", PYDICOM_TIMER])
-        .arg(list.path())
-        .arg(reps.to_string())
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "pydicom timer failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(Some(String::from_utf8_lossy(&out.stdout).trim().parse()?))
+    python_baseline(PYDICOM_TIMER, &text.join("\n"), reps)
 }
 
 fn scan_figures(name: &str, archive: &Path, reps: usize) -> Result<ScanFigures> {
