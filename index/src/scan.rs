@@ -127,9 +127,9 @@ pub fn scan(
     let mut quarantined = Vec::new();
     walk(&archive, &archive, &mut files, &mut quarantined, 0);
     files.sort();
-    progress(Progress::Found(
-        files.len() as u64 + quarantined.len() as u64,
-    ));
+    // Entries the walk itself could not read (links, special files, unlistable folders).
+    let files_seen = (files.len() + quarantined.len()) as u64;
+    progress(Progress::Found(files_seen));
 
     let (mut new, mut changed, mut unchanged) = (0, 0, 0);
     // Slots in sorted order: reused entries now, parsed ones filled in by the workers.
@@ -290,11 +290,7 @@ pub fn scan(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         seconds: started.elapsed().as_secs_f64(),
-        files_seen: (files.len()
-            + quarantined
-                .iter()
-                .filter(|q| !files.contains(&q.path))
-                .count()) as u64,
+        files_seen,
         new,
         changed,
         unchanged,
