@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs what amicus needs, idempotently:
 # - the wasm32-wasip2 Rust target (trains are WebAssembly components);
+# - CMake and a C++ compiler (the JPEG-LS and JPEG 2000 codecs build from C/C++ sources);
 # and with --test, what the test suite needs besides:
 # - dicom3tools (Debian: dciodvfy validates the synthetic DICOM in the tests);
-# - pydicom, numpy and rdflib in a venv at ~/.cache/amicus/venv (independent readers of the
-#   DICOM and the PROV-O the tests check);
+# - pydicom (with the pylibjpeg/pyjpegls decoders), numpy and rdflib in a venv at
+#   ~/.cache/amicus/venv (independent readers of the DICOM, pixel data and PROV-O the tests
+#   check);
 # - a real-world DICOM corpus at ~/.cache/amicus/corpus: pydicom's own test files and the
 #   pydicom-data wheel's files (both from PyPI), which the index must read or quarantine.
 # Later parts add the ONNX Runtime library (from the PyPI wheel) here.
@@ -24,9 +26,16 @@ else
   echo "setup: rustup not found; make sure the wasm32-wasip2 target is installed" >&2
 fi
 
+# Building needs CMake (CharLS, the JPEG-LS codec, builds with it) and a C/C++ compiler.
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+if ! command -v cmake >/dev/null || ! command -v c++ >/dev/null; then
+  echo "setup: installing cmake and a C++ compiler (pixel data codecs)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cmake g++ >/dev/null
+fi
+
 [ "${1:-}" = "--test" ] || exit 0
 
-SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 if ! command -v dciodvfy >/dev/null; then
   echo "setup: installing dicom3tools (dciodvfy)"
   $SUDO apt-get update -qq
@@ -34,15 +43,16 @@ if ! command -v dciodvfy >/dev/null; then
 fi
 
 VENV="${HOME}/.cache/amicus/venv"
-if ! "$VENV/bin/python" -c "import pydicom, numpy, rdflib" 2>/dev/null; then
-  echo "setup: creating $VENV with pydicom, numpy and rdflib"
-  if ! python3 -m venv "$VENV" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import pydicom, numpy, rdflib, pylibjpeg, libjpeg, openjpeg, jpeg_ls" 2>/dev/null; then
+  echo "setup: creating $VENV with pydicom (and its JPEG, JPEG 2000, JPEG-LS decoders), numpy and rdflib"
+  if [ ! -x "$VENV/bin/pip" ] && ! python3 -m venv "$VENV" 2>/dev/null; then
     # Debian's system Python keeps venv in a separate package.
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
     python3 -m venv "$VENV"
   fi
-  "$VENV/bin/pip" install -q --disable-pip-version-check "pydicom==3.*" "numpy<3" "rdflib==7.*"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "pydicom==3.*" "numpy<3" "rdflib==7.*" \
+    "pylibjpeg==2.1.0" "pylibjpeg-libjpeg==2.5.0" "pylibjpeg-openjpeg==2.6.0" "pyjpegls==1.5.1"
 fi
 
 CORPUS="${HOME}/.cache/amicus/corpus"

@@ -16,13 +16,15 @@
 
 mod grid;
 pub mod options;
+mod pixels;
+mod rle;
 pub mod rtstruct;
 pub mod seg;
 pub mod series;
 
 pub use grid::{Geometry, Volume};
 pub use options::{Window, apply_window, crop_or_pad, resample};
-pub use series::{load_series, series_geometry};
+pub use series::{Frames, load_frames, load_series, series_geometry};
 
 /// Why a series or mask could not be loaded. Every variant says what to fix.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
