@@ -191,6 +191,30 @@ pub(crate) fn decode_frame(
     let Codec::EncapsulatedPixelData(Some(decoder), _) = ts.codec() else {
         return Err(format!("no decoder for transfer syntax {}", ts.name()));
     };
+    // The codecs size their output from Rows/Columns but decode what the codestream says:
+    // the two must agree, or a frame would come out padded, cut or misaligned.
+    let encoded = source
+        .frame_pixel_data(frame as u32)
+        .ok_or_else(|| format!("{} frame {} is missing", ts.name(), frame + 1))?;
+    match codestream_size(&encoded) {
+        Some(size) if size == (layout.rows, layout.columns) => {}
+        Some((rows, columns)) => {
+            return Err(format!(
+                "{} frame {} holds a {columns} × {rows} image; Columns × Rows say {} × {}",
+                ts.name(),
+                frame + 1,
+                layout.columns,
+                layout.rows
+            ));
+        }
+        None => {
+            return Err(format!(
+                "{} frame {} has no readable frame header",
+                ts.name(),
+                frame + 1
+            ));
+        }
+    }
     let mut bytes = Vec::with_capacity(layout.frame_bytes());
     decoder
         .decode_frame(&source, frame as u32, &mut bytes)
@@ -209,6 +233,49 @@ pub(crate) fn decode_frame(
     }
     from_le_bytes(out, &bytes[..layout.frame_bytes()], layout, rescale);
     Ok(())
+}
+
+/// (rows, columns) of a JPEG, JPEG-LS or JPEG 2000 codestream, from its frame header (SOFn /
+/// SOF55 marker segment, or the SIZ segment after SOC); `None` if there is none.
+pub(crate) fn codestream_size(data: &[u8]) -> Option<(usize, usize)> {
+    let be16 = |i: usize| -> Option<usize> {
+        Some(usize::from(u16::from_be_bytes([
+            *data.get(i)?,
+            *data.get(i + 1)?,
+        ])))
+    };
+    let be32 = |i: usize| -> Option<usize> {
+        let b = data.get(i..i + 4)?;
+        Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    if data.starts_with(&[0xFF, 0x4F, 0xFF, 0x51]) {
+        // JPEG 2000: SOC, then SIZ: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz.
+        let (x, y, x0, y0) = (be32(8)?, be32(12)?, be32(16)?, be32(20)?);
+        return Some((y.checked_sub(y0)?, x.checked_sub(x0)?));
+    }
+    if !data.starts_with(&[0xFF, 0xD8]) {
+        return None;
+    }
+    // JPEG / JPEG-LS: walk the marker segments up to the frame header.
+    let mut i = 2;
+    loop {
+        while *data.get(i)? != 0xFF {
+            i += 1;
+        }
+        while *data.get(i)? == 0xFF {
+            i += 1;
+        }
+        let marker = *data.get(i)?;
+        i += 1;
+        match marker {
+            0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF | 0xF7 => {
+                // Lf, P, Y (lines), X (samples per line).
+                return Some((be16(i + 3)?, be16(i + 5)?));
+            }
+            0xD0..=0xD9 | 0x01 => {}
+            _ => i += be16(i)?,
+        }
+    }
 }
 
 /// A frame of native pixel data, read where it lies.
@@ -381,7 +448,35 @@ impl PixelDataObject for Encapsulated<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::stored;
+    use super::{codestream_size, stored};
+    use proptest::prelude::*;
+
+    #[test]
+    fn frame_headers_give_the_image_size() {
+        // JPEG: SOI, APP0 (skipped by its length), SOF3 with 512 lines of 256 samples.
+        let jpeg = [
+            0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0xAA, 0xBB, 0xFF, 0xC3, 0x00, 0x0B, 0x10, 0x02,
+            0x00, 0x01, 0x00,
+        ];
+        assert_eq!(codestream_size(&jpeg), Some((512, 256)));
+        // JPEG 2000: SOC, SIZ with Xsiz 300, Ysiz 200, offsets 0.
+        let mut j2k = vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 0x29, 0x00, 0x00];
+        for v in [300u32, 200, 0, 0] {
+            j2k.extend(v.to_be_bytes());
+        }
+        assert_eq!(codestream_size(&j2k), Some((200, 300)));
+        assert_eq!(codestream_size(&j2k[..20]), None);
+        assert_eq!(codestream_size(b"not a codestream"), None);
+    }
+
+    proptest! {
+        #[test]
+        fn frame_header_search_never_panics(mut data in prop::collection::vec(any::<u8>(), 0..200)) {
+            let _ = codestream_size(&data);
+            data.splice(0..0, [0xFF, 0xD8]);
+            let _ = codestream_size(&data);
+        }
+    }
 
     #[test]
     fn stored_values_honour_bits_stored_and_sign() {

@@ -267,3 +267,227 @@ fn lossless_pairs_decode_identically() {
         );
     }
 }
+
+const PYDICOM_COMPRESS: &str = r#"
+import sys, pathlib, pydicom
+uid, out = sys.argv[1], pathlib.Path(sys.argv[2])
+for m, f in enumerate(sys.argv[3:]):
+    ds = pydicom.dcmread(f)
+    ds.compress(uid)
+    ds.save_as(out / f"{m:04}.dcm", enforce_file_format=True)
+"#;
+
+#[test]
+fn compressed_copies_of_a_synthetic_series_load_as_the_same_volume() {
+    let Some((_, python)) = ready() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("archive");
+    let truth = amicus_synth::generate(&archive, "Codec Test", 1, 11, "legacy", |_, _| {}).unwrap();
+    amicus_index::scan(&archive, &tmp.path().join("index"), |_| {}).unwrap();
+    let state = amicus_index::scan::archive_state(&tmp.path().join("index")).unwrap();
+    let files = state.series_files(&truth.patients[0].ct_series_uid);
+    let original = amicus_imaging::load_series(&files, MAX_BYTES).unwrap();
+    for uid in [
+        "1.2.840.10008.1.2.5",    // RLE Lossless
+        "1.2.840.10008.1.2.4.80", // JPEG-LS lossless
+        "1.2.840.10008.1.2.4.90", // JPEG 2000 lossless
+        "1.2.840.10008.1.2.4.70", // JPEG lossless, first-order prediction
+    ] {
+        let out = tmp.path().join(uid);
+        std::fs::create_dir_all(&out).unwrap();
+        // Reversed order: the volume must not depend on the order files are listed in.
+        let status = std::process::Command::new(&python)
+            .args(["-c", PYDICOM_COMPRESS, uid])
+            .arg(&out)
+            .args(files.iter().rev())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        if !status.success() {
+            // pydicom has no JPEG lossless encoder; the corpus covers that decoder instead.
+            assert_eq!(
+                uid, "1.2.840.10008.1.2.4.70",
+                "pydicom could not write {uid}"
+            );
+            continue;
+        }
+        let mut copies = Vec::new();
+        files_under(&out, &mut copies);
+        let volume = amicus_imaging::load_series(&copies, MAX_BYTES).unwrap();
+        assert_eq!(volume.geometry, original.geometry, "{uid}");
+        let differing = volume
+            .data
+            .iter()
+            .zip(&original.data)
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(differing, 0, "{uid}: {differing} voxels differ");
+    }
+}
+
+#[test]
+fn multi_frame_files_load_as_volumes() {
+    let Some((corpus, _)) = ready() else {
+        return;
+    };
+    // Enhanced CT: frames placed by their Plane Position (Patient), rescaled per frame.
+    let mr = corpus.join("pydicom-data/eCT_Supplemental.dcm");
+    let volume = amicus_imaging::load_series(std::slice::from_ref(&mr), MAX_BYTES).unwrap();
+    let frames = load_frames(&mr, MAX_BYTES).unwrap();
+    assert_eq!(
+        volume.geometry.size,
+        [frames.columns, frames.rows, frames.frames]
+    );
+    // Every frame of the file is a slice of the volume (sorted along the normal).
+    let plane = frames.rows * frames.columns;
+    for f in frames.data.chunks(plane) {
+        assert!(volume.data.chunks(plane).any(|s| s == f));
+    }
+    assert!(volume.geometry.spacing[2] > 0.0);
+    // Enhanced MR without functional groups (a stripped test file) cannot be placed.
+    let e = amicus_imaging::load_series(&[corpus.join("pydicom-data/emri_small.dcm")], MAX_BYTES)
+        .unwrap_err();
+    assert!(
+        matches!(&e, ImagingError::Unsupported(m) if m.contains("functional groups")),
+        "{e}"
+    );
+    // RT Dose: frames placed by the Grid Frame Offset Vector, values in Gy.
+    let dose = corpus.join("pydicom/rtdose.dcm");
+    let volume = amicus_imaging::load_series(std::slice::from_ref(&dose), MAX_BYTES).unwrap();
+    assert_eq!(volume.geometry.size[2], 15);
+    let max = volume.data.iter().fold(0f32, |m, v| m.max(*v));
+    assert!(max > 0.0 && max < 100.0, "dose maximum {max} Gy");
+    // The RLE copy is the same volume.
+    let rle = corpus.join("pydicom/rtdose_rle.dcm");
+    let copy = amicus_imaging::load_series(std::slice::from_ref(&rle), MAX_BYTES).unwrap();
+    assert_eq!(copy, volume);
+}
+
+/// Replace (or add) one element of a DICOM file.
+fn edit(path: &Path, element: dicom_core::DataElement<dicom_object::InMemDicomObject>) {
+    let mut obj = dicom_object::open_file(path).unwrap();
+    obj.put(element);
+    obj.write_to_file(path).unwrap();
+}
+
+#[test]
+fn hostile_compressed_and_multi_frame_files_are_refused_clearly() {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let Some((corpus, _)) = ready() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = |name: &str| {
+        let target = tmp.path().join(name.replace('/', "_"));
+        std::fs::copy(corpus.join(name), &target).unwrap();
+        target
+    };
+    let refused = |path: &Path| {
+        let r = std::panic::catch_unwind(|| load_frames(path, MAX_BYTES));
+        let r = r.unwrap_or_else(|_| panic!("{} panicked", path.display()));
+        match r {
+            Ok(f) => panic!(
+                "{} was accepted as {} × {} × {}",
+                path.display(),
+                f.frames,
+                f.rows,
+                f.columns
+            ),
+            Err(e) => e,
+        }
+    };
+    // A codestream cut short: every compressed family.
+    for name in [
+        "pydicom-data/693_J2KR.dcm",
+        "pydicom/MR_small_jpeg_ls_lossless.dcm",
+        "pydicom-data/JPEG-LL.dcm",
+        "pydicom/MR_small_RLE.dcm",
+    ] {
+        let path = copy(name);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() * 2 / 3]).unwrap();
+        let e = refused(&path);
+        assert!(matches!(e, ImagingError::BadFile { .. }), "{name}: {e}");
+    }
+    // Rows/Columns that do not match the codestream.
+    for name in [
+        "pydicom-data/693_J2KR.dcm",
+        "pydicom/MR_small_jpeg_ls_lossless.dcm",
+        "pydicom/MR_small_RLE.dcm",
+    ] {
+        let path = copy(name);
+        edit(
+            &path,
+            DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(4000u16)),
+        );
+        let e = refused(&path);
+        assert!(matches!(e, ImagingError::BadFile { .. }), "{name}: {e}");
+    }
+    // Absurd dimensions: 65535 × 65535 × 65535 is refused before anything is allocated.
+    let path = copy("pydicom/rtdose_rle_1frame.dcm");
+    for (tag, vr, value) in [
+        (tags::ROWS, VR::US, PrimitiveValue::from(65535u16)),
+        (tags::COLUMNS, VR::US, PrimitiveValue::from(65535u16)),
+        (
+            tags::NUMBER_OF_FRAMES,
+            VR::IS,
+            PrimitiveValue::from("65535"),
+        ),
+    ] {
+        edit(&path, DataElement::new(tag, vr, value));
+    }
+    let e = refused(&path);
+    assert!(matches!(e, ImagingError::TooLarge { .. }), "{e}");
+    // More frames claimed than there are.
+    let path = copy("pydicom/rtdose_rle.dcm");
+    edit(
+        &path,
+        DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from("16")),
+    );
+    let e = amicus_imaging::load_series(std::slice::from_ref(&path), MAX_BYTES).unwrap_err();
+    assert!(
+        matches!(&e, ImagingError::BadFile { reason, .. } if reason.contains("15 values for 16 frames")),
+        "{e}"
+    );
+    let e = refused(&path);
+    assert!(matches!(e, ImagingError::BadFile { .. }), "{e}");
+    let path = copy("pydicom-data/eCT_Supplemental.dcm");
+    edit(
+        &path,
+        DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from("3")),
+    );
+    let e = refused(&path);
+    assert!(
+        matches!(&e, ImagingError::BadFile { reason, .. } if reason.contains("per-frame functional groups")),
+        "{e}"
+    );
+    // An unreadable Number of Frames.
+    let path = copy("pydicom/rtdose.dcm");
+    edit(
+        &path,
+        DataElement::new(tags::NUMBER_OF_FRAMES, VR::IS, PrimitiveValue::from("1A")),
+    );
+    let e = refused(&path);
+    assert!(
+        matches!(&e, ImagingError::BadFile { reason, .. } if reason.contains("Number of Frames")),
+        "{e}"
+    );
+    // A dose grid whose offsets do not match its frames.
+    let path = copy("pydicom/rtdose.dcm");
+    edit(
+        &path,
+        DataElement::new(
+            tags::GRID_FRAME_OFFSET_VECTOR,
+            VR::DS,
+            PrimitiveValue::from("0\\3\\6"),
+        ),
+    );
+    let e = amicus_imaging::load_series(std::slice::from_ref(&path), MAX_BYTES).unwrap_err();
+    assert!(
+        matches!(&e, ImagingError::BadFile { reason, .. } if reason.contains("Grid Frame Offset")),
+        "{e}"
+    );
+}
