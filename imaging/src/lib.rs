@@ -16,6 +16,7 @@
 
 mod grid;
 pub mod options;
+pub mod patches;
 mod pixels;
 mod rle;
 pub mod rtstruct;
@@ -23,7 +24,11 @@ pub mod seg;
 pub mod series;
 
 pub use grid::{Geometry, Volume};
-pub use options::{Window, apply_window, crop_or_pad, resample};
+pub use options::{
+    Window, apply_window, crop_or_pad, crop_or_pad_around, label_box_centre, resample,
+    select_slices, z_score,
+};
+pub use patches::{PatchRequest, Patches, sample_patches};
 pub use series::{Frames, load_frames, load_series, series_geometry};
 
 /// Why a series or mask could not be loaded. Every variant says what to fix.

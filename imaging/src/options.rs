@@ -111,6 +111,38 @@ pub fn crop_or_pad(
     fill: f32,
     max_bytes: u64,
 ) -> Result<Volume, ImagingError> {
+    let old = volume.geometry.size;
+    let offset = std::array::from_fn(|a| (old[a] as i64 - size[a] as i64) / 2);
+    crop_at(volume, size, offset, fill, max_bytes)
+}
+
+/// Crop or pad (with `fill`) to `size` (x, y, z) centred on the continuous voxel position
+/// `centre` (x, y, z) of this grid, which may lie outside it.
+pub fn crop_or_pad_around(
+    volume: &Volume,
+    size: [usize; 3],
+    centre: [f64; 3],
+    fill: f32,
+    max_bytes: u64,
+) -> Result<Volume, ImagingError> {
+    if centre.iter().any(|c| !c.is_finite() || c.abs() > 1e9) {
+        return Err(ImagingError::Inconsistent(format!(
+            "crop centre {centre:?} is not a finite position"
+        )));
+    }
+    let offset = std::array::from_fn(|a| (centre[a] - (size[a] as f64 - 1.0) / 2.0).round() as i64);
+    crop_at(volume, size, offset, fill, max_bytes)
+}
+
+/// The sub-grid of `size` whose first voxel is `offset` (in this grid's voxels, possibly
+/// negative); voxels outside the volume get `fill`.
+fn crop_at(
+    volume: &Volume,
+    size: [usize; 3],
+    offset: [i64; 3],
+    fill: f32,
+    max_bytes: u64,
+) -> Result<Volume, ImagingError> {
     if size.contains(&0) {
         return Err(ImagingError::Inconsistent(
             "crop/pad size must be positive".into(),
@@ -118,35 +150,99 @@ pub fn crop_or_pad(
     }
     fits(size, max_bytes)?;
     let old = volume.geometry.size;
-    // Offset of the new grid's first voxel in old voxel coordinates (may be negative).
-    let offset: Vec<i64> = (0..3)
-        .map(|a| (old[a] as i64 - size[a] as i64) / 2)
-        .collect();
     let mut data = vec![fill; size[0] * size[1] * size[2]];
-    for z in 0..size[2] {
-        let oz = z as i64 + offset[2];
-        if oz < 0 || oz >= old[2] as i64 {
-            continue;
-        }
-        for y in 0..size[1] {
-            let oy = y as i64 + offset[1];
-            if oy < 0 || oy >= old[1] as i64 {
-                continue;
-            }
-            for x in 0..size[0] {
-                let ox = x as i64 + offset[0];
-                if ox < 0 || ox >= old[0] as i64 {
-                    continue;
-                }
-                data[(z * size[1] + y) * size[0] + x] =
-                    volume.data[(oz as usize * old[1] + oy as usize) * old[0] + ox as usize];
-            }
-        }
-    }
+    copy_region(&volume.data, old, offset, &mut data, size);
     let mut geometry = volume.geometry.clone();
     geometry.origin = geometry.to_patient([offset[0] as f64, offset[1] as f64, offset[2] as f64]);
     geometry.size = size;
     Ok(Volume { data, geometry })
+}
+
+/// Copy the part of `src` (size `old`) that the box at `offset` of size `size` covers into
+/// `dst`, leaving the rest of `dst` as it is.
+pub(crate) fn copy_region(
+    src: &[f32],
+    old: [usize; 3],
+    offset: [i64; 3],
+    dst: &mut [f32],
+    size: [usize; 3],
+) {
+    // The overlap along each axis, in destination coordinates.
+    let range = |a: usize| {
+        let lo = (-offset[a]).clamp(0, size[a] as i64) as usize;
+        let hi = (old[a] as i64 - offset[a]).clamp(0, size[a] as i64) as usize;
+        lo..hi.max(lo)
+    };
+    let (xs, ys, zs) = (range(0), range(1), range(2));
+    if xs.is_empty() {
+        return;
+    }
+    for z in zs {
+        let oz = (z as i64 + offset[2]) as usize;
+        for y in ys.clone() {
+            let oy = (y as i64 + offset[1]) as usize;
+            let ox = (xs.start as i64 + offset[0]) as usize;
+            let from = (oz * old[1] + oy) * old[0] + ox;
+            let to = (z * size[1] + y) * size[0] + xs.start;
+            dst[to..to + xs.len()].copy_from_slice(&src[from..from + xs.len()]);
+        }
+    }
+}
+
+/// Keep `count` slices from slice `first` (z), for 2D slices (count 1) or 2.5D slabs.
+pub fn select_slices(volume: &Volume, first: usize, count: usize) -> Result<Volume, ImagingError> {
+    let [nx, ny, nz] = volume.geometry.size;
+    if count == 0 || first.checked_add(count).is_none_or(|end| end > nz) {
+        return Err(ImagingError::Inconsistent(format!(
+            "slices {first}..{} are not within the volume's {nz} slices",
+            first.saturating_add(count)
+        )));
+    }
+    let plane = nx * ny;
+    let data = volume.data[first * plane..(first + count) * plane].to_vec();
+    let mut geometry = volume.geometry.clone();
+    geometry.origin = geometry.to_patient([0.0, 0.0, first as f64]);
+    geometry.size = [nx, ny, count];
+    Ok(Volume { data, geometry })
+}
+
+/// Scale to mean 0 and standard deviation 1 over the whole volume (a constant volume
+/// becomes all zeros).
+pub fn z_score(volume: &mut Volume) {
+    let n = volume.data.len().max(1) as f64;
+    let mean = volume.data.iter().map(|v| f64::from(*v)).sum::<f64>() / n;
+    let var = volume
+        .data
+        .iter()
+        .map(|v| (f64::from(*v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    let std = var.sqrt();
+    for v in &mut volume.data {
+        *v = if std > 0.0 {
+            ((f64::from(*v) - mean) / std) as f32
+        } else {
+            0.0
+        };
+    }
+}
+
+/// Centre (continuous voxel x, y, z) of the bounding box of a mask's voxels ≥ 0.5; `None` for
+/// an empty mask.
+pub fn label_box_centre(mask: &Volume) -> Option<[f64; 3]> {
+    let [nx, ny, _] = mask.geometry.size;
+    let mut lo = [usize::MAX; 3];
+    let mut hi = [0usize; 3];
+    for (i, v) in mask.data.iter().enumerate() {
+        if *v >= 0.5 {
+            let p = [i % nx, (i / nx) % ny, i / (nx * ny)];
+            for a in 0..3 {
+                lo[a] = lo[a].min(p[a]);
+                hi[a] = hi[a].max(p[a]);
+            }
+        }
+    }
+    (lo[0] != usize::MAX).then(|| std::array::from_fn(|a| (lo[a] + hi[a]) as f64 / 2.0))
 }
 
 #[cfg(test)]
@@ -181,6 +277,38 @@ mod tests {
             crop_or_pad(&v, [1000, 1000, 1000], 0.0, 1 << 20),
             Err(ImagingError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn slices_centres_and_normalisation() {
+        let v = ramp([4, 4, 4]);
+        // A 2.5D slab of slices 1..3 keeps the voxels and moves the origin by one slice.
+        let slab = select_slices(&v, 1, 2).unwrap();
+        assert_eq!(slab.geometry.size, [4, 4, 2]);
+        assert_eq!(slab.data[..], v.data[16..48]);
+        assert_eq!(slab.geometry.origin, [0.0, 0.0, 3.0]);
+        assert!(select_slices(&v, 3, 2).is_err());
+        assert!(select_slices(&v, 0, 0).is_err());
+        // Crop around a voxel near the corner: padded where the box leaves the volume.
+        let c = crop_or_pad_around(&v, [3, 3, 1], [0.0, 0.0, 2.0], -1.0, 1 << 20).unwrap();
+        assert_eq!(c.data[0], -1.0);
+        assert_eq!(c.data[4], v.data[32]);
+        assert_eq!(c.geometry.origin, [-1.0, -2.0, 6.0]);
+        assert!(crop_or_pad_around(&v, [3, 3, 1], [f64::NAN, 0.0, 0.0], 0.0, 1 << 20).is_err());
+        // Bounding box centre of a label.
+        let mut m = ramp([4, 4, 4]);
+        for (i, x) in m.data.iter_mut().enumerate() {
+            *x = f32::from(i == 5 || i == 42);
+        }
+        assert_eq!(label_box_centre(&m), Some([1.5, 1.5, 1.0]));
+        m.data.fill(0.0);
+        assert_eq!(label_box_centre(&m), None);
+        // z-score: mean 0, standard deviation 1.
+        let mut z = ramp([4, 1, 1]);
+        z_score(&mut z);
+        let mean: f32 = z.data.iter().sum::<f32>() / 4.0;
+        let var: f32 = z.data.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 4.0;
+        assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5);
     }
 
     #[test]
