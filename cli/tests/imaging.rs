@@ -116,3 +116,54 @@ fn imaging_refusals_are_clear_and_audited() {
     f.last_call_outcome("limit-exceeded");
     assert!(f.released().is_empty());
 }
+
+#[test]
+fn lesion_patches_are_balanced_centred_and_reproducible() {
+    let f = imaging_station("legacy", 4, 8);
+    ok(&["station", "index", "--dir", s(&f.station())]);
+    let b = f.ready("lesion-patches");
+    let summaries = |f: &Fixture| -> Vec<serde_json::Value> {
+        f.released()
+            .into_iter()
+            .filter(|p| p.ends_with("summary.json"))
+            .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+            .collect()
+    };
+    let out = f.run(&b, Some(r#"{"patches": 8, "seed": 3}"#));
+    assert!(out.ok, "{}", out.text());
+    let first = summaries(&f).remove(0);
+    let series = first["series"].as_u64().unwrap();
+    assert!(series > 0, "choose a seed with lesions: {first}");
+    // Exactly the requested number and balance, every foreground patch centred on the label.
+    assert_eq!(first["patches"], 8 * series, "{first}");
+    assert_eq!(first["foreground_patches"], 4 * series, "{first}");
+    assert_eq!(
+        first["centres_on_label"], first["foreground_patches"],
+        "{first}"
+    );
+    let fg = first["mean_label_fraction_foreground"].as_f64().unwrap();
+    let bg = first["mean_label_fraction_background"].as_f64().unwrap();
+    assert!(fg > 0.05 && fg > 5.0 * bg, "{first}");
+    // Windowed to [0, 1]; every lesion-centred crop holds lesion; one 2D slice per series.
+    assert!(first["intensity_min"].as_f64().unwrap() >= 0.0, "{first}");
+    assert!(first["intensity_max"].as_f64().unwrap() <= 1.0, "{first}");
+    assert_eq!(first["crops_with_lesion"], first["lesions"], "{first}");
+    assert_eq!(first["slices_2d"], series, "{first}");
+    // The same seed draws the same patches on a second run.
+    let out = f.run(&b, Some(r#"{"patches": 8, "seed": 3}"#));
+    assert!(out.ok, "{}", out.text());
+    assert_eq!(summaries(&f), [first.clone(), first]);
+    let calls: Vec<serde_json::Value> = f
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "capability-call" && e["call"] == "sample-patches")
+        .collect();
+    assert_eq!(calls.len() as u64, 2 * series);
+    assert!(calls.iter().all(|c| c["outcome"] == "ok"), "{calls:?}");
+    assert!(calls[0]["detail"].as_str().unwrap().contains("seed=3"));
+    // A request the station cannot honour is refused as an invalid argument.
+    let out = f.run(&b, Some(r#"{"patch": [0, 24, 3]}"#));
+    assert!(!out.ok);
+    f.last_call_outcome("invalid-argument");
+    f.audit_verifies();
+}

@@ -46,4 +46,6 @@ pub enum ImagingError {
     TooLarge { needed: u64, available: u64 },
     #[error("no label {0}")]
     NoLabel(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
 }

@@ -15,7 +15,7 @@ pub struct Window {
 
 pub fn apply_window(volume: &mut Volume, w: Window) -> Result<(), ImagingError> {
     if !(w.width > 0.0 && w.width.is_finite() && w.center.is_finite()) {
-        return Err(ImagingError::Inconsistent(format!(
+        return Err(ImagingError::InvalidRequest(format!(
             "window width {} must be positive",
             w.width
         )));
@@ -52,7 +52,7 @@ pub fn resample(
     max_bytes: u64,
 ) -> Result<Volume, ImagingError> {
     if spacing.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-        return Err(ImagingError::Inconsistent(format!(
+        return Err(ImagingError::InvalidRequest(format!(
             "spacing {spacing:?} must be positive"
         )));
     }
@@ -126,7 +126,7 @@ pub fn crop_or_pad_around(
     max_bytes: u64,
 ) -> Result<Volume, ImagingError> {
     if centre.iter().any(|c| !c.is_finite() || c.abs() > 1e9) {
-        return Err(ImagingError::Inconsistent(format!(
+        return Err(ImagingError::InvalidRequest(format!(
             "crop centre {centre:?} is not a finite position"
         )));
     }
@@ -144,7 +144,7 @@ fn crop_at(
     max_bytes: u64,
 ) -> Result<Volume, ImagingError> {
     if size.contains(&0) {
-        return Err(ImagingError::Inconsistent(
+        return Err(ImagingError::InvalidRequest(
             "crop/pad size must be positive".into(),
         ));
     }
@@ -193,7 +193,7 @@ pub(crate) fn copy_region(
 pub fn select_slices(volume: &Volume, first: usize, count: usize) -> Result<Volume, ImagingError> {
     let [nx, ny, nz] = volume.geometry.size;
     if count == 0 || first.checked_add(count).is_none_or(|end| end > nz) {
-        return Err(ImagingError::Inconsistent(format!(
+        return Err(ImagingError::InvalidRequest(format!(
             "slices {first}..{} are not within the volume's {nz} slices",
             first.saturating_add(count)
         )));

@@ -67,12 +67,12 @@ pub fn sample_patches(
     }
     let size = request.size;
     if size.contains(&0) || request.count == 0 {
-        return Err(ImagingError::Inconsistent(
+        return Err(ImagingError::InvalidRequest(
             "patch size and count must be positive".into(),
         ));
     }
     if !(0.0..=1.0).contains(&request.foreground_fraction) {
-        return Err(ImagingError::Inconsistent(format!(
+        return Err(ImagingError::InvalidRequest(format!(
             "foreground fraction {} is not within [0, 1]",
             request.foreground_fraction
         )));

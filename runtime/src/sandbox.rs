@@ -890,7 +890,7 @@ impl HostState {
                     E::Unsupported(_) => {
                         ("not-available", types::Error::NotAvailable(reason.clone()))
                     }
-                    E::UnknownSeries(_) | E::NoLabel(_) => (
+                    E::UnknownSeries(_) | E::NoLabel(_) | E::InvalidRequest(_) => (
                         "invalid-argument",
                         types::Error::InvalidArgument(reason.clone()),
                     ),
@@ -911,28 +911,62 @@ impl HostState {
         answer
     }
 
-    /// Apply the load options the contract offers, then hand the volume over as a tensor.
-    fn deliver(
-        &mut self,
+    /// Apply the load options the contract offers to a volume of series `series_uid`, in the
+    /// documented order: resample, keep slices, crop/pad, window, z-score.
+    fn apply_options(
+        &self,
+        series_uid: &str,
         mut volume: amicus_imaging::Volume,
         options: &imaging::LoadOptions,
         is_mask: bool,
-    ) -> Result<imaging::Volume, amicus_imaging::ImagingError> {
+    ) -> Result<amicus_imaging::Volume, amicus_imaging::ImagingError> {
         use amicus_imaging::ImagingError as E;
         if let Some((x, y, z)) = options.spacing {
             volume = amicus_imaging::resample(&volume, [x, y, z], is_mask, self.memory_left())?;
         }
-        if let Some((x, y, z)) = options.size {
-            volume = amicus_imaging::crop_or_pad(
-                &volume,
-                [x as usize, y as usize, z as usize],
-                if is_mask {
+        if let Some(r) = options.slices {
+            volume = amicus_imaging::select_slices(&volume, r.first as usize, r.count as usize)?;
+        }
+        match (options.size, &options.centre) {
+            (None, None) => {}
+            (None, Some(_)) => {
+                return Err(E::InvalidRequest("a crop centre needs a size".into()));
+            }
+            (Some((x, y, z)), centre) => {
+                let size = [x as usize, y as usize, z as usize];
+                let fill = if is_mask {
                     0.0
                 } else {
                     volume.data.iter().copied().fold(f32::INFINITY, f32::min)
-                },
-                self.memory_left(),
-            )?;
+                };
+                volume = match centre {
+                    None => amicus_imaging::crop_or_pad(&volume, size, fill, self.memory_left())?,
+                    Some(c) => {
+                        let point = match c {
+                            imaging::CropCentre::Point((x, y, z)) => [*x, *y, *z],
+                            imaging::CropCentre::LabelBox(label) => {
+                                let mask = self.label_mask(series_uid, label)?;
+                                let centre =
+                                    amicus_imaging::label_box_centre(&mask).ok_or_else(|| {
+                                        E::NoLabel(format!(
+                                            "{}: the label is empty on this series",
+                                            label_text(label)
+                                        ))
+                                    })?;
+                                mask.geometry.to_patient(centre)
+                            }
+                        };
+                        let centre = volume.geometry.to_voxel(point);
+                        amicus_imaging::crop_or_pad_around(
+                            &volume,
+                            size,
+                            centre,
+                            fill,
+                            self.memory_left(),
+                        )?
+                    }
+                };
+            }
         }
         if let (Some(w), false) = (options.window, is_mask) {
             amicus_imaging::apply_window(
@@ -943,22 +977,43 @@ impl HostState {
                 },
             )?;
         }
-        let bytes = volume.data.len() * 4;
+        if options.z_score && !is_mask {
+            amicus_imaging::z_score(&mut volume);
+        }
+        Ok(volume)
+    }
+
+    /// Hand `data` with `shape` to the guest as a tensor, within the run's memory.
+    fn push_tensor(
+        &mut self,
+        shape: Vec<u32>,
+        data: Vec<f32>,
+    ) -> Result<Resource<HostTensor>, amicus_imaging::ImagingError> {
+        use amicus_imaging::ImagingError as E;
+        let bytes = data.len() * 4;
         if !self.memory.reserve_host(bytes) {
             return Err(E::TooLarge {
                 needed: bytes as u64,
                 available: self.memory_left(),
             });
         }
+        self.table
+            .push(HostTensor { shape, data })
+            .map_err(|e| E::Unsupported(format!("tensor table: {e}")))
+    }
+
+    /// Apply the options, then hand the volume over as a tensor.
+    fn deliver(
+        &mut self,
+        series_uid: &str,
+        volume: amicus_imaging::Volume,
+        options: &imaging::LoadOptions,
+        is_mask: bool,
+    ) -> Result<imaging::Volume, amicus_imaging::ImagingError> {
+        let volume = self.apply_options(series_uid, volume, options, is_mask)?;
         let [z, y, x] = volume.shape();
         let g = volume.geometry;
-        let tensor = self
-            .table
-            .push(HostTensor {
-                shape: vec![z as u32, y as u32, x as u32],
-                data: volume.data,
-            })
-            .map_err(|e| E::Unsupported(format!("tensor table: {e}")))?;
+        let tensor = self.push_tensor(vec![z as u32, y as u32, x as u32], volume.data)?;
         Ok(imaging::Volume {
             data: tensor,
             geometry: imaging::Geometry {
@@ -967,6 +1022,49 @@ impl HostState {
                 direction: g.direction.iter().flatten().copied().collect(),
             },
         })
+    }
+
+    /// The mask of `label` on the grid of series `series_uid`, from the RTSTRUCT or SEG that
+    /// references the series (matched through the index, never by guesswork).
+    fn label_mask(
+        &self,
+        series_uid: &str,
+        label: &imaging::LabelSource,
+    ) -> Result<amicus_imaging::Volume, amicus_imaging::ImagingError> {
+        let state = self.imaging.as_ref().expect("checked by the caller");
+        let (modality, name) = match label {
+            imaging::LabelSource::RtstructRoi(n) => ("RTSTRUCT", n),
+            imaging::LabelSource::SegSegment(n) => ("SEG", n),
+        };
+        let files = self.series_files(series_uid)?;
+        let geometry = amicus_imaging::series_geometry(&files)?;
+        let candidates = state.referencing(series_uid, modality);
+        let holder = candidates.iter().find(|(_, f)| {
+            if modality == "RTSTRUCT" {
+                f.roi_names.contains(name)
+            } else {
+                f.segment_labels.contains(name)
+            }
+        });
+        let Some((path, _)) = holder else {
+            return Err(amicus_imaging::ImagingError::NoLabel(format!(
+                "{:?} in any {modality} referencing series {}",
+                guest_text(name),
+                guest_text(series_uid)
+            )));
+        };
+        let needed = geometry.voxels() as u64 * 4;
+        if needed > self.memory_left() {
+            return Err(amicus_imaging::ImagingError::TooLarge {
+                needed,
+                available: self.memory_left(),
+            });
+        }
+        if modality == "RTSTRUCT" {
+            amicus_imaging::rtstruct::load_roi_mask(path, name, &geometry)
+        } else {
+            amicus_imaging::seg::load_segment_mask(path, name, &geometry)
+        }
     }
 
     fn series_files(
@@ -983,12 +1081,27 @@ impl HostState {
 }
 
 fn options_text(o: &imaging::LoadOptions) -> String {
+    let centre = match &o.centre {
+        None => "-".to_string(),
+        Some(imaging::CropCentre::Point(p)) => format!("{p:?}"),
+        Some(imaging::CropCentre::LabelBox(l)) => label_text(l),
+    };
     format!(
-        "spacing={:?} size={:?} window={:?}",
+        "spacing={:?} slices={:?} size={:?} centre={centre} window={:?} z-score={}",
         o.spacing,
+        o.slices.map(|r| (r.first, r.count)),
         o.size,
-        o.window.map(|w| (w.center, w.width))
+        o.window.map(|w| (w.center, w.width)),
+        o.z_score
     )
+}
+
+/// A label source for the audit log.
+fn label_text(label: &imaging::LabelSource) -> String {
+    match label {
+        imaging::LabelSource::RtstructRoi(n) => format!("RTSTRUCT {:?}", guest_text(n)),
+        imaging::LabelSource::SegSegment(n) => format!("SEG {:?}", guest_text(n)),
+    }
 }
 
 impl imaging::Host for HostState {
@@ -1010,7 +1123,7 @@ impl imaging::Host for HostState {
         let result = self
             .series_files(&series_uid)
             .and_then(|files| amicus_imaging::load_series(&files, self.memory_left()))
-            .and_then(|volume| self.deliver(volume, &options, false));
+            .and_then(|volume| self.deliver(&series_uid, volume, &options, false));
         self.imaging_call("load-series", detail, result)
     }
 
@@ -1021,57 +1134,93 @@ impl imaging::Host for HostState {
         options: imaging::LoadOptions,
     ) -> Result<imaging::Volume, types::Error> {
         self.require(Capability::Imaging, "load-mask")?;
-        let (modality, name) = match &label {
-            imaging::LabelSource::RtstructRoi(n) => ("RTSTRUCT", n.clone()),
-            imaging::LabelSource::SegSegment(n) => ("SEG", n.clone()),
-        };
         let detail = format!(
-            "{} {modality} {:?} {}",
+            "{} {} {}",
             guest_text(&series_uid),
-            guest_text(&name),
+            label_text(&label),
             options_text(&options)
         );
-        let Some(state) = self.imaging.clone() else {
+        if self.imaging.is_none() {
             return Err(self.not_available(
                 Capability::Imaging,
                 "load-mask",
                 detail,
                 "this station has not indexed its archive (amicus station index)",
             ));
-        };
-        let result = self.series_files(&series_uid).and_then(|files| {
-            let geometry = amicus_imaging::series_geometry(&files)?;
-            // The labels drawn on this series, matched through their references.
-            let candidates = state.referencing(&series_uid, modality);
-            let holder = candidates.iter().find(|(_, f)| {
-                if modality == "RTSTRUCT" {
-                    f.roi_names.contains(&name)
-                } else {
-                    f.segment_labels.contains(&name)
-                }
-            });
-            let Some((path, _)) = holder else {
-                return Err(amicus_imaging::ImagingError::NoLabel(format!(
-                    "{:?} in any {modality} referencing series {}",
-                    guest_text(&name),
-                    guest_text(&series_uid)
-                )));
-            };
-            let needed = geometry.voxels() as u64 * 4;
-            if needed > self.memory_left() {
-                return Err(amicus_imaging::ImagingError::TooLarge {
-                    needed,
-                    available: self.memory_left(),
-                });
-            }
-            let mask = if modality == "RTSTRUCT" {
-                amicus_imaging::rtstruct::load_roi_mask(path, &name, &geometry)?
-            } else {
-                amicus_imaging::seg::load_segment_mask(path, &name, &geometry)?
-            };
-            self.deliver(mask, &options, true)
-        });
+        }
+        let result = self
+            .label_mask(&series_uid, &label)
+            .and_then(|mask| self.deliver(&series_uid, mask, &options, true));
         self.imaging_call("load-mask", detail, result)
+    }
+
+    fn sample_patches(
+        &mut self,
+        series_uid: String,
+        label: imaging::LabelSource,
+        options: imaging::LoadOptions,
+        request: imaging::PatchRequest,
+    ) -> Result<imaging::Patches, types::Error> {
+        use amicus_imaging::ImagingError as E;
+        self.require(Capability::Imaging, "sample-patches")?;
+        let (x, y, z) = request.size;
+        let detail = format!(
+            "{} {} {} size=({x}, {y}, {z}) count={} foreground={} seed={}",
+            guest_text(&series_uid),
+            label_text(&label),
+            options_text(&options),
+            request.count,
+            request.foreground_fraction,
+            request.seed
+        );
+        if self.imaging.is_none() {
+            return Err(self.not_available(
+                Capability::Imaging,
+                "sample-patches",
+                detail,
+                "this station has not indexed its archive (amicus station index)",
+            ));
+        }
+        let result = (|| {
+            if options.slices.is_some() || options.size.is_some() || options.centre.is_some() {
+                return Err(E::InvalidRequest(
+                    "sample-patches takes the patch size from the request; leave the options' \
+                     slices, size and centre unset"
+                        .into(),
+                ));
+            }
+            let files = self.series_files(&series_uid)?;
+            let image = amicus_imaging::load_series(&files, self.memory_left())?;
+            let image = self.apply_options(&series_uid, image, &options, false)?;
+            let mask = self.label_mask(&series_uid, &label)?;
+            let mask = self.apply_options(&series_uid, mask, &options, true)?;
+            let fill = image.data.iter().copied().fold(f32::INFINITY, f32::min);
+            let wanted = amicus_imaging::PatchRequest {
+                size: [x as usize, y as usize, z as usize],
+                count: request.count as usize,
+                foreground_fraction: request.foreground_fraction,
+                seed: request.seed,
+            };
+            let p =
+                amicus_imaging::sample_patches(&image, &mask, &wanted, fill, self.memory_left())?;
+            drop((image, mask));
+            let shape = vec![request.count, z, y, x];
+            let images = self.push_tensor(shape.clone(), p.images)?;
+            let masks = self.push_tensor(shape, p.masks)?;
+            Ok(imaging::Patches {
+                images,
+                masks,
+                centres: p
+                    .centres
+                    .iter()
+                    .map(|(c, foreground)| imaging::PatchCentre {
+                        voxel: (c[0] as u32, c[1] as u32, c[2] as u32),
+                        foreground: *foreground,
+                    })
+                    .collect(),
+            })
+        })();
+        self.imaging_call("sample-patches", detail, result)
     }
 }
 

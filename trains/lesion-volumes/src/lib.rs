@@ -28,8 +28,11 @@ struct Summary {
 fn options() -> LoadOptions {
     LoadOptions {
         spacing: None,
+        slices: None,
         size: None,
+        centre: None,
         window: None,
+        z_score: false,
     }
 }
 
@@ -67,7 +70,7 @@ impl Train for LesionVolumes {
         let total = by_series.len().max(1);
         for (i, (uid, rois)) in by_series.iter().enumerate() {
             amicus_sdk::progress(i as f32 / total as f32, "measuring lesions");
-            let ct = amicus_sdk::imaging::load_series(uid, options())?;
+            let ct = amicus_sdk::imaging::load_series(uid, &options())?;
             let hu = ct.data.read();
             drop(ct);
             s.series += 1;
@@ -75,7 +78,7 @@ impl Train for LesionVolumes {
                 let mask = amicus_sdk::imaging::load_mask(
                     uid,
                     &LabelSource::RtstructRoi(roi.clone()),
-                    options(),
+                    &options(),
                 )?;
                 let (sx, sy, sz) = mask.geometry.spacing;
                 let m = mask.data.read();

@@ -50,11 +50,14 @@ impl Train for Misbehave {
                 let size: Option<(u32, u32, u32)> = params.get("size")?;
                 let options = amicus_sdk::imaging::LoadOptions {
                     spacing: None,
+                    slices: None,
                     size,
+                    centre: None,
                     window: None,
+                    z_score: false,
                 };
                 let series: String = params.get("series")?.unwrap_or_else(|| "1.2.3".into());
-                amicus_sdk::imaging::load_series(&series, options)?;
+                amicus_sdk::imaging::load_series(&series, &options)?;
             }
             "cohort" => {
                 let query: String = params
