@@ -8,11 +8,12 @@
 //! It reads files the index listed for a series (the caller passes them); it never decides
 //! what a train may read, never touches the audit log, and never writes.
 //!
-//! Supported now: single-frame images in the native (uncompressed) transfer syntaxes, 8/16-bit,
-//! signed or unsigned, one sample per pixel; RTSTRUCT closed planar contours (even-odd rule at
-//! pixel centres, so holes and several contours per slice work); binary and fractional SEG.
-//! Compressed transfer syntaxes, multi-frame images and patch sampling are refused with a clear
-//! error (see `docs/imaging.md`).
+//! Supported: single- and multi-frame grey-scale images (enhanced with functional groups, RT
+//! Dose grids), 8/16/32-bit, in the native transfer syntaxes, RLE, JPEG (8-bit lossy, lossless),
+//! JPEG-LS and JPEG 2000; linear rescale or Modality LUT; RTSTRUCT closed planar contours
+//! (even-odd rule at pixel centres, so holes and several contours per slice work); binary and
+//! fractional SEG; resampling, slices, crop/pad, window, z-score and seeded patch sampling.
+//! What is not supported is refused with a reason (see `docs/imaging.md`).
 
 mod grid;
 pub mod options;

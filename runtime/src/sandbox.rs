@@ -1204,6 +1204,14 @@ impl imaging::Host for HostState {
             let p =
                 amicus_imaging::sample_patches(&image, &mask, &wanted, fill, self.memory_left())?;
             drop((image, mask));
+            // Both tensors or neither: a refused second one must not strand the first.
+            let needed = ((p.images.len() + p.masks.len()) * 4) as u64;
+            if needed > self.memory_left() {
+                return Err(E::TooLarge {
+                    needed,
+                    available: self.memory_left(),
+                });
+            }
             let shape = vec![request.count, z, y, x];
             let images = self.push_tensor(shape.clone(), p.images)?;
             let masks = self.push_tensor(shape, p.masks)?;
