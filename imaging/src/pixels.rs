@@ -53,11 +53,15 @@ pub(crate) struct ModalityLut {
     pub table: Vec<f64>,
 }
 
-/// The transfer syntaxes whose data set and pixel data are stored as they are.
+/// The transfer syntaxes whose pixel data is native (not encapsulated); a deflated data set
+/// is inflated by dicom-rs as it is read.
 pub(crate) fn is_native(ts_uid: &str) -> bool {
     matches!(
         ts_uid,
-        "1.2.840.10008.1.2" | "1.2.840.10008.1.2.1" | "1.2.840.10008.1.2.2"
+        "1.2.840.10008.1.2"
+            | "1.2.840.10008.1.2.1"
+            | "1.2.840.10008.1.2.2"
+            | "1.2.840.10008.1.2.1.99"
     )
 }
 

@@ -186,12 +186,63 @@ fn guard_lengths(
     let encoding = match no_meta {
         Some(e) => e,
         None => match r.meta()? {
-            Some(e) => e,
+            Some(DataSet::Stored(e)) => e,
+            Some(DataSet::Deflated) => return guard_deflated(path, r.pos, with_pixels),
             None => return Ok(()),
         },
     };
     r.walk(encoding, with_pixels)
 }
+
+/// The length guard for a deflated data set starting at byte `start`: inflate it once to
+/// measure it (refusing a deflate bomb), then walk the inflated stream against that size.
+fn guard_deflated(path: &Path, start: u64, with_pixels: bool) -> Result<(), HeaderError> {
+    let io = |e: std::io::Error| HeaderError::Unreadable(e.to_string());
+    let compressed = std::fs::metadata(path)
+        .map_err(io)?
+        .len()
+        .saturating_sub(start);
+    let cap = compressed.saturating_mul(MAX_INFLATE_RATIO).max(16 << 20);
+    let inflated = || -> Result<_, HeaderError> {
+        let mut file = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(start)).map_err(io)?;
+        Ok(std::io::BufReader::new(
+            flate2::bufread::DeflateDecoder::new(file),
+        ))
+    };
+    let size = std::io::copy(&mut inflated()?.take(cap + 1), &mut std::io::sink())
+        .map_err(|e| HeaderError::Unreadable(format!("deflated data set: {e}")))?;
+    if size > cap {
+        return Err(HeaderError::Unreadable(format!(
+            "the deflated data set inflates to more than {cap} bytes ({MAX_INFLATE_RATIO}x its \
+             {compressed} compressed bytes)"
+        )));
+    }
+    let mut r = Cursor {
+        inner: inflated()?,
+        pos: 0,
+        file_len: size,
+    };
+    r.walk(
+        Encoding {
+            explicit: true,
+            big_endian: false,
+        },
+        with_pixels,
+    )
+}
+
+/// How the data set after the file meta group is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataSet {
+    Stored(Encoding),
+    /// Deflated Explicit VR Little Endian: raw deflate of an explicit little-endian data set.
+    Deflated,
+}
+
+/// A deflated data set may inflate to at most this many times its compressed size (and at
+/// least 16 MiB): DICOM deflates by 2-10x, a deflate bomb by up to ~1000x.
+const MAX_INFLATE_RATIO: u64 = 100;
 
 /// How a data set is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,13 +317,36 @@ enum FrameKind {
     Fragments,
 }
 
-struct Cursor {
-    inner: std::io::BufReader<std::fs::File>,
+/// Where the walk reads from: the file, or the inflated stream of a deflated data set.
+trait Source: BufRead {
+    /// Move by `n` bytes (negative only for the file); false when that is not possible.
+    fn move_by(&mut self, n: i64) -> bool;
+}
+
+impl Source for std::io::BufReader<std::fs::File> {
+    fn move_by(&mut self, n: i64) -> bool {
+        self.seek_relative(n).is_ok()
+    }
+}
+
+impl<R: BufRead> Source for std::io::BufReader<flate2::bufread::DeflateDecoder<R>> {
+    fn move_by(&mut self, n: i64) -> bool {
+        let Ok(n) = u64::try_from(n) else {
+            return false;
+        };
+        std::io::copy(&mut self.by_ref().take(n), &mut std::io::sink()).is_ok_and(|c| c == n)
+    }
+}
+
+struct Cursor<R: Source> {
+    inner: R,
     pos: u64,
+    /// Bytes the data set can hold at most: the file's size, or a deflated data set's
+    /// inflated size.
     file_len: u64,
 }
 
-impl Cursor {
+impl<R: Source> Cursor<R> {
     fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
         let mut b = [0u8; N];
         self.inner.read_exact(&mut b).ok()?;
@@ -302,7 +376,7 @@ impl Cursor {
         let Ok(n) = i64::try_from(n) else {
             return false;
         };
-        if self.inner.seek_relative(n).is_err() {
+        if !self.inner.move_by(n) {
             return false;
         }
         self.pos += n as u64;
@@ -322,7 +396,7 @@ impl Cursor {
 
     /// Walk the file meta group (explicit VR little endian from byte 132); the data set's
     /// encoding, or `None` when the walk cannot tell (the real read reports why).
-    fn meta(&mut self) -> Result<Option<Encoding>, HeaderError> {
+    fn meta(&mut self) -> Result<Option<DataSet>, HeaderError> {
         let le = Encoding {
             explicit: true,
             big_endian: false,
@@ -336,9 +410,9 @@ impl Cursor {
                 return Ok(None);
             };
             if group != 0x0002 {
-                self.inner
-                    .seek_relative(-2)
-                    .map_err(|e| HeaderError::Unreadable(e.to_string()))?;
+                if !self.inner.move_by(-2) {
+                    return Err(HeaderError::Unreadable("cannot seek in the file".into()));
+                }
                 self.pos -= 2;
                 break;
             }
@@ -373,7 +447,9 @@ impl Cursor {
         if ts.is_empty() {
             return Ok(None);
         }
-        Ok(Encoding::of(&ts))
+        Ok(Some(
+            Encoding::of(&ts).map_or(DataSet::Deflated, DataSet::Stored),
+        ))
     }
 
     /// Walk the data set's element headers up to the top-level pixel data.
@@ -747,7 +823,11 @@ mod tests {
     }
 
     fn file_with(dataset: &[u8]) -> tempfile::NamedTempFile {
-        let ts = b"1.2.840.10008.1.2.1\0";
+        file_in(b"1.2.840.10008.1.2.1\0", dataset)
+    }
+
+    /// A file whose meta group names transfer syntax `ts`, followed by `dataset` as it is.
+    fn file_in(ts: &[u8], dataset: &[u8]) -> tempfile::NamedTempFile {
         let mut meta = element(0x0002, 0x0010, b"UI", ts, None);
         let mut bytes = vec![0u8; 128];
         bytes.extend(b"DICM");
@@ -780,6 +860,43 @@ mod tests {
         // The same element with its true length is read (and then lacks other attributes).
         let good = element(0x0008, 0x0016, b"UI", b"1.2.3\0", None);
         let f = file_with(&good);
+        let e = read_facts(f.path(), &key).unwrap_err();
+        assert!(matches!(e, HeaderError::Missing(_)), "{e}");
+    }
+
+    fn deflated(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn deflated_data_sets_are_guarded_too() {
+        let key = PseudonymKey::from_bytes([7; 32]);
+        let ts = b"1.2.840.10008.1.2.1.99\0";
+        // A declared length beyond the inflated data set.
+        let bad = element(0x0008, 0x0016, b"UI", b"1.2.3\0", Some(60_000));
+        let f = file_in(ts, &deflated(&bad));
+        let e = read_facts(f.path(), &key).unwrap_err();
+        assert!(
+            matches!(&e, HeaderError::Unreadable(m) if m.contains("more than the whole file")),
+            "{e}"
+        );
+        // A deflate bomb: 64 MiB of one element's value from a file of ~70 KB.
+        let mut bomb = element(0x0008, 0x0016, b"UI", b"1.2.3\0", None);
+        bomb.extend([0x09, 0x00, 0x10, 0x00, b'O', b'B', 0, 0]);
+        bomb.extend((64u32 << 20).to_le_bytes());
+        bomb.resize(bomb.len() + (64 << 20), 0);
+        let f = file_in(ts, &deflated(&bomb));
+        let e = read_facts(f.path(), &key).unwrap_err();
+        assert!(
+            matches!(&e, HeaderError::Unreadable(m) if m.contains("inflates to more than")),
+            "{e}"
+        );
+        // An honest deflated data set is read (and then lacks other attributes).
+        let good = element(0x0008, 0x0016, b"UI", b"1.2.3\0", None);
+        let f = file_in(ts, &deflated(&good));
         let e = read_facts(f.path(), &key).unwrap_err();
         assert!(matches!(e, HeaderError::Missing(_)), "{e}");
     }
