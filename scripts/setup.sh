@@ -2,14 +2,15 @@
 # Installs what amicus needs, idempotently:
 # - the wasm32-wasip2 Rust target (trains are WebAssembly components);
 # - CMake and a C++ compiler (the JPEG-LS and JPEG 2000 codecs build from C/C++ sources);
+# - ONNX Runtime's shared library, from the pinned `onnxruntime` wheel on PyPI (hash-checked),
+#   at ~/.cache/amicus/onnxruntime/ where the station finds it;
 # and with --test, what the test suite needs besides:
 # - dicom3tools (Debian: dciodvfy validates the synthetic DICOM in the tests);
-# - pydicom (with the pylibjpeg/pyjpegls decoders), numpy and rdflib in a venv at
-#   ~/.cache/amicus/venv (independent readers of the DICOM, pixel data and PROV-O the tests
-#   check);
+# - pydicom (with the pylibjpeg/pyjpegls decoders), numpy, rdflib and onnx in a venv at
+#   ~/.cache/amicus/venv (independent readers and writers of the DICOM, pixel data, PROV-O
+#   and ONNX models the tests check);
 # - a real-world DICOM corpus at ~/.cache/amicus/corpus: pydicom's own test files and the
 #   pydicom-data wheel's files (both from PyPI), which the index must read or quarantine.
-# Later parts add the ONNX Runtime library (from the PyPI wheel) here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +35,37 @@ if ! command -v cmake >/dev/null || ! command -v c++ >/dev/null; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cmake g++ >/dev/null
 fi
 
+VENV="${HOME}/.cache/amicus/venv"
+ensure_venv() {
+  if [ ! -x "$VENV/bin/pip" ]; then
+    if ! python3 -m venv "$VENV" 2>/dev/null; then
+      # Debian's system Python keeps venv in a separate package.
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+      python3 -m venv "$VENV"
+    fi
+  fi
+}
+
+# ONNX Runtime (CPU), the library only: the same pinned build on every machine.
+ORT_VERSION="1.31.1"
+ORT_WHEEL="onnxruntime-${ORT_VERSION}-cp311-cp311-manylinux_2_28_x86_64.whl"
+ORT_SHA256="5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f"
+ORT_DIR="${HOME}/.cache/amicus/onnxruntime"
+if [ ! -f "$ORT_DIR/libonnxruntime.so.$ORT_VERSION" ]; then
+  echo "setup: fetching ONNX Runtime $ORT_VERSION from PyPI into $ORT_DIR"
+  ensure_venv
+  tmp="$(mktemp -d)"
+  "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+    --python-version 3.11 --platform manylinux_2_28_x86_64 "onnxruntime==$ORT_VERSION" -d "$tmp"
+  echo "$ORT_SHA256  $tmp/$ORT_WHEEL" | sha256sum -c --quiet
+  mkdir -p "$ORT_DIR"
+  "$VENV/bin/python" -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); open(sys.argv[2], "wb").write(z.read("onnxruntime/capi/libonnxruntime.so." + sys.argv[3]))' \
+    "$tmp/$ORT_WHEEL" "$ORT_DIR/libonnxruntime.so.$ORT_VERSION.part" "$ORT_VERSION"
+  mv "$ORT_DIR/libonnxruntime.so.$ORT_VERSION.part" "$ORT_DIR/libonnxruntime.so.$ORT_VERSION"
+  rm -rf "$tmp"
+fi
+
 [ "${1:-}" = "--test" ] || exit 0
 
 if ! command -v dciodvfy >/dev/null; then
@@ -42,17 +74,12 @@ if ! command -v dciodvfy >/dev/null; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dicom3tools >/dev/null
 fi
 
-VENV="${HOME}/.cache/amicus/venv"
-if ! "$VENV/bin/python" -c "import pydicom, numpy, rdflib, pylibjpeg, libjpeg, openjpeg, jpeg_ls" 2>/dev/null; then
-  echo "setup: creating $VENV with pydicom (and its JPEG, JPEG 2000, JPEG-LS decoders), numpy and rdflib"
-  if [ ! -x "$VENV/bin/pip" ] && ! python3 -m venv "$VENV" 2>/dev/null; then
-    # Debian's system Python keeps venv in a separate package.
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
-    python3 -m venv "$VENV"
-  fi
+if ! "$VENV/bin/python" -c "import pydicom, numpy, rdflib, pylibjpeg, libjpeg, openjpeg, jpeg_ls, onnx" 2>/dev/null; then
+  echo "setup: installing pydicom (and its JPEG, JPEG 2000, JPEG-LS decoders), numpy, rdflib and onnx into $VENV"
+  ensure_venv
   "$VENV/bin/pip" install -q --disable-pip-version-check "pydicom==3.*" "numpy<3" "rdflib==7.*" \
-    "pylibjpeg==2.1.0" "pylibjpeg-libjpeg==2.5.0" "pylibjpeg-openjpeg==2.6.0" "pyjpegls==1.5.1"
+    "pylibjpeg==2.1.0" "pylibjpeg-libjpeg==2.5.0" "pylibjpeg-openjpeg==2.6.0" "pyjpegls==1.5.1" \
+    "onnx==1.23.2"
 fi
 
 CORPUS="${HOME}/.cache/amicus/corpus"

@@ -7,6 +7,7 @@
 mod bench;
 mod bench_imaging;
 mod bench_index;
+mod model;
 mod train_build;
 
 use amicus_bundle::{Bundle, Digest, PublicKey, SecretKey, TrustedKey};
@@ -64,6 +65,9 @@ enum Command {
     /// Measure (not test) performance; writes JSON.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// ONNX model tools: derive a training graph (`model grad`).
+    #[command(subcommand)]
+    Model(model::ModelCommand),
 }
 
 #[derive(Subcommand)]
@@ -335,6 +339,7 @@ fn run(cli: Cli) -> Result<()> {
             profile,
         } => synth(&out, &site, patients, seed, &profile),
         Command::Bench(c) => bench::run(c),
+        Command::Model(c) => model::run(c),
     }
 }
 

@@ -1,0 +1,756 @@
+//! Reverse-mode autodiff for ONNX: a forward model and a loss become one training graph made
+//! only of standard ONNX ops — inputs: the model's data inputs, `labels`, and every trainable
+//! weight; outputs: `loss`, the prediction, and `<weight>.grad` for each weight — which the
+//! stock ONNX Runtime inference build runs.
+//!
+//! The station derives this graph itself from the signed forward model, deterministically (the
+//! same model and spec give the same bytes), so the gradient code is the station's, not the
+//! train's. An op on the gradient path without a rule is refused by name.
+//!
+//! Owns the derivation (`derive`) and the ONNX file format (`onnx`); does not run graphs
+//! (`amicus-kernels` does) and does not update weights.
+
+mod emit;
+pub mod onnx;
+mod rules;
+mod shapes;
+
+use emit::Emitter;
+use onnx::{Dim, FLOAT, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+pub use rules::DIFFERENTIABLE;
+
+/// Losses, comparing the prediction with `labels` of the same shape.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Loss {
+    /// Mean squared error over every element.
+    Mse,
+    /// Softmax cross-entropy over axis 1 against one-hot (or soft) labels, averaged over the
+    /// other positions (samples, and pixels for segmentation).
+    CrossEntropy,
+    /// Sigmoid + binary cross-entropy on logits, averaged over every element.
+    BceWithLogits,
+    /// 1 - soft Dice of the sigmoid of the logits against the labels, over the whole batch
+    /// (smoothed by 1).
+    SoftDice,
+    /// A weighted sum of losses.
+    Sum(Vec<(f32, Loss)>),
+}
+
+/// What to train and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    /// Initializers to train; `None`: every float initializer a gradient can reach.
+    pub trainable: Option<Vec<String>>,
+    /// The graph output the loss applies to; `None`: the first output.
+    pub prediction: Option<String>,
+    pub loss: Loss,
+}
+
+/// A trainable weight: its name (an input of the training graph) and initial value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Weight {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub initial: Vec<f32>,
+    /// Output of the training graph holding its gradient.
+    pub grad: String,
+}
+
+/// A derived training graph and how to drive it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingGraph {
+    pub model: ModelProto,
+    /// The forward model's data inputs, in order.
+    pub data_inputs: Vec<String>,
+    pub labels: String,
+    pub loss: String,
+    pub prediction: String,
+    pub weights: Vec<Weight>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AutodiffError {
+    #[error("invalid model: {0}")]
+    Invalid(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    #[error("op {op} (node {node:?}) has no gradient rule; supported: {}", DIFFERENTIABLE.join(", "))]
+    NoRule { op: String, node: String },
+    #[error("node {node:?} ({op}): {reason}")]
+    Node {
+        op: String,
+        node: String,
+        reason: String,
+    },
+}
+
+/// The name of the labels input of every training graph.
+pub const LABELS: &str = "labels";
+/// The name of the loss output of every training graph.
+pub const LOSS: &str = "loss";
+
+fn invalid(s: impl Into<String>) -> AutodiffError {
+    AutodiffError::Invalid(s.into())
+}
+
+/// The default opset domain's version the model imports.
+fn opset(model: &ModelProto) -> Result<i64, AutodiffError> {
+    let mut version = None;
+    for o in &model.opset_import {
+        match o.domain.as_deref().unwrap_or("") {
+            "" | "ai.onnx" => version = o.version,
+            other => {
+                return Err(AutodiffError::Unsupported(format!(
+                    "operator set domain {other:?}"
+                )));
+            }
+        }
+    }
+    let v = version.ok_or_else(|| invalid("no opset import for the default domain"))?;
+    if !(13..=21).contains(&v) {
+        return Err(AutodiffError::Unsupported(format!(
+            "opset {v} (13 to 21 are supported; exporters write 17 or 18)"
+        )));
+    }
+    Ok(v)
+}
+
+/// Derive the training graph of `model` for `spec`.
+pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, AutodiffError> {
+    if !model.functions.is_empty() || !model.training_info.is_empty() {
+        return Err(AutodiffError::Unsupported(
+            "models with local functions or training info".into(),
+        ));
+    }
+    let graph = model.graph.as_ref().ok_or_else(|| invalid("no graph"))?;
+    if !graph.sparse_initializer.is_empty() {
+        return Err(AutodiffError::Unsupported("sparse initializers".into()));
+    }
+    let opset = opset(model)?;
+    let node_name = |n: &NodeProto, i: usize| n.name.clone().unwrap_or_else(|| format!("#{i}"));
+    for (i, n) in graph.node.iter().enumerate() {
+        if !matches!(n.domain.as_deref().unwrap_or(""), "" | "ai.onnx") {
+            return Err(AutodiffError::Unsupported(format!(
+                "node {:?}: op {} of domain {:?}",
+                node_name(n, i),
+                n.op(),
+                n.domain.as_deref().unwrap_or("")
+            )));
+        }
+    }
+
+    // Every name in use, so emitted names never collide.
+    let mut taken: HashSet<String> = HashSet::new();
+    for n in &graph.node {
+        taken.extend(n.input.iter().chain(&n.output).cloned());
+        taken.extend(n.name.clone());
+    }
+    taken.extend(graph.initializer.iter().map(|t| t.name().to_string()));
+    taken.extend(graph.input.iter().map(|v| v.name().to_string()));
+    taken.extend(graph.output.iter().map(|v| v.name().to_string()));
+    for reserved in [LABELS, LOSS] {
+        if taken.contains(reserved) {
+            return Err(invalid(format!(
+                "the model already uses the name {reserved:?}, which the training graph needs"
+            )));
+        }
+    }
+    let mut e = Emitter::new(taken, opset);
+
+    // Shapes and constant integers.
+    let initializers: HashMap<&str, &TensorProto> =
+        graph.initializer.iter().map(|t| (t.name(), t)).collect();
+    let mut shapes: HashMap<String, shapes::Shape> = HashMap::new();
+    let mut ints: HashMap<String, Vec<i64>> = HashMap::new();
+    for t in &graph.initializer {
+        if !t.external_data.is_empty() {
+            return Err(AutodiffError::Unsupported(format!(
+                "initializer {:?} stored outside the model file",
+                t.name()
+            )));
+        }
+        shapes.insert(
+            t.name().to_string(),
+            t.dims.iter().map(|d| Dim::Known(*d)).collect(),
+        );
+        if let Some(v) = t.int_values() {
+            ints.insert(t.name().to_string(), v);
+        }
+    }
+    let mut data_inputs = Vec::new();
+    for v in &graph.input {
+        if initializers.contains_key(v.name()) {
+            continue;
+        }
+        let (elem, dims) = v
+            .tensor_shape()
+            .ok_or_else(|| invalid(format!("input {:?} has no tensor shape", v.name())))?;
+        if elem != FLOAT {
+            return Err(AutodiffError::Unsupported(format!(
+                "input {:?} is not float32",
+                v.name()
+            )));
+        }
+        shapes.insert(v.name().to_string(), dims);
+        data_inputs.push(v.name().to_string());
+    }
+    let mut forward: Vec<NodeProto> = graph.node.clone();
+
+    // What is trained.
+    let float_initializer = |name: &str| {
+        initializers
+            .get(name)
+            .is_some_and(|t| t.data_type == Some(FLOAT))
+    };
+    let trainable: BTreeSet<String> = match &spec.trainable {
+        Some(names) => {
+            for n in names {
+                if !float_initializer(n) {
+                    return Err(invalid(format!(
+                        "{n:?} is not a float initializer of the model"
+                    )));
+                }
+            }
+            names.iter().cloned().collect()
+        }
+        None => forward
+            .iter()
+            .flat_map(|n| {
+                rules::differentiable_inputs(n)
+                    .into_iter()
+                    .filter_map(|i| n.input.get(i).cloned())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|name| float_initializer(name))
+            .collect(),
+    };
+    if trainable.is_empty() {
+        return Err(invalid(
+            "nothing to train: no float initializer reaches an op",
+        ));
+    }
+
+    // Which tensors depend on a trained weight.
+    let mut requires: HashSet<String> = trainable.iter().cloned().collect();
+    for n in &forward {
+        let reached = rules::differentiable_inputs(n)
+            .into_iter()
+            .any(|i| n.input.get(i).is_some_and(|name| requires.contains(name)));
+        if reached {
+            requires.extend(n.output.iter().filter(|o| !o.is_empty()).cloned());
+        }
+    }
+
+    // Every op a gradient has to pass needs a rule: refuse now, by name.
+    for (i, n) in forward.iter().enumerate() {
+        let on_path = rules::differentiable_inputs(n)
+            .into_iter()
+            .any(|j| n.input.get(j).is_some_and(|name| requires.contains(name)));
+        if on_path && !DIFFERENTIABLE.contains(&n.op()) {
+            return Err(AutodiffError::NoRule {
+                op: n.op().into(),
+                node: node_name(n, i),
+            });
+        }
+    }
+
+    // Shapes, now that every op on the gradient path is known to have a rule.
+    for (i, n) in forward.iter().enumerate() {
+        if n.op() == "Constant"
+            && let Some(t) = n.attr("value").and_then(|a| a.t.as_ref())
+            && let Some(v) = t.int_values()
+        {
+            ints.insert(n.output[0].clone(), v);
+        }
+        let inputs: Vec<Option<shapes::Shape>> = n
+            .input
+            .iter()
+            .map(|name| {
+                if name.is_empty() {
+                    None
+                } else {
+                    shapes.get(name).cloned()
+                }
+            })
+            .collect();
+        let out = shapes::infer(n, &inputs, &ints).map_err(|reason| AutodiffError::Node {
+            op: n.op().into(),
+            node: node_name(n, i),
+            reason,
+        })?;
+        for (name, s) in n.output.iter().zip(out.unwrap_or_default()) {
+            if !name.is_empty() {
+                shapes.insert(name.clone(), s);
+            }
+        }
+    }
+
+    // MaxPool on the gradient path also returns the indices of its maxima.
+    for n in forward.iter_mut() {
+        if n.op() == "MaxPool" && requires.contains(&n.input[0]) && n.output.len() < 2 {
+            let indices = e.fresh("maxpool_indices");
+            n.output.push(indices);
+        }
+    }
+
+    // The loss, appended as ordinary nodes: its gradient comes from the same rules.
+    let prediction = match &spec.prediction {
+        Some(p) => p.clone(),
+        None => graph
+            .output
+            .first()
+            .map(|o| o.name().to_string())
+            .ok_or_else(|| invalid("the graph has no output"))?,
+    };
+    let prediction_shape = shapes
+        .get(&prediction)
+        .cloned()
+        .ok_or_else(|| invalid(format!("{prediction:?} is not a tensor of the graph")))?;
+    if !requires.contains(&prediction) {
+        return Err(invalid(format!(
+            "{prediction:?} does not depend on any trained weight"
+        )));
+    }
+    shapes.insert(LABELS.into(), prediction_shape.clone());
+    let loss_start = e.nodes.len();
+    let loss_value = emit_loss(&mut e, &spec.loss, &prediction, prediction_shape.len())?;
+    e.node_into("Identity", &[&loss_value], LOSS, vec![]);
+    let loss_nodes: Vec<NodeProto> = e.nodes.drain(loss_start..).collect();
+    // The loss's constants (axes, scalars) are initializers; their shapes and values count.
+    for t in &e.constants {
+        if let Some(v) = t.int_values() {
+            ints.insert(t.name().to_string(), v);
+        }
+        shapes.insert(
+            t.name().to_string(),
+            t.dims.iter().map(|d| Dim::Known(*d)).collect(),
+        );
+    }
+    for n in &loss_nodes {
+        let inputs: Vec<Option<shapes::Shape>> = n
+            .input
+            .iter()
+            .map(|name| shapes.get(name).cloned())
+            .collect();
+        let out = shapes::infer(n, &inputs, &ints).map_err(|reason| AutodiffError::Node {
+            op: n.op().into(),
+            node: "loss".into(),
+            reason,
+        })?;
+        for (name, s) in n.output.iter().zip(out.unwrap_or_default()) {
+            shapes.insert(name.clone(), s);
+        }
+        if rules::differentiable_inputs(n)
+            .into_iter()
+            .any(|i| n.input.get(i).is_some_and(|x| requires.contains(x)))
+        {
+            requires.extend(n.output.iter().cloned());
+        }
+    }
+
+    // Backward, from d loss / d loss = 1.
+    let mut grads: HashMap<String, Vec<String>> = HashMap::new();
+    let seed = e.scalar(1.0);
+    grads.insert(LOSS.into(), vec![seed]);
+    let all: Vec<NodeProto> = forward.iter().chain(&loss_nodes).cloned().collect();
+    for (i, n) in all.iter().enumerate().rev() {
+        let gy: Vec<Option<String>> = n
+            .output
+            .iter()
+            .map(|o| take_grad(&mut e, &mut grads, o))
+            .collect();
+        if gy.iter().all(Option::is_none) {
+            continue;
+        }
+        let differentiable = rules::differentiable_inputs(n);
+        let needs: Vec<bool> = (0..n.input.len())
+            .map(|j| differentiable.contains(&j) && requires.contains(&n.input[j]))
+            .collect();
+        if !needs.iter().any(|b| *b) {
+            continue;
+        }
+        if !DIFFERENTIABLE.contains(&n.op()) {
+            return Err(AutodiffError::NoRule {
+                op: n.op().into(),
+                node: node_name(n, i),
+            });
+        }
+        let mut ctx = rules::Ctx {
+            e: &mut e,
+            shapes: &shapes,
+            ints: &ints,
+        };
+        let gx =
+            rules::backward(&mut ctx, n, &gy, &needs).map_err(|reason| AutodiffError::Node {
+                op: n.op().into(),
+                node: node_name(n, i),
+                reason,
+            })?;
+        for (j, g) in gx.into_iter().enumerate() {
+            if let Some(g) = g
+                && needs[j]
+            {
+                grads.entry(n.input[j].clone()).or_default().push(g);
+                // The gradient may be asked for again (several consumers): keep it summed.
+            }
+        }
+    }
+
+    // Assemble the training graph.
+    let mut weights = Vec::new();
+    for name in &trainable {
+        let t = initializers[name.as_str()];
+        let initial = t
+            .float_values()
+            .ok_or_else(|| invalid(format!("initializer {name:?} has unreadable data")))?;
+        let grad_name = format!("{name}.grad");
+        if !e.reserve(&grad_name) {
+            return Err(invalid(format!(
+                "the model already uses the name {grad_name:?}"
+            )));
+        }
+        match take_grad(&mut e, &mut grads, name) {
+            Some(g) => e.node_into("Identity", &[&g], &grad_name, vec![]),
+            None => {
+                // The weight does not reach the loss: its gradient is zero.
+                let zeros = e.floats(&t.dims, &vec![0.0; initial.len()]);
+                e.node_into("Identity", &[&zeros], &grad_name, vec![]);
+            }
+        }
+        weights.push(Weight {
+            name: name.clone(),
+            shape: t.dims.clone(),
+            initial,
+            grad: grad_name,
+        });
+    }
+    let backward_nodes = std::mem::take(&mut e.nodes);
+    let mut nodes = forward;
+    nodes.extend(loss_nodes);
+    nodes.extend(backward_nodes);
+
+    let value = |name: &str| {
+        ValueInfoProto::tensor(
+            name,
+            FLOAT,
+            shapes.get(name).map_or(&[][..], |s| s.as_slice()),
+        )
+    };
+    let mut inputs: Vec<ValueInfoProto> = data_inputs.iter().map(|n| value(n)).collect();
+    inputs.push(value(LABELS));
+    for w in &weights {
+        inputs.push(ValueInfoProto::tensor(
+            &w.name,
+            FLOAT,
+            &w.shape.iter().map(|d| Dim::Known(*d)).collect::<Vec<_>>(),
+        ));
+    }
+    let mut outputs = vec![ValueInfoProto::tensor(LOSS, FLOAT, &[])];
+    outputs.push(value(&prediction));
+    for w in &weights {
+        outputs.push(ValueInfoProto::tensor(
+            &w.grad,
+            FLOAT,
+            &w.shape.iter().map(|d| Dim::Known(*d)).collect::<Vec<_>>(),
+        ));
+    }
+    let mut initializer: Vec<TensorProto> = graph
+        .initializer
+        .iter()
+        .filter(|t| !trainable.contains(t.name()))
+        .cloned()
+        .collect();
+    initializer.extend(e.constants.iter().cloned());
+    let training = ModelProto {
+        ir_version: Some(model.ir_version.unwrap_or(8).min(10)),
+        opset_import: model.opset_import.clone(),
+        producer_name: Some("amicus-autodiff".into()),
+        producer_version: Some(env!("CARGO_PKG_VERSION").into()),
+        graph: Some(GraphProto {
+            node: nodes,
+            name: Some(format!(
+                "{}-training",
+                graph.name.as_deref().unwrap_or("model")
+            )),
+            initializer,
+            input: inputs,
+            output: outputs,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Ok(TrainingGraph {
+        model: training,
+        data_inputs,
+        labels: LABELS.into(),
+        loss: LOSS.into(),
+        prediction,
+        weights,
+    })
+}
+
+/// The accumulated gradient of `name` as one tensor (summing several contributions).
+fn take_grad(
+    e: &mut Emitter,
+    grads: &mut HashMap<String, Vec<String>>,
+    name: &str,
+) -> Option<String> {
+    let gs = grads.get_mut(name)?;
+    if gs.len() > 1 {
+        let refs: Vec<&str> = gs.iter().map(String::as_str).collect();
+        let sum = e.node("Sum", &refs, vec![]);
+        *gs = vec![sum];
+    }
+    gs.first().cloned()
+}
+
+/// Append the nodes of `loss` on `prediction` (rank `rank`) and `labels`; returns the scalar.
+fn emit_loss(
+    e: &mut Emitter,
+    loss: &Loss,
+    prediction: &str,
+    rank: usize,
+) -> Result<String, AutodiffError> {
+    let all: Vec<i64> = (0..rank as i64).collect();
+    Ok(match loss {
+        Loss::Mse => {
+            let d = e.node("Sub", &[prediction, LABELS], vec![]);
+            let sq = e.mul(&d, &d);
+            e.reduce_mean(&sq, &all, false)
+        }
+        Loss::CrossEntropy => {
+            if rank < 2 {
+                return Err(invalid("cross-entropy needs a class axis 1"));
+            }
+            let log_p = e.node(
+                "LogSoftmax",
+                &[prediction],
+                vec![onnx::AttributeProto::int("axis", 1)],
+            );
+            let picked = e.mul(LABELS, &log_p);
+            let per_position = e.reduce_sum(&picked, &[1], false);
+            let others: Vec<i64> = (0..rank as i64 - 1).collect();
+            let mean = e.reduce_mean(&per_position, &others, false);
+            e.node("Neg", &[&mean], vec![])
+        }
+        Loss::BceWithLogits => {
+            // softplus(x) - x·t = -[t·log σ(x) + (1-t)·log(1-σ(x))], stable for large |x|.
+            let sp = e.node("Softplus", &[prediction], vec![]);
+            let xt = e.mul(prediction, LABELS);
+            let d = e.node("Sub", &[&sp, &xt], vec![]);
+            e.reduce_mean(&d, &all, false)
+        }
+        Loss::SoftDice => {
+            let p = e.node("Sigmoid", &[prediction], vec![]);
+            let pt = e.mul(&p, LABELS);
+            let inter = e.reduce_sum(&pt, &all, false);
+            let sp = e.reduce_sum(&p, &all, false);
+            let st = e.reduce_sum(LABELS, &all, false);
+            let (one, two) = (e.scalar(1.0), e.scalar(2.0));
+            let num = e.mul(&inter, &two);
+            let num = e.node("Add", &[&num, &one], vec![]);
+            let den = e.node("Add", &[&sp, &st], vec![]);
+            let den = e.node("Add", &[&den, &one], vec![]);
+            let dice = e.node("Div", &[&num, &den], vec![]);
+            e.node("Sub", &[&one, &dice], vec![])
+        }
+        Loss::Sum(parts) => {
+            if parts.is_empty() {
+                return Err(invalid("an empty sum of losses"));
+            }
+            let mut total: Option<String> = None;
+            for (w, l) in parts {
+                let v = emit_loss(e, l, prediction, rank)?;
+                let wc = e.scalar(*w);
+                let term = e.mul(&v, &wc);
+                total = Some(match total {
+                    None => term,
+                    Some(t) => e.node("Add", &[&t, &term], vec![]),
+                });
+            }
+            total.expect("at least one part")
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use onnx::{AttributeProto, OperatorSetIdProto};
+
+    fn model(nodes: Vec<NodeProto>, opset: i64) -> ModelProto {
+        ModelProto {
+            ir_version: Some(10),
+            opset_import: vec![OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(opset),
+            }],
+            graph: Some(GraphProto {
+                node: nodes,
+                name: Some("m".into()),
+                initializer: vec![
+                    TensorProto::floats("w", &[2, 3], &[0.1, -0.2, 0.3, 0.4, -0.5, 0.6]),
+                    TensorProto::floats("b", &[3], &[0.0, 0.1, 0.2]),
+                ],
+                input: vec![ValueInfoProto::tensor(
+                    "x",
+                    FLOAT,
+                    &[Dim::Named("N".into()), Dim::Known(2)],
+                )],
+                output: vec![ValueInfoProto::tensor("y", FLOAT, &[])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn node(op: &str, inputs: &[&str], output: &str, attrs: Vec<AttributeProto>) -> NodeProto {
+        NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            name: Some(format!("{op}-node")),
+            op_type: Some(op.into()),
+            attribute: attrs,
+            ..Default::default()
+        }
+    }
+
+    fn spec() -> Spec {
+        Spec {
+            trainable: None,
+            prediction: None,
+            loss: Loss::CrossEntropy,
+        }
+    }
+
+    fn linear() -> Vec<NodeProto> {
+        vec![
+            node("MatMul", &["x", "w"], "h", vec![]),
+            node("Add", &["h", "b"], "y", vec![]),
+        ]
+    }
+
+    #[test]
+    fn derivation_is_deterministic_and_names_its_interface() {
+        let m = model(linear(), 18);
+        let a = derive(&m, &spec()).unwrap();
+        let b = derive(&m, &spec()).unwrap();
+        assert_eq!(a.model.to_bytes(), b.model.to_bytes());
+        assert_eq!(a.data_inputs, ["x"]);
+        let names: Vec<&str> = a.weights.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["b", "w"]);
+        assert_eq!(a.weights[1].grad, "w.grad");
+        let g = a.model.graph.as_ref().unwrap();
+        let inputs: Vec<&str> = g.input.iter().map(|v| v.name()).collect();
+        assert_eq!(inputs, ["x", "labels", "b", "w"]);
+        let outputs: Vec<&str> = g.output.iter().map(|v| v.name()).collect();
+        assert_eq!(outputs, ["loss", "y", "b.grad", "w.grad"]);
+        // Trained weights are inputs, not initializers, of the training graph.
+        assert!(
+            g.initializer
+                .iter()
+                .all(|t| t.name() != "w" && t.name() != "b")
+        );
+        // The bytes decode back to the same model.
+        assert_eq!(
+            ModelProto::from_bytes(&a.model.to_bytes()).unwrap(),
+            a.model
+        );
+    }
+
+    #[test]
+    fn refusals_name_what_is_wrong() {
+        // An op on the gradient path without a rule, named with its node.
+        let mut nodes = linear();
+        nodes[1] = node("Add", &["h", "b"], "z", vec![]);
+        nodes.push(node("Erf", &["z"], "y", vec![]));
+        let e = derive(&model(nodes, 18), &spec()).unwrap_err();
+        assert!(
+            matches!(&e, AutodiffError::NoRule { op, node } if op == "Erf" && node == "Erf-node"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("supported: Add"), "{e}");
+        // An unknown trainable name.
+        let wrong = Spec {
+            trainable: Some(vec!["nope".into()]),
+            ..spec()
+        };
+        assert!(matches!(
+            derive(&model(linear(), 18), &wrong),
+            Err(AutodiffError::Invalid(_))
+        ));
+        // Old opsets and foreign domains.
+        assert!(matches!(
+            derive(&model(linear(), 11), &spec()),
+            Err(AutodiffError::Unsupported(_))
+        ));
+        let mut m = model(linear(), 18);
+        m.graph.as_mut().unwrap().node[0].domain = Some("com.microsoft".into());
+        assert!(matches!(
+            derive(&m, &spec()),
+            Err(AutodiffError::Unsupported(_))
+        ));
+        // Local functions are refused, not silently dropped.
+        let mut m = model(linear(), 18);
+        m.functions.push(vec![1, 2, 3]);
+        assert!(matches!(
+            derive(&m, &spec()),
+            Err(AutodiffError::Unsupported(_))
+        ));
+        // A prediction that no weight reaches.
+        let nodes = vec![node("Relu", &["x"], "y", vec![])];
+        assert!(matches!(
+            derive(&model(nodes, 18), &spec()),
+            Err(AutodiffError::Invalid(_))
+        ));
+        // Attributes a rule cannot honour.
+        let nodes = vec![
+            node("MatMul", &["x", "w"], "h", vec![]),
+            node(
+                "Constant",
+                &[],
+                "shape",
+                vec![AttributeProto::tensor(
+                    "value",
+                    TensorProto::ints("v", &[4], &[-1, 1, 1, 3]),
+                )],
+            ),
+            node("Reshape", &["h", "shape"], "x4", vec![]),
+            node(
+                "MaxPool",
+                &["x4"],
+                "y",
+                vec![
+                    AttributeProto::ints("kernel_shape", &[2, 2]),
+                    AttributeProto::int("ceil_mode", 1),
+                ],
+            ),
+        ];
+        let e = derive(&model(nodes, 18), &spec()).unwrap_err();
+        assert!(
+            matches!(&e, AutodiffError::Node { op, reason, .. } if op == "MaxPool" && reason.contains("ceil_mode")),
+            "{e}"
+        );
+        // The name the training graph needs is taken.
+        let nodes = vec![
+            node("MatMul", &["x", "w"], "loss", vec![]),
+            node("Add", &["loss", "b"], "y", vec![]),
+        ];
+        assert!(matches!(
+            derive(&model(nodes, 18), &spec()),
+            Err(AutodiffError::Invalid(_))
+        ));
+    }
+
+    proptest::proptest! {
+        /// Arbitrary bytes are an error or a model, never a panic.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Ok(m) = ModelProto::from_bytes(&bytes) {
+                let _ = derive(&m, &spec());
+            }
+        }
+    }
+}

@@ -1,0 +1,500 @@
+//! Backward rules: for one forward node and the gradients of its outputs, the nodes that
+//! compute the gradients of its inputs — standard ONNX ops only, so the training graph runs on
+//! any ONNX Runtime build. Each rule is checked against finite differences
+//! (`kernels/tests/gradcheck.rs`).
+
+use crate::emit::Emitter;
+use crate::onnx::{AttributeProto, Dim, FLOAT, NodeProto, TensorProto};
+use crate::shapes::{Shape, Window, axis, known, reduce_axes};
+use std::collections::HashMap;
+
+/// The ops with a backward rule.
+pub const DIFFERENTIABLE: &[&str] = &[
+    "Add",
+    "AveragePool",
+    "Concat",
+    "Conv",
+    "ConvTranspose",
+    "Div",
+    "Exp",
+    "Flatten",
+    "Gemm",
+    "GlobalAveragePool",
+    "Identity",
+    "LeakyRelu",
+    "Log",
+    "LogSoftmax",
+    "MatMul",
+    "MaxPool",
+    "Mul",
+    "Neg",
+    "ReduceMean",
+    "ReduceSum",
+    "Relu",
+    "Reshape",
+    "Sigmoid",
+    "Softmax",
+    "Softplus",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Tanh",
+    "Transpose",
+    "Unsqueeze",
+];
+
+/// Which inputs of a node gradients flow into (the others are shapes, axes and the like).
+pub(crate) fn differentiable_inputs(node: &NodeProto) -> Vec<usize> {
+    match node.op() {
+        "Add" | "Sub" | "Mul" | "Div" | "MatMul" => vec![0, 1],
+        "Gemm" | "Conv" | "ConvTranspose" => (0..node.input.len().min(3)).collect(),
+        "Concat" => (0..node.input.len()).collect(),
+        "Constant" => vec![],
+        _ => vec![0],
+    }
+}
+
+pub(crate) struct Ctx<'a> {
+    pub e: &'a mut Emitter,
+    pub shapes: &'a HashMap<String, Shape>,
+    pub ints: &'a HashMap<String, Vec<i64>>,
+}
+
+impl Ctx<'_> {
+    fn shape(&self, name: &str) -> Result<&Shape, String> {
+        self.shapes
+            .get(name)
+            .ok_or_else(|| format!("no shape known for {name}"))
+    }
+
+    fn known(&self, name: &str, what: &str) -> Result<Vec<i64>, String> {
+        known(self.shape(name)?).ok_or_else(|| format!("{what} must have a static shape"))
+    }
+
+    /// `g` (shaped like the broadcast output `out`) summed down to the shape of input `x`.
+    fn unbroadcast(&mut self, g: &str, x: &str, out: &str) -> Result<String, String> {
+        let (xs, ys) = (self.shape(x)?.clone(), self.shape(out)?.clone());
+        let lead = ys.len() - xs.len().min(ys.len());
+        let mut axes: Vec<i64> = (0..lead as i64).collect();
+        for (i, d) in xs.iter().enumerate() {
+            if *d == Dim::Known(1) && ys[lead + i] != Dim::Known(1) {
+                axes.push((lead + i) as i64);
+            }
+        }
+        if axes.is_empty() {
+            return Ok(g.to_string());
+        }
+        let summed = self.e.reduce_sum(g, &axes, true);
+        if lead == 0 {
+            return Ok(summed);
+        }
+        let shape = self.e.node("Shape", &[x], vec![]);
+        Ok(self.e.node("Reshape", &[&summed, &shape], vec![]))
+    }
+
+    fn like(&mut self, g: &str, x: &str) -> String {
+        let shape = self.e.node("Shape", &[x], vec![]);
+        self.e.node("Reshape", &[g, &shape], vec![])
+    }
+
+    /// Float ratio |small| / |large| of two tensors' element counts (for means).
+    fn count_ratio(&mut self, small: &str, large: &str) -> String {
+        let to_float = || vec![AttributeProto::int("to", FLOAT as i64)];
+        let a = self.e.node("Size", &[small], vec![]);
+        let a = self.e.node("Cast", &[&a], to_float());
+        let b = self.e.node("Size", &[large], vec![]);
+        let b = self.e.node("Cast", &[&b], to_float());
+        self.e.node("Div", &[&a, &b], vec![])
+    }
+}
+
+fn input(node: &NodeProto, i: usize) -> &str {
+    node.input.get(i).map(String::as_str).unwrap_or("")
+}
+
+/// Gradients of the inputs of `node` (one per input; `None` where not needed or not
+/// differentiable) from `gy`, the gradients of its outputs. `needs[i]` says whether input i
+/// needs one.
+pub(crate) fn backward(
+    c: &mut Ctx<'_>,
+    node: &NodeProto,
+    gy: &[Option<String>],
+    needs: &[bool],
+) -> Result<Vec<Option<String>>, String> {
+    let need = |i: usize| needs.get(i).copied().unwrap_or(false);
+    let mut out: Vec<Option<String>> = vec![None; node.input.len()];
+    let Some(g) = gy.first().cloned().flatten() else {
+        // Only a secondary output (MaxPool's indices) has a gradient: nothing flows back.
+        return Ok(out);
+    };
+    let g = g.as_str();
+    let x = input(node, 0);
+    let y = node.output[0].as_str();
+    let op = node.op();
+    match op {
+        "Identity" => out[0] = Some(c.e.node("Identity", &[g], vec![])),
+        "Neg" => out[0] = Some(c.e.node("Neg", &[g], vec![])),
+        "Add" | "Sub" | "Mul" | "Div" => {
+            let (a, b) = (input(node, 0), input(node, 1));
+            if need(0) {
+                let ga = match op {
+                    "Mul" => c.e.mul(g, b),
+                    "Div" => c.e.node("Div", &[g, b], vec![]),
+                    _ => g.to_string(),
+                };
+                out[0] = Some(c.unbroadcast(&ga, a, y)?);
+            }
+            if need(1) {
+                let gb = match op {
+                    "Add" => g.to_string(),
+                    "Sub" => c.e.node("Neg", &[g], vec![]),
+                    "Mul" => c.e.mul(g, a),
+                    _ => {
+                        let gy_ = c.e.mul(g, y);
+                        let q = c.e.node("Div", &[&gy_, b], vec![]);
+                        c.e.node("Neg", &[&q], vec![])
+                    }
+                };
+                out[1] = Some(c.unbroadcast(&gb, b, y)?);
+            }
+        }
+        "Relu" => {
+            let zero = c.e.scalar(0.0);
+            let positive = c.e.node("Greater", &[y, &zero], vec![]);
+            let mask = c.e.node(
+                "Cast",
+                &[&positive],
+                vec![AttributeProto::int("to", FLOAT as i64)],
+            );
+            out[0] = Some(c.e.mul(g, &mask));
+        }
+        "LeakyRelu" => {
+            let alpha = node.attr_float("alpha").unwrap_or(0.01);
+            let zero = c.e.scalar(0.0);
+            let (one, alpha) = (c.e.scalar(1.0), c.e.scalar(alpha));
+            let positive = c.e.node("Greater", &[x, &zero], vec![]);
+            let slope = c.e.node("Where", &[&positive, &one, &alpha], vec![]);
+            out[0] = Some(c.e.mul(g, &slope));
+        }
+        "Sigmoid" => {
+            let one = c.e.scalar(1.0);
+            let rest = c.e.node("Sub", &[&one, y], vec![]);
+            let d = c.e.mul(y, &rest);
+            out[0] = Some(c.e.mul(g, &d));
+        }
+        "Tanh" => {
+            let one = c.e.scalar(1.0);
+            let sq = c.e.mul(y, y);
+            let d = c.e.node("Sub", &[&one, &sq], vec![]);
+            out[0] = Some(c.e.mul(g, &d));
+        }
+        "Exp" => out[0] = Some(c.e.mul(g, y)),
+        "Log" => out[0] = Some(c.e.node("Div", &[g, x], vec![])),
+        "Sqrt" => {
+            let half = c.e.scalar(0.5);
+            let h = c.e.mul(g, &half);
+            out[0] = Some(c.e.node("Div", &[&h, y], vec![]));
+        }
+        "Softplus" => {
+            let s = c.e.node("Sigmoid", &[x], vec![]);
+            out[0] = Some(c.e.mul(g, &s));
+        }
+        "Softmax" | "LogSoftmax" => {
+            let rank = c.shape(x)?.len();
+            let a = axis(node.attr_int("axis").unwrap_or(-1), rank)? as i64;
+            if op == "Softmax" {
+                let gy_ = c.e.mul(g, y);
+                let s = c.e.reduce_sum(&gy_, &[a], true);
+                let d = c.e.node("Sub", &[g, &s], vec![]);
+                out[0] = Some(c.e.mul(y, &d));
+            } else {
+                let s = c.e.reduce_sum(g, &[a], true);
+                let p = c.e.node("Exp", &[y], vec![]);
+                let ps = c.e.mul(&p, &s);
+                out[0] = Some(c.e.node("Sub", &[g, &ps], vec![]));
+            }
+        }
+        "MatMul" => {
+            let (a, b) = (input(node, 0), input(node, 1));
+            if need(0) {
+                let bt = c.e.transpose(b, &[1, 0]);
+                out[0] = Some(c.e.node("MatMul", &[g, &bt], vec![]));
+            }
+            if need(1) {
+                let bs = c.known(b, "MatMul's right operand")?;
+                let (k, n) = (bs[0], bs[1]);
+                let (a2, g2) = if c.shape(a)?.len() == 2 {
+                    (a.to_string(), g.to_string())
+                } else {
+                    (c.e.reshape(a, &[-1, k]), c.e.reshape(g, &[-1, n]))
+                };
+                out[1] =
+                    Some(c.e.node("Gemm", &[&a2, &g2], vec![AttributeProto::int("transA", 1)]));
+            }
+        }
+        "Gemm" => {
+            let (a, b) = (input(node, 0), input(node, 1));
+            let alpha = node.attr_float("alpha").unwrap_or(1.0);
+            let beta = node.attr_float("beta").unwrap_or(1.0);
+            let ta = node.attr_int("transA").unwrap_or(0) != 0;
+            let tb = node.attr_int("transB").unwrap_or(0) != 0;
+            let gemm = |c: &mut Ctx<'_>, p: &str, q: &str, t1: bool, t2: bool| {
+                c.e.node(
+                    "Gemm",
+                    &[p, q],
+                    vec![
+                        AttributeProto::float("alpha", alpha),
+                        AttributeProto::int("transA", t1 as i64),
+                        AttributeProto::int("transB", t2 as i64),
+                    ],
+                )
+            };
+            if need(0) {
+                out[0] = Some(match (ta, tb) {
+                    (false, false) => gemm(c, g, b, false, true),
+                    (false, true) => gemm(c, g, b, false, false),
+                    (true, false) => gemm(c, b, g, false, true),
+                    (true, true) => gemm(c, b, g, true, true),
+                });
+            }
+            if need(1) {
+                out[1] = Some(match (ta, tb) {
+                    (false, false) => gemm(c, a, g, true, false),
+                    (true, false) => gemm(c, a, g, false, false),
+                    (false, true) => gemm(c, g, a, true, false),
+                    (true, true) => gemm(c, g, a, true, true),
+                });
+            }
+            if need(2) {
+                let bias = input(node, 2);
+                let scaled = if beta == 1.0 {
+                    g.to_string()
+                } else {
+                    let b_ = c.e.scalar(beta);
+                    c.e.mul(g, &b_)
+                };
+                out[2] = Some(c.unbroadcast(&scaled, bias, y)?);
+            }
+        }
+        "Conv" | "ConvTranspose" => conv_backward(c, node, g, needs, &mut out)?,
+        "MaxPool" => {
+            let indices = node
+                .output
+                .get(1)
+                .filter(|s| !s.is_empty())
+                .ok_or("MaxPool needs its Indices output for the gradient")?;
+            let dilated = node
+                .attr_ints("dilations")
+                .is_some_and(|d| d.iter().any(|v| *v != 1));
+            if dilated || node.attr_int("storage_order").unwrap_or(0) != 0 {
+                return Err("MaxPool with dilations or column-major storage order".into());
+            }
+            let size = c.e.node("Size", &[x], vec![]);
+            let one = c.e.ints(&[1]);
+            let size = c.e.node("Reshape", &[&size, &one], vec![]);
+            let zeros = c.e.node(
+                "ConstantOfShape",
+                &[&size],
+                vec![AttributeProto::tensor(
+                    "value",
+                    TensorProto::floats("zero", &[1], &[0.0]),
+                )],
+            );
+            let idx = c.e.reshape(indices, &[-1]);
+            let flat_g = c.e.reshape(g, &[-1]);
+            let scattered = c.e.node(
+                "ScatterElements",
+                &[&zeros, &idx, &flat_g],
+                vec![
+                    AttributeProto::int("axis", 0),
+                    AttributeProto::string("reduction", "add"),
+                ],
+            );
+            out[0] = Some(c.like(&scattered, x));
+        }
+        "AveragePool" => {
+            let xs = c.known(x, "AveragePool's input")?;
+            let kernel = node.attr_ints("kernel_shape").unwrap_or(&[]).to_vec();
+            let win = Window::of(node, kernel.clone())?;
+            if win.strides != kernel || win.pads.iter().any(|p| *p != 0) {
+                return Err(
+                    "AveragePool gradient needs strides equal to the kernel and no pads".into(),
+                );
+            }
+            let ys = c.known(y, "AveragePool's output")?;
+            let spatial = kernel.len();
+            let mut split = vec![0, 0];
+            let mut tiled = vec![1, 1];
+            let mut merged = vec![0, 0];
+            for i in 0..spatial {
+                split.extend([ys[2 + i], 1]);
+                tiled.extend([ys[2 + i], kernel[i]]);
+                merged.push(ys[2 + i] * kernel[i]);
+            }
+            let s = c.e.reshape(g, &split);
+            let t = c.e.ints(&tiled);
+            let e = c.e.node("Expand", &[&s, &t], vec![]);
+            let m = c.e.reshape(&e, &merged);
+            let rest: Vec<i64> = (0..spatial)
+                .map(|i| xs[2 + i] - ys[2 + i] * kernel[i])
+                .collect();
+            let padded = if rest.iter().any(|r| *r > 0) {
+                let mut pads = vec![0; 2 + spatial];
+                pads.extend([0, 0]);
+                pads.extend(&rest);
+                let p = c.e.ints(&pads);
+                c.e.node("Pad", &[&m, &p], vec![])
+            } else {
+                m
+            };
+            let scale = c.e.scalar(1.0 / kernel.iter().product::<i64>() as f32);
+            out[0] = Some(c.e.mul(&padded, &scale));
+        }
+        "GlobalAveragePool" | "ReduceMean" | "ReduceSum" => {
+            let grown = if op == "GlobalAveragePool" || node.attr_int("keepdims").unwrap_or(1) != 0
+            {
+                g.to_string()
+            } else {
+                let rank = c.shape(x)?.len();
+                let axes: Vec<i64> = reduce_axes(node, rank, c.ints)?
+                    .into_iter()
+                    .map(|a| a as i64)
+                    .collect();
+                let a = c.e.ints(&axes);
+                c.e.node("Unsqueeze", &[g, &a], vec![])
+            };
+            let shape = c.e.node("Shape", &[x], vec![]);
+            let expanded = c.e.node("Expand", &[&grown, &shape], vec![]);
+            out[0] = Some(if op == "ReduceSum" {
+                expanded
+            } else {
+                let ratio = c.count_ratio(y, x);
+                c.e.mul(&expanded, &ratio)
+            });
+        }
+        "Flatten" | "Reshape" | "Squeeze" | "Unsqueeze" => out[0] = Some(c.like(g, x)),
+        "Transpose" => {
+            let rank = c.shape(x)?.len();
+            let perm: Vec<i64> = match node.attr_ints("perm") {
+                Some(p) => p.to_vec(),
+                None => (0..rank as i64).rev().collect(),
+            };
+            let mut inverse = vec![0i64; perm.len()];
+            for (i, &p) in perm.iter().enumerate() {
+                inverse[p as usize] = i as i64;
+            }
+            out[0] = Some(c.e.transpose(g, &inverse));
+        }
+        "Concat" => {
+            let rank = c.shape(x)?.len();
+            let a = axis(node.attr_int("axis").unwrap_or(0), rank)?;
+            let sizes = node
+                .input
+                .iter()
+                .map(|i| match c.shape(i)?.get(a) {
+                    Some(Dim::Known(v)) => Ok(*v),
+                    _ => Err("Concat inputs need static sizes along the axis".to_string()),
+                })
+                .collect::<Result<Vec<i64>, String>>()?;
+            let split = c.e.ints(&sizes);
+            let parts = c.e.node_n(
+                "Split",
+                &[g, &split],
+                sizes.len(),
+                vec![AttributeProto::int("axis", a as i64)],
+            );
+            for (i, p) in parts.into_iter().enumerate() {
+                if need(i) {
+                    out[i] = Some(p);
+                }
+            }
+        }
+        other => return Err(format!("no gradient rule for {other}")),
+    }
+    Ok(out)
+}
+
+fn conv_backward(
+    c: &mut Ctx<'_>,
+    node: &NodeProto,
+    g: &str,
+    needs: &[bool],
+    out: &mut [Option<String>],
+) -> Result<(), String> {
+    let need = |i: usize| needs.get(i).copied().unwrap_or(false);
+    let transposed = node.op() == "ConvTranspose";
+    let (x, w) = (input(node, 0), input(node, 1));
+    let y = node.output[0].as_str();
+    let ws = c.known(w, "the convolution weight")?;
+    let spatial = ws.len() - 2;
+    let kernel = ws[2..].to_vec();
+    let win = Window::of(node, kernel.clone())?;
+    let group = node.attr_int("group").unwrap_or(1);
+    let window_attrs = |strides: &[i64], dilations: &[i64], pads: &[i64]| {
+        vec![
+            AttributeProto::ints("strides", strides),
+            AttributeProto::ints("dilations", dilations),
+            AttributeProto::ints("pads", pads),
+            AttributeProto::int("group", group),
+        ]
+    };
+    if need(0) {
+        if transposed {
+            // The adjoint of a transposed convolution is the convolution.
+            out[0] = Some(c.e.node(
+                "Conv",
+                &[g, w],
+                window_attrs(&win.strides, &win.dilations, &win.pads),
+            ));
+        } else {
+            // The adjoint of a convolution is the transposed convolution; output_padding
+            // restores input positions the strided forward pass never reached.
+            let xs = c.known(x, "the convolution input")?;
+            let ys = c.known(y, "the convolution output")?;
+            let output_padding: Vec<i64> = (0..spatial)
+                .map(|i| {
+                    let reached =
+                        win.strides[i] * (ys[2 + i] - 1) + win.dilations[i] * (kernel[i] - 1) + 1
+                            - win.pads[i]
+                            - win.pads[spatial + i];
+                    xs[2 + i] - reached
+                })
+                .collect();
+            let mut attrs = window_attrs(&win.strides, &win.dilations, &win.pads);
+            attrs.push(AttributeProto::ints("output_padding", &output_padding));
+            out[0] = Some(c.e.node("ConvTranspose", &[g, w], attrs));
+        }
+    }
+    if need(1) {
+        if group != 1 {
+            return Err("weight gradients of grouped convolutions".into());
+        }
+        // Correlate the input with the output gradient, batch and channel axes swapped: the
+        // strides become dilations and the dilations strides.
+        let mut swap: Vec<i64> = vec![1, 0];
+        swap.extend(2..(spatial as i64 + 2));
+        let xt = c.e.transpose(x, &swap);
+        let gt = c.e.transpose(g, &swap);
+        let (data, filter) = if transposed { (gt, xt) } else { (xt, gt) };
+        let corr = c.e.node(
+            "Conv",
+            &[&data, &filter],
+            vec![
+                AttributeProto::ints("strides", &win.dilations),
+                AttributeProto::ints("dilations", &win.strides),
+                AttributeProto::ints("pads", &win.pads),
+            ],
+        );
+        // The correlation can reach past the kernel when strides leave a remainder.
+        let starts = vec![0i64; spatial];
+        let axes: Vec<i64> = (2..spatial as i64 + 2).collect();
+        let (s, e, a) = (c.e.ints(&starts), c.e.ints(&kernel), c.e.ints(&axes));
+        let cut = c.e.node("Slice", &[&corr, &s, &e, &a], vec![]);
+        out[1] = Some(c.e.transpose(&cut, &swap));
+    }
+    if need(2) {
+        let axes: Vec<i64> = std::iter::once(0).chain(2..spatial as i64 + 2).collect();
+        out[2] = Some(c.e.reduce_sum(g, &axes, false));
+    }
+    Ok(())
+}

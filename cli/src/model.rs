@@ -1,0 +1,115 @@
+//! `amicus model`: tools for the ONNX models trains ship. `model grad` writes the training
+//! graph the station would derive from a forward model, for inspection (the station derives
+//! its own from the signed model; this is the same derivation).
+
+use anyhow::{Context, Result, bail};
+use std::path::PathBuf;
+
+#[derive(clap::Subcommand)]
+pub enum ModelCommand {
+    /// Derive the training graph of a forward model (loss and every weight's gradient, standard
+    /// ONNX ops only) and write it.
+    Grad {
+        /// The forward model (.onnx, opset 13-21).
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// mse, ce (softmax cross-entropy over axis 1), bce (with logits), dice (soft Dice of
+        /// the sigmoid), or a weighted sum such as "0.5*ce+0.5*dice".
+        #[arg(long, default_value = "ce")]
+        loss: String,
+        /// Initializers to train, comma-separated (default: every float initializer a
+        /// gradient reaches).
+        #[arg(long, value_delimiter = ',')]
+        trainable: Option<Vec<String>>,
+        /// The graph output the loss applies to (default: the first).
+        #[arg(long)]
+        prediction: Option<String>,
+    },
+}
+
+/// Parse a loss: one name, or weighted names joined by `+`.
+pub fn parse_loss(text: &str) -> Result<amicus_autodiff::Loss> {
+    use amicus_autodiff::Loss;
+    let one = |name: &str| -> Result<Loss> {
+        Ok(match name.trim() {
+            "mse" => Loss::Mse,
+            "ce" | "cross-entropy" => Loss::CrossEntropy,
+            "bce" | "bce-with-logits" => Loss::BceWithLogits,
+            "dice" | "soft-dice" => Loss::SoftDice,
+            other => bail!("unknown loss {other:?} (mse, ce, bce, dice)"),
+        })
+    };
+    if !text.contains('+') && !text.contains('*') {
+        return one(text);
+    }
+    let parts = text
+        .split('+')
+        .map(|term| {
+            let (w, name) = term.split_once('*').unwrap_or(("1", term));
+            let w: f32 = w
+                .trim()
+                .parse()
+                .with_context(|| format!("weight {w:?} in {text:?}"))?;
+            if !w.is_finite() {
+                bail!("weight {w} in {text:?} is not finite");
+            }
+            Ok((w, one(name)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Loss::Sum(parts))
+}
+
+pub fn run(c: ModelCommand) -> Result<()> {
+    match c {
+        ModelCommand::Grad {
+            model,
+            out,
+            loss,
+            trainable,
+            prediction,
+        } => {
+            let bytes =
+                std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
+            let forward = amicus_autodiff::onnx::ModelProto::from_bytes(&bytes)
+                .with_context(|| model.display().to_string())?;
+            let spec = amicus_autodiff::Spec {
+                trainable,
+                prediction,
+                loss: parse_loss(&loss)?,
+            };
+            let tg = amicus_autodiff::derive(&forward, &spec)
+                .with_context(|| format!("deriving the training graph of {}", model.display()))?;
+            let encoded = tg.model.to_bytes();
+            let dir = out
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+            std::io::Write::write_all(&mut tmp, &encoded)?;
+            tmp.as_file().sync_all()?;
+            tmp.persist(&out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            let params: usize = tg.weights.iter().map(|w| w.initial.len()).sum();
+            let nodes = tg.model.graph.as_ref().map_or(0, |g| g.node.len());
+            println!(
+                "wrote {} ({} bytes, {nodes} nodes): inputs {} + {} + {} weights ({params} parameters); outputs {}, {}, and a gradient per weight",
+                out.display(),
+                encoded.len(),
+                tg.data_inputs.join(", "),
+                tg.labels,
+                tg.weights.len(),
+                tg.loss,
+                tg.prediction
+            );
+            for w in &tg.weights {
+                println!("  {:<32} {:?} -> {}", w.name, w.shape, w.grad);
+            }
+            match amicus_kernels::Session::from_bytes(&encoded, 1) {
+                Ok(_) => println!("ONNX Runtime {} loads it", amicus_kernels::ORT_VERSION),
+                Err(e) => bail!("the derived graph does not load: {e}"),
+            }
+            Ok(())
+        }
+    }
+}

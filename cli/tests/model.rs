@@ -1,0 +1,158 @@
+//! `amicus model grad` on models written by the reference `onnx` Python package (an
+//! independent producer, as `torch.onnx.export` would be): the training graph is derived,
+//! loads in ONNX Runtime, passes `onnx.checker`, and a model with an op that has no rule is
+//! refused by name.
+
+mod common;
+
+use common::{fails, ok, python, s};
+
+const WRITE_CNN: &str = r#"
+import sys, numpy as np, onnx
+from onnx import helper as h, numpy_helper as nh, TensorProto as T
+rng = np.random.default_rng(0)
+w = lambda name, *shape: nh.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+act = sys.argv[2]
+nodes = [
+    h.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+    h.make_node(act, ["c1"], ["r1"]),
+    h.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+    h.make_node("Flatten", ["p1"], ["f"]),
+    h.make_node("Gemm", ["f", "w2", "b2"], ["logits"], transB=1),
+]
+graph = h.make_graph(nodes, "cnn",
+    [h.make_tensor_value_info("x", T.FLOAT, ["N", 1, 8, 8])],
+    [h.make_tensor_value_info("logits", T.FLOAT, ["N", 2])],
+    [w("w1", 4, 1, 3, 3), w("b1", 4), w("w2", 2, 64), w("b2", 2)])
+model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=9)
+onnx.checker.check_model(model)
+onnx.save(model, sys.argv[1])
+"#;
+
+const CHECK: &str = r#"
+import sys, onnx
+m = onnx.load(sys.argv[1])
+onnx.checker.check_model(m, full_check=True)
+print([i.name for i in m.graph.input], [o.name for o in m.graph.output])
+"#;
+
+fn py(script: &str, args: &[&str]) -> String {
+    let python = python().expect("venv python");
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn model_grad_derives_a_checked_training_graph_and_refuses_ops_without_rules() {
+    let has_onnx = python().is_some_and(|p| {
+        std::process::Command::new(p)
+            .args(["-c", "import onnx"])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !has_onnx {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "venv with onnx missing under CI: run scripts/setup.sh --test"
+        );
+        eprintln!("skipped: no venv with onnx (run scripts/setup.sh --test)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cnn = tmp.path().join("cnn.onnx");
+    let train = tmp.path().join("train.onnx");
+    py(WRITE_CNN, &[s(&cnn), "Relu"]);
+    let out = ok(&[
+        "model",
+        "grad",
+        s(&cnn),
+        "--out",
+        s(&train),
+        "--loss",
+        "0.7*ce+0.3*dice",
+    ]);
+    assert!(
+        out.stdout.contains("4 weights (170 parameters)"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("ONNX Runtime 1.31.1 loads it"),
+        "{}",
+        out.stdout
+    );
+    let names = py(CHECK, &[s(&train)]);
+    assert!(
+        names.contains("['x', 'labels', 'b1', 'b2', 'w1', 'w2']"),
+        "{names}"
+    );
+    assert!(names.contains("'loss', 'logits', 'b1.grad'"), "{names}");
+    // The derivation is deterministic.
+    let again = tmp.path().join("again.onnx");
+    ok(&[
+        "model",
+        "grad",
+        s(&cnn),
+        "--out",
+        s(&again),
+        "--loss",
+        "0.7*ce+0.3*dice",
+    ]);
+    assert_eq!(
+        std::fs::read(&train).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+    // Only some weights trained.
+    let out = ok(&[
+        "model",
+        "grad",
+        s(&cnn),
+        "--out",
+        s(&train),
+        "--trainable",
+        "w2,b2",
+    ]);
+    assert!(
+        out.stdout.contains("2 weights (130 parameters)"),
+        "{}",
+        out.stdout
+    );
+
+    // An op without a gradient rule on the gradient path: refused by name, nothing written.
+    let erf = tmp.path().join("erf.onnx");
+    py(WRITE_CNN, &[s(&erf), "Erf"]);
+    let refused = tmp.path().join("refused.onnx");
+    let out = fails(&["model", "grad", s(&erf), "--out", s(&refused)]);
+    assert!(out.stderr.contains("op Erf"), "{}", out.stderr);
+    assert!(!refused.exists());
+    // Not a model, an unknown loss.
+    std::fs::write(tmp.path().join("junk.onnx"), b"\xff\xff\xff not protobuf").unwrap();
+    let out = fails(&[
+        "model",
+        "grad",
+        s(&tmp.path().join("junk.onnx")),
+        "--out",
+        s(&refused),
+    ]);
+    assert!(out.stderr.contains("not an ONNX model"), "{}", out.stderr);
+    let out = fails(&[
+        "model",
+        "grad",
+        s(&cnn),
+        "--out",
+        s(&refused),
+        "--loss",
+        "hinge",
+    ]);
+    assert!(out.stderr.contains("unknown loss"), "{}", out.stderr);
+}

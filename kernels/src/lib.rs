@@ -1,0 +1,191 @@
+//! ONNX Runtime on the station: where its shared library is, one process-wide environment,
+//! and sessions that take and give named f32 tensors as plain data.
+//!
+//! The library is ONNX Runtime's CPU build from the pinned `onnxruntime` wheel on PyPI, which
+//! `scripts/setup.sh` unpacks to `~/.cache/amicus/onnxruntime/` (hash-checked); it is loaded at
+//! run time (`ort`'s `load-dynamic`), so nothing needs to be set by the user. `AMICUS_ORT_LIB`
+//! overrides the path (a GPU build, for instance).
+//!
+//! Owns loading the runtime and moving tensors across; it does not decide which models may
+//! run (the station does) and does not know about gradients (`amicus-autodiff` does).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// The ONNX Runtime release the station is built and tested against.
+pub const ORT_VERSION: &str = "1.31.1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "ONNX Runtime library not found at {0} (run scripts/setup.sh, or point AMICUS_ORT_LIB at libonnxruntime.so.{ORT_VERSION})"
+    )]
+    LibraryMissing(String),
+    #[error("ONNX Runtime could not be loaded from {path}: {reason}")]
+    LibraryUnloadable { path: String, reason: String },
+    #[error("the model was refused by ONNX Runtime: {0}")]
+    Model(String),
+    #[error("running the model failed: {0}")]
+    Run(String),
+    #[error("tensor {name}: {reason}")]
+    Tensor { name: String, reason: String },
+}
+
+/// Where the shared library is expected.
+pub fn library_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("AMICUS_ORT_LIB") {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+        .join(".cache/amicus/onnxruntime")
+        .join(format!("libonnxruntime.so.{ORT_VERSION}"))
+}
+
+static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+
+/// The process-wide ONNX Runtime environment, loading the library on first use.
+fn environment() -> Result<&'static ort::environment::Environment, KernelError> {
+    let path = library_path();
+    let env = ENVIRONMENT.get_or_init(|| {
+        if !path.is_file() {
+            return Err(String::new());
+        }
+        ort::init_from(&path)
+            .map_err(|e| e.to_string())?
+            .with_name("amicus")
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    match env {
+        Ok(e) => Ok(e),
+        Err(reason) if reason.is_empty() => {
+            Err(KernelError::LibraryMissing(path.display().to_string()))
+        }
+        Err(reason) => Err(KernelError::LibraryUnloadable {
+            path: path.display().to_string(),
+            reason: reason.clone(),
+        }),
+    }
+}
+
+/// Whether the runtime can be loaded here (for tools that report it).
+pub fn available() -> Result<(), KernelError> {
+    environment().map(|_| ())
+}
+
+/// A named f32 tensor as plain data, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
+        Tensor { shape, data }
+    }
+
+    pub fn scalar(v: f32) -> Tensor {
+        Tensor {
+            shape: vec![],
+            data: vec![v],
+        }
+    }
+}
+
+/// A model loaded into ONNX Runtime.
+pub struct Session {
+    inner: ort::session::Session,
+}
+
+impl Session {
+    /// Load a model from its bytes, with `threads` intra-op threads and every graph
+    /// optimisation on.
+    pub fn from_bytes(model: &[u8], threads: usize) -> Result<Session, KernelError> {
+        let env = environment()?;
+        let model_error = |e: ort::Error| KernelError::Model(e.to_string());
+        let mut builder = ort::session::Session::builder(env)
+            .map_err(model_error)?
+            .with_optimization_level(ort::session::builder::GraphOptimizationLevel::All)
+            .map_err(|e| KernelError::Model(e.to_string()))?
+            .with_intra_threads(threads.max(1))
+            .map_err(|e| KernelError::Model(e.to_string()))?;
+        let inner = builder.commit_from_memory(model).map_err(model_error)?;
+        Ok(Session { inner })
+    }
+
+    /// Names of the model's inputs, in order.
+    pub fn input_names(&self) -> Vec<String> {
+        self.inner
+            .inputs()
+            .iter()
+            .map(|i| i.name().to_string())
+            .collect()
+    }
+
+    /// Names of the model's outputs, in order.
+    pub fn output_names(&self) -> Vec<String> {
+        self.inner
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect()
+    }
+
+    /// Run with `inputs`, returning the outputs `wanted` (every output when empty), by name.
+    pub fn run(
+        &mut self,
+        inputs: &[(&str, &Tensor)],
+        wanted: &[&str],
+    ) -> Result<Vec<(String, Tensor)>, KernelError> {
+        let mut feeds: Vec<(String, ort::session::SessionInputValue<'_>)> =
+            Vec::with_capacity(inputs.len());
+        for (name, t) in inputs {
+            let expected: usize = t.shape.iter().product();
+            if expected != t.data.len() {
+                return Err(KernelError::Tensor {
+                    name: name.to_string(),
+                    reason: format!(
+                        "shape {:?} holds {expected} values, data has {}",
+                        t.shape,
+                        t.data.len()
+                    ),
+                });
+            }
+            let value =
+                ort::value::TensorRef::from_array_view((t.shape.clone(), t.data.as_slice()))
+                    .map_err(|e| KernelError::Tensor {
+                        name: name.to_string(),
+                        reason: e.to_string(),
+                    })?;
+            feeds.push((name.to_string(), value.into()));
+        }
+        let names: Vec<String> = if wanted.is_empty() {
+            self.output_names()
+        } else {
+            wanted.iter().map(|s| s.to_string()).collect()
+        };
+        let outputs = self
+            .inner
+            .run(feeds)
+            .map_err(|e| KernelError::Run(e.to_string()))?;
+        names
+            .into_iter()
+            .map(|name| {
+                let value = outputs.get(&name).ok_or_else(|| KernelError::Tensor {
+                    name: name.clone(),
+                    reason: "not an output of the model".into(),
+                })?;
+                let (shape, data) =
+                    value
+                        .try_extract_tensor::<f32>()
+                        .map_err(|e| KernelError::Tensor {
+                            name: name.clone(),
+                            reason: e.to_string(),
+                        })?;
+                let shape = shape.iter().map(|d| *d as usize).collect();
+                Ok((name, Tensor::new(shape, data.to_vec())))
+            })
+            .collect()
+    }
+}
