@@ -14,6 +14,7 @@ mod emit;
 pub mod onnx;
 mod rules;
 mod shapes;
+pub mod zoo;
 
 use emit::Emitter;
 use onnx::{Dim, FLOAT, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto};
@@ -489,6 +490,37 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
         prediction,
         weights,
     })
+}
+
+/// The forward model with the initializers `names` turned into graph inputs, so inference can
+/// run with weights kept (and updated) outside the model.
+pub fn with_weight_inputs(
+    model: &ModelProto,
+    names: &[String],
+) -> Result<ModelProto, AutodiffError> {
+    let mut m = model.clone();
+    let graph = m.graph.as_mut().ok_or_else(|| invalid("no graph"))?;
+    let mut moved = Vec::new();
+    graph.initializer.retain(|t| {
+        if names.iter().any(|n| n == t.name()) {
+            moved.push(ValueInfoProto::tensor(
+                t.name(),
+                t.data_type.unwrap_or(FLOAT),
+                &t.dims.iter().map(|d| Dim::Known(*d)).collect::<Vec<_>>(),
+            ));
+            false
+        } else {
+            true
+        }
+    });
+    if moved.len() != names.len() {
+        return Err(invalid(
+            "a weight to move is not an initializer of the model",
+        ));
+    }
+    graph.input.retain(|v| !names.iter().any(|n| n == v.name()));
+    graph.input.extend(moved);
+    Ok(m)
 }
 
 /// The accumulated gradient of `name` as one tensor (summing several contributions).

@@ -71,6 +71,14 @@ impl Ctx<'_> {
         known(self.shape(name)?).ok_or_else(|| format!("{what} must have a static shape"))
     }
 
+    /// The spatial sizes (axes 2…) of `name`, which must be static; batch and channels may
+    /// be named.
+    fn spatial(&self, name: &str, what: &str) -> Result<Vec<i64>, String> {
+        let s = self.shape(name)?;
+        known(s.get(2..).unwrap_or(&[]))
+            .ok_or_else(|| format!("{what} must have static spatial sizes"))
+    }
+
     /// `g` (shaped like the broadcast output `out`) summed down to the shape of input `x`.
     fn unbroadcast(&mut self, g: &str, x: &str, out: &str) -> Result<String, String> {
         let (xs, ys) = (self.shape(x)?.clone(), self.shape(out)?.clone());
@@ -313,7 +321,7 @@ pub(crate) fn backward(
             out[0] = Some(c.like(&scattered, x));
         }
         "AveragePool" => {
-            let xs = c.known(x, "AveragePool's input")?;
+            let xs = c.spatial(x, "AveragePool's input")?;
             let kernel = node.attr_ints("kernel_shape").unwrap_or(&[]).to_vec();
             let win = Window::of(node, kernel.clone())?;
             if win.strides != kernel || win.pads.iter().any(|p| *p != 0) {
@@ -321,23 +329,21 @@ pub(crate) fn backward(
                     "AveragePool gradient needs strides equal to the kernel and no pads".into(),
                 );
             }
-            let ys = c.known(y, "AveragePool's output")?;
+            let ys = c.spatial(y, "AveragePool's output")?;
             let spatial = kernel.len();
             let mut split = vec![0, 0];
             let mut tiled = vec![1, 1];
             let mut merged = vec![0, 0];
             for i in 0..spatial {
-                split.extend([ys[2 + i], 1]);
-                tiled.extend([ys[2 + i], kernel[i]]);
-                merged.push(ys[2 + i] * kernel[i]);
+                split.extend([ys[i], 1]);
+                tiled.extend([ys[i], kernel[i]]);
+                merged.push(ys[i] * kernel[i]);
             }
             let s = c.e.reshape(g, &split);
             let t = c.e.ints(&tiled);
             let e = c.e.node("Expand", &[&s, &t], vec![]);
             let m = c.e.reshape(&e, &merged);
-            let rest: Vec<i64> = (0..spatial)
-                .map(|i| xs[2 + i] - ys[2 + i] * kernel[i])
-                .collect();
+            let rest: Vec<i64> = (0..spatial).map(|i| xs[i] - ys[i] * kernel[i]).collect();
             let padded = if rest.iter().any(|r| *r > 0) {
                 let mut pads = vec![0; 2 + spatial];
                 pads.extend([0, 0]);
@@ -449,15 +455,15 @@ fn conv_backward(
         } else {
             // The adjoint of a convolution is the transposed convolution; output_padding
             // restores input positions the strided forward pass never reached.
-            let xs = c.known(x, "the convolution input")?;
-            let ys = c.known(y, "the convolution output")?;
+            let xs = c.spatial(x, "the convolution input")?;
+            let ys = c.spatial(y, "the convolution output")?;
             let output_padding: Vec<i64> = (0..spatial)
                 .map(|i| {
                     let reached =
-                        win.strides[i] * (ys[2 + i] - 1) + win.dilations[i] * (kernel[i] - 1) + 1
+                        win.strides[i] * (ys[i] - 1) + win.dilations[i] * (kernel[i] - 1) + 1
                             - win.pads[i]
                             - win.pads[spatial + i];
-                    xs[2 + i] - reached
+                    xs[i] - reached
                 })
                 .collect();
             let mut attrs = window_attrs(&win.strides, &win.dilations, &win.pads);

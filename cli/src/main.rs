@@ -65,7 +65,7 @@ enum Command {
     /// Measure (not test) performance; writes JSON.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
-    /// ONNX model tools: derive a training graph (`model grad`).
+    /// ONNX model tools: write a CNN or U-Net (`model new`), derive a training graph (`model grad`).
     #[command(subcommand)]
     Model(model::ModelCommand),
 }

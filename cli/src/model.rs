@@ -1,6 +1,7 @@
-//! `amicus model`: tools for the ONNX models trains ship. `model grad` writes the training
-//! graph the station would derive from a forward model, for inspection (the station derives
-//! its own from the signed model; this is the same derivation).
+//! `amicus model`: tools for the ONNX models trains ship. `model new` writes a CNN classifier
+//! or a 2D U-Net; `model grad` writes the training graph the station would derive from a
+//! forward model, for inspection (the station derives its own from the signed model; this is
+//! the same derivation).
 
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
@@ -26,6 +27,67 @@ pub enum ModelCommand {
         #[arg(long)]
         prediction: Option<String>,
     },
+    /// Write a standard ONNX model (opset 17, He-initialised from a seed): a CNN classifier
+    /// or a 2D U-Net. Input `image` [N, channels, height, width], output `logits`.
+    #[command(subcommand)]
+    New(NewModel),
+}
+
+#[derive(clap::Subcommand)]
+pub enum NewModel {
+    /// 3×3 conv + ReLU + 2×2 max-pool blocks, global average pooling, a linear head.
+    Cnn {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        channels: i64,
+        #[arg(long, default_value_t = 64)]
+        height: i64,
+        #[arg(long, default_value_t = 64)]
+        width: i64,
+        #[arg(long, default_value_t = 2)]
+        classes: i64,
+        /// Channels of each block, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "16,32")]
+        widths: Vec<i64>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// A U-Net: `depth` levels of two 3×3 conv + ReLU, transposed-conv upsampling with skip
+    /// connections, a 1×1 conv to per-pixel logits.
+    Unet2d {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        channels: i64,
+        #[arg(long, default_value_t = 128)]
+        height: i64,
+        #[arg(long, default_value_t = 128)]
+        width: i64,
+        #[arg(long, default_value_t = 2)]
+        classes: i64,
+        /// Channels of the first level (doubled at each level down).
+        #[arg(long, default_value_t = 16)]
+        base: i64,
+        #[arg(long, default_value_t = 3)]
+        depth: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+/// Write `bytes` to `out` atomically (temporary file in the same folder, fsync, rename).
+fn write_atomically(out: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut tmp, bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
 }
 
 /// Parse a loss: one name, or weighted names joined by `+`.
@@ -81,15 +143,7 @@ pub fn run(c: ModelCommand) -> Result<()> {
             let tg = amicus_autodiff::derive(&forward, &spec)
                 .with_context(|| format!("deriving the training graph of {}", model.display()))?;
             let encoded = tg.model.to_bytes();
-            let dir = out
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(std::path::Path::new("."));
-            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-            std::io::Write::write_all(&mut tmp, &encoded)?;
-            tmp.as_file().sync_all()?;
-            tmp.persist(&out)
-                .with_context(|| format!("writing {}", out.display()))?;
+            write_atomically(&out, &encoded)?;
             let params: usize = tg.weights.iter().map(|w| w.initial.len()).sum();
             let nodes = tg.model.graph.as_ref().map_or(0, |g| g.node.len());
             println!(
@@ -109,6 +163,66 @@ pub fn run(c: ModelCommand) -> Result<()> {
                 Ok(_) => println!("ONNX Runtime {} loads it", amicus_kernels::ORT_VERSION),
                 Err(e) => bail!("the derived graph does not load: {e}"),
             }
+            Ok(())
+        }
+        ModelCommand::New(kind) => {
+            let (model, out) = match kind {
+                NewModel::Cnn {
+                    out,
+                    channels,
+                    height,
+                    width,
+                    classes,
+                    widths,
+                    seed,
+                } => (
+                    amicus_autodiff::zoo::Cnn {
+                        channels,
+                        height,
+                        width,
+                        classes,
+                        widths,
+                        seed,
+                    }
+                    .build(),
+                    out,
+                ),
+                NewModel::Unet2d {
+                    out,
+                    channels,
+                    height,
+                    width,
+                    classes,
+                    base,
+                    depth,
+                    seed,
+                } => (
+                    amicus_autodiff::zoo::Unet2d {
+                        channels,
+                        height,
+                        width,
+                        classes,
+                        base,
+                        depth,
+                        seed,
+                    }
+                    .build(),
+                    out,
+                ),
+            };
+            let model = model.map_err(|e| anyhow::anyhow!(e))?;
+            let params: usize = model
+                .graph
+                .as_ref()
+                .map(|g| g.initializer.iter().filter_map(|t| t.element_count()).sum())
+                .unwrap_or(0);
+            write_atomically(&out, &model.to_bytes())?;
+            println!(
+                "wrote {} ({params} parameters): input {} → output {}",
+                out.display(),
+                amicus_autodiff::zoo::INPUT,
+                amicus_autodiff::zoo::OUTPUT
+            );
             Ok(())
         }
     }

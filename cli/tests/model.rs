@@ -156,3 +156,123 @@ fn model_grad_derives_a_checked_training_graph_and_refuses_ops_without_rules() {
     ]);
     assert!(out.stderr.contains("unknown loss"), "{}", out.stderr);
 }
+
+#[test]
+fn model_new_writes_standard_trainable_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cnn = tmp.path().join("cnn.onnx");
+    let out = ok(&[
+        "model",
+        "new",
+        "cnn",
+        "--out",
+        s(&cnn),
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--widths",
+        "8,16",
+        "--classes",
+        "3",
+        "--seed",
+        "4",
+    ]);
+    // 8·1·9 + 8 + 16·8·9 + 16 + 3·16 + 3 = 1299
+    assert!(out.stdout.contains("(1299 parameters)"), "{}", out.stdout);
+    let unet = tmp.path().join("unet.onnx");
+    ok(&[
+        "model",
+        "new",
+        "unet2d",
+        "--out",
+        s(&unet),
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--base",
+        "4",
+        "--depth",
+        "2",
+    ]);
+    // Same seed, same bytes; another seed, other weights.
+    let again = tmp.path().join("again.onnx");
+    ok(&[
+        "model",
+        "new",
+        "unet2d",
+        "--out",
+        s(&again),
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--base",
+        "4",
+        "--depth",
+        "2",
+    ]);
+    assert_eq!(
+        std::fs::read(&unet).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+    ok(&[
+        "model",
+        "new",
+        "unet2d",
+        "--out",
+        s(&again),
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--base",
+        "4",
+        "--depth",
+        "2",
+        "--seed",
+        "9",
+    ]);
+    assert_ne!(
+        std::fs::read(&unet).unwrap(),
+        std::fs::read(&again).unwrap()
+    );
+    // Both derive training graphs.
+    for (model, loss) in [(&cnn, "ce"), (&unet, "0.5*ce+0.5*dice")] {
+        let train = tmp.path().join("train.onnx");
+        ok(&[
+            "model",
+            "grad",
+            s(model),
+            "--out",
+            s(&train),
+            "--loss",
+            loss,
+        ]);
+    }
+    // Sizes the architecture cannot take are refused.
+    let out = fails(&[
+        "model",
+        "new",
+        "unet2d",
+        "--out",
+        s(&again),
+        "--height",
+        "60",
+        "--depth",
+        "3",
+    ]);
+    assert!(out.stderr.contains("divisible by 8"), "{}", out.stderr);
+    // The reference onnx package accepts them (when the venv is there).
+    if python().is_some_and(|p| {
+        std::process::Command::new(p)
+            .args(["-c", "import onnx"])
+            .status()
+            .is_ok_and(|s| s.success())
+    }) {
+        for m in [&cnn, &unet] {
+            py(CHECK, &[s(m)]);
+        }
+    }
+}

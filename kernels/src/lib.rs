@@ -6,8 +6,13 @@
 //! run time (`ort`'s `load-dynamic`), so nothing needs to be set by the user. `AMICUS_ORT_LIB`
 //! overrides the path (a GPU build, for instance).
 //!
-//! Owns loading the runtime and moving tensors across; it does not decide which models may
-//! run (the station does) and does not know about gradients (`amicus-autodiff` does).
+//! Owns loading the runtime and moving tensors across (this module), host-side optimizers
+//! (`optim`) and the training step around a derived training graph (`trainer`); it does not
+//! decide which models may run (the station does) and does not derive gradients
+//! (`amicus-autodiff` does).
+
+pub mod optim;
+pub mod trainer;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -29,6 +34,8 @@ pub enum KernelError {
     Run(String),
     #[error("tensor {name}: {reason}")]
     Tensor { name: String, reason: String },
+    #[error("refused input: {0}")]
+    Input(String),
 }
 
 /// Where the shared library is expected.

@@ -1,0 +1,271 @@
+//! Training on the station: a forward model and a loss become a training graph
+//! (`amicus-autodiff`), run by ONNX Runtime; weights and optimizer state stay here, updated by
+//! `optim`. Also inference with the current weights.
+//!
+//! Owns the training loop's one step and the checks around it (shapes, NaN/Inf in inputs and
+//! updates); it does not choose data or decide what may leave the station.
+
+use crate::optim::{Optimizer, OptimizerState, Schedule};
+use crate::{KernelError, Session, Tensor};
+use amicus_autodiff::onnx::{Dim, ModelProto};
+use amicus_autodiff::{Loss, Spec, TrainingGraph};
+
+/// How a trainer is set up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainerOptions {
+    pub loss: Loss,
+    /// Initializers to train (`None`: every float initializer a gradient reaches).
+    pub trainable: Option<Vec<String>>,
+    pub optimizer: Optimizer,
+    pub schedule: Schedule,
+    pub clip_norm: Option<f32>,
+    /// ONNX Runtime intra-op threads.
+    pub threads: usize,
+}
+
+/// A weight tensor by name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedWeights {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+pub struct Trainer {
+    graph: TrainingGraph,
+    train: Session,
+    infer: Session,
+    input: String,
+    input_shape: Vec<Dim>,
+    weights: Vec<(String, Vec<f32>)>,
+    shapes: Vec<Vec<usize>>,
+    state: OptimizerState,
+}
+
+fn input_error(reason: impl Into<String>) -> KernelError {
+    KernelError::Input(reason.into())
+}
+
+impl Trainer {
+    /// Derive the training graph of `forward` and load it (and an inference graph).
+    pub fn new(forward: &ModelProto, options: TrainerOptions) -> Result<Trainer, KernelError> {
+        let spec = Spec {
+            trainable: options.trainable.clone(),
+            prediction: None,
+            loss: options.loss.clone(),
+        };
+        let graph = amicus_autodiff::derive(forward, &spec)
+            .map_err(|e| KernelError::Model(e.to_string()))?;
+        let [input] = graph.data_inputs.as_slice() else {
+            return Err(KernelError::Model(format!(
+                "a trained model takes exactly one data input; this one takes {:?}",
+                graph.data_inputs
+            )));
+        };
+        let input = input.clone();
+        let input_shape = forward
+            .graph
+            .as_ref()
+            .and_then(|g| g.input.iter().find(|v| v.name() == input))
+            .and_then(|v| v.tensor_shape())
+            .map(|(_, dims)| dims)
+            .unwrap_or_default();
+        let names: Vec<String> = graph.weights.iter().map(|w| w.name.clone()).collect();
+        let inference = amicus_autodiff::with_weight_inputs(forward, &names)
+            .map_err(|e| KernelError::Model(e.to_string()))?;
+        let train = Session::from_bytes(&graph.model.to_bytes(), options.threads)?;
+        let infer = Session::from_bytes(&inference.to_bytes(), options.threads)?;
+        let weights: Vec<(String, Vec<f32>)> = graph
+            .weights
+            .iter()
+            .map(|w| (w.name.clone(), w.initial.clone()))
+            .collect();
+        let shapes: Vec<Vec<usize>> = graph
+            .weights
+            .iter()
+            .map(|w| w.shape.iter().map(|d| *d as usize).collect())
+            .collect();
+        let sizes: Vec<usize> = weights.iter().map(|(_, w)| w.len()).collect();
+        let state = OptimizerState::new(
+            options.optimizer,
+            options.schedule,
+            options.clip_norm,
+            &sizes,
+        )
+        .map_err(|e| input_error(e.to_string()))?;
+        Ok(Trainer {
+            graph,
+            train,
+            infer,
+            input,
+            input_shape,
+            weights,
+            shapes,
+            state,
+        })
+    }
+
+    /// Refuse a batch of the wrong shape or with NaN/Inf before ONNX Runtime sees it.
+    fn check_input(&self, what: &str, t: &Tensor, shape: &[Dim]) -> Result<(), KernelError> {
+        if t.shape.iter().product::<usize>() != t.data.len() {
+            return Err(input_error(format!(
+                "{what}: shape {:?} does not hold {} values",
+                t.shape,
+                t.data.len()
+            )));
+        }
+        let fits = t.shape.len() == shape.len()
+            && t.shape.iter().zip(shape).all(|(n, d)| match d {
+                Dim::Known(k) => *n as i64 == *k,
+                Dim::Named(_) => *n > 0,
+            });
+        if !fits {
+            return Err(input_error(format!(
+                "{what}: shape {:?} does not match the model's {shape:?}",
+                t.shape
+            )));
+        }
+        if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+            return Err(input_error(format!(
+                "{what}: value {i} is {} (NaN or infinity)",
+                t.data[i]
+            )));
+        }
+        Ok(())
+    }
+
+    fn labels_shape(&self, x: &Tensor) -> Vec<Dim> {
+        let g = self
+            .graph
+            .model
+            .graph
+            .as_ref()
+            .expect("derived graphs have one");
+        let declared = g
+            .input
+            .iter()
+            .find(|v| v.name() == self.graph.labels)
+            .and_then(|v| v.tensor_shape())
+            .map(|(_, d)| d)
+            .unwrap_or_default();
+        // The batch axis of the labels is the batch of x.
+        declared
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| match (i, d) {
+                (0, Dim::Named(_)) => Dim::Known(x.shape[0] as i64),
+                (_, d) => d,
+            })
+            .collect()
+    }
+
+    fn run_training_graph(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        with_grads: bool,
+    ) -> Result<Vec<(String, Tensor)>, KernelError> {
+        self.check_input("input", x, &self.input_shape.clone())?;
+        let labels_shape = self.labels_shape(x);
+        self.check_input("labels", y, &labels_shape)?;
+        let weight_tensors: Vec<Tensor> = self
+            .weights
+            .iter()
+            .zip(&self.shapes)
+            .map(|((_, w), s)| Tensor::new(s.clone(), w.clone()))
+            .collect();
+        let mut inputs: Vec<(&str, &Tensor)> =
+            vec![(self.input.as_str(), x), (self.graph.labels.as_str(), y)];
+        for ((name, _), t) in self.weights.iter().zip(&weight_tensors) {
+            inputs.push((name.as_str(), t));
+        }
+        let mut wanted = vec![self.graph.loss.as_str(), self.graph.prediction.as_str()];
+        if with_grads {
+            wanted.extend(self.graph.weights.iter().map(|w| w.grad.as_str()));
+        }
+        self.train.run(&inputs, &wanted)
+    }
+
+    /// One optimisation step on a batch; returns the loss before the update.
+    pub fn step(&mut self, x: &Tensor, y: &Tensor) -> Result<f32, KernelError> {
+        let out = self.run_training_graph(x, y, true)?;
+        let loss = out[0].1.data[0];
+        if !loss.is_finite() {
+            return Err(KernelError::Run(format!(
+                "the loss is {loss}; nothing was updated"
+            )));
+        }
+        let grads: Vec<Vec<f32>> = out.into_iter().skip(2).map(|(_, t)| t.data).collect();
+        self.state
+            .update(&mut self.weights, &grads)
+            .map_err(|e| KernelError::Run(e.to_string()))?;
+        Ok(loss)
+    }
+
+    /// The loss and the prediction on a batch, updating nothing.
+    pub fn evaluate(&mut self, x: &Tensor, y: &Tensor) -> Result<(f32, Tensor), KernelError> {
+        let mut out = self.run_training_graph(x, y, false)?;
+        let prediction = out.remove(1).1;
+        Ok((out[0].1.data[0], prediction))
+    }
+
+    /// The model's output for a batch, with the current weights.
+    pub fn infer(&mut self, x: &Tensor) -> Result<Tensor, KernelError> {
+        self.check_input("input", x, &self.input_shape.clone())?;
+        let weight_tensors: Vec<Tensor> = self
+            .weights
+            .iter()
+            .zip(&self.shapes)
+            .map(|((_, w), s)| Tensor::new(s.clone(), w.clone()))
+            .collect();
+        let mut inputs: Vec<(&str, &Tensor)> = vec![(self.input.as_str(), x)];
+        for ((name, _), t) in self.weights.iter().zip(&weight_tensors) {
+            inputs.push((name.as_str(), t));
+        }
+        let prediction = self.graph.prediction.clone();
+        Ok(self.infer.run(&inputs, &[&prediction])?.remove(0).1)
+    }
+
+    pub fn weights(&self) -> Vec<NamedWeights> {
+        self.weights
+            .iter()
+            .zip(&self.shapes)
+            .map(|((name, data), shape)| NamedWeights {
+                name: name.clone(),
+                shape: shape.clone(),
+                data: data.clone(),
+            })
+            .collect()
+    }
+
+    /// Replace weights by name (all or nothing): each must exist, have its shape, and be
+    /// finite.
+    pub fn set_weights(&mut self, new: &[NamedWeights]) -> Result<(), KernelError> {
+        let mut staged = self.weights.clone();
+        for w in new {
+            let i = staged
+                .iter()
+                .position(|(n, _)| *n == w.name)
+                .ok_or_else(|| input_error(format!("no trained weight named {:?}", w.name)))?;
+            if w.shape != self.shapes[i] || w.data.len() != staged[i].1.len() {
+                return Err(input_error(format!(
+                    "{}: shape {:?} with {} values, expected {:?}",
+                    w.name,
+                    w.shape,
+                    w.data.len(),
+                    self.shapes[i]
+                )));
+            }
+            if w.data.iter().any(|v| !v.is_finite()) {
+                return Err(input_error(format!("{}: NaN or infinity", w.name)));
+            }
+            staged[i].1 = w.data.clone();
+        }
+        self.weights = staged;
+        Ok(())
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.state.steps()
+    }
+}

@@ -1,0 +1,246 @@
+//! Training actually learns: the CNN of `amicus model new cnn` separates two synthetic classes
+//! (bright disks vs bright squares in noise) and the U-Net of `amicus model new unet2d`
+//! segments synthetic disks, both trained here with the station's training graphs, ONNX
+//! Runtime and the host-side optimizer; and the trainer's refusals.
+
+use amicus_autodiff::Loss;
+use amicus_autodiff::zoo::{Cnn, Unet2d};
+use amicus_kernels::optim::{Optimizer, Schedule};
+use amicus_kernels::trainer::{NamedWeights, Trainer, TrainerOptions};
+use amicus_kernels::{KernelError, Tensor};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + (self.next() % (hi - lo) as u64) as i64
+    }
+}
+
+fn ready() -> bool {
+    match amicus_kernels::available() {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "{e}");
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
+/// `n` images of `size`², each with one disk (class 0) or square (class 1) of radius 3-5 in
+/// noise; returns images, one-hot classes and the shapes' masks.
+fn shapes(rng: &mut Rng, n: usize, size: usize) -> (Tensor, Tensor, Tensor, Vec<usize>) {
+    let mut images = vec![0f32; n * size * size];
+    let mut masks = vec![0f32; n * size * size];
+    let mut onehot = vec![0f32; n * 2];
+    let mut classes = Vec::with_capacity(n);
+    for i in 0..n {
+        let class = (rng.next() % 2) as usize;
+        let r = rng.range(3, 6);
+        let (cy, cx) = (
+            rng.range(r + 1, size as i64 - r - 1),
+            rng.range(r + 1, size as i64 - r - 1),
+        );
+        for y in 0..size as i64 {
+            for x in 0..size as i64 {
+                let inside = if class == 0 {
+                    (y - cy).pow(2) + (x - cx).pow(2) <= r * r
+                } else {
+                    (y - cy).abs() <= r && (x - cx).abs() <= r
+                };
+                let p = i * size * size + (y as usize) * size + x as usize;
+                images[p] = 0.5 * (rng.uniform() - 0.5) + if inside { 1.0 } else { 0.0 };
+                masks[p] = inside as u8 as f32;
+            }
+        }
+        onehot[i * 2 + class] = 1.0;
+        classes.push(class);
+    }
+    let s = vec![n, 1, size, size];
+    (
+        Tensor::new(s.clone(), images),
+        Tensor::new(vec![n, 2], onehot),
+        Tensor::new(s, masks),
+        classes,
+    )
+}
+
+fn adam(lr: f32) -> Optimizer {
+    Optimizer::Adam {
+        learning_rate: lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        epsilon: 1e-8,
+        weight_decay: 0.0,
+        decoupled: true,
+    }
+}
+
+fn options(loss: Loss, lr: f32) -> TrainerOptions {
+    TrainerOptions {
+        loss,
+        trainable: None,
+        optimizer: adam(lr),
+        schedule: Schedule::Constant,
+        clip_norm: Some(5.0),
+        threads: 2,
+    }
+}
+
+#[test]
+fn the_cnn_learns_to_separate_two_classes() {
+    if !ready() {
+        return;
+    }
+    let model = Cnn {
+        channels: 1,
+        height: 16,
+        width: 16,
+        classes: 2,
+        widths: vec![8, 16],
+        seed: 1,
+    }
+    .build()
+    .unwrap();
+    let mut trainer = Trainer::new(&model, options(Loss::CrossEntropy, 0.01)).unwrap();
+    let mut rng = Rng(7);
+    let (test_x, _, _, test_classes) = shapes(&mut Rng(99), 64, 16);
+    let accuracy = |trainer: &mut Trainer| {
+        let logits = trainer.infer(&test_x).unwrap();
+        let right = test_classes
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| {
+                let (a, b) = (logits.data[i * 2], logits.data[i * 2 + 1]);
+                (b > a) as usize == **c
+            })
+            .count();
+        right as f64 / test_classes.len() as f64
+    };
+    let before = accuracy(&mut trainer);
+    let mut losses = Vec::new();
+    for _ in 0..150 {
+        let (x, y, _, _) = shapes(&mut rng, 16, 16);
+        losses.push(trainer.step(&x, &y).unwrap());
+    }
+    let after = accuracy(&mut trainer);
+    let first: f32 = losses[..10].iter().sum::<f32>() / 10.0;
+    let last: f32 = losses[losses.len() - 10..].iter().sum::<f32>() / 10.0;
+    eprintln!("CNN: loss {first:.3} → {last:.3}, held-out accuracy {before:.2} → {after:.2}");
+    assert!(last < 0.5 * first, "loss {first} → {last}");
+    assert!(after >= 0.9, "accuracy {after}");
+    assert_eq!(trainer.steps(), 150);
+}
+
+#[test]
+fn the_unet_learns_to_segment() {
+    if !ready() {
+        return;
+    }
+    let model = Unet2d {
+        channels: 1,
+        height: 32,
+        width: 32,
+        classes: 1,
+        base: 8,
+        depth: 2,
+        seed: 2,
+    }
+    .build()
+    .unwrap();
+    let loss = Loss::Sum(vec![(0.5, Loss::BceWithLogits), (0.5, Loss::SoftDice)]);
+    let mut trainer = Trainer::new(&model, options(loss, 0.01)).unwrap();
+    let mut rng = Rng(11);
+    let (test_x, _, test_masks, _) = shapes(&mut Rng(98), 16, 32);
+    let dice = |trainer: &mut Trainer| {
+        let logits = trainer.infer(&test_x).unwrap();
+        let (mut inter, mut total) = (0.0, 0.0);
+        for (l, m) in logits.data.iter().zip(&test_masks.data) {
+            let p = (*l > 0.0) as u8 as f64;
+            inter += p * f64::from(*m);
+            total += p + f64::from(*m);
+        }
+        2.0 * inter / total.max(1.0)
+    };
+    let before = dice(&mut trainer);
+    let mut losses = Vec::new();
+    for _ in 0..120 {
+        let (x, _, y, _) = shapes(&mut rng, 8, 32);
+        losses.push(trainer.step(&x, &y).unwrap());
+    }
+    let after = dice(&mut trainer);
+    let first: f32 = losses[..10].iter().sum::<f32>() / 10.0;
+    let last: f32 = losses[losses.len() - 10..].iter().sum::<f32>() / 10.0;
+    eprintln!("U-Net: loss {first:.3} → {last:.3}, held-out Dice {before:.2} → {after:.2}");
+    assert!(last < 0.5 * first, "loss {first} → {last}");
+    assert!(after >= 0.8, "Dice {after}");
+}
+
+#[test]
+fn the_trainer_refuses_bad_batches_and_weights() {
+    if !ready() {
+        return;
+    }
+    let model = Cnn {
+        channels: 1,
+        height: 8,
+        width: 8,
+        classes: 2,
+        widths: vec![4],
+        seed: 3,
+    }
+    .build()
+    .unwrap();
+    let mut t = Trainer::new(&model, options(Loss::CrossEntropy, 0.01)).unwrap();
+    let x = Tensor::new(vec![2, 1, 8, 8], vec![0.1; 128]);
+    let y = Tensor::new(vec![2, 2], vec![1.0, 0.0, 0.0, 1.0]);
+    t.step(&x, &y).unwrap();
+    let weights = t.weights();
+    // Wrong image size, wrong label shape, NaN and infinity: refused before ONNX Runtime.
+    let wrong = Tensor::new(vec![2, 1, 9, 8], vec![0.1; 144]);
+    assert!(matches!(t.step(&wrong, &y), Err(KernelError::Input(_))));
+    let wrong_y = Tensor::new(vec![2, 3], vec![0.0; 6]);
+    assert!(matches!(t.step(&x, &wrong_y), Err(KernelError::Input(_))));
+    let mut nan = x.clone();
+    nan.data[5] = f32::NAN;
+    assert!(matches!(t.step(&nan, &y), Err(KernelError::Input(m)) if m.contains("NaN")));
+    let mut inf = y.clone();
+    inf.data[0] = f32::INFINITY;
+    assert!(matches!(t.evaluate(&x, &inf), Err(KernelError::Input(_))));
+    // Nothing changed.
+    assert_eq!(t.weights(), weights);
+    assert_eq!(t.steps(), 1);
+    // Weights: unknown names, wrong shapes and NaN are refused, all or nothing.
+    let mut bad = weights.clone();
+    bad[0].data[0] = f32::NAN;
+    assert!(t.set_weights(&bad).is_err());
+    let unknown = vec![NamedWeights {
+        name: "nope".into(),
+        shape: vec![1],
+        data: vec![0.0],
+    }];
+    assert!(t.set_weights(&unknown).is_err());
+    let mut reshaped = weights.clone();
+    let matrix = reshaped.iter().position(|w| w.shape.len() > 1).unwrap();
+    reshaped[matrix].shape = vec![reshaped[matrix].data.len()];
+    assert!(t.set_weights(&reshaped).is_err());
+    assert_eq!(t.weights(), weights);
+    // Setting weights round-trips, and the same weights and batch give the same loss.
+    let (l1, _) = t.evaluate(&x, &y).unwrap();
+    t.set_weights(&weights).unwrap();
+    let (l2, _) = t.evaluate(&x, &y).unwrap();
+    assert_eq!(l1, l2);
+}
