@@ -39,6 +39,40 @@ pub enum Loss {
     Sum(Vec<(f32, Loss)>),
 }
 
+impl Loss {
+    /// Parse a loss as manifests and the CLI write it: `mse`, `ce`, `bce`, `dice`, or weighted
+    /// terms joined by `+`, such as `0.7*ce+0.3*dice`.
+    pub fn parse(text: &str) -> Result<Loss, String> {
+        let one = |name: &str| -> Result<Loss, String> {
+            Ok(match name.trim() {
+                "mse" => Loss::Mse,
+                "ce" | "cross-entropy" => Loss::CrossEntropy,
+                "bce" | "bce-with-logits" => Loss::BceWithLogits,
+                "dice" | "soft-dice" => Loss::SoftDice,
+                other => return Err(format!("unknown loss {other:?} (mse, ce, bce, dice)")),
+            })
+        };
+        if !text.contains('+') && !text.contains('*') {
+            return one(text);
+        }
+        let parts = text
+            .split('+')
+            .map(|term| {
+                let (w, name) = term.split_once('*').unwrap_or(("1", term));
+                let w: f32 = w
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("weight {w:?} in {text:?} is not a number"))?;
+                if !w.is_finite() {
+                    return Err(format!("weight {w} in {text:?} is not finite"));
+                }
+                Ok((w, one(name)?))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Loss::Sum(parts))
+    }
+}
+
 /// What to train and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Spec {
@@ -774,6 +808,21 @@ mod tests {
             derive(&model(nodes, 18), &spec()),
             Err(AutodiffError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn losses_parse() {
+        assert_eq!(Loss::parse("ce"), Ok(Loss::CrossEntropy));
+        assert_eq!(
+            Loss::parse("0.7*ce + 0.3*dice"),
+            Ok(Loss::Sum(vec![
+                (0.7, Loss::CrossEntropy),
+                (0.3, Loss::SoftDice)
+            ]))
+        );
+        assert!(Loss::parse("hinge").is_err());
+        assert!(Loss::parse("x*ce").is_err());
+        assert!(Loss::parse("inf*ce").is_err());
     }
 
     proptest::proptest! {

@@ -154,6 +154,7 @@ fn start(bundle_path: &Path, iterations: usize, out: &Path) -> Result<()> {
                     progress: Box::new(|_, _| {}),
                     cohort: None,
                     imaging: None,
+                    kernels: None,
                 },
             )?)
         })?;

@@ -84,42 +84,13 @@ fn write_atomically(out: &std::path::Path, bytes: &[u8]) -> Result<()> {
         .unwrap_or(std::path::Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     std::io::Write::write_all(&mut tmp, bytes)?;
+    // Models are not secrets: readable like any file the user writes.
+    tmp.as_file()
+        .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     tmp.as_file().sync_all()?;
     tmp.persist(out)
         .with_context(|| format!("writing {}", out.display()))?;
     Ok(())
-}
-
-/// Parse a loss: one name, or weighted names joined by `+`.
-pub fn parse_loss(text: &str) -> Result<amicus_autodiff::Loss> {
-    use amicus_autodiff::Loss;
-    let one = |name: &str| -> Result<Loss> {
-        Ok(match name.trim() {
-            "mse" => Loss::Mse,
-            "ce" | "cross-entropy" => Loss::CrossEntropy,
-            "bce" | "bce-with-logits" => Loss::BceWithLogits,
-            "dice" | "soft-dice" => Loss::SoftDice,
-            other => bail!("unknown loss {other:?} (mse, ce, bce, dice)"),
-        })
-    };
-    if !text.contains('+') && !text.contains('*') {
-        return one(text);
-    }
-    let parts = text
-        .split('+')
-        .map(|term| {
-            let (w, name) = term.split_once('*').unwrap_or(("1", term));
-            let w: f32 = w
-                .trim()
-                .parse()
-                .with_context(|| format!("weight {w:?} in {text:?}"))?;
-            if !w.is_finite() {
-                bail!("weight {w} in {text:?} is not finite");
-            }
-            Ok((w, one(name)?))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Loss::Sum(parts))
 }
 
 pub fn run(c: ModelCommand) -> Result<()> {
@@ -138,7 +109,7 @@ pub fn run(c: ModelCommand) -> Result<()> {
             let spec = amicus_autodiff::Spec {
                 trainable,
                 prediction,
-                loss: parse_loss(&loss)?,
+                loss: amicus_autodiff::Loss::parse(&loss).map_err(|e| anyhow::anyhow!(e))?,
             };
             let tg = amicus_autodiff::derive(&forward, &spec)
                 .with_context(|| format!("deriving the training graph of {}", model.display()))?;

@@ -276,3 +276,57 @@ fn model_new_writes_standard_trainable_models() {
         }
     }
 }
+
+#[test]
+fn the_example_trains_models_are_what_model_new_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::repo_root().join("trains/lesion-models/models");
+    for (file, args) in [
+        (
+            "unet.onnx",
+            &[
+                "unet2d",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--classes",
+                "1",
+                "--base",
+                "8",
+                "--depth",
+                "2",
+                "--seed",
+                "1",
+            ][..],
+        ),
+        (
+            "cnn.onnx",
+            &[
+                "cnn",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--classes",
+                "2",
+                "--widths",
+                "8,16",
+                "--seed",
+                "1",
+            ][..],
+        ),
+    ] {
+        let out = tmp.path().join(file);
+        let mut cmd = vec!["model", "new"];
+        cmd.extend_from_slice(args);
+        cmd.extend(["--out", s(&out)]);
+        ok(&cmd);
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            std::fs::read(dir.join(file)).unwrap(),
+            "trains/lesion-models/models/{file} differs from `amicus model new {}` (regenerate it)",
+            args.join(" ")
+        );
+    }
+}

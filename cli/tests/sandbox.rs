@@ -27,6 +27,7 @@ fn run(sandbox: &Sandbox, bundle: &Bundle, params: &str, fuel: u64, wall: Durati
                 progress: Box::new(|_, _| {}),
                 cohort: None,
                 imaging: None,
+                kernels: None,
             },
         )
         .unwrap()

@@ -31,8 +31,8 @@ mod bindings {
         },
         with: {
             "amicus:train/tensors.tensor": super::HostTensor,
-            "amicus:train/kernels.model": super::NoModel,
-            "amicus:train/kernels.trainer": super::NoTrainer,
+            "amicus:train/kernels.model": super::ModelHandle,
+            "amicus:train/kernels.trainer": super::TrainerHandle,
         },
     });
 }
@@ -69,13 +69,34 @@ pub struct HostTensor {
     data: Vec<f32>,
 }
 
-/// `kernels.model` handles: none can exist until the kernels land.
-#[derive(Debug)]
-pub enum NoModel {}
+/// A `kernels.model` handle: a bundle model loaded into ONNX Runtime for inference.
+pub struct ModelHandle {
+    file: String,
+    session: amicus_kernels::Session,
+}
 
-/// `kernels.trainer` handles: none can exist until the kernels land.
-#[derive(Debug)]
-pub enum NoTrainer {}
+/// A `kernels.trainer` handle: weights and optimizer state of one training, on the host.
+pub struct TrainerHandle {
+    file: String,
+    trainer: amicus_kernels::trainer::Trainer,
+}
+
+/// A model the bundle declares (its bytes verified against the signed manifest).
+#[derive(Clone)]
+pub struct DeclaredModel {
+    pub trainable: bool,
+    /// The manifest's loss (`ce`, `0.5*bce+0.5*dice`, …), for trainable models.
+    pub loss: Option<String>,
+    pub bytes: Arc<Vec<u8>>,
+}
+
+/// What the `kernels` capability may open: only the bundle's declared models.
+#[derive(Clone)]
+pub struct KernelAccess {
+    pub models: std::collections::BTreeMap<String, DeclaredModel>,
+    /// ONNX Runtime intra-op threads per session.
+    pub threads: usize,
+}
 
 /// The station's wasmtime engine: deterministic, fuel- and epoch-instrumented.
 #[derive(Clone)]
@@ -187,6 +208,7 @@ impl Sandbox {
             progress: req.progress,
             cohort: req.cohort,
             imaging: req.imaging,
+            kernels: req.kernels,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
@@ -333,6 +355,8 @@ pub struct RunRequest<'a> {
     pub cohort: Option<CohortAccess>,
     /// The indexed archive, for `imaging`; `None` when the archive is not indexed.
     pub imaging: Option<Arc<amicus_index::scan::ArchiveState>>,
+    /// The bundle's models, for `kernels`; `None` when the capability is not granted.
+    pub kernels: Option<KernelAccess>,
 }
 
 /// What the `cohort` capability queries, under which limits.
@@ -608,6 +632,7 @@ struct HostState {
     progress: ProgressSink,
     cohort: Option<CohortAccess>,
     imaging: Option<Arc<amicus_index::scan::ArchiveState>>,
+    kernels: Option<KernelAccess>,
 }
 
 impl HostState {
@@ -1234,33 +1259,196 @@ impl imaging::Host for HostState {
 
 impl kernels::Host for HostState {}
 
-/// Models and trainers cannot be created until the kernels land, so no handle can reach these.
-fn no_such_handle(kind: &str) -> types::Error {
-    types::Error::Failed(format!("no {kind} can exist on this station"))
+/// A host tensor as the kernels take it.
+fn kernel_tensor(t: &HostTensor) -> amicus_kernels::Tensor {
+    amicus_kernels::Tensor::new(
+        t.shape.iter().map(|d| *d as usize).collect(),
+        t.data.clone(),
+    )
+}
+
+impl HostState {
+    /// Record a kernels call for the audit log (consecutive successful steps of one trainer
+    /// as one entry with their count) and turn a kernel error into the contract's.
+    fn kernels_call<T>(
+        &mut self,
+        call: &str,
+        detail: String,
+        result: Result<T, amicus_kernels::KernelError>,
+    ) -> Result<T, types::Error> {
+        use amicus_kernels::KernelError as K;
+        let (outcome, answer) = match result {
+            Ok(v) => ("ok".to_string(), Ok(v)),
+            Err(e) => {
+                let reason = e.to_string();
+                let (label, err) = match e {
+                    K::LibraryMissing(_) | K::LibraryUnloadable { .. } => {
+                        ("not-available", types::Error::NotAvailable(reason.clone()))
+                    }
+                    K::Model(_) | K::Input(_) | K::Tensor { .. } => (
+                        "invalid-argument",
+                        types::Error::InvalidArgument(reason.clone()),
+                    ),
+                    K::Run(_) => ("failed", types::Error::Failed(reason.clone())),
+                };
+                (format!("{label}: {reason}"), Err(err))
+            }
+        };
+        if call == "trainer.step"
+            && outcome == "ok"
+            && let Some(last) = self.calls.last_mut()
+            && last.call == call
+            && last.detail == detail
+            && last.outcome == "ok"
+        {
+            last.rows = Some(last.rows.unwrap_or(1) + 1);
+            return answer;
+        }
+        self.calls.push(CallRecord {
+            capability: Capability::Kernels.name().into(),
+            call: call.into(),
+            detail,
+            rows: (call == "trainer.step" && outcome == "ok").then_some(1),
+            outcome,
+        });
+        answer
+    }
+
+    /// The declared model `file`, or why it cannot be opened.
+    fn declared_model(&mut self, call: &str, file: &str) -> Result<DeclaredModel, types::Error> {
+        let Some(access) = &self.kernels else {
+            return Err(self.not_available(
+                Capability::Kernels,
+                call,
+                guest_text(file),
+                "no models were handed to this run",
+            ));
+        };
+        match access.models.get(file) {
+            Some(m) => Ok(m.clone()),
+            None => {
+                let declared: Vec<String> = access.models.keys().cloned().collect();
+                let reason = format!(
+                    "{:?} is not a model the bundle declares (it declares {declared:?})",
+                    guest_text(file)
+                );
+                self.calls.push(CallRecord {
+                    capability: Capability::Kernels.name().into(),
+                    call: call.into(),
+                    detail: guest_text(file),
+                    rows: None,
+                    outcome: format!("invalid-argument: {reason}"),
+                });
+                Err(types::Error::InvalidArgument(reason))
+            }
+        }
+    }
+
+    fn tensor_of(
+        &self,
+        t: &Resource<HostTensor>,
+    ) -> Result<amicus_kernels::Tensor, amicus_kernels::KernelError> {
+        self.table
+            .get(t)
+            .map(kernel_tensor)
+            .map_err(|e| amicus_kernels::KernelError::Input(format!("tensor handle: {e}")))
+    }
+}
+
+fn parse_model(
+    bytes: &[u8],
+) -> Result<amicus_autodiff::onnx::ModelProto, amicus_kernels::KernelError> {
+    amicus_autodiff::onnx::ModelProto::from_bytes(bytes)
+        .map_err(|e| amicus_kernels::KernelError::Model(e.to_string()))
 }
 
 impl kernels::HostModel for HostState {
-    fn open(&mut self, file: String) -> Result<Resource<NoModel>, types::Error> {
+    fn open(&mut self, file: String) -> Result<Resource<ModelHandle>, types::Error> {
         self.require(Capability::Kernels, "model.open")?;
-        Err(self.not_available(
-            Capability::Kernels,
-            "model.open",
-            file,
-            "this station has no ONNX Runtime kernels yet",
-        ))
+        let model = self.declared_model("model.open", &file)?;
+        let threads = self.kernels.as_ref().map_or(1, |k| k.threads);
+        let result = amicus_kernels::Session::from_bytes(&model.bytes, threads);
+        let session = self.kernels_call("model.open", guest_text(&file), result)?;
+        self.table
+            .push(ModelHandle { file, session })
+            .map_err(|e| types::Error::Failed(e.to_string()))
     }
 
     fn infer(
         &mut self,
-        _self_: Resource<NoModel>,
-        _inputs: Vec<(String, Resource<HostTensor>)>,
+        m: Resource<ModelHandle>,
+        inputs: Vec<(String, Resource<HostTensor>)>,
     ) -> Result<Vec<(String, Resource<HostTensor>)>, types::Error> {
-        Err(no_such_handle("model"))
+        self.require(Capability::Kernels, "model.infer")?;
+        let mut tensors = Vec::with_capacity(inputs.len());
+        for (name, t) in &inputs {
+            let t = self.tensor_of(t);
+            let t = self.kernels_call("model.infer", guest_text(name), t)?;
+            if t.data.iter().any(|v| !v.is_finite()) {
+                return self.kernels_call(
+                    "model.infer",
+                    guest_text(name),
+                    Err(amicus_kernels::KernelError::Input(format!(
+                        "input {:?} holds NaN or infinity",
+                        guest_text(name)
+                    ))),
+                );
+            }
+            tensors.push((name.clone(), t));
+        }
+        let handle = self
+            .table
+            .get_mut(&m)
+            .map_err(|e| types::Error::Failed(e.to_string()))?;
+        let detail = handle.file.clone();
+        let feeds: Vec<(&str, &amicus_kernels::Tensor)> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let result = handle.session.run(&feeds, &[]);
+        let outputs = self.kernels_call("model.infer", detail, result)?;
+        let mut handles = Vec::with_capacity(outputs.len());
+        for (name, t) in outputs {
+            let bytes = t.data.len() * 4;
+            if !self.memory.reserve_host(bytes) {
+                return Err(types::Error::LimitExceeded(format!(
+                    "output {name:?} of {bytes} bytes would exceed the run's memory limit"
+                )));
+            }
+            let shape = t.shape.iter().map(|d| *d as u32).collect();
+            let r = self
+                .table
+                .push(HostTensor {
+                    shape,
+                    data: t.data,
+                })
+                .map_err(|e| types::Error::Failed(e.to_string()))?;
+            handles.push((name, r));
+        }
+        Ok(handles)
     }
 
-    fn drop(&mut self, m: Resource<NoModel>) -> wasmtime::Result<()> {
+    fn drop(&mut self, m: Resource<ModelHandle>) -> wasmtime::Result<()> {
         self.table.delete(m)?;
         Ok(())
+    }
+}
+
+/// The contract's optimizer as the kernels take it.
+fn optimizer_of(o: &kernels::Optimizer) -> amicus_kernels::optim::Optimizer {
+    match o {
+        kernels::Optimizer::Sgd(s) => amicus_kernels::optim::Optimizer::Sgd {
+            learning_rate: s.learning_rate,
+            momentum: s.momentum,
+            nesterov: s.nesterov,
+            weight_decay: s.weight_decay,
+        },
+        kernels::Optimizer::Adam(a) => amicus_kernels::optim::Optimizer::Adam {
+            learning_rate: a.learning_rate,
+            beta1: a.beta1,
+            beta2: a.beta2,
+            epsilon: a.epsilon,
+            weight_decay: a.weight_decay,
+            decoupled: a.decoupled,
+        },
     }
 }
 
@@ -1268,51 +1456,156 @@ impl kernels::HostTrainer for HostState {
     fn open(
         &mut self,
         file: String,
-        _options: kernels::TrainerOptions,
-    ) -> Result<Resource<NoTrainer>, types::Error> {
+        options: kernels::TrainerOptions,
+    ) -> Result<Resource<TrainerHandle>, types::Error> {
         self.require(Capability::Kernels, "trainer.open")?;
-        Err(self.not_available(
-            Capability::Kernels,
-            "trainer.open",
-            file,
-            "this station has no ONNX Runtime kernels yet",
-        ))
+        let model = self.declared_model("trainer.open", &file)?;
+        let threads = self.kernels.as_ref().map_or(1, |k| k.threads);
+        let detail = format!("{} {:?}", guest_text(&file), options.optimizer);
+        let result = (|| {
+            use amicus_kernels::KernelError as K;
+            if !model.trainable {
+                return Err(K::Model(format!(
+                    "{file:?} is declared frozen; only models declared trainable train"
+                )));
+            }
+            let loss = model
+                .loss
+                .as_deref()
+                .ok_or_else(|| K::Model(format!("{file:?} declares no loss")))
+                .and_then(|l| amicus_autodiff::Loss::parse(l).map_err(K::Model))?;
+            let forward = parse_model(&model.bytes)?;
+            amicus_kernels::trainer::Trainer::new(
+                &forward,
+                amicus_kernels::trainer::TrainerOptions {
+                    loss,
+                    trainable: None,
+                    optimizer: optimizer_of(&options.optimizer),
+                    schedule: amicus_kernels::optim::Schedule::Constant,
+                    clip_norm: options.clip_norm,
+                    threads,
+                },
+            )
+        })();
+        let trainer = self.kernels_call("trainer.open", detail, result)?;
+        self.table
+            .push(TrainerHandle { file, trainer })
+            .map_err(|e| types::Error::Failed(e.to_string()))
     }
 
     fn step(
         &mut self,
-        _self_: Resource<NoTrainer>,
-        _x: Resource<HostTensor>,
-        _y: Resource<HostTensor>,
+        t: Resource<TrainerHandle>,
+        x: Resource<HostTensor>,
+        y: Resource<HostTensor>,
     ) -> Result<f32, types::Error> {
-        Err(no_such_handle("trainer"))
+        self.require(Capability::Kernels, "trainer.step")?;
+        let batch = self
+            .tensor_of(&x)
+            .and_then(|x| Ok((x, self.tensor_of(&y)?)));
+        let handle = self
+            .table
+            .get_mut(&t)
+            .map_err(|e| types::Error::Failed(e.to_string()))?;
+        let detail = handle.file.clone();
+        let result = batch.and_then(|(x, y)| handle.trainer.step(&x, &y));
+        self.kernels_call("trainer.step", detail, result)
     }
 
     fn evaluate(
         &mut self,
-        _self_: Resource<NoTrainer>,
-        _x: Resource<HostTensor>,
-        _y: Resource<HostTensor>,
+        t: Resource<TrainerHandle>,
+        x: Resource<HostTensor>,
+        y: Resource<HostTensor>,
     ) -> Result<f32, types::Error> {
-        Err(no_such_handle("trainer"))
+        self.require(Capability::Kernels, "trainer.evaluate")?;
+        let batch = self
+            .tensor_of(&x)
+            .and_then(|x| Ok((x, self.tensor_of(&y)?)));
+        let handle = self
+            .table
+            .get_mut(&t)
+            .map_err(|e| types::Error::Failed(e.to_string()))?;
+        let detail = handle.file.clone();
+        let result = batch.and_then(|(x, y)| handle.trainer.evaluate(&x, &y).map(|(l, _)| l));
+        self.kernels_call("trainer.evaluate", detail, result)
+    }
+
+    fn predict(
+        &mut self,
+        t: Resource<TrainerHandle>,
+        x: Resource<HostTensor>,
+    ) -> Result<Resource<HostTensor>, types::Error> {
+        self.require(Capability::Kernels, "trainer.predict")?;
+        let x = self.tensor_of(&x);
+        let handle = self
+            .table
+            .get_mut(&t)
+            .map_err(|e| types::Error::Failed(e.to_string()))?;
+        let detail = handle.file.clone();
+        let result = x.and_then(|x| handle.trainer.infer(&x));
+        let out = self.kernels_call("trainer.predict", detail, result)?;
+        let bytes = out.data.len() * 4;
+        if !self.memory.reserve_host(bytes) {
+            return Err(types::Error::LimitExceeded(format!(
+                "a prediction of {bytes} bytes would exceed the run's memory limit"
+            )));
+        }
+        self.table
+            .push(HostTensor {
+                shape: out.shape.iter().map(|d| *d as u32).collect(),
+                data: out.data,
+            })
+            .map_err(|e| types::Error::Failed(e.to_string()))
     }
 
     fn get_weights(
         &mut self,
-        _self_: Resource<NoTrainer>,
+        t: Resource<TrainerHandle>,
     ) -> Result<Vec<kernels::NamedWeights>, types::Error> {
-        Err(no_such_handle("trainer"))
+        self.require(Capability::Kernels, "trainer.get-weights")?;
+        let handle = self
+            .table
+            .get(&t)
+            .map_err(|e| types::Error::Failed(e.to_string()))?;
+        let detail = handle.file.clone();
+        let weights = handle
+            .trainer
+            .weights()
+            .into_iter()
+            .map(|w| kernels::NamedWeights {
+                name: w.name,
+                shape: w.shape.iter().map(|d| *d as u32).collect(),
+                data: w.data,
+            })
+            .collect();
+        self.kernels_call("trainer.get-weights", detail, Ok(weights))
     }
 
     fn set_weights(
         &mut self,
-        _self_: Resource<NoTrainer>,
-        _weights: Vec<kernels::NamedWeights>,
+        t: Resource<TrainerHandle>,
+        weights: Vec<kernels::NamedWeights>,
     ) -> Result<(), types::Error> {
-        Err(no_such_handle("trainer"))
+        self.require(Capability::Kernels, "trainer.set-weights")?;
+        let handle = self
+            .table
+            .get_mut(&t)
+            .map_err(|e| types::Error::Failed(e.to_string()))?;
+        let detail = handle.file.clone();
+        let new: Vec<amicus_kernels::trainer::NamedWeights> = weights
+            .into_iter()
+            .map(|w| amicus_kernels::trainer::NamedWeights {
+                name: w.name,
+                shape: w.shape.iter().map(|d| *d as usize).collect(),
+                data: w.data,
+            })
+            .collect();
+        let result = handle.trainer.set_weights(&new);
+        self.kernels_call("trainer.set-weights", detail, result)
     }
 
-    fn drop(&mut self, t: Resource<NoTrainer>) -> wasmtime::Result<()> {
+    fn drop(&mut self, t: Resource<TrainerHandle>) -> wasmtime::Result<()> {
         self.table.delete(t)?;
         Ok(())
     }
@@ -1587,6 +1880,7 @@ max_bytes = 100
             progress: Box::new(|_, _| {}),
             cohort: None,
             imaging: None,
+            kernels: None,
         };
         let e = cohort::Host::select(&mut s, "SELECT * {}".into()).unwrap_err();
         assert!(matches!(e, types::Error::Denied(_)));
@@ -1598,6 +1892,13 @@ max_bytes = 100
         s.granted.insert(Capability::Cohort);
         let e = cohort::Host::select(&mut s, "SELECT * {}".into()).unwrap_err();
         assert!(matches!(e, types::Error::NotAvailable(ref m) if m.contains("not indexed")));
+
+        // Kernels: not granted is denied; granted without models handed over is not available.
+        let e = kernels::HostModel::open(&mut s, "models/m.onnx".into()).unwrap_err();
+        assert!(matches!(e, types::Error::Denied(_)));
+        s.granted.insert(Capability::Kernels);
+        let e = kernels::HostModel::open(&mut s, "models/m.onnx".into()).unwrap_err();
+        assert!(matches!(e, types::Error::NotAvailable(_)));
     }
 
     #[test]

@@ -19,7 +19,8 @@
 use crate::audit::{AuditError, AuditLog, Event};
 use crate::policy::{Policy, PolicyError, Refusal};
 use crate::sandbox::{
-    CohortAccess, CompileSource, Outcome, ProgressSink, RunRequest, Sandbox, SandboxError, run_seed,
+    CohortAccess, CompileSource, DeclaredModel, KernelAccess, Outcome, ProgressSink, RunRequest,
+    Sandbox, SandboxError, run_seed,
 };
 use amicus_bundle::{Bundle, Capability, Digest, KeyError, PublicKey, SecretKey, sha256};
 use serde::{Deserialize, Serialize};
@@ -503,6 +504,29 @@ impl Station {
         } else {
             None
         };
+        let kernels = granted
+            .contains(&Capability::Kernels)
+            .then(|| KernelAccess {
+                models: manifest
+                    .models
+                    .iter()
+                    .filter_map(|m| {
+                        // The bundle verified every file against the signed manifest.
+                        let bytes = bundle.file(&m.file)?;
+                        Some((
+                            m.file.clone(),
+                            DeclaredModel {
+                                trainable: m.role == amicus_bundle::manifest::ModelRole::Trainable,
+                                loss: m.loss.clone(),
+                                bytes: std::sync::Arc::new(bytes.to_vec()),
+                            },
+                        ))
+                    })
+                    .collect(),
+                threads: std::thread::available_parallelism()
+                    .map_or(1, |n| n.get())
+                    .min(4),
+            });
         let run_id = new_run_id();
         let seed = run_seed(&digest, &params, &run_id);
         let limits = admission.limits;
@@ -532,6 +556,7 @@ impl Station {
                 progress,
                 cohort,
                 imaging,
+                kernels,
             },
         );
         let report = match report {

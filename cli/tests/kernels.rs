@@ -1,0 +1,132 @@
+//! Deep learning through the contract: the `lesion-models` train (WebAssembly) samples lesion
+//! and background patches on a synthetic station, and the station trains the bundle's U-Net
+//! and CNN in ONNX Runtime with its own training graphs; only metrics leave. Plus the
+//! refusals: kernels not allowed by policy, a model the bundle does not declare, batches the
+//! model cannot take.
+
+mod common;
+
+use common::{Fixture, ok, s};
+
+fn kernels_station(allow_kernels: bool) -> Fixture {
+    let f = Fixture::new();
+    f.synth_archive("legacy", 12, 8);
+    f.policy_edit("min_patients = 10", "min_patients = 1");
+    let allowed = if allow_kernels {
+        "allowed_capabilities = [\"cohort\", \"imaging\", \"kernels\"]"
+    } else {
+        "allowed_capabilities = [\"cohort\", \"imaging\"]"
+    };
+    f.policy_edit("allowed_capabilities = [\"cohort\"]", allowed);
+    ok(&["station", "index", "--dir", s(&f.station())]);
+    f
+}
+
+fn ready() -> bool {
+    match amicus_kernels::available() {
+        Ok(()) => true,
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "{e}");
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
+#[test]
+fn a_unet_and_a_cnn_learn_on_the_station() {
+    if !ready() {
+        return;
+    }
+    let f = kernels_station(true);
+    let b = f.ready("lesion-models");
+    let out = f.run(&b, Some(r#"{"steps": 80, "batch": 16}"#));
+    assert!(out.ok, "{}", out.text());
+    let metrics: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            f.released()
+                .into_iter()
+                .find(|p| p.ends_with("metrics.json"))
+                .unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    eprintln!("{metrics:#}");
+    let num = |k: &str| metrics[k].as_f64().unwrap();
+    assert!(num("series_trained") >= 1.0, "{metrics}");
+    // The segmentation loss falls and held-out Dice rises well above chance.
+    assert!(
+        num("unet_loss_last") < 0.6 * num("unet_loss_first"),
+        "{metrics}"
+    );
+    assert!(
+        num("unet_held_out_loss_after") < num("unet_held_out_loss_before"),
+        "{metrics}"
+    );
+    assert!(num("unet_held_out_dice_after") > 0.6, "{metrics}");
+    assert!(
+        num("unet_held_out_dice_after") > num("unet_held_out_dice_before") + 0.2,
+        "{metrics}"
+    );
+    // The classifier tells lesion from background patches.
+    assert!(num("cnn_held_out_accuracy_after") >= 0.8, "{metrics}");
+    // The audit log has the kernels calls: two trainers opened, the steps counted.
+    let calls: Vec<serde_json::Value> = f
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "capability-call" && e["capability"] == "kernels")
+        .collect();
+    let opened = calls
+        .iter()
+        .filter(|c| c["call"] == "trainer.open" && c["outcome"] == "ok")
+        .count();
+    assert_eq!(opened, 2, "{calls:?}");
+    assert!(
+        calls.iter().any(|c| c["call"] == "trainer.step"),
+        "{calls:?}"
+    );
+    f.audit_verifies();
+}
+
+#[test]
+fn kernel_refusals_are_clear_and_audited() {
+    if !ready() {
+        return;
+    }
+    // Not allowed by the station's policy: refused before the train runs.
+    let f = kernels_station(false);
+    let b = f.ready("lesion-models");
+    let out = f.run(&b, None);
+    assert!(!out.ok);
+    assert!(out.text().contains("kernels"), "{}", out.text());
+    assert!(f.released().is_empty());
+
+    let f = kernels_station(true);
+    let b = f.ready("lesion-models");
+    // A model file the bundle does not declare (nothing outside the signed bundle loads).
+    let out = f.run(&b, Some(r#"{"unet": "models/other.onnx", "steps": 1}"#));
+    assert!(!out.ok);
+    let call = f.last_call_outcome("invalid-argument");
+    assert_eq!(call["call"], "trainer.open");
+    assert!(
+        call["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("not a model the bundle declares"),
+        "{call}"
+    );
+    // Patches of a size the models do not take: the step is refused, nothing trains.
+    let out = f.run(&b, Some(r#"{"patch": 24, "steps": 1}"#));
+    assert!(!out.ok);
+    let call = f.last_call_outcome("invalid-argument");
+    assert!(
+        call["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("does not match the model"),
+        "{call}"
+    );
+    assert!(f.released().is_empty());
+    f.audit_verifies();
+}
