@@ -28,7 +28,7 @@ pub fn apply_window(volume: &mut Volume, w: Window) -> Result<(), ImagingError> 
 }
 
 /// Refuse a float32 grid of `size` voxels that would not fit in `max_bytes`.
-fn fits(size: [usize; 3], max_bytes: u64) -> Result<(), ImagingError> {
+pub(crate) fn fits(size: [usize; 3], max_bytes: u64) -> Result<(), ImagingError> {
     let needed = size
         .iter()
         .try_fold(4u64, |acc, &n| acc.checked_mul(n as u64))

@@ -591,16 +591,7 @@ pub fn load_frames(path: &Path, max_bytes: u64) -> Result<Frames, ImagingError> 
     let module = read_pixel_module(path, &obj, &ts)?;
     let (rows, columns) = (module.layout.rows, module.layout.columns);
     let frames = module.rescale.len();
-    let needed = [rows, columns, frames]
-        .iter()
-        .try_fold(4u64, |acc, &n| acc.checked_mul(n as u64))
-        .unwrap_or(u64::MAX);
-    if needed > max_bytes {
-        return Err(ImagingError::TooLarge {
-            needed,
-            available: max_bytes,
-        });
-    }
+    crate::options::fits([columns, rows, frames], max_bytes)?;
     let slices: Vec<Slice> = module
         .rescale
         .iter()

@@ -168,12 +168,7 @@ impl Trainer {
         self.check_input("input", x, &self.input_shape.clone())?;
         let labels_shape = self.labels_shape(x);
         self.check_input("labels", y, &labels_shape)?;
-        let weight_tensors: Vec<Tensor> = self
-            .weights
-            .iter()
-            .zip(&self.shapes)
-            .map(|((_, w), s)| Tensor::new(s.clone(), w.clone()))
-            .collect();
+        let weight_tensors = self.weight_tensors();
         let mut inputs: Vec<(&str, &Tensor)> =
             vec![(self.input.as_str(), x), (self.graph.labels.as_str(), y)];
         for ((name, _), t) in self.weights.iter().zip(&weight_tensors) {
@@ -184,6 +179,15 @@ impl Trainer {
             wanted.extend(self.graph.weights.iter().map(|w| w.grad.as_str()));
         }
         self.train.run(&inputs, &wanted)
+    }
+
+    /// The current weights as tensors, for a run's inputs.
+    fn weight_tensors(&self) -> Vec<Tensor> {
+        self.weights
+            .iter()
+            .zip(&self.shapes)
+            .map(|((_, w), s)| Tensor::new(s.clone(), w.clone()))
+            .collect()
     }
 
     /// One optimisation step on a batch; returns the loss before the update.
@@ -212,12 +216,7 @@ impl Trainer {
     /// The model's output for a batch, with the current weights.
     pub fn infer(&mut self, x: &Tensor) -> Result<Tensor, KernelError> {
         self.check_input("input", x, &self.input_shape.clone())?;
-        let weight_tensors: Vec<Tensor> = self
-            .weights
-            .iter()
-            .zip(&self.shapes)
-            .map(|((_, w), s)| Tensor::new(s.clone(), w.clone()))
-            .collect();
+        let weight_tensors = self.weight_tensors();
         let mut inputs: Vec<(&str, &Tensor)> = vec![(self.input.as_str(), x)];
         for ((name, _), t) in self.weights.iter().zip(&weight_tensors) {
             inputs.push((name.as_str(), t));
