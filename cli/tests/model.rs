@@ -112,6 +112,27 @@ fn model_grad_derives_a_checked_training_graph_and_refuses_ops_without_rules() {
         std::fs::read(&train).unwrap(),
         std::fs::read(&again).unwrap()
     );
+    // Without ONNX Runtime the derivation still works; the load check is skipped, said so.
+    let no_ort = tmp.path().join("no-ort.onnx");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_amicus"))
+        .args([
+            "model",
+            "grad",
+            s(&cnn),
+            "--out",
+            s(&no_ort),
+            "--loss",
+            "0.7*ce+0.3*dice",
+        ])
+        .env("AMICUS_ORT_LIB", tmp.path().join("missing.so"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not checked with ONNX Runtime"));
+    assert_eq!(
+        std::fs::read(&no_ort).unwrap(),
+        std::fs::read(&train).unwrap()
+    );
     // Only some weights trained.
     let out = ok(&[
         "model",
