@@ -11,6 +11,7 @@
 //! (`amicus-kernels` does) and does not update weights.
 
 mod emit;
+mod norm;
 pub mod onnx;
 mod rules;
 mod shapes;
@@ -93,6 +94,16 @@ pub struct Weight {
     pub grad: String,
 }
 
+/// State the training graph updates besides the weights (BatchNormalization's running mean
+/// and variance): an input with its current value, and the output with the next one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct State {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub initial: Vec<f32>,
+    pub updated: String,
+}
+
 /// A derived training graph and how to drive it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainingGraph {
@@ -103,6 +114,8 @@ pub struct TrainingGraph {
     pub loss: String,
     pub prediction: String,
     pub weights: Vec<Weight>,
+    /// Running statistics: fed in, and replaced by their outputs after each training step.
+    pub state: Vec<State>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -268,15 +281,7 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
     }
 
     // Which tensors depend on a trained weight.
-    let mut requires: HashSet<String> = trainable.iter().cloned().collect();
-    for n in &forward {
-        let reached = rules::differentiable_inputs(n)
-            .into_iter()
-            .any(|i| n.input.get(i).is_some_and(|name| requires.contains(name)));
-        if reached {
-            requires.extend(n.output.iter().filter(|o| !o.is_empty()).cloned());
-        }
-    }
+    let mut requires = depending_on(&forward, &trainable);
 
     // Every op a gradient has to pass needs a rule: refuse now, by name.
     for (i, n) in forward.iter().enumerate() {
@@ -292,34 +297,39 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
     }
 
     // Shapes, now that every op on the gradient path is known to have a rule.
-    for (i, n) in forward.iter().enumerate() {
-        if n.op() == "Constant"
-            && let Some(t) = n.attr("value").and_then(|a| a.t.as_ref())
-            && let Some(v) = t.int_values()
-        {
-            ints.insert(n.output[0].clone(), v);
-        }
-        let inputs: Vec<Option<shapes::Shape>> = n
-            .input
-            .iter()
-            .map(|name| {
-                if name.is_empty() {
-                    None
-                } else {
-                    shapes.get(name).cloned()
-                }
-            })
-            .collect();
-        let out = shapes::infer(n, &inputs, &ints).map_err(|reason| AutodiffError::Node {
-            op: n.op().into(),
-            node: node_name(n, i),
-            reason,
-        })?;
-        for (name, s) in n.output.iter().zip(out.unwrap_or_default()) {
-            if !name.is_empty() {
-                shapes.insert(name.clone(), s);
+    infer_shapes(&forward, &mut shapes, &mut ints)?;
+
+    // Normalisation layers on the gradient path run in training mode: rewrite them into ops
+    // with rules (batch statistics normalise; running statistics come out updated).
+    let mut running: Vec<norm::RunningStat> = Vec::new();
+    if forward
+        .iter()
+        .any(|n| matches!(n.op(), "BatchNormalization" | "InstanceNormalization"))
+    {
+        let mut rewritten = Vec::with_capacity(forward.len());
+        for (i, n) in forward.iter().enumerate() {
+            let on_path = rules::differentiable_inputs(n)
+                .into_iter()
+                .any(|j| n.input.get(j).is_some_and(|name| requires.contains(name)));
+            if on_path && matches!(n.op(), "BatchNormalization" | "InstanceNormalization") {
+                let rank = shapes.get(&n.input[0]).map_or(0, Vec::len);
+                let start = e.nodes.len();
+                let stats =
+                    norm::decompose(&mut e, n, rank).map_err(|reason| AutodiffError::Node {
+                        op: n.op().into(),
+                        node: node_name(n, i),
+                        reason,
+                    })?;
+                rewritten.extend(e.nodes.drain(start..));
+                running.extend(stats);
+            } else {
+                rewritten.push(n.clone());
             }
         }
+        forward = rewritten;
+        register_constants(&e, &mut shapes, &mut ints);
+        requires = depending_on(&forward, &trainable);
+        infer_shapes(&forward, &mut shapes, &mut ints)?;
     }
 
     // MaxPool on the gradient path also returns the indices of its maxima.
@@ -354,15 +364,7 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
     e.node_into("Identity", &[&loss_value], LOSS, vec![]);
     let loss_nodes: Vec<NodeProto> = e.nodes.drain(loss_start..).collect();
     // The loss's constants (axes, scalars) are initializers; their shapes and values count.
-    for t in &e.constants {
-        if let Some(v) = t.int_values() {
-            ints.insert(t.name().to_string(), v);
-        }
-        shapes.insert(
-            t.name().to_string(),
-            t.dims.iter().map(|d| Dim::Known(*d)).collect(),
-        );
-    }
+    register_constants(&e, &mut shapes, &mut ints);
     for n in &loss_nodes {
         let inputs: Vec<Option<shapes::Shape>> = n
             .input
@@ -461,6 +463,32 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
             grad: grad_name,
         });
     }
+    let mut state = Vec::new();
+    for r in &running {
+        let t = initializers
+            .get(r.input.as_str())
+            .filter(|t| t.data_type == Some(FLOAT))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "running statistic {:?} is not a float initializer",
+                    r.input
+                ))
+            })?;
+        let initial = t
+            .float_values()
+            .ok_or_else(|| invalid(format!("initializer {:?} has unreadable data", r.input)))?;
+        let out = format!("{}.updated", r.input);
+        if !e.reserve(&out) {
+            return Err(invalid(format!("the model already uses the name {out:?}")));
+        }
+        e.node_into("Identity", &[&r.updated], &out, vec![]);
+        state.push(State {
+            name: r.input.clone(),
+            shape: t.dims.clone(),
+            initial,
+            updated: out,
+        });
+    }
     let backward_nodes = std::mem::take(&mut e.nodes);
     let mut nodes = forward;
     nodes.extend(loss_nodes);
@@ -482,6 +510,13 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
             &w.shape.iter().map(|d| Dim::Known(*d)).collect::<Vec<_>>(),
         ));
     }
+    for st in &state {
+        inputs.push(ValueInfoProto::tensor(
+            &st.name,
+            FLOAT,
+            &st.shape.iter().map(|d| Dim::Known(*d)).collect::<Vec<_>>(),
+        ));
+    }
     let mut outputs = vec![ValueInfoProto::tensor(LOSS, FLOAT, &[])];
     outputs.push(value(&prediction));
     for w in &weights {
@@ -491,10 +526,17 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
             &w.shape.iter().map(|d| Dim::Known(*d)).collect::<Vec<_>>(),
         ));
     }
+    for st in &state {
+        outputs.push(ValueInfoProto::tensor(
+            &st.updated,
+            FLOAT,
+            &st.shape.iter().map(|d| Dim::Known(*d)).collect::<Vec<_>>(),
+        ));
+    }
     let mut initializer: Vec<TensorProto> = graph
         .initializer
         .iter()
-        .filter(|t| !trainable.contains(t.name()))
+        .filter(|t| !trainable.contains(t.name()) && !state.iter().any(|st| st.name == t.name()))
         .cloned()
         .collect();
     initializer.extend(e.constants.iter().cloned());
@@ -523,7 +565,78 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
         loss: LOSS.into(),
         prediction,
         weights,
+        state,
     })
+}
+
+/// The tensors that depend on `trainable` through differentiable inputs, in node order.
+fn depending_on(nodes: &[NodeProto], trainable: &BTreeSet<String>) -> HashSet<String> {
+    let mut requires: HashSet<String> = trainable.iter().cloned().collect();
+    for n in nodes {
+        let reached = rules::differentiable_inputs(n)
+            .into_iter()
+            .any(|i| n.input.get(i).is_some_and(|name| requires.contains(name)));
+        if reached {
+            requires.extend(n.output.iter().filter(|o| !o.is_empty()).cloned());
+        }
+    }
+    requires
+}
+
+/// Shapes of every node output, in node order, and the values of constant int64 tensors.
+fn infer_shapes(
+    nodes: &[NodeProto],
+    shapes: &mut HashMap<String, shapes::Shape>,
+    ints: &mut HashMap<String, Vec<i64>>,
+) -> Result<(), AutodiffError> {
+    for (i, n) in nodes.iter().enumerate() {
+        if n.op() == "Constant"
+            && let Some(t) = n.attr("value").and_then(|a| a.t.as_ref())
+            && let Some(v) = t.int_values()
+        {
+            ints.insert(n.output[0].clone(), v);
+        }
+        let inputs: Vec<Option<shapes::Shape>> = n
+            .input
+            .iter()
+            .map(|name| {
+                if name.is_empty() {
+                    None
+                } else {
+                    shapes.get(name).cloned()
+                }
+            })
+            .collect();
+        let out = shapes::infer(n, &inputs, ints).map_err(|reason| AutodiffError::Node {
+            op: n.op().into(),
+            node: n.name.clone().unwrap_or_else(|| format!("#{i}")),
+            reason,
+        })?;
+        for (name, s) in n.output.iter().zip(out.unwrap_or_default()) {
+            if !name.is_empty() {
+                shapes.insert(name.clone(), s);
+            }
+        }
+    }
+
+    Ok(())
+}
+
+/// Shapes and int values of the constants the emitter has made so far.
+fn register_constants(
+    e: &Emitter,
+    shapes: &mut HashMap<String, shapes::Shape>,
+    ints: &mut HashMap<String, Vec<i64>>,
+) {
+    for t in &e.constants {
+        if let Some(v) = t.int_values() {
+            ints.insert(t.name().to_string(), v);
+        }
+        shapes.insert(
+            t.name().to_string(),
+            t.dims.iter().map(|d| Dim::Known(*d)).collect(),
+        );
+    }
 }
 
 /// The forward model with the initializers `names` turned into graph inputs, so inference can

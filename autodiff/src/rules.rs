@@ -12,6 +12,7 @@ use std::collections::HashMap;
 pub const DIFFERENTIABLE: &[&str] = &[
     "Add",
     "AveragePool",
+    "BatchNormalization",
     "Concat",
     "Conv",
     "ConvTranspose",
@@ -21,6 +22,7 @@ pub const DIFFERENTIABLE: &[&str] = &[
     "Gemm",
     "GlobalAveragePool",
     "Identity",
+    "InstanceNormalization",
     "LeakyRelu",
     "Log",
     "LogSoftmax",
@@ -48,6 +50,8 @@ pub(crate) fn differentiable_inputs(node: &NodeProto) -> Vec<usize> {
     match node.op() {
         "Add" | "Sub" | "Mul" | "Div" | "MatMul" => vec![0, 1],
         "Gemm" | "Conv" | "ConvTranspose" => (0..node.input.len().min(3)).collect(),
+        // Rewritten into differentiable ops (`norm`); running statistics are not differentiated.
+        "BatchNormalization" | "InstanceNormalization" => vec![0, 1, 2],
         "Concat" => (0..node.input.len()).collect(),
         "Constant" => vec![],
         _ => vec![0],

@@ -154,8 +154,20 @@ fn infer_known(
     let op = node.op();
     let one_output = |s: Shape| Ok(vec![s]);
     match op {
-        "Identity" | "Neg" | "Relu" | "LeakyRelu" | "Sigmoid" | "Tanh" | "Exp" | "Log" | "Sqrt"
-        | "Softplus" | "Softmax" | "LogSoftmax" => one_output(input(0)?.clone()),
+        "Identity"
+        | "Neg"
+        | "Relu"
+        | "LeakyRelu"
+        | "Sigmoid"
+        | "Tanh"
+        | "Exp"
+        | "Log"
+        | "Sqrt"
+        | "Softplus"
+        | "Softmax"
+        | "LogSoftmax"
+        | "BatchNormalization"
+        | "InstanceNormalization" => one_output(input(0)?.clone()),
         "Add" | "Sub" | "Mul" | "Div" => one_output(broadcast(input(0)?, input(1)?)?),
         "MatMul" => {
             let (a, b) = (input(0)?, input(1)?);

@@ -24,7 +24,7 @@ pub struct Cnn {
     pub seed: u64,
 }
 
-/// A 2D U-Net: `depth` levels of two 3×3 convolution + ReLU, max pooling down, 2×2 transposed
+/// A 2D U-Net: `depth` levels of two 3×3 convolution (+ normalisation) + ReLU, max pooling down, 2×2 transposed
 /// convolutions up with skip connections (Concat), and a 1×1 convolution to `classes` logits
 /// per pixel. Height and width must be divisible by 2^depth.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,7 +35,32 @@ pub struct Unet2d {
     pub classes: i64,
     pub base: i64,
     pub depth: u32,
+    /// Normalisation after each 3×3 convolution.
+    pub norm: Norm,
     pub seed: u64,
+}
+
+/// Normalisation layers of the U-Net.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Norm {
+    None,
+    /// BatchNormalization (running mean and variance updated while training).
+    Batch,
+    /// InstanceNormalization (per sample and channel; no running statistics).
+    Instance,
+}
+
+impl Norm {
+    pub fn parse(s: &str) -> Result<Norm, String> {
+        match s {
+            "none" => Ok(Norm::None),
+            "batch" => Ok(Norm::Batch),
+            "instance" => Ok(Norm::Instance),
+            other => Err(format!(
+                "unknown normalisation {other:?} (none, batch, instance)"
+            )),
+        }
+    }
 }
 
 struct Builder {
@@ -112,6 +137,30 @@ impl Builder {
                 AttributeProto::ints("pads", &[p, p, p, p]),
             ],
         )
+    }
+
+    fn filled(&mut self, name: &str, n: i64, v: f32) -> String {
+        self.initializers
+            .push(TensorProto::floats(name, &[n], &vec![v; n as usize]));
+        name.to_string()
+    }
+
+    fn norm(&mut self, x: &str, name: &str, channels: i64, norm: Norm) -> String {
+        match norm {
+            Norm::None => x.to_string(),
+            Norm::Batch => {
+                let s = self.filled(&format!("{name}.weight"), channels, 1.0);
+                let b = self.zeros(&format!("{name}.bias"), channels);
+                let m = self.zeros(&format!("{name}.running_mean"), channels);
+                let v = self.filled(&format!("{name}.running_var"), channels, 1.0);
+                self.node("BatchNormalization", &[x, &s, &b, &m, &v], vec![])
+            }
+            Norm::Instance => {
+                let s = self.filled(&format!("{name}.weight"), channels, 1.0);
+                let b = self.zeros(&format!("{name}.bias"), channels);
+                self.node("InstanceNormalization", &[x, &s, &b], vec![])
+            }
+        }
     }
 
     fn relu(&mut self, x: &str) -> String {
@@ -214,10 +263,13 @@ impl Unet2d {
             ));
         }
         let mut b = Builder::new(self.seed);
+        let norm = self.norm;
         let double = |b: &mut Builder, x: &str, name: &str, cin: i64, cout: i64| {
             let c = b.conv(x, &format!("{name}.conv1"), cin, cout, 3);
+            let c = b.norm(&c, &format!("{name}.norm1"), cout, norm);
             let r = b.relu(&c);
             let c = b.conv(&r, &format!("{name}.conv2"), cout, cout, 3);
+            let c = b.norm(&c, &format!("{name}.norm2"), cout, norm);
             b.relu(&c)
         };
         let mut skips = Vec::new();

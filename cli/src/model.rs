@@ -71,6 +71,9 @@ pub enum NewModel {
         base: i64,
         #[arg(long, default_value_t = 3)]
         depth: u32,
+        /// Normalisation after each 3×3 convolution: none, batch or instance.
+        #[arg(long, default_value = "none")]
+        norm: String,
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -178,18 +181,22 @@ pub fn run(c: ModelCommand) -> Result<()> {
                     classes,
                     base,
                     depth,
+                    norm,
                     seed,
                 } => (
-                    amicus_autodiff::zoo::Unet2d {
-                        channels,
-                        height,
-                        width,
-                        classes,
-                        base,
-                        depth,
-                        seed,
-                    }
-                    .build(),
+                    amicus_autodiff::zoo::Norm::parse(&norm).and_then(|norm| {
+                        amicus_autodiff::zoo::Unet2d {
+                            channels,
+                            height,
+                            width,
+                            classes,
+                            base,
+                            depth,
+                            norm,
+                            seed,
+                        }
+                        .build()
+                    }),
                     out,
                 ),
             };

@@ -272,6 +272,41 @@ fn model_new_writes_standard_trainable_models() {
             loss,
         ]);
     }
+    // Normalised U-Nets derive too (BatchNormalization's running statistics become state).
+    let bn = tmp.path().join("bn.onnx");
+    ok(&[
+        "model",
+        "new",
+        "unet2d",
+        "--out",
+        s(&bn),
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--base",
+        "4",
+        "--depth",
+        "1",
+        "--norm",
+        "batch",
+    ]);
+    let train = tmp.path().join("bn-train.onnx");
+    ok(&[
+        "model",
+        "grad",
+        s(&bn),
+        "--out",
+        s(&train),
+        "--loss",
+        "dice",
+    ]);
+    let out = fails(&["model", "new", "unet2d", "--out", s(&bn), "--norm", "group"]);
+    assert!(
+        out.stderr.contains("unknown normalisation"),
+        "{}",
+        out.stderr
+    );
     // Sizes the architecture cannot take are refused.
     let out = fails(&[
         "model",

@@ -39,6 +39,8 @@ pub struct Trainer {
     input_shape: Vec<Dim>,
     weights: Vec<(String, Vec<f32>)>,
     shapes: Vec<Vec<usize>>,
+    /// Running statistics (BatchNormalization), replaced after every step.
+    running: Vec<(String, Tensor)>,
     state: OptimizerState,
 }
 
@@ -70,7 +72,12 @@ impl Trainer {
             .and_then(|v| v.tensor_shape())
             .map(|(_, dims)| dims)
             .unwrap_or_default();
-        let names: Vec<String> = graph.weights.iter().map(|w| w.name.clone()).collect();
+        let names: Vec<String> = graph
+            .weights
+            .iter()
+            .map(|w| w.name.clone())
+            .chain(graph.state.iter().map(|s| s.name.clone()))
+            .collect();
         let inference = amicus_autodiff::with_weight_inputs(forward, &names)
             .map_err(|e| KernelError::Model(e.to_string()))?;
         let train = Session::from_bytes(&graph.model.to_bytes(), options.threads)?;
@@ -84,6 +91,19 @@ impl Trainer {
             .weights
             .iter()
             .map(|w| w.shape.iter().map(|d| *d as usize).collect())
+            .collect();
+        let running = graph
+            .state
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    Tensor::new(
+                        s.shape.iter().map(|d| *d as usize).collect(),
+                        s.initial.clone(),
+                    ),
+                )
+            })
             .collect();
         let sizes: Vec<usize> = weights.iter().map(|(_, w)| w.len()).collect();
         let state = OptimizerState::new(
@@ -101,6 +121,7 @@ impl Trainer {
             input_shape,
             weights,
             shapes,
+            running,
             state,
         })
     }
@@ -174,9 +195,13 @@ impl Trainer {
         for ((name, _), t) in self.weights.iter().zip(&weight_tensors) {
             inputs.push((name.as_str(), t));
         }
+        for (name, t) in &self.running {
+            inputs.push((name.as_str(), t));
+        }
         let mut wanted = vec![self.graph.loss.as_str(), self.graph.prediction.as_str()];
         if with_grads {
             wanted.extend(self.graph.weights.iter().map(|w| w.grad.as_str()));
+            wanted.extend(self.graph.state.iter().map(|s| s.updated.as_str()));
         }
         self.train.run(&inputs, &wanted)
     }
@@ -199,14 +224,33 @@ impl Trainer {
                 "the loss is {loss}; nothing was updated"
             )));
         }
-        let grads: Vec<Vec<f32>> = out.into_iter().skip(2).map(|(_, t)| t.data).collect();
+        let mut rest = out.into_iter().skip(2);
+        let grads: Vec<Vec<f32>> = rest
+            .by_ref()
+            .take(self.weights.len())
+            .map(|(_, t)| t.data)
+            .collect();
+        let running: Vec<Tensor> = rest.map(|(_, t)| t).collect();
+        if let Some(i) = running
+            .iter()
+            .position(|t| t.data.iter().any(|v| !v.is_finite()))
+        {
+            return Err(KernelError::Run(format!(
+                "running statistic {} is not finite; nothing was updated",
+                self.running[i].0
+            )));
+        }
         self.state
             .update(&mut self.weights, &grads)
             .map_err(|e| KernelError::Run(e.to_string()))?;
+        for ((_, old), new) in self.running.iter_mut().zip(running) {
+            *old = new;
+        }
         Ok(loss)
     }
 
-    /// The loss and the prediction on a batch, updating nothing.
+    /// The loss and the prediction on a batch, updating nothing (normalisation layers use the
+    /// batch's statistics, as in training).
     pub fn evaluate(&mut self, x: &Tensor, y: &Tensor) -> Result<(f32, Tensor), KernelError> {
         let mut out = self.run_training_graph(x, y, false)?;
         let prediction = out.remove(1).1;
@@ -219,6 +263,9 @@ impl Trainer {
         let weight_tensors = self.weight_tensors();
         let mut inputs: Vec<(&str, &Tensor)> = vec![(self.input.as_str(), x)];
         for ((name, _), t) in self.weights.iter().zip(&weight_tensors) {
+            inputs.push((name.as_str(), t));
+        }
+        for (name, t) in &self.running {
             inputs.push((name.as_str(), t));
         }
         let prediction = self.graph.prediction.clone();
@@ -266,5 +313,17 @@ impl Trainer {
 
     pub fn steps(&self) -> u64 {
         self.state.steps()
+    }
+
+    /// The running statistics (BatchNormalization's mean and variance), by name.
+    pub fn running_statistics(&self) -> Vec<NamedWeights> {
+        self.running
+            .iter()
+            .map(|(name, t)| NamedWeights {
+                name: name.clone(),
+                shape: t.shape.clone(),
+                data: t.data.clone(),
+            })
+            .collect()
     }
 }

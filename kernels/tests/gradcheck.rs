@@ -175,6 +175,16 @@ fn check(what: &str, g: &Graph, loss: Loss, seed: u64) -> f64 {
             )
         })
         .collect();
+    // Running statistics are fed as they are (never perturbed: they are not differentiated).
+    feeds.extend(tg.state.iter().map(|st| {
+        (
+            st.name.clone(),
+            Tensor::new(
+                st.shape.iter().map(|d| *d as usize).collect(),
+                st.initial.clone(),
+            ),
+        )
+    }));
     // The forward model (weights as initializers, no inputs) gives the labels' shape.
     let prediction_shape = {
         let mut forward = Session::from_bytes(&model.to_bytes(), 1).unwrap();
@@ -620,4 +630,92 @@ fn a_small_cnn_end_to_end() {
         vec![AttributeProto::int("transB", 1)],
     );
     check("CNN", &g, Loss::CrossEntropy, 80);
+}
+
+#[test]
+fn normalisation_layers_in_training_mode() {
+    if !ready() {
+        return;
+    }
+    let mut rng = Rng(90);
+    for op in ["BatchNormalization", "InstanceNormalization"] {
+        for shape in [vec![3i64, 2, 4, 5], vec![2, 3, 6]] {
+            let c = shape[1];
+            let mut g = Graph::new();
+            let x = g.weight("x", &shape, rng.values(dims(&shape)));
+            let scale = g.weight("scale", &[c], rng.values(c as usize));
+            let bias = g.weight("bias", &[c], rng.values(c as usize));
+            let mut inputs = vec![x.clone(), scale, bias];
+            if op == "BatchNormalization" {
+                inputs.push(g.weight("mean", &[c], vec![0.5; c as usize]));
+                inputs.push(g.weight("var", &[c], vec![2.0; c as usize]));
+            }
+            let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+            let y = g.node(op, &refs, vec![AttributeProto::float("epsilon", 1e-3)]);
+            g.node("Tanh", &[&y], vec![]);
+            check(&format!("{op} {shape:?}"), &g, Loss::Mse, 90);
+        }
+    }
+    // The running statistics come out as ONNX specifies: momentum · running + (1 − momentum)
+    // · batch statistic (population variance), per channel.
+    let shape = [4usize, 2, 3];
+    let values = rng.values(24);
+    let mut g = Graph::new();
+    let x = g.weight("x", &[4, 2, 3], values.clone());
+    let s = g.weight("s", &[2], vec![1.0, 1.0]);
+    let b = g.weight("b", &[2], vec![0.0, 0.0]);
+    let m = g.weight("m", &[2], vec![0.5, -0.5]);
+    let v = g.weight("v", &[2], vec![2.0, 3.0]);
+    g.node(
+        "BatchNormalization",
+        &[&x, &s, &b, &m, &v],
+        vec![AttributeProto::float("momentum", 0.8)],
+    );
+    let tg = derive(
+        &g.model(),
+        &Spec {
+            trainable: Some(vec!["s".into(), "b".into()]),
+            prediction: None,
+            loss: Loss::Mse,
+        },
+    )
+    .unwrap();
+    assert_eq!(tg.state.len(), 2);
+    let mut session = Session::from_bytes(&tg.model.to_bytes(), 1).unwrap();
+    let st = Tensor::new(vec![2], vec![1.0, 1.0]);
+    let bt = Tensor::new(vec![2], vec![0.0, 0.0]);
+    let mt = Tensor::new(vec![2], vec![0.5, -0.5]);
+    let vt = Tensor::new(vec![2], vec![2.0, 3.0]);
+    let labels = Tensor::new(shape.to_vec(), vec![0.0; 24]);
+    // x is an initializer of this model (not trained), so it is not an input.
+    let out = session
+        .run(
+            &[
+                ("s", &st),
+                ("b", &bt),
+                ("m", &mt),
+                ("v", &vt),
+                ("labels", &labels),
+            ],
+            &["m.updated", "v.updated"],
+        )
+        .unwrap();
+    for ch in 0..2 {
+        let xs: Vec<f64> = (0..4)
+            .flat_map(|n| (0..3).map(move |i| (n, i)))
+            .map(|(n, i)| f64::from(values[(n * 2 + ch) * 3 + i]))
+            .collect();
+        let mean = xs.iter().sum::<f64>() / 12.0;
+        let var = xs.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 12.0;
+        let want_m = 0.8 * [0.5, -0.5][ch] + 0.2 * mean;
+        let want_v = 0.8 * [2.0, 3.0][ch] + 0.2 * var;
+        assert!(
+            (f64::from(out[0].1.data[ch]) - want_m).abs() < 1e-5,
+            "mean {ch}"
+        );
+        assert!(
+            (f64::from(out[1].1.data[ch]) - want_v).abs() < 1e-5,
+            "var {ch}"
+        );
+    }
 }

@@ -4,7 +4,7 @@
 //! Runtime and the host-side optimizer; and the trainer's refusals.
 
 use amicus_autodiff::Loss;
-use amicus_autodiff::zoo::{Cnn, Unet2d};
+use amicus_autodiff::zoo::{Cnn, Norm, Unet2d};
 use amicus_kernels::optim::{Optimizer, Schedule};
 use amicus_kernels::trainer::{NamedWeights, Trainer, TrainerOptions};
 use amicus_kernels::{KernelError, Tensor};
@@ -157,6 +157,7 @@ fn the_unet_learns_to_segment() {
         classes: 1,
         base: 8,
         depth: 2,
+        norm: Norm::None,
         seed: 2,
     }
     .build()
@@ -243,4 +244,55 @@ fn the_trainer_refuses_bad_batches_and_weights() {
     t.set_weights(&weights).unwrap();
     let (l2, _) = t.evaluate(&x, &y).unwrap();
     assert_eq!(l1, l2);
+}
+
+#[test]
+fn a_unet_with_batch_and_instance_normalisation_learns_and_keeps_running_statistics() {
+    if !ready() {
+        return;
+    }
+    for norm in [Norm::Batch, Norm::Instance] {
+        let model = Unet2d {
+            channels: 1,
+            height: 32,
+            width: 32,
+            classes: 1,
+            base: 8,
+            depth: 2,
+            norm,
+            seed: 5,
+        }
+        .build()
+        .unwrap();
+        let loss = Loss::Sum(vec![(0.5, Loss::BceWithLogits), (0.5, Loss::SoftDice)]);
+        let mut trainer = Trainer::new(&model, options(loss, 0.01)).unwrap();
+        let before = trainer.running_statistics();
+        assert_eq!(before.is_empty(), norm == Norm::Instance, "{norm:?}");
+        let mut rng = Rng(12);
+        let mut losses = Vec::new();
+        for _ in 0..80 {
+            let (x, _, y, _) = shapes(&mut rng, 8, 32);
+            losses.push(trainer.step(&x, &y).unwrap());
+        }
+        let (test_x, _, test_masks, _) = shapes(&mut Rng(97), 16, 32);
+        let logits = trainer.infer(&test_x).unwrap();
+        let (mut inter, mut total) = (0.0, 0.0);
+        for (l, m) in logits.data.iter().zip(&test_masks.data) {
+            let p = (*l > 0.0) as u8 as f64;
+            inter += p * f64::from(*m);
+            total += p + f64::from(*m);
+        }
+        let dice = 2.0 * inter / total.max(1.0);
+        let first: f32 = losses[..10].iter().sum::<f32>() / 10.0;
+        let last: f32 = losses[losses.len() - 10..].iter().sum::<f32>() / 10.0;
+        eprintln!("U-Net {norm:?}: loss {first:.3} → {last:.3}, held-out Dice {dice:.2}");
+        assert!(last < 0.5 * first, "{norm:?}: loss {first} → {last}");
+        // Inference uses the running statistics for batch normalisation.
+        assert!(dice >= 0.8, "{norm:?}: Dice {dice}");
+        if norm == Norm::Batch {
+            let after = trainer.running_statistics();
+            assert_eq!(after.len(), before.len());
+            assert!(after.iter().zip(&before).all(|(a, b)| a.data != b.data));
+        }
+    }
 }
