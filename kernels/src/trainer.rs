@@ -37,6 +37,8 @@ pub struct Trainer {
     infer: Session,
     input: String,
     input_shape: Vec<Dim>,
+    /// The labels' declared shape (its batch axis is the input's).
+    labels_shape: Vec<Dim>,
     weights: Vec<(String, Vec<f32>)>,
     shapes: Vec<Vec<usize>>,
     /// Running statistics (BatchNormalization), replaced after every step.
@@ -71,6 +73,14 @@ impl Trainer {
             .and_then(|g| g.input.iter().find(|v| v.name() == input))
             .and_then(|v| v.tensor_shape())
             .map(|(_, dims)| dims)
+            .unwrap_or_default();
+        let labels_shape = graph
+            .model
+            .graph
+            .as_ref()
+            .and_then(|g| g.input.iter().find(|v| v.name() == graph.labels))
+            .and_then(|v| v.tensor_shape())
+            .map(|(_, d)| d)
             .unwrap_or_default();
         let names: Vec<String> = graph
             .weights
@@ -119,6 +129,7 @@ impl Trainer {
             infer,
             input,
             input_shape,
+            labels_shape,
             weights,
             shapes,
             running,
@@ -155,27 +166,14 @@ impl Trainer {
         Ok(())
     }
 
-    fn labels_shape(&self, x: &Tensor) -> Vec<Dim> {
-        let g = self
-            .graph
-            .model
-            .graph
-            .as_ref()
-            .expect("derived graphs have one");
-        let declared = g
-            .input
+    /// The labels' shape for a batch `x`: the declared one with the batch axis of `x`.
+    fn labels_shape_for(&self, x: &Tensor) -> Vec<Dim> {
+        self.labels_shape
             .iter()
-            .find(|v| v.name() == self.graph.labels)
-            .and_then(|v| v.tensor_shape())
-            .map(|(_, d)| d)
-            .unwrap_or_default();
-        // The batch axis of the labels is the batch of x.
-        declared
-            .into_iter()
             .enumerate()
             .map(|(i, d)| match (i, d) {
                 (0, Dim::Named(_)) => Dim::Known(x.shape[0] as i64),
-                (_, d) => d,
+                (_, d) => d.clone(),
             })
             .collect()
     }
@@ -186,9 +184,8 @@ impl Trainer {
         y: &Tensor,
         with_grads: bool,
     ) -> Result<Vec<(String, Tensor)>, KernelError> {
-        self.check_input("input", x, &self.input_shape.clone())?;
-        let labels_shape = self.labels_shape(x);
-        self.check_input("labels", y, &labels_shape)?;
+        self.check_input("input", x, &self.input_shape)?;
+        self.check_input("labels", y, &self.labels_shape_for(x))?;
         let weight_tensors = self.weight_tensors();
         let mut inputs: Vec<(&str, &Tensor)> =
             vec![(self.input.as_str(), x), (self.graph.labels.as_str(), y)];
@@ -259,7 +256,7 @@ impl Trainer {
 
     /// The model's output for a batch, with the current weights.
     pub fn infer(&mut self, x: &Tensor) -> Result<Tensor, KernelError> {
-        self.check_input("input", x, &self.input_shape.clone())?;
+        self.check_input("input", x, &self.input_shape)?;
         let weight_tensors = self.weight_tensors();
         let mut inputs: Vec<(&str, &Tensor)> = vec![(self.input.as_str(), x)];
         for ((name, _), t) in self.weights.iter().zip(&weight_tensors) {

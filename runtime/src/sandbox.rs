@@ -670,6 +670,38 @@ impl HostState {
             "capability {cap} is not available on this station: {what}"
         ))
     }
+
+    /// Record a capability call for the audit log: `ok`, or the error's kind and message.
+    fn record<T>(
+        &mut self,
+        cap: Capability,
+        call: &str,
+        detail: String,
+        rows: Option<u64>,
+        answer: Result<T, types::Error>,
+    ) -> Result<T, types::Error> {
+        let outcome = match &answer {
+            Ok(_) => "ok".to_string(),
+            Err(e) => {
+                let (label, reason) = match e {
+                    types::Error::NotAvailable(m) => ("not-available", m),
+                    types::Error::Denied(m) => ("denied", m),
+                    types::Error::InvalidArgument(m) => ("invalid-argument", m),
+                    types::Error::LimitExceeded(m) => ("limit-exceeded", m),
+                    types::Error::Failed(m) => ("failed", m),
+                };
+                format!("{label}: {reason}")
+            }
+        };
+        self.calls.push(CallRecord {
+            capability: cap.name().into(),
+            call: call.into(),
+            detail,
+            rows,
+            outcome,
+        });
+        answer
+    }
 }
 
 impl WasiView for HostState {
@@ -740,41 +772,24 @@ impl HostState {
             ));
         };
         let result = query(&access.index, &sparql, &access.limits);
-        let (outcome, rows_seen, answer) = match result {
-            Ok(value) => {
-                let n = rows(&value);
-                ("ok".to_string(), Some(n), Ok(value))
+        let rows_seen = result.as_ref().ok().map(rows);
+        let answer = result.map_err(|e| {
+            use amicus_index::QueryError as Q;
+            let reason = e.to_string();
+            match e {
+                Q::TooLong { .. } | Q::TooManyRows(_) | Q::Timeout(_) => {
+                    types::Error::LimitExceeded(reason)
+                }
+                Q::Syntax(_) => types::Error::InvalidArgument(reason),
+                Q::Evaluation(_) => types::Error::Failed(reason),
+                Q::Update
+                | Q::Service
+                | Q::NotSelect(_)
+                | Q::NotAttributable(_)
+                | Q::BelowMinimum(_) => types::Error::Denied(reason),
             }
-            Err(e) => {
-                use amicus_index::QueryError as Q;
-                let reason = e.to_string();
-                let (label, err) = match e {
-                    Q::TooLong { .. } | Q::TooManyRows(_) | Q::Timeout(_) => (
-                        "limit-exceeded",
-                        types::Error::LimitExceeded(reason.clone()),
-                    ),
-                    Q::Syntax(_) => (
-                        "invalid-argument",
-                        types::Error::InvalidArgument(reason.clone()),
-                    ),
-                    Q::Evaluation(_) => ("failed", types::Error::Failed(reason.clone())),
-                    Q::Update
-                    | Q::Service
-                    | Q::NotSelect(_)
-                    | Q::NotAttributable(_)
-                    | Q::BelowMinimum(_) => ("denied", types::Error::Denied(reason.clone())),
-                };
-                (format!("{label}: {reason}"), None, Err(err))
-            }
-        };
-        self.calls.push(CallRecord {
-            capability: Capability::Cohort.name().into(),
-            call: call.into(),
-            detail,
-            rows: rows_seen,
-            outcome,
         });
-        answer
+        self.record(Capability::Cohort, call, detail, rows_seen, answer)
     }
 }
 
@@ -903,37 +918,18 @@ impl HostState {
         result: Result<T, amicus_imaging::ImagingError>,
     ) -> Result<T, types::Error> {
         use amicus_imaging::ImagingError as E;
-        let (outcome, answer) = match result {
-            Ok(v) => ("ok".to_string(), Ok(v)),
-            Err(e) => {
-                let reason = e.to_string();
-                let (label, err) = match e {
-                    E::TooLarge { .. } => (
-                        "limit-exceeded",
-                        types::Error::LimitExceeded(reason.clone()),
-                    ),
-                    E::Unsupported(_) => {
-                        ("not-available", types::Error::NotAvailable(reason.clone()))
-                    }
-                    E::UnknownSeries(_) | E::NoLabel(_) | E::InvalidRequest(_) => (
-                        "invalid-argument",
-                        types::Error::InvalidArgument(reason.clone()),
-                    ),
-                    E::BadFile { .. } | E::Inconsistent(_) => {
-                        ("failed", types::Error::Failed(reason.clone()))
-                    }
-                };
-                (format!("{label}: {reason}"), Err(err))
+        let answer = result.map_err(|e| {
+            let reason = e.to_string();
+            match e {
+                E::TooLarge { .. } => types::Error::LimitExceeded(reason),
+                E::Unsupported(_) => types::Error::NotAvailable(reason),
+                E::UnknownSeries(_) | E::NoLabel(_) | E::InvalidRequest(_) => {
+                    types::Error::InvalidArgument(reason)
+                }
+                E::BadFile { .. } | E::Inconsistent(_) => types::Error::Failed(reason),
             }
-        };
-        self.calls.push(CallRecord {
-            capability: Capability::Imaging.name().into(),
-            call: call.into(),
-            detail,
-            rows: None,
-            outcome,
         });
-        answer
+        self.record(Capability::Imaging, call, detail, None, answer)
     }
 
     /// Apply the load options the contract offers to a volume of series `series_uid`, in the
@@ -946,6 +942,8 @@ impl HostState {
         is_mask: bool,
     ) -> Result<amicus_imaging::Volume, amicus_imaging::ImagingError> {
         use amicus_imaging::ImagingError as E;
+        // The series' own grid, on which labels are drawn.
+        let series_grid = volume.geometry.clone();
         if let Some((x, y, z)) = options.spacing {
             volume = amicus_imaging::resample(&volume, [x, y, z], is_mask, self.memory_left())?;
         }
@@ -970,7 +968,7 @@ impl HostState {
                         let point = match c {
                             imaging::CropCentre::Point((x, y, z)) => [*x, *y, *z],
                             imaging::CropCentre::LabelBox(label) => {
-                                let mask = self.label_mask(series_uid, label)?;
+                                let mask = self.label_mask(series_uid, label, &series_grid)?;
                                 let centre =
                                     amicus_imaging::label_box_centre(&mask).ok_or_else(|| {
                                         E::NoLabel(format!(
@@ -1049,20 +1047,19 @@ impl HostState {
         })
     }
 
-    /// The mask of `label` on the grid of series `series_uid`, from the RTSTRUCT or SEG that
-    /// references the series (matched through the index, never by guesswork).
+    /// The mask of `label` on `geometry`, the grid of series `series_uid`, from the RTSTRUCT
+    /// or SEG that references the series (matched through the index, never by guesswork).
     fn label_mask(
         &self,
         series_uid: &str,
         label: &imaging::LabelSource,
+        geometry: &amicus_imaging::Geometry,
     ) -> Result<amicus_imaging::Volume, amicus_imaging::ImagingError> {
         let state = self.imaging.as_ref().expect("checked by the caller");
         let (modality, name) = match label {
             imaging::LabelSource::RtstructRoi(n) => ("RTSTRUCT", n),
             imaging::LabelSource::SegSegment(n) => ("SEG", n),
         };
-        let files = self.series_files(series_uid)?;
-        let geometry = amicus_imaging::series_geometry(&files)?;
         let candidates = state.referencing(series_uid, modality);
         let holder = candidates.iter().find(|(_, f)| {
             if modality == "RTSTRUCT" {
@@ -1086,9 +1083,9 @@ impl HostState {
             });
         }
         if modality == "RTSTRUCT" {
-            amicus_imaging::rtstruct::load_roi_mask(path, name, &geometry)
+            amicus_imaging::rtstruct::load_roi_mask(path, name, geometry)
         } else {
-            amicus_imaging::seg::load_segment_mask(path, name, &geometry)
+            amicus_imaging::seg::load_segment_mask(path, name, geometry)
         }
     }
 
@@ -1174,7 +1171,9 @@ impl imaging::Host for HostState {
             ));
         }
         let result = self
-            .label_mask(&series_uid, &label)
+            .series_files(&series_uid)
+            .and_then(|files| amicus_imaging::series_geometry(&files))
+            .and_then(|grid| self.label_mask(&series_uid, &label, &grid))
             .and_then(|mask| self.deliver(&series_uid, mask, &options, true));
         self.imaging_call("load-mask", detail, result)
     }
@@ -1216,8 +1215,9 @@ impl imaging::Host for HostState {
             }
             let files = self.series_files(&series_uid)?;
             let image = amicus_imaging::load_series(&files, self.memory_left())?;
+            // The mask is drawn on the image's own grid: no second pass over the headers.
+            let mask = self.label_mask(&series_uid, &label, &image.geometry)?;
             let image = self.apply_options(&series_uid, image, &options, false)?;
-            let mask = self.label_mask(&series_uid, &label)?;
             let mask = self.apply_options(&series_uid, mask, &options, true)?;
             let fill = image.data.iter().copied().fold(f32::INFINITY, f32::min);
             let wanted = amicus_imaging::PatchRequest {
@@ -1277,25 +1277,20 @@ impl HostState {
         result: Result<T, amicus_kernels::KernelError>,
     ) -> Result<T, types::Error> {
         use amicus_kernels::KernelError as K;
-        let (outcome, answer) = match result {
-            Ok(v) => ("ok".to_string(), Ok(v)),
-            Err(e) => {
-                let reason = e.to_string();
-                let (label, err) = match e {
-                    K::LibraryMissing(_) | K::LibraryUnloadable { .. } => {
-                        ("not-available", types::Error::NotAvailable(reason.clone()))
-                    }
-                    K::Model(_) | K::Input(_) | K::Tensor { .. } => (
-                        "invalid-argument",
-                        types::Error::InvalidArgument(reason.clone()),
-                    ),
-                    K::Run(_) => ("failed", types::Error::Failed(reason.clone())),
-                };
-                (format!("{label}: {reason}"), Err(err))
+        let answer = result.map_err(|e| {
+            let reason = e.to_string();
+            match e {
+                K::LibraryMissing(_) | K::LibraryUnloadable { .. } => {
+                    types::Error::NotAvailable(reason)
+                }
+                K::Model(_) | K::Input(_) | K::Tensor { .. } => {
+                    types::Error::InvalidArgument(reason)
+                }
+                K::Run(_) => types::Error::Failed(reason),
             }
-        };
-        if call == "trainer.step"
-            && outcome == "ok"
+        });
+        let step = call == "trainer.step" && answer.is_ok();
+        if step
             && let Some(last) = self.calls.last_mut()
             && last.call == call
             && last.detail == detail
@@ -1304,14 +1299,7 @@ impl HostState {
             last.rows = Some(last.rows.unwrap_or(1) + 1);
             return answer;
         }
-        self.calls.push(CallRecord {
-            capability: Capability::Kernels.name().into(),
-            call: call.into(),
-            detail,
-            rows: (call == "trainer.step" && outcome == "ok").then_some(1),
-            outcome,
-        });
-        answer
+        self.record(Capability::Kernels, call, detail, step.then_some(1), answer)
     }
 
     /// The declared model `file`, or why it cannot be opened.
@@ -1332,14 +1320,13 @@ impl HostState {
                     "{:?} is not a model the bundle declares (it declares {declared:?})",
                     guest_text(file)
                 );
-                self.calls.push(CallRecord {
-                    capability: Capability::Kernels.name().into(),
-                    call: call.into(),
-                    detail: guest_text(file),
-                    rows: None,
-                    outcome: format!("invalid-argument: {reason}"),
-                });
-                Err(types::Error::InvalidArgument(reason))
+                self.record(
+                    Capability::Kernels,
+                    call,
+                    guest_text(file),
+                    None,
+                    Err(types::Error::InvalidArgument(reason)),
+                )
             }
         }
     }
