@@ -112,6 +112,7 @@ impl PublicKey {
 }
 
 /// An Ed25519 private key. Never printed: `Debug` shows only the key id.
+#[derive(Clone)]
 pub struct SecretKey(SigningKey);
 
 impl fmt::Debug for SecretKey {

@@ -8,6 +8,7 @@ mod bench;
 mod bench_imaging;
 mod bench_index;
 mod model;
+mod net;
 mod train_build;
 
 use amicus_bundle::{Bundle, Digest, PublicKey, SecretKey, TrustedKey};
@@ -37,7 +38,17 @@ enum Command {
         /// Private key file to create; the public key goes beside it (alice.key → alice.pub).
         #[arg(long)]
         out: PathBuf,
+        /// An X25519 encryption key (a researcher's: results are sealed to it) instead of an
+        /// Ed25519 signing key.
+        #[arg(long)]
+        x25519: bool,
     },
+    /// The registry service and its administration.
+    #[command(subcommand)]
+    Registry(net::RegistryCommand),
+    /// Researcher: tasks at the registry (create, list, show, results).
+    #[command(subcommand)]
+    Task(net::TaskCommand),
     /// Build, sign, verify and inspect train bundles.
     #[command(subcommand)]
     Train(TrainCommand),
@@ -73,6 +84,12 @@ enum Command {
 #[derive(Subcommand)]
 enum TrainCommand {
     /// Compile a train crate to a wasm32-wasip2 component and write one bundle file.
+    /// Researcher: upload a (signed) bundle to the registry.
+    Push {
+        #[command(flatten)]
+        conn: net::Conn,
+        bundle: PathBuf,
+    },
     Build {
         /// The train crate (a folder with Cargo.toml and train.toml).
         crate_dir: PathBuf,
@@ -129,12 +146,40 @@ enum StationCommand {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Data owner: approve a bundle digest (or the digest of a bundle file) to run here.
+    /// Data owner: approve a bundle digest (or the digest of a bundle file, or the train of
+    /// a run `pending` lists) to run here.
     Approve {
         #[arg(long)]
         dir: PathBuf,
-        /// A bundle digest (64 hex digits) or a bundle file.
+        /// A bundle digest (64 hex digits), a bundle file, or a pending run id (32 hex digits).
         digest_or_bundle: String,
+    },
+    /// Run the station daemon: poll the registry for work (outbound connections only), run
+    /// what policy admits, return sealed results and the audit log.
+    Serve {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Registry URL (default: $AMICUS_REGISTRY).
+        #[arg(long)]
+        registry: Option<String>,
+        /// Long-poll length in seconds.
+        #[arg(long, default_value_t = 20)]
+        poll_wait: u64,
+    },
+    /// Data owner: runs the daemon holds for approval.
+    Pending {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Data owner: refuse a pending run; the daemon reports the refusal and audits it.
+    Refuse {
+        #[arg(long)]
+        dir: PathBuf,
+        run: String,
+        #[arg(long, default_value = "not approved by the data owner")]
+        reason: String,
     },
     /// Verify, admit and run a bundle; print and store the outputs that passed policy.
     Run {
@@ -189,10 +234,20 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Verify the chain, every signature and the head; name the first bad entry.
+    /// Verify the chain, every signature and the head; name the first bad entry. Either a
+    /// station directory (`--dir`) or a station's copy at the registry (`--registry URL
+    /// --station NAME`, as an auditor).
     Verify {
-        #[arg(long)]
-        dir: PathBuf,
+        #[arg(long, required_unless_present = "station")]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        conn: net::Conn,
+        /// The station whose copy at the registry to verify.
+        #[arg(long, conflicts_with = "dir")]
+        station: Option<String>,
+        /// Pin the station's public key (its station.pub) instead of trusting the registry's.
+        #[arg(long, requires = "station")]
+        key: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -219,7 +274,15 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Keygen { out } => keygen(&out),
+        Command::Keygen { out, x25519 } => {
+            if x25519 {
+                net::keygen_x25519(&out)
+            } else {
+                keygen(&out)
+            }
+        }
+        Command::Registry(c) => net::registry(c),
+        Command::Task(c) => net::task(c),
         Command::Train(c) => match c {
             TrainCommand::Build { crate_dir, out } => train_build::build(&crate_dir, &out),
             TrainCommand::Sign { bundle, key, role } => sign(&bundle, &key, &role),
@@ -230,6 +293,7 @@ fn run(cli: Cli) -> Result<()> {
                 json,
             } => verify(&bundle, &trust, require, json),
             TrainCommand::Inspect { bundle, json } => inspect(&bundle, json),
+            TrainCommand::Push { conn, bundle } => net::push(&conn, &bundle),
         },
         Command::Station(c) => match c {
             StationCommand::Init { dir, archive, name } => {
@@ -259,7 +323,23 @@ fn run(cli: Cli) -> Result<()> {
             StationCommand::Approve {
                 dir,
                 digest_or_bundle,
-            } => approve(&dir, &digest_or_bundle),
+            } => {
+                let is_run = digest_or_bundle.len() == 32
+                    && digest_or_bundle.bytes().all(|b| b.is_ascii_hexdigit())
+                    && !Path::new(&digest_or_bundle).exists();
+                if is_run {
+                    net::station_approve_run(&dir, &digest_or_bundle)
+                } else {
+                    approve(&dir, &digest_or_bundle)
+                }
+            }
+            StationCommand::Serve {
+                dir,
+                registry,
+                poll_wait,
+            } => net::station_serve(&dir, registry, poll_wait),
+            StationCommand::Pending { dir, json } => net::station_pending(&dir, json),
+            StationCommand::Refuse { dir, run, reason } => net::station_refuse(&dir, &run, &reason),
             StationCommand::Run {
                 dir,
                 bundle,
@@ -328,7 +408,19 @@ fn run(cli: Cli) -> Result<()> {
         },
         Command::Audit(c) => match c {
             AuditCommand::Show { dir, json } => audit_show(&dir, json),
-            AuditCommand::Verify { dir, json } => audit_verify(&dir, json),
+            AuditCommand::Verify {
+                dir,
+                conn,
+                station,
+                key,
+                json,
+            } => match (dir, station) {
+                (Some(dir), _) => audit_verify(&dir, json),
+                (None, Some(station)) => {
+                    net::audit_verify_remote(&conn, &station, key.as_deref(), json)
+                }
+                (None, None) => bail!("pass --dir or --station"),
+            },
             AuditCommand::Export { dir, out } => audit_export(&dir, out.as_deref()),
         },
         Command::Synth {

@@ -440,72 +440,106 @@ pub fn verify(dir: &Path, key: &PublicKey) -> Result<VerifyReport, AuditError> {
         path: path.clone(),
         source,
     })?;
+    let complete_end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let body = &data[..complete_end];
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    let lines: Vec<&[u8]> = if body.is_empty() {
+        Vec::new()
+    } else {
+        body.split(|&b| b == b'\n').collect()
+    };
+    let head_path = dir.join(HEAD_FILE);
+    let head = match std::fs::read(&head_path) {
+        Ok(bytes) => HeadFile::Bytes(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => HeadFile::Missing,
+        Err(e) => HeadFile::Unreadable(e.to_string()),
+    };
+    let mut report = verify_lines(&lines, head, key);
+    if complete_end < data.len() {
+        report.torn_tail_bytes = Some((data.len() - complete_end) as u64);
+    }
+    Ok(report)
+}
+
+/// A station's signed head, as the verifier found it.
+pub enum HeadFile {
+    Bytes(Vec<u8>),
+    Missing,
+    Unreadable(String),
+}
+
+/// Check one complete log line: its signature by `key`, that it is entry `expect_seq`, and that
+/// it chains to `prev`. Returns the entry's hash (the next entry's `prev`). The registry runs
+/// this on every line a station uploads.
+pub fn check_line(
+    line: &[u8],
+    key: &PublicKey,
+    expect_seq: u64,
+    prev: &Digest,
+) -> Result<Digest, String> {
+    let Ok(parsed) = serde_json::from_slice::<LineIn>(line) else {
+        return Err("not an audit entry (edited or corrupted)".into());
+    };
+    let raw = parsed.entry.get().as_bytes();
+    let mut signed = DOMAIN.to_vec();
+    signed.extend_from_slice(raw);
+    let sig_ok = B64
+        .decode(&parsed.sig)
+        .map(|s| key.verify(&signed, &s))
+        .unwrap_or(false);
+    if !sig_ok {
+        return Err("signature does not verify (entry edited)".into());
+    }
+    let Ok(header) = serde_json::from_slice::<EntryHeader>(raw) else {
+        return Err("entry has no sequence number".into());
+    };
+    if header.seq != expect_seq {
+        return Err(format!(
+            "sequence number is {} (entries deleted or reordered)",
+            header.seq
+        ));
+    }
+    if header.prev != *prev {
+        return Err(
+            "does not chain to the previous entry (entries deleted, inserted or reordered)".into(),
+        );
+    }
+    Ok(sha256(raw))
+}
+
+/// Verify complete log lines (from the station's file or from the registry's copy) and the
+/// station's signed head against the station's public key.
+pub fn verify_lines(lines: &[&[u8]], head: HeadFile, key: &PublicKey) -> VerifyReport {
     let mut report = VerifyReport {
         valid_entries: 0,
         problem: None,
         torn_tail_bytes: None,
         head_lags: false,
     };
-    let complete_end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    if complete_end < data.len() {
-        report.torn_tail_bytes = Some((data.len() - complete_end) as u64);
-    }
     let mut prev = GENESIS;
     let mut expect_seq = 0u64;
-    let body = &data[..complete_end];
-    let body = body.strip_suffix(b"\n").unwrap_or(body);
-    let lines = if body.is_empty() {
-        Vec::new()
-    } else {
-        body.split(|&b| b == b'\n').collect()
-    };
-    for (i, line) in lines.into_iter().enumerate() {
-        let lineno = i + 1;
-        let fail =
-            |what: String| Some(format!("line {lineno} (expected seq {expect_seq}): {what}"));
-        let Ok(parsed) = serde_json::from_slice::<LineIn>(line) else {
-            report.problem = fail("not an audit entry (edited or corrupted)".into());
-            return Ok(finish_head(dir, key, report, expect_seq, prev));
-        };
-        let raw = parsed.entry.get().as_bytes();
-        let mut signed = DOMAIN.to_vec();
-        signed.extend_from_slice(raw);
-        let sig_ok = B64
-            .decode(&parsed.sig)
-            .map(|s| key.verify(&signed, &s))
-            .unwrap_or(false);
-        if !sig_ok {
-            report.problem = fail("signature does not verify (entry edited)".into());
-            return Ok(finish_head(dir, key, report, expect_seq, prev));
+    for (i, line) in lines.iter().enumerate() {
+        match check_line(line, key, expect_seq, &prev) {
+            Ok(hash) => {
+                prev = hash;
+                expect_seq += 1;
+                report.valid_entries += 1;
+            }
+            Err(what) => {
+                report.problem = Some(format!(
+                    "line {} (expected seq {expect_seq}): {what}",
+                    i + 1
+                ));
+                return report;
+            }
         }
-        let Ok(header) = serde_json::from_slice::<EntryHeader>(raw) else {
-            report.problem = fail("entry has no sequence number".into());
-            return Ok(finish_head(dir, key, report, expect_seq, prev));
-        };
-        if header.seq != expect_seq {
-            report.problem = fail(format!(
-                "sequence number is {} (entries deleted or reordered)",
-                header.seq
-            ));
-            return Ok(finish_head(dir, key, report, expect_seq, prev));
-        }
-        if header.prev != prev {
-            report.problem = fail(
-                "does not chain to the previous entry (entries deleted, inserted or reordered)"
-                    .into(),
-            );
-            return Ok(finish_head(dir, key, report, expect_seq, prev));
-        }
-        prev = sha256(raw);
-        expect_seq += 1;
-        report.valid_entries += 1;
     }
-    Ok(finish_head(dir, key, report, expect_seq, prev))
+    finish_head(head, key, report, expect_seq, prev)
 }
 
 /// Compare the verified chain with the signed head to detect truncation.
 fn finish_head(
-    dir: &Path,
+    head: HeadFile,
     key: &PublicKey,
     mut report: VerifyReport,
     next_seq: u64,
@@ -514,17 +548,20 @@ fn finish_head(
     if report.problem.is_some() {
         return report;
     }
-    let head_path = dir.join(HEAD_FILE);
-    let head: Head = match std::fs::read(&head_path) {
-        Ok(bytes) => match serde_json::from_slice(&bytes) {
+    let head: Head = match head {
+        HeadFile::Bytes(bytes) => match serde_json::from_slice(&bytes) {
             Ok(h) => h,
             Err(_) => {
                 report.problem = Some(format!("{HEAD_FILE} is not valid (edited or corrupted)"));
                 return report;
             }
         },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && next_seq == 0 => return report,
-        Err(e) => {
+        HeadFile::Missing if next_seq == 0 => return report,
+        HeadFile::Missing => {
+            report.problem = Some(format!("{HEAD_FILE} is missing"));
+            return report;
+        }
+        HeadFile::Unreadable(e) => {
             report.problem = Some(format!("{HEAD_FILE}: {e}"));
             return report;
         }

@@ -337,6 +337,31 @@ impl Station {
         Ok(true)
     }
 
+    /// Record a refusal decided outside `run` (the data owner refused a train the registry
+    /// delivered, or the registry sent a bundle other than the one it named).
+    pub fn record_refusal(
+        &self,
+        digest: Option<Digest>,
+        bundle_sha256: Digest,
+        stage: &str,
+        reason: &str,
+    ) -> Result<(), StationError> {
+        self.audit()?.append(Event::TrainRefused {
+            digest,
+            bundle_sha256,
+            stage: stage.to_string(),
+            reason: reason.to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// [`Station::recover_interrupted_runs`] with the station's own log: what a daemon does
+    /// when it starts, so a run cut short by a crash is on record before anything else.
+    pub fn recover(&self) -> Result<usize, StationError> {
+        let audit = self.audit()?;
+        self.recover_interrupted_runs(&audit)
+    }
+
     /// Finish what a station that stopped mid-run left in `runs/.partial-<id>/`: the directory is
     /// moved to `runs/<id>/` (with a note), and a run the log never saw finish gets a
     /// `run-finished` entry with outcome `interrupted`. Outputs stay exactly as audited: files are

@@ -1,0 +1,578 @@
+//! The commands that talk to a registry: `registry serve|user add|station add|audit`,
+//! `train push`, `task create|list|show|results`, `station serve|pending|refuse`, and
+//! `audit verify --registry`. Argument handling and printing only: the work is in
+//! `amicus-registry`.
+
+use amicus_bundle::{Bundle, PublicKey};
+use amicus_registry::client::PersonClient;
+use amicus_registry::daemon::{self, Daemon, DaemonOptions};
+use amicus_registry::db::Db;
+use amicus_registry::sealed::{RecipientKey, RecipientPublicKey, SealContext};
+use amicus_registry::server::{self, App, Limits};
+use amicus_registry::wire::{NewStation, NewTask, NewUser, Role, RunState, TaskInfo};
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use clap::{Args, Subcommand};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the registry is and who you are.
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// Registry URL, e.g. http://127.0.0.1:7700 (default: $AMICUS_REGISTRY).
+    #[arg(long)]
+    pub registry: Option<String>,
+    /// A file holding your API token (default: $AMICUS_TOKEN_FILE, or the token in
+    /// $AMICUS_TOKEN). Tokens are never taken on the command line, where `ps` shows them.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Conn {
+    fn url(&self) -> Result<String> {
+        self.registry
+            .clone()
+            .or_else(|| std::env::var("AMICUS_REGISTRY").ok())
+            .context("no registry: pass --registry URL or set AMICUS_REGISTRY")
+    }
+
+    fn person(&self) -> Result<PersonClient> {
+        let file = self
+            .token_file
+            .clone()
+            .or_else(|| std::env::var_os("AMICUS_TOKEN_FILE").map(PathBuf::from));
+        let token = match file {
+            Some(f) => std::fs::read_to_string(&f)
+                .with_context(|| format!("reading the token from {}", f.display()))?,
+            None => std::env::var("AMICUS_TOKEN")
+                .context("no token: pass --token-file FILE or set AMICUS_TOKEN_FILE or AMICUS_TOKEN")?,
+        };
+        Ok(PersonClient::new(&self.url()?, token.trim())?)
+    }
+}
+
+#[derive(Subcommand)]
+pub enum RegistryCommand {
+    /// Run the registry service.
+    Serve {
+        /// sqlite://FILE (created if missing) or postgres://user:pass@host/db.
+        #[arg(long, default_value = "sqlite://registry.db")]
+        db: String,
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        listen: String,
+    },
+    /// People: add a user directly in the database (the way to create the first admin);
+    /// prints the user's token once.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Admin: register a station with its Ed25519 public key (its `station.pub`).
+    #[command(subcommand)]
+    Station(RegistryStationCommand),
+    /// Auditor or admin: fetch the registry's own trail and verify its hash chain.
+    Audit {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum UserCommand {
+    Add {
+        #[arg(long)]
+        db: String,
+        #[arg(long)]
+        name: String,
+        /// admin, researcher, data-owner or auditor.
+        #[arg(long)]
+        role: String,
+        /// The station a data owner owns.
+        #[arg(long)]
+        station: Option<String>,
+        /// A researcher's X25519 public key (from `amicus keygen --x25519`): results are
+        /// sealed to it.
+        #[arg(long)]
+        enc_key: Option<PathBuf>,
+        /// Write the token to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        token_out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RegistryStationCommand {
+    Add {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        name: String,
+        /// The station's public key file (`<station>/station.pub`).
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// List registered stations.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TaskCommand {
+    /// Researcher: ask stations to run a train the registry has.
+    Create {
+        #[command(flatten)]
+        conn: Conn,
+        /// The train's digest, or its bundle file.
+        #[arg(long)]
+        train: String,
+        /// A station to run it (repeat for more).
+        #[arg(long = "station", required = true)]
+        stations: Vec<String>,
+        /// Parameters: a JSON file.
+        #[arg(long)]
+        params: Option<PathBuf>,
+        /// Runs not finished by then expire (e.g. 30m, 2h, 1day; default 1 day).
+        #[arg(long)]
+        expires_in: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tasks you may see.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// A task and its runs.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        #[arg(long)]
+        json: bool,
+        /// Wait until every run has finished (done, refused, failed or expired), up to this long.
+        #[arg(long)]
+        wait: Option<String>,
+    },
+    /// Researcher: fetch the sealed results and open them with your private key.
+    Results {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// Your X25519 private key (from `amicus keygen --x25519`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Write each output to OUT/<station>/<name>.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+pub fn registry(cmd: RegistryCommand) -> Result<()> {
+    let rt = runtime()?;
+    match cmd {
+        RegistryCommand::Serve { db, listen } => rt.block_on(async {
+            let database = Db::connect(&db)
+                .await
+                .with_context(|| format!("opening the registry database {}", redact(&db)))?;
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            let addr = listener.local_addr()?;
+            println!("registry listening on http://{addr} (database {})", redact(&db));
+            let app = App::new(database, Limits::default());
+            server::serve(listener, app, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+            Ok(())
+        }),
+        RegistryCommand::User(UserCommand::Add {
+            db,
+            name,
+            role,
+            station,
+            enc_key,
+            token_out,
+        }) => rt.block_on(async {
+            let role = Role::parse(&role)
+                .with_context(|| format!("unknown role {role:?}: admin, researcher, data-owner or auditor"))?;
+            let enc_public_key = match enc_key {
+                Some(p) => Some(RecipientPublicKey::read(&p)?.to_pem()),
+                None => None,
+            };
+            let database = Db::connect(&db).await?;
+            let created = server::add_user(
+                &database,
+                &NewUser {
+                    name,
+                    role,
+                    station,
+                    enc_public_key,
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?;
+            database
+                .audit("local-admin", "user-add", &created.user.name, &format!("ok role {}", role.as_str()))
+                .await?;
+            match token_out {
+                Some(path) => {
+                    write_secret(&path, &created.token)?;
+                    println!(
+                        "user {} ({}) added; token written to {} (mode 0600)",
+                        created.user.name,
+                        role.as_str(),
+                        path.display()
+                    );
+                }
+                None => {
+                    println!("user {} ({}) added; token (shown once):", created.user.name, role.as_str());
+                    println!("{}", created.token);
+                }
+            }
+            Ok(())
+        }),
+        RegistryCommand::Station(RegistryStationCommand::Add { conn, name, key }) => rt.block_on(async {
+            let pk = PublicKey::read(&key)?;
+            let info = conn
+                .person()?
+                .add_station(&NewStation {
+                    name,
+                    public_key: pk.to_pem(),
+                })
+                .await?;
+            println!("station {} registered (key {})", info.name, info.key_id);
+            Ok(())
+        }),
+        RegistryCommand::Station(RegistryStationCommand::List { conn }) => rt.block_on(async {
+            for s in conn.person()?.stations().await? {
+                let seen = s
+                    .last_seen_ms
+                    .map(|ms| format!("last seen {}", humantime_ms(ms)))
+                    .unwrap_or_else(|| "never seen".into());
+                println!("{:<20} {}  {seen}", s.name, &s.key_id[..16]);
+            }
+            Ok(())
+        }),
+        RegistryCommand::Audit { conn, json } => rt.block_on(async {
+            let entries = conn.person()?.registry_audit().await?;
+            let check = amicus_registry::db::verify_registry_trail(&entries);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                for e in &entries {
+                    println!(
+                        "{:>6} {} {:<24} {:<22} {:<34} {}",
+                        e.seq,
+                        humantime_ms(e.time_ms),
+                        e.actor,
+                        e.action,
+                        e.target,
+                        e.outcome
+                    );
+                }
+            }
+            match check {
+                Ok(()) => {
+                    eprintln!("{} entries; the hash chain verifies", entries.len());
+                    Ok(())
+                }
+                Err(p) => bail!("registry trail verification FAILED: {p}"),
+            }
+        }),
+    }
+}
+
+fn humantime_ms(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// A database URL without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn write_secret(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{text}")?;
+    Ok(())
+}
+
+pub fn push(conn: &Conn, bundle: &Path) -> Result<()> {
+    // Verify locally first: a broken bundle should not travel.
+    let parsed = Bundle::read(bundle)?;
+    let bytes = std::fs::read(bundle)?;
+    let info = runtime()?.block_on(async { conn.person()?.push_train(bytes).await.map_err(anyhow::Error::from) })?;
+    println!("pushed {}@{} ({} bytes)", info.name, info.version, info.bytes);
+    println!("digest       {}", info.digest);
+    println!("capabilities {}", info.capabilities.join(", "));
+    for s in &info.signers {
+        println!("signed by    {} ({})", s.keyid, s.role);
+    }
+    if info.signers.is_empty() {
+        println!("warning: unsigned; stations refuse unsigned trains (amicus train sign)");
+    }
+    debug_assert_eq!(parsed.digest().to_hex(), info.digest);
+    Ok(())
+}
+
+fn print_task(t: &TaskInfo) {
+    println!("task {}  train {}  by {}", t.id, &t.train[..16], t.researcher);
+    println!("expires {}", humantime_ms(t.expires_ms));
+    for r in &t.runs {
+        println!(
+            "  {:<16} {:<10} {}{}",
+            r.station,
+            r.state.as_str(),
+            r.id,
+            r.reason.as_deref().map(|x| format!("  ({x})")).unwrap_or_default()
+        );
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration> {
+    humantime::parse_duration(s).with_context(|| format!("{s:?} is not a duration (e.g. 90s, 30m, 2h)"))
+}
+
+pub fn task(cmd: TaskCommand) -> Result<()> {
+    let rt = runtime()?;
+    match cmd {
+        TaskCommand::Create {
+            conn,
+            train,
+            stations,
+            params,
+            expires_in,
+            json,
+        } => {
+            let train = if Path::new(&train).is_file() {
+                Bundle::read(Path::new(&train))?.digest().to_hex()
+            } else {
+                train
+            };
+            let params = match params {
+                Some(p) => Some(
+                    serde_json::from_str(&std::fs::read_to_string(&p)?)
+                        .with_context(|| format!("{} is not JSON", p.display()))?,
+                ),
+                None => None,
+            };
+            let expires_in_s = expires_in.map(|s| parse_duration(&s)).transpose()?.map(|d| d.as_secs());
+            let t = rt.block_on(async {
+                conn.person()?
+                    .create_task(&NewTask {
+                        train,
+                        stations,
+                        params,
+                        expires_in_s,
+                    })
+                    .await
+                    .map_err(anyhow::Error::from)
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                print_task(&t);
+            }
+            Ok(())
+        }
+        TaskCommand::List { conn } => rt.block_on(async {
+            for t in conn.person()?.tasks().await? {
+                let done = t.runs.iter().filter(|r| r.state.is_final()).count();
+                println!("{}  train {}  {}/{} runs finished", t.id, &t.train[..16], done, t.runs.len());
+            }
+            Ok(())
+        }),
+        TaskCommand::Show { conn, id, json, wait } => rt.block_on(async {
+            let client = conn.person()?;
+            let deadline = wait
+                .map(|w| parse_duration(&w))
+                .transpose()?
+                .map(|d| std::time::Instant::now() + d);
+            let t = loop {
+                let t = client.task(&id).await?;
+                let finished = t.runs.iter().all(|r| r.state.is_final());
+                match deadline {
+                    Some(d) if !finished && std::time::Instant::now() < d => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    Some(_) if !finished => bail!("task {id}: not finished in time"),
+                    _ => break t,
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                print_task(&t);
+            }
+            Ok(())
+        }),
+        TaskCommand::Results { conn, id, key, out } => rt.block_on(async {
+            let key = RecipientKey::read(&key)?;
+            let results = conn.person()?.results(&id).await?;
+            let mut written = 0;
+            for run in &results.runs {
+                if run.state != RunState::Done {
+                    println!(
+                        "{:<16} {}{}",
+                        run.station,
+                        run.state.as_str(),
+                        run.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+                    );
+                    continue;
+                }
+                // Station names are the registry's validated plain names; output names too.
+                let dir = out.join(&run.station);
+                std::fs::create_dir_all(&dir)?;
+                for o in &run.outputs {
+                    let sealed = base64::engine::general_purpose::STANDARD
+                        .decode(&o.sealed)
+                        .context("sealed output is not base64")?;
+                    let ctx = SealContext {
+                        task: &results.task,
+                        run: &run.run,
+                        station: &run.station,
+                        output: &o.name,
+                    };
+                    let plain = key
+                        .open(&ctx, &sealed)
+                        .with_context(|| format!("{} from {}", o.name, run.station))?;
+                    let path = dir.join(&o.name);
+                    amicus_bundle::bundle::write_atomic(&path, &plain)?;
+                    written += 1;
+                    println!("{:<16} {} ({} bytes) → {}", run.station, o.name, plain.len(), path.display());
+                }
+            }
+            println!("{written} output(s) opened and written under {}", out.display());
+            Ok(())
+        }),
+    }
+}
+
+pub fn station_serve(dir: &Path, registry: Option<String>, poll_wait: u64) -> Result<()> {
+    let registry = registry
+        .or_else(|| std::env::var("AMICUS_REGISTRY").ok())
+        .context("no registry: pass --registry URL or set AMICUS_REGISTRY")?;
+    let d = Daemon::new(DaemonOptions {
+        dir: dir.to_path_buf(),
+        registry,
+        poll_wait: Duration::from_secs(poll_wait),
+        max_backoff: Duration::from_secs(30),
+    })?;
+    runtime()?.block_on(d.serve())?;
+    Ok(())
+}
+
+pub fn station_pending(dir: &Path, json: bool) -> Result<()> {
+    let held = daemon::pending(dir)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&held)?);
+        return Ok(());
+    }
+    if held.is_empty() {
+        println!("no trains await approval");
+    }
+    for e in held {
+        println!(
+            "run {}  train {} {}  task {}  params {}",
+            e.item.run,
+            e.train_name.as_deref().unwrap_or("?"),
+            &e.item.train[..16],
+            e.item.task,
+            e.item.params
+        );
+    }
+    Ok(())
+}
+
+pub fn station_approve_run(dir: &Path, run: &str) -> Result<()> {
+    let digest = daemon::approve(dir, run)?;
+    println!("approved {digest} for run {run}; the station daemon runs it on its next pass");
+    Ok(())
+}
+
+pub fn station_refuse(dir: &Path, run: &str, reason: &str) -> Result<()> {
+    daemon::refuse(dir, run, reason)?;
+    println!("run {run} will be reported refused by the station daemon on its next pass");
+    Ok(())
+}
+
+/// `amicus audit verify --registry URL --station NAME`: verify the station's chain as the
+/// registry holds it. With `--key`, the station key is pinned instead of taken from the
+/// registry.
+pub fn audit_verify_remote(conn: &Conn, station: &str, pinned: Option<&Path>, json: bool) -> Result<()> {
+    let audit = runtime()?.block_on(async { conn.person()?.station_audit(station).await.map_err(anyhow::Error::from) })?;
+    let key = match pinned {
+        Some(p) => {
+            let k = PublicKey::read(p)?;
+            let registered = PublicKey::from_pem(&audit.public_key, "registry")?;
+            if k.id() != registered.id() {
+                bail!(
+                    "the registry's key for {station} ({}) is not the pinned key ({})",
+                    registered.id(),
+                    k.id()
+                );
+            }
+            k
+        }
+        None => PublicKey::from_pem(&audit.public_key, "registry")?,
+    };
+    let lines: Vec<&[u8]> = audit.lines.iter().map(|l| l.as_bytes()).collect();
+    let head = match &audit.head {
+        Some(h) => amicus_runtime::audit::HeadFile::Bytes(h.as_bytes().to_vec()),
+        None => amicus_runtime::audit::HeadFile::Missing,
+    };
+    let report = amicus_runtime::audit::verify_lines(&lines, head, &key);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("station {station}: {} entries verified (key {})", report.valid_entries, key.id());
+        if report.head_lags {
+            println!("note: head lags the log by one entry");
+        }
+    }
+    match &report.problem {
+        None => {
+            if !json {
+                println!("audit log OK");
+            }
+            Ok(())
+        }
+        Some(p) => bail!("audit log verification FAILED: {p}"),
+    }
+}
+
+pub fn keygen_x25519(out: &Path) -> Result<()> {
+    let key = RecipientKey::generate();
+    let pub_path = key.write_pair(out)?;
+    println!("private key  {} (mode 0600, X25519: opens results sealed to you)", out.display());
+    println!("public key   {}", pub_path.display());
+    print!("{}", key.public().to_pem());
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! HTTP clients of the registry: `PersonClient` (bearer token) for researchers, data owners,
+//! auditors and admins, and `StationClient`, which signs every request with the station's
+//! Ed25519 key (see `httpsig`).
+//!
+//! Owns requests and the mapping of error answers to `ClientError`. Must not decide anything:
+//! callers choose what to send and what to do with refusals.
+
+use crate::httpsig;
+use crate::wire::*;
+use amicus_bundle::SecretKey;
+use reqwest::{Method, StatusCode};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the registry at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("the registry refused ({status} {code}): {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("unexpected answer from the registry: {0}")]
+    Decode(String),
+    #[error("bad registry URL {0:?}: use http://host:port")]
+    Url(String),
+}
+
+impl ClientError {
+    /// Worth retrying later: the registry was down, overloaded or its database failed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Api { status, .. } => *status >= 500 || *status == 429,
+            _ => false,
+        }
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+fn base_url(url: &str) -> Result<reqwest::Url, ClientError> {
+    let u = reqwest::Url::parse(url.trim_end_matches('/')).map_err(|_| ClientError::Url(url.into()))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        return Err(ClientError::Url(url.into()));
+    }
+    Ok(u)
+}
+
+fn http(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(5))
+        .no_proxy()
+        .build()
+        .expect("a plain HTTP client builds")
+}
+
+async fn answer(url: &str, r: Result<reqwest::Response, reqwest::Error>) -> Result<Vec<u8>, ClientError> {
+    let resp = r.map_err(|e| ClientError::Unreachable {
+        url: url.to_string(),
+        reason: e.to_string(),
+    })?;
+    let status = resp.status();
+    let body = resp.bytes().await.map_err(|e| ClientError::Unreachable {
+        url: url.to_string(),
+        reason: e.to_string(),
+    })?;
+    if status.is_success() {
+        return Ok(body.to_vec());
+    }
+    match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(e) => Err(ClientError::Api {
+            status: status.as_u16(),
+            code: e.error.code,
+            message: e.error.message,
+        }),
+        Err(_) => Err(ClientError::Api {
+            status: status.as_u16(),
+            code: "http".into(),
+            message: status
+                .canonical_reason()
+                .unwrap_or("error")
+                .to_string(),
+        }),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ClientError> {
+    serde_json::from_slice(bytes).map_err(|e| ClientError::Decode(e.to_string()))
+}
+
+/// A person's client.
+pub struct PersonClient {
+    base: reqwest::Url,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl PersonClient {
+    pub fn new(url: &str, token: &str) -> Result<PersonClient, ClientError> {
+        Ok(PersonClient {
+            base: base_url(url)?,
+            token: token.trim().to_string(),
+            http: http(Duration::from_secs(120)),
+        })
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Option<(Vec<u8>, &str)>) -> Result<Vec<u8>, ClientError> {
+        let url = self.base.join(path).map_err(|_| ClientError::Url(path.into()))?;
+        let mut req = self
+            .http
+            .request(method, url.clone())
+            .bearer_auth(&self.token);
+        if let Some((bytes, ctype)) = body {
+            req = req.header("content-type", ctype).body(bytes);
+        }
+        answer(url.as_str(), req.send().await).await
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        decode(&self.send(Method::GET, path, None).await?)
+    }
+
+    async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        let bytes = serde_json::to_vec(body).expect("request bodies serialise");
+        decode(&self.send(Method::POST, path, Some((bytes, "application/json"))).await?)
+    }
+
+    pub async fn me(&self) -> Result<UserInfo, ClientError> {
+        self.get("/v1/me").await
+    }
+    pub async fn add_user(&self, new: &NewUser) -> Result<NewUserResponse, ClientError> {
+        self.post("/v1/users", new).await
+    }
+    pub async fn add_station(&self, new: &NewStation) -> Result<StationInfo, ClientError> {
+        self.post("/v1/stations", new).await
+    }
+    pub async fn stations(&self) -> Result<Vec<StationInfo>, ClientError> {
+        self.get("/v1/stations").await
+    }
+    pub async fn push_train(&self, bundle: Vec<u8>) -> Result<TrainInfo, ClientError> {
+        decode(&self.send(Method::PUT, "/v1/trains", Some((bundle, "application/octet-stream"))).await?)
+    }
+    pub async fn trains(&self) -> Result<Vec<TrainInfo>, ClientError> {
+        self.get("/v1/trains").await
+    }
+    pub async fn train_bundle(&self, digest: &str) -> Result<Vec<u8>, ClientError> {
+        self.send(Method::GET, &format!("/v1/trains/{digest}"), None).await
+    }
+    pub async fn create_task(&self, new: &NewTask) -> Result<TaskInfo, ClientError> {
+        self.post("/v1/tasks", new).await
+    }
+    pub async fn tasks(&self) -> Result<Vec<TaskInfo>, ClientError> {
+        self.get("/v1/tasks").await
+    }
+    pub async fn task(&self, id: &str) -> Result<TaskInfo, ClientError> {
+        self.get(&format!("/v1/tasks/{id}")).await
+    }
+    pub async fn results(&self, id: &str) -> Result<TaskResults, ClientError> {
+        self.get(&format!("/v1/tasks/{id}/results")).await
+    }
+    pub async fn station_runs(&self, station: &str) -> Result<Vec<RunInfo>, ClientError> {
+        self.get(&format!("/v1/stations/{station}/runs")).await
+    }
+    pub async fn station_audit(&self, station: &str) -> Result<StationAudit, ClientError> {
+        self.get(&format!("/v1/stations/{station}/audit")).await
+    }
+    pub async fn registry_audit(&self) -> Result<Vec<RegistryAuditEntry>, ClientError> {
+        self.get("/v1/audit").await
+    }
+}
+
+/// A station's client: every request signed with the station key.
+pub struct StationClient {
+    base: reqwest::Url,
+    authority: String,
+    key: SecretKey,
+    http: reqwest::Client,
+}
+
+impl StationClient {
+    pub fn new(url: &str, key: SecretKey) -> Result<StationClient, ClientError> {
+        let base = base_url(url)?;
+        let host = base.host_str().unwrap_or_default().to_string();
+        let authority = match base.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
+        };
+        Ok(StationClient {
+            base,
+            authority,
+            key,
+            http: http(Duration::from_secs(90)),
+        })
+    }
+
+    /// Send a signed request. `path_and_query` is e.g. `/v1/station/work?wait=20`.
+    pub async fn send(&self, method: Method, path_and_query: &str, body: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        let url = self
+            .base
+            .join(path_and_query)
+            .map_err(|_| ClientError::Url(path_and_query.into()))?;
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).expect("operating-system randomness");
+        let nonce = hex::encode(nonce);
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let parts = httpsig::RequestParts {
+            method: method.as_str(),
+            authority: &self.authority,
+            path: url.path(),
+            query: url.query().unwrap_or(""),
+            body: &body,
+        };
+        let headers = httpsig::sign(&parts, &self.key, created, &nonce);
+        let mut req = self.http.request(method, url.clone());
+        for (name, value) in headers {
+            req = req.header(name, value);
+        }
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json");
+        }
+        answer(url.as_str(), req.body(body).send().await).await
+    }
+
+    async fn post<B: serde::Serialize>(&self, path: &str, body: &B) -> Result<Vec<u8>, ClientError> {
+        self.send(Method::POST, path, serde_json::to_vec(body).expect("request bodies serialise"))
+            .await
+    }
+
+    /// Wait up to `wait_s` seconds for new runs.
+    pub async fn work(&self, wait_s: u64) -> Result<Vec<WorkItem>, ClientError> {
+        let r: WorkResponse = decode(&self.send(Method::GET, &format!("/v1/station/work?wait={wait_s}"), Vec::new()).await?)?;
+        Ok(r.items)
+    }
+    /// Runs delivered to or running at this station, as the registry sees them.
+    pub async fn open_runs(&self) -> Result<Vec<WorkItem>, ClientError> {
+        let r: WorkResponse = decode(&self.send(Method::GET, "/v1/station/open", Vec::new()).await?)?;
+        Ok(r.items)
+    }
+    pub async fn train(&self, digest: &str) -> Result<Vec<u8>, ClientError> {
+        self.send(Method::GET, &format!("/v1/station/trains/{digest}"), Vec::new()).await
+    }
+    pub async fn report(&self, run: &str, state: RunState, reason: Option<String>) -> Result<(), ClientError> {
+        self.post(&format!("/v1/station/runs/{run}/state"), &RunUpdate { state, reason })
+            .await
+            .map(drop)
+    }
+    pub async fn result(&self, run: &str, outputs: Vec<SealedOutput>) -> Result<(), ClientError> {
+        self.post(&format!("/v1/station/runs/{run}/result"), &ResultUpload { outputs })
+            .await
+            .map(drop)
+    }
+    pub async fn audit_next(&self) -> Result<i64, ClientError> {
+        let a: AuditAck = decode(&self.send(Method::GET, "/v1/station/audit/next", Vec::new()).await?)?;
+        Ok(a.next_seq)
+    }
+    pub async fn upload_audit(&self, lines: Vec<String>, head: Option<String>) -> Result<i64, ClientError> {
+        let a: AuditAck = decode(&self.post("/v1/station/audit", &AuditUpload { lines, head }).await?)?;
+        Ok(a.next_seq)
+    }
+}
+
+/// `true` for a status the caller should treat as "not there".
+pub fn is_not_found(e: &ClientError) -> bool {
+    matches!(e, ClientError::Api { status, .. } if *status == StatusCode::NOT_FOUND.as_u16())
+}

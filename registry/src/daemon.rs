@@ -1,0 +1,635 @@
+//! `amicus station serve`: a station's pull-only loop. It long-polls the registry for runs,
+//! downloads and verifies bundles (cached by digest), holds trains that need the data owner's
+//! approval, runs the rest through `amicus-runtime` (which verifies, admits, audits and runs),
+//! seals outputs to the requesting researcher, and uploads results and the station's audit log.
+//! The station never listens on a socket.
+//!
+//! Owns the daemon's journal (`<station>/registry/runs/<run>.json`), the bundle cache
+//! (`<station>/registry/bundles/`) and the owner's refusals (`<station>/registry/refusals/`).
+//! Must not check policy itself beyond asking whether a train awaits approval: admission is
+//! the runtime's.
+//!
+//! Exactly-once rules: a run is journalled as started before the registry is told it runs and
+//! before it runs; a daemon that finds a started run in its journal when it starts reports it
+//! failed ("the station stopped during the run") and never runs it again. A run the registry
+//! believes running that the journal does not know is reported failed too.
+
+use crate::client::{ClientError, StationClient};
+use crate::sealed::{RecipientPublicKey, SealContext, seal};
+use crate::wire::{RunState, SealedOutput, WorkItem};
+use amicus_bundle::{Bundle, SecretKey, sha256};
+use amicus_runtime::station::{KEY_FILE, Station, StationError};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DAEMON_DIR: &str = "registry";
+const JOURNAL_DIR: &str = "runs";
+const BUNDLE_DIR: &str = "bundles";
+const REFUSAL_DIR: &str = "refusals";
+/// Audit lines per upload.
+const AUDIT_BATCH: usize = 2000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Station(#[from] StationError),
+    #[error("{0}")]
+    Key(#[from] amicus_bundle::KeyError),
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}: corrupt journal entry")]
+    Journal(PathBuf),
+    #[error("no pending run {0} at this station")]
+    NoSuchPending(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
+    move |source| DaemonError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What the station has done with a run, as the daemon journals it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", tag = "state")]
+pub enum Progress {
+    /// Seen; not started.
+    Received,
+    /// Waits for the data owner (`amicus station approve` / `refuse`).
+    Held,
+    /// Journalled before the registry is told and before the run: never run twice.
+    Started,
+    /// Outcome known, not yet acknowledged by the registry.
+    Finished { report: Report },
+    /// The registry has the outcome.
+    Reported { report: Report },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", tag = "outcome")]
+pub enum Report {
+    /// Released outputs: (name, file) in the station's `runs/<local id>/outputs/`.
+    Done { outputs: Vec<(String, PathBuf)> },
+    Refused { reason: String },
+    Failed { reason: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub item: WorkItem,
+    pub progress: Progress,
+    /// The train's name and version once the bundle was read.
+    #[serde(default)]
+    pub train_name: Option<String>,
+}
+
+fn plain_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn plain_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DaemonError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    amicus_bundle::bundle::write_atomic(path, bytes).map_err(io(path))
+}
+
+/// The daemon's files in a station directory.
+pub struct Journal {
+    dir: PathBuf,
+}
+
+impl Journal {
+    pub fn new(station_dir: &Path) -> Journal {
+        Journal {
+            dir: station_dir.join(DAEMON_DIR),
+        }
+    }
+
+    fn entry_path(&self, run: &str) -> PathBuf {
+        self.dir.join(JOURNAL_DIR).join(format!("{run}.json"))
+    }
+
+    pub fn get(&self, run: &str) -> Result<Option<JournalEntry>, DaemonError> {
+        let path = self.entry_path(run);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|_| DaemonError::Journal(path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    pub fn put(&self, e: &JournalEntry) -> Result<(), DaemonError> {
+        let bytes = serde_json::to_vec_pretty(e).expect("journal entries serialise");
+        write_atomic(&self.entry_path(&e.item.run), &bytes)
+    }
+
+    pub fn all(&self) -> Result<Vec<JournalEntry>, DaemonError> {
+        let dir = self.dir.join(JOURNAL_DIR);
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(run) = name.strip_suffix(".json")
+                && plain_id(run)
+                && let Some(entry) = self.get(run)?
+            {
+                out.push(entry);
+            }
+        }
+        out.sort_by(|a, b| a.item.run.cmp(&b.item.run));
+        Ok(out)
+    }
+
+    fn bundle_path(&self, digest: &str) -> PathBuf {
+        self.dir.join(BUNDLE_DIR).join(format!("{digest}.train"))
+    }
+
+    fn refusal_path(&self, run: &str) -> PathBuf {
+        self.dir.join(REFUSAL_DIR).join(run)
+    }
+
+    /// The data owner's refusal of a held run, if any.
+    pub fn refusal(&self, run: &str) -> Option<String> {
+        std::fs::read_to_string(self.refusal_path(run)).ok()
+    }
+}
+
+/// Held runs, for `amicus station pending`.
+pub fn pending(station_dir: &Path) -> Result<Vec<JournalEntry>, DaemonError> {
+    Ok(Journal::new(station_dir)
+        .all()?
+        .into_iter()
+        .filter(|e| e.progress == Progress::Held)
+        .collect())
+}
+
+fn held(journal: &Journal, run: &str) -> Result<JournalEntry, DaemonError> {
+    match journal.get(run)? {
+        Some(e) if e.progress == Progress::Held => Ok(e),
+        _ => Err(DaemonError::NoSuchPending(run.to_string())),
+    }
+}
+
+/// `amicus station approve RUN`: approve the held run's bundle digest in the policy (audited
+/// by the runtime). The daemon runs it on its next pass. Returns the digest.
+pub fn approve(station_dir: &Path, run: &str) -> Result<String, DaemonError> {
+    let entry = held(&Journal::new(station_dir), run)?;
+    let st = Station::open(station_dir)?;
+    let digest: amicus_bundle::Digest = entry
+        .item
+        .train
+        .parse()
+        .map_err(|_| DaemonError::Journal(Journal::new(station_dir).entry_path(run)))?;
+    st.approve(digest, entry.train_name.clone())?;
+    Ok(entry.item.train)
+}
+
+/// `amicus station refuse RUN`: the daemon reports the run refused (and audits it) on its
+/// next pass.
+pub fn refuse(station_dir: &Path, run: &str, reason: &str) -> Result<(), DaemonError> {
+    let journal = Journal::new(station_dir);
+    held(&journal, run)?;
+    let reason: String = reason.chars().filter(|c| !c.is_control()).take(500).collect();
+    write_atomic(&journal.refusal_path(run), reason.as_bytes())
+}
+
+/// How the daemon runs.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub dir: PathBuf,
+    pub registry: String,
+    /// Long-poll length.
+    pub poll_wait: Duration,
+    /// Longest pause between attempts while the registry is unreachable.
+    pub max_backoff: Duration,
+}
+
+/// A station's loop. Returns only on a local error the daemon cannot work around (station
+/// directory unusable); registry outages are waited out.
+pub struct Daemon {
+    opts: DaemonOptions,
+    client: StationClient,
+    journal: Journal,
+    audit_next: Option<i64>,
+}
+
+fn say(msg: &str) {
+    let t = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    eprintln!("{t} {msg}");
+}
+
+impl Daemon {
+    pub fn new(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
+        let st = Station::open(&opts.dir)?;
+        let key = SecretKey::read(&st.dir().join(KEY_FILE))?;
+        let client = StationClient::new(&opts.registry, key)?;
+        Ok(Daemon {
+            journal: Journal::new(&opts.dir),
+            opts,
+            client,
+            audit_next: None,
+        })
+    }
+
+    /// Run forever.
+    pub async fn serve(mut self) -> Result<(), DaemonError> {
+        let st = Station::open(&self.opts.dir)?;
+        let recovered = st.recover()?;
+        if recovered > 0 {
+            say(&format!("recovered {recovered} run(s) interrupted when the station stopped"));
+        }
+        say(&format!(
+            "station {} polls {} (no listening sockets)",
+            st.config().name,
+            self.opts.registry
+        ));
+        let mut backoff = Duration::from_secs(1);
+        let mut reconciled = false;
+        loop {
+            let pass = async {
+                if !reconciled {
+                    self.reconcile().await?;
+                    reconciled = true;
+                }
+                self.pass().await
+            }
+            .await;
+            match pass {
+                Ok(()) => backoff = Duration::from_secs(1),
+                Err(DaemonError::Client(e)) if e.is_transient() => {
+                    let mut jitter = [0u8; 1];
+                    getrandom::fill(&mut jitter).ok();
+                    let pause = backoff + Duration::from_millis(jitter[0] as u64 * 4);
+                    say(&format!("registry unavailable ({e}); retrying in {:.1} s", pause.as_secs_f32()));
+                    tokio::time::sleep(pause).await;
+                    backoff = (backoff * 2).min(self.opts.max_backoff);
+                    // Our view of the registry's audit copy may be stale after an outage.
+                    self.audit_next = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// After a (re)start: settle every run the registry thinks is open here.
+    async fn reconcile(&mut self) -> Result<(), DaemonError> {
+        for item in self.client.open_runs().await? {
+            if !plain_id(&item.run) {
+                continue;
+            }
+            match self.journal.get(&item.run)? {
+                None if item.state == RunState::Running => {
+                    let report = Report::Failed {
+                        reason: "the station has no record of starting this run (its state was lost); it was not run again".into(),
+                    };
+                    self.finish(item, None, report).await?;
+                }
+                None => {}
+                Some(e) => match e.progress {
+                    Progress::Started => {
+                        say(&format!("run {}: the station stopped during the run; reporting it failed", item.run));
+                        let report = Report::Failed {
+                            reason: "the station stopped during the run; it was not run again".into(),
+                        };
+                        self.finish(item, e.train_name, report).await?;
+                    }
+                    Progress::Finished { .. } | Progress::Received | Progress::Held => {}
+                    Progress::Reported { .. } => {}
+                },
+            }
+        }
+        // Started runs the registry no longer lists (expired meanwhile): close them locally.
+        for e in self.journal.all()? {
+            if e.progress == Progress::Started {
+                let report = Report::Failed {
+                    reason: "the station stopped during the run; it was not run again".into(),
+                };
+                self.finish(e.item, e.train_name, report).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass: send outstanding reports, settle held runs, wait for and do new work.
+    async fn pass(&mut self) -> Result<(), DaemonError> {
+        self.upload_audit().await?;
+        let mut any_held = false;
+        for e in self.journal.all()? {
+            match e.progress {
+                Progress::Finished { report } => self.send_report(e.item, e.train_name, report).await?,
+                Progress::Received => self.process(e.item).await?,
+                Progress::Held => {
+                    if let Some(reason) = self.journal.refusal(&e.item.run) {
+                        self.owner_refused(e, &reason).await?;
+                    } else if self.approved(&e.item.train)? {
+                        say(&format!("run {}: approved by the data owner", e.item.run));
+                        self.process(e.item).await?;
+                    } else {
+                        any_held = true;
+                    }
+                }
+                Progress::Started | Progress::Reported { .. } => {}
+            }
+        }
+        let wait = if any_held { Duration::from_secs(2) } else { self.opts.poll_wait };
+        let items = self.client.work(wait.as_secs()).await?;
+        for item in items {
+            if !plain_id(&item.run) || !plain_digest(&item.train) {
+                say("ignoring a work item with a malformed run id or digest");
+                continue;
+            }
+            if self.journal.get(&item.run)?.is_some() {
+                continue;
+            }
+            say(&format!("run {}: received (task {}, train {})", item.run, item.task, &item.train[..12]));
+            self.journal.put(&JournalEntry {
+                item: item.clone(),
+                progress: Progress::Received,
+                train_name: None,
+            })?;
+            self.process(item).await?;
+            self.upload_audit().await?;
+        }
+        Ok(())
+    }
+
+    fn approved(&self, digest: &str) -> Result<bool, DaemonError> {
+        let st = Station::open(&self.opts.dir)?;
+        Ok(digest
+            .parse::<amicus_bundle::Digest>()
+            .map(|d| st.policy().map(|p| p.is_approved(&d)))
+            .unwrap_or(Ok(false))?)
+    }
+
+    /// The bundle for `digest`, from the cache or the registry; verified to be that digest.
+    async fn bundle(&self, digest: &str) -> Result<Result<(PathBuf, Bundle), Report>, DaemonError> {
+        let path = self.journal.bundle_path(digest);
+        if !path.exists() {
+            let bytes = self.client.train(digest).await?;
+            let parsed = match Bundle::from_reader(&bytes[..]) {
+                Ok(b) => b,
+                Err(e) => {
+                    let st = Station::open(&self.opts.dir)?;
+                    let reason = format!("the bundle the registry sent does not verify: {e}");
+                    st.record_refusal(None, sha256(&bytes), "bundle", &reason)?;
+                    return Ok(Err(Report::Refused { reason }));
+                }
+            };
+            if parsed.digest().to_hex() != digest {
+                let st = Station::open(&self.opts.dir)?;
+                let reason = format!(
+                    "the registry sent bundle {} for train {digest}",
+                    parsed.digest().to_hex()
+                );
+                st.record_refusal(Some(parsed.digest()), sha256(&bytes), "bundle", &reason)?;
+                return Ok(Err(Report::Refused { reason }));
+            }
+            write_atomic(&path, &bytes)?;
+        }
+        match Bundle::read(&path) {
+            Ok(b) if b.digest().to_hex() == digest => Ok(Ok((path, b))),
+            _ => {
+                // A damaged cache entry: drop it and fetch again next pass.
+                std::fs::remove_file(&path).map_err(io(&path))?;
+                Err(DaemonError::Client(ClientError::Unreachable {
+                    url: "bundle cache".into(),
+                    reason: "cached bundle damaged; fetching again".into(),
+                }))
+            }
+        }
+    }
+
+    async fn process(&mut self, item: WorkItem) -> Result<(), DaemonError> {
+        let (path, bundle) = match self.bundle(&item.train).await? {
+            Ok(b) => b,
+            Err(report) => return self.finish(item, None, report).await,
+        };
+        let name = format!("{}@{}", bundle.manifest().train.name, bundle.manifest().train.version);
+        let st = Station::open(&self.opts.dir)?;
+        let policy = st.policy()?;
+        if let Err(r) = policy.admit(&bundle)
+            && r.stage == "approval"
+        {
+            let entry = JournalEntry {
+                item: item.clone(),
+                progress: Progress::Held,
+                train_name: Some(bundle.manifest().train.name.clone()),
+            };
+            let was_held = self.journal.get(&item.run)?.is_some_and(|e| e.progress == Progress::Held);
+            self.journal.put(&entry)?;
+            if !was_held {
+                say(&format!(
+                    "run {}: {name} awaits the data owner's approval (amicus station pending / approve / refuse)",
+                    item.run
+                ));
+                self.client
+                    .report(&item.run, RunState::Delivered, Some("awaiting the data owner's approval".into()))
+                    .await?;
+            }
+            return Ok(());
+        }
+        drop(bundle);
+        // Journal first: from here on this run is never started again.
+        self.journal.put(&JournalEntry {
+            item: item.clone(),
+            progress: Progress::Started,
+            train_name: Some(name.clone()),
+        })?;
+        if let Err(e) = self.client.report(&item.run, RunState::Running, None).await {
+            // Not started: back to received, to try again (or to learn it expired).
+            let conflict = e.code() == Some("conflict") || e.code() == Some("not_found");
+            if conflict {
+                say(&format!("run {}: the registry no longer expects it ({e})", item.run));
+                self.journal.put(&JournalEntry {
+                    item,
+                    progress: Progress::Reported {
+                        report: Report::Failed { reason: format!("not started: {e}") },
+                    },
+                    train_name: Some(name),
+                })?;
+                return Ok(());
+            }
+            self.journal.put(&JournalEntry {
+                item,
+                progress: Progress::Received,
+                train_name: Some(name),
+            })?;
+            return Err(e.into());
+        }
+        say(&format!("run {}: running {name}", item.run));
+        let dir = self.opts.dir.clone();
+        let params = item.params.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let st = Station::open(&dir)?;
+            st.run(&path, Some(&params), Box::new(|_, _| {}))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(StationError::RunFailed {
+                run_id: String::new(),
+                outcome: "crashed".into(),
+                reason: e.to_string(),
+            })
+        });
+        let report = match outcome {
+            Ok(record) => Report::Done {
+                outputs: record.outputs.into_iter().map(|o| (o.name, o.path)).collect(),
+            },
+            Err(StationError::Refused(r)) => Report::Refused {
+                reason: format!("{}: {}", r.stage, r.reason),
+            },
+            Err(StationError::RunFailed { outcome, .. }) => Report::Failed {
+                // The train's own error message stays at the station (see the audit log).
+                reason: format!("the run ended: {outcome}; the station's audit log has the details"),
+            },
+            Err(e) => Report::Failed {
+                reason: format!("station error: {e}"),
+            },
+        };
+        self.finish(item, Some(name), report).await
+    }
+
+    async fn owner_refused(&mut self, e: JournalEntry, reason: &str) -> Result<(), DaemonError> {
+        let st = Station::open(&self.opts.dir)?;
+        let path = self.journal.bundle_path(&e.item.train);
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        let reason = format!("refused by the data owner: {reason}");
+        st.record_refusal(e.item.train.parse().ok(), sha256(&bytes), "owner", &reason)?;
+        say(&format!("run {}: {reason}", e.item.run));
+        self.finish(e.item, e.train_name, Report::Refused { reason }).await
+    }
+
+    async fn finish(&mut self, item: WorkItem, train_name: Option<String>, report: Report) -> Result<(), DaemonError> {
+        self.journal.put(&JournalEntry {
+            item: item.clone(),
+            progress: Progress::Finished { report: report.clone() },
+            train_name: train_name.clone(),
+        })?;
+        self.upload_audit().await?;
+        self.send_report(item, train_name, report).await
+    }
+
+    async fn send_report(&mut self, item: WorkItem, train_name: Option<String>, report: Report) -> Result<(), DaemonError> {
+        let sent = match &report {
+            Report::Done { outputs } => {
+                let recipient = RecipientPublicKey::from_pem(&item.recipient_key, "the task's recipient key");
+                match recipient {
+                    Ok(recipient) => {
+                        let mut sealed = Vec::new();
+                        for (name, path) in outputs {
+                            let plain = std::fs::read(path).map_err(io(path))?;
+                            let ctx = SealContext {
+                                task: &item.task,
+                                run: &item.run,
+                                station: &item.station,
+                                output: name,
+                            };
+                            let s = seal(&recipient, &ctx, &plain).map_err(|e| DaemonError::Io {
+                                path: path.clone(),
+                                source: std::io::Error::other(e.to_string()),
+                            })?;
+                            sealed.push(SealedOutput { name: name.clone(), sealed: B64.encode(s) });
+                        }
+                        self.client.result(&item.run, sealed).await
+                    }
+                    Err(e) => {
+                        self.client
+                            .report(&item.run, RunState::Failed, Some(format!("outputs not sent: {e}")))
+                            .await
+                    }
+                }
+            }
+            Report::Refused { reason } => self.client.report(&item.run, RunState::Refused, Some(reason.clone())).await,
+            Report::Failed { reason } => self.client.report(&item.run, RunState::Failed, Some(reason.clone())).await,
+        };
+        match sent {
+            Ok(()) => {}
+            Err(e) if e.is_transient() => return Err(e.into()),
+            // The registry will never take it (expired meanwhile): keep the record, stop trying.
+            Err(e) => say(&format!("run {}: the registry did not take the report: {e}", item.run)),
+        }
+        let what = match &report {
+            Report::Done { outputs } => format!("done, {} sealed output(s) sent", outputs.len()),
+            Report::Refused { reason } => format!("refused: {reason}"),
+            Report::Failed { reason } => format!("failed: {reason}"),
+        };
+        say(&format!("run {}: {what}", item.run));
+        self.journal.put(&JournalEntry {
+            item,
+            progress: Progress::Reported { report },
+            train_name,
+        })
+    }
+
+    /// Send the audit lines the registry does not have yet, with the signed head.
+    async fn upload_audit(&mut self) -> Result<(), DaemonError> {
+        let next = match self.audit_next {
+            Some(n) => n,
+            None => self.client.audit_next().await?,
+        };
+        let dir = &self.opts.dir;
+        let log = dir.join(amicus_runtime::audit::LOG_FILE);
+        let data = match std::fs::read(&log) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io(&log)(e)),
+        };
+        let complete = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let text = String::from_utf8_lossy(&data[..complete]);
+        let lines: Vec<&str> = text.lines().collect();
+        let mut next = next.max(0) as usize;
+        if next > lines.len() {
+            // The registry has more than this log: never overwrite it; say so.
+            say(&format!(
+                "the registry holds {next} audit entries but this log has {}; not uploading",
+                lines.len()
+            ));
+            self.audit_next = Some(next as i64);
+            return Ok(());
+        }
+        while next < lines.len() {
+            let batch: Vec<String> = lines[next..(next + AUDIT_BATCH).min(lines.len())]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            let last_seq = (next + batch.len()) as u64 - 1;
+            // The signed head goes with the batch it describes (an entry appended since the
+            // log was read would make it run ahead of the lines).
+            let head_path = dir.join(amicus_runtime::audit::HEAD_FILE);
+            let head = std::fs::read_to_string(&head_path).ok().filter(|h| {
+                serde_json::from_str::<serde_json::Value>(h)
+                    .ok()
+                    .and_then(|v| v["seq"].as_u64())
+                    == Some(last_seq)
+            });
+            match self.client.upload_audit(batch, head).await {
+                Ok(n) => next = n as usize,
+                Err(e) if e.code() == Some("conflict") => {
+                    next = self.client.audit_next().await? as usize;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.audit_next = Some(next as i64);
+        Ok(())
+    }
+}

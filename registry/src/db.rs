@@ -1,0 +1,866 @@
+//! The registry's database: connection (SQLite or PostgreSQL through sqlx's `Any` driver), the
+//! embedded migrations from `migrations/`, and every query the server runs.
+//!
+//! Owns SQL. Must not decide who may do what (the server checks roles before calling here)
+//! and must not see plaintext results (only sealed bytes reach it).
+//!
+//! The SQL is portable: `$n` placeholders (SQLite reads them as numbered parameters),
+//! `ON CONFLICT DO NOTHING` and `RETURNING` (SQLite 3.35+, bundled), no autoincrement (ids
+//! are random text), times as BIGINT milliseconds.
+
+use crate::wire::{RegistryAuditEntry, RunInfo, RunState, StationInfo, TrainInfo, WorkItem};
+use sha2::{Digest as _, Sha256};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use std::time::Duration;
+
+/// The migrations, in order: (version, name, SQL).
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "registry",
+    include_str!("../../migrations/0001_registry.sql"),
+)];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error(
+        "migration {version} ({name}) applied to this database differs from the one built into this registry"
+    )]
+    MigrationChanged { version: i64, name: String },
+    #[error("database URL must start with sqlite:// or postgres://")]
+    Scheme,
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+#[derive(Clone)]
+pub struct Db {
+    pub pool: AnyPool,
+    pub postgres: bool,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// A random id: 16 bytes of OS randomness in hex.
+pub fn random_id() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("operating-system randomness");
+    hex::encode(b)
+}
+
+pub struct UserRow {
+    pub name: String,
+    pub role: String,
+    pub station: Option<String>,
+    pub enc_public_key: Option<String>,
+}
+
+pub struct TaskRow {
+    pub id: String,
+    pub researcher: String,
+    pub train: String,
+    pub params: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// Why a station's state report was not applied.
+pub enum UpdateRefused {
+    NotFound,
+    Conflict(RunState),
+}
+
+impl Db {
+    /// Connect and apply missing migrations. `sqlite://path` creates the file if needed.
+    pub async fn connect(url: &str) -> Result<Db, DbError> {
+        sqlx::any::install_default_drivers();
+        let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
+        let url = if url.starts_with("sqlite:") {
+            if url.contains("mode=") {
+                url.to_string()
+            } else if url.contains('?') {
+                format!("{url}&mode=rwc")
+            } else {
+                format!("{url}?mode=rwc")
+            }
+        } else if postgres {
+            url.to_string()
+        } else {
+            return Err(DbError::Scheme);
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(if postgres { 16 } else { 4 })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if !postgres {
+                        // Writers wait for each other instead of failing; WAL lets readers
+                        // run beside the writer.
+                        sqlx::raw_sql("PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await?;
+        if !postgres {
+            sqlx::raw_sql("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+                .execute(&pool)
+                .await?;
+        }
+        let db = Db { pool, postgres };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    async fn migrate(&self) -> Result<(), DbError> {
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS amicus_migrations (
+                version BIGINT PRIMARY KEY, name TEXT NOT NULL, sha256 TEXT NOT NULL,
+                applied_ms BIGINT NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await?;
+        for &(version, name, sql) in MIGRATIONS {
+            let sum = sha256_hex(sql.as_bytes());
+            let mut tx = self.pool.begin().await?;
+            if self.postgres {
+                // One migrator at a time across replicas.
+                sqlx::raw_sql("LOCK TABLE amicus_migrations IN EXCLUSIVE MODE")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let applied: Option<String> =
+                sqlx::query_scalar("SELECT sha256 FROM amicus_migrations WHERE version = $1")
+                    .bind(version)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            match applied {
+                Some(s) if s == sum => {}
+                Some(_) => {
+                    return Err(DbError::MigrationChanged {
+                        version,
+                        name: name.to_string(),
+                    });
+                }
+                None => {
+                    sqlx::raw_sql(sql).execute(&mut *tx).await?;
+                    sqlx::query(
+                        "INSERT INTO amicus_migrations (version, name, sha256, applied_ms) VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(version)
+                    .bind(name)
+                    .bind(&sum)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    // ---- people -------------------------------------------------------------------------
+
+    /// Returns false when the name is taken.
+    pub async fn insert_user(
+        &self,
+        name: &str,
+        role: &str,
+        station: Option<&str>,
+        token_sha256: &str,
+        enc_public_key: Option<&str>,
+    ) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "INSERT INTO users (name, role, station, token_sha256, enc_public_key, created_ms)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(role)
+        .bind(station)
+        .bind(token_sha256)
+        .bind(enc_public_key)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    fn user_row(r: &AnyRow) -> Result<UserRow, DbError> {
+        Ok(UserRow {
+            name: r.try_get("name")?,
+            role: r.try_get("role")?,
+            station: r.try_get("station")?,
+            enc_public_key: r.try_get("enc_public_key")?,
+        })
+    }
+
+    /// The user whose token hashes to `token_sha256`. The lookup is by hash, so its timing
+    /// says nothing about the token.
+    pub async fn user_by_token(&self, token_sha256: &str) -> Result<Option<UserRow>, DbError> {
+        let row = sqlx::query(
+            "SELECT name, role, station, enc_public_key FROM users WHERE token_sha256 = $1",
+        )
+        .bind(token_sha256)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(Self::user_row).transpose()
+    }
+
+    pub async fn users(&self) -> Result<Vec<UserRow>, DbError> {
+        let rows =
+            sqlx::query("SELECT name, role, station, enc_public_key FROM users ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(Self::user_row).collect()
+    }
+
+    // ---- stations -----------------------------------------------------------------------
+
+    pub async fn insert_station(
+        &self,
+        name: &str,
+        key_id: &str,
+        public_key: &str,
+    ) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "INSERT INTO stations (name, key_id, public_key, created_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(key_id)
+        .bind(public_key)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    fn station_row(r: &AnyRow) -> Result<StationInfo, DbError> {
+        Ok(StationInfo {
+            name: r.try_get("name")?,
+            key_id: r.try_get("key_id")?,
+            public_key: r.try_get("public_key")?,
+            last_seen_ms: r.try_get("last_seen_ms")?,
+        })
+    }
+
+    pub async fn station_by_key(&self, key_id: &str) -> Result<Option<StationInfo>, DbError> {
+        let row = sqlx::query(
+            "SELECT name, key_id, public_key, last_seen_ms FROM stations WHERE key_id = $1",
+        )
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(Self::station_row).transpose()
+    }
+
+    pub async fn station(&self, name: &str) -> Result<Option<StationInfo>, DbError> {
+        let row = sqlx::query(
+            "SELECT name, key_id, public_key, last_seen_ms FROM stations WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(Self::station_row).transpose()
+    }
+
+    pub async fn stations(&self) -> Result<Vec<StationInfo>, DbError> {
+        let rows = sqlx::query(
+            "SELECT name, key_id, public_key, last_seen_ms FROM stations ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Self::station_row).collect()
+    }
+
+    /// Record that a station was seen; writes at most every 10 s per station.
+    pub async fn touch_station(&self, name: &str) -> Result<(), DbError> {
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE stations SET last_seen_ms = $1 WHERE name = $2
+             AND (last_seen_ms IS NULL OR last_seen_ms < $3)",
+        )
+        .bind(now)
+        .bind(name)
+        .bind(now - 10_000)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Remember a nonce; false if it was seen before (a replay).
+    pub async fn use_nonce(&self, key_id: &str, nonce: &str, created_s: i64) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "INSERT INTO nonces (key_id, nonce, created_s) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(key_id)
+        .bind(nonce)
+        .bind(created_s)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Forget nonces older than any request the clock window still admits.
+    pub async fn prune_nonces(&self, older_than_s: i64) -> Result<u64, DbError> {
+        let r = sqlx::query("DELETE FROM nonces WHERE created_s < $1")
+            .bind(older_than_s)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    // ---- trains -------------------------------------------------------------------------
+
+    /// Store a verified bundle. A second upload of the same digest replaces the stored bytes
+    /// (new signatures) only for the same uploader; false otherwise.
+    pub async fn put_train(&self, info: &TrainInfo, bundle: &[u8]) -> Result<bool, DbError> {
+        let caps = serde_json::to_string(&info.capabilities).expect("strings serialise");
+        let signers = serde_json::to_string(&info.signers).expect("strings serialise");
+        let r = sqlx::query(
+            "INSERT INTO trains (digest, name, version, bytes, capabilities, signers, uploaded_by, created_ms, bundle)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
+        )
+        .bind(&info.digest)
+        .bind(&info.name)
+        .bind(&info.version)
+        .bind(info.bytes)
+        .bind(&caps)
+        .bind(&signers)
+        .bind(&info.uploaded_by)
+        .bind(info.created_ms)
+        .bind(bundle)
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() == 1 {
+            return Ok(true);
+        }
+        let r = sqlx::query(
+            "UPDATE trains SET bytes = $1, signers = $2, bundle = $3 WHERE digest = $4 AND uploaded_by = $5",
+        )
+        .bind(info.bytes)
+        .bind(&signers)
+        .bind(bundle)
+        .bind(&info.digest)
+        .bind(&info.uploaded_by)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    fn train_row(r: &AnyRow) -> Result<TrainInfo, DbError> {
+        let caps: String = r.try_get("capabilities")?;
+        let signers: String = r.try_get("signers")?;
+        Ok(TrainInfo {
+            digest: r.try_get("digest")?,
+            name: r.try_get("name")?,
+            version: r.try_get("version")?,
+            bytes: r.try_get("bytes")?,
+            capabilities: serde_json::from_str(&caps).map_err(|e| DbError::Corrupt(e.to_string()))?,
+            signers: serde_json::from_str(&signers).map_err(|e| DbError::Corrupt(e.to_string()))?,
+            uploaded_by: r.try_get("uploaded_by")?,
+            created_ms: r.try_get("created_ms")?,
+        })
+    }
+
+    pub async fn trains(&self) -> Result<Vec<TrainInfo>, DbError> {
+        let rows = sqlx::query(
+            "SELECT digest, name, version, bytes, capabilities, signers, uploaded_by, created_ms
+             FROM trains ORDER BY created_ms, digest",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Self::train_row).collect()
+    }
+
+    pub async fn train(&self, digest: &str) -> Result<Option<TrainInfo>, DbError> {
+        let row = sqlx::query(
+            "SELECT digest, name, version, bytes, capabilities, signers, uploaded_by, created_ms
+             FROM trains WHERE digest = $1",
+        )
+        .bind(digest)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(Self::train_row).transpose()
+    }
+
+    pub async fn train_bundle(&self, digest: &str) -> Result<Option<Vec<u8>>, DbError> {
+        Ok(
+            sqlx::query_scalar("SELECT bundle FROM trains WHERE digest = $1")
+                .bind(digest)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    // ---- tasks and runs -----------------------------------------------------------------
+
+    /// Create a task and one pending run per station, atomically. Returns the run ids.
+    pub async fn create_task(
+        &self,
+        task: &TaskRow,
+        recipient_key: &str,
+        stations: &[String],
+    ) -> Result<Vec<String>, DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO tasks (id, researcher, train, params, recipient_key, created_ms, expires_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&task.id)
+        .bind(&task.researcher)
+        .bind(&task.train)
+        .bind(&task.params)
+        .bind(recipient_key)
+        .bind(task.created_ms)
+        .bind(task.expires_ms)
+        .execute(&mut *tx)
+        .await?;
+        let mut ids = Vec::new();
+        for st in stations {
+            let id = random_id();
+            sqlx::query(
+                "INSERT INTO runs (id, task, station, state, updated_ms) VALUES ($1, $2, $3, 'pending', $4)",
+            )
+            .bind(&id)
+            .bind(&task.id)
+            .bind(st)
+            .bind(task.created_ms)
+            .execute(&mut *tx)
+            .await?;
+            ids.push(id);
+        }
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    fn task_row(r: &AnyRow) -> Result<TaskRow, DbError> {
+        Ok(TaskRow {
+            id: r.try_get("id")?,
+            researcher: r.try_get("researcher")?,
+            train: r.try_get("train")?,
+            params: r.try_get("params")?,
+            created_ms: r.try_get("created_ms")?,
+            expires_ms: r.try_get("expires_ms")?,
+        })
+    }
+
+    pub async fn task(&self, id: &str) -> Result<Option<TaskRow>, DbError> {
+        let row = sqlx::query(
+            "SELECT id, researcher, train, params, created_ms, expires_ms FROM tasks WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(Self::task_row).transpose()
+    }
+
+    /// Tasks of one researcher, or all of them.
+    pub async fn tasks(&self, researcher: Option<&str>) -> Result<Vec<TaskRow>, DbError> {
+        let rows = match researcher {
+            Some(r) => {
+                sqlx::query(
+                    "SELECT id, researcher, train, params, created_ms, expires_ms FROM tasks
+                     WHERE researcher = $1 ORDER BY created_ms, id",
+                )
+                .bind(r)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(
+                    "SELECT id, researcher, train, params, created_ms, expires_ms FROM tasks
+                     ORDER BY created_ms, id",
+                )
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(Self::task_row).collect()
+    }
+
+    fn run_row(r: &AnyRow) -> Result<RunInfo, DbError> {
+        let state: String = r.try_get("state")?;
+        Ok(RunInfo {
+            id: r.try_get("id")?,
+            task: r.try_get("task")?,
+            station: r.try_get("station")?,
+            state: RunState::parse(&state).ok_or_else(|| DbError::Corrupt(state.clone()))?,
+            reason: r.try_get("reason")?,
+            updated_ms: r.try_get("updated_ms")?,
+        })
+    }
+
+    pub async fn runs_of_task(&self, task: &str) -> Result<Vec<RunInfo>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, task, station, state, reason, updated_ms FROM runs WHERE task = $1 ORDER BY station",
+        )
+        .bind(task)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Self::run_row).collect()
+    }
+
+    pub async fn runs_of_station(&self, station: &str) -> Result<Vec<RunInfo>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, task, station, state, reason, updated_ms FROM runs WHERE station = $1
+             ORDER BY updated_ms, id",
+        )
+        .bind(station)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Self::run_row).collect()
+    }
+
+    pub async fn run(&self, id: &str) -> Result<Option<RunInfo>, DbError> {
+        let row = sqlx::query(
+            "SELECT id, task, station, state, reason, updated_ms FROM runs WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(Self::run_row).transpose()
+    }
+
+    /// Runs whose task's deadline passed before they finished become `expired`.
+    pub async fn expire_overdue(&self) -> Result<Vec<RunInfo>, DbError> {
+        let now = now_ms();
+        let rows = sqlx::query(
+            "UPDATE runs SET state = 'expired', reason = 'the task expired before the run finished',
+             updated_ms = $1
+             WHERE state IN ('pending', 'delivered', 'running')
+             AND task IN (SELECT id FROM tasks WHERE expires_ms < $1)
+             RETURNING id, task, station, state, reason, updated_ms",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Self::run_row).collect()
+    }
+
+    async fn work_items(&self, station: &str, running_too: bool) -> Result<Vec<WorkItem>, DbError> {
+        let sql = if running_too {
+            "SELECT r.id, r.task, r.station, r.state, t.train, t.params, t.recipient_key, t.expires_ms
+             FROM runs r JOIN tasks t ON t.id = r.task
+             WHERE r.station = $1 AND r.state IN ('delivered', 'running') ORDER BY t.created_ms, r.id"
+        } else {
+            "SELECT r.id, r.task, r.station, r.state, t.train, t.params, t.recipient_key, t.expires_ms
+             FROM runs r JOIN tasks t ON t.id = r.task
+             WHERE r.station = $1 AND r.state = 'delivered' ORDER BY t.created_ms, r.id"
+        };
+        let rows = sqlx::query(sql).bind(station).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                let state: String = r.try_get("state")?;
+                Ok(WorkItem {
+                    run: r.try_get("id")?,
+                    task: r.try_get("task")?,
+                    station: r.try_get("station")?,
+                    train: r.try_get("train")?,
+                    params: r.try_get("params")?,
+                    recipient_key: r.try_get("recipient_key")?,
+                    state: RunState::parse(&state).ok_or_else(|| DbError::Corrupt(state.clone()))?,
+                    expires_ms: r.try_get("expires_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Hand a station its pending runs: they become `delivered` (exactly once, also across
+    /// replicas: the UPDATE decides).
+    pub async fn take_work(&self, station: &str) -> Result<Vec<WorkItem>, DbError> {
+        let taken: Vec<String> = sqlx::query_scalar(
+            "UPDATE runs SET state = 'delivered', updated_ms = $1
+             WHERE station = $2 AND state = 'pending' RETURNING id",
+        )
+        .bind(now_ms())
+        .bind(station)
+        .fetch_all(&self.pool)
+        .await?;
+        if taken.is_empty() {
+            return Ok(Vec::new());
+        }
+        let items = self.work_items(station, false).await?;
+        Ok(items.into_iter().filter(|i| taken.contains(&i.run)).collect())
+    }
+
+    /// A station's delivered and running runs, for reconciling after a restart.
+    pub async fn open_work(&self, station: &str) -> Result<Vec<WorkItem>, DbError> {
+        self.work_items(station, true).await
+    }
+
+    /// Apply a station's state report if the transition is allowed. Reporting the state a
+    /// run is already in is accepted (a retried request).
+    pub async fn update_run(
+        &self,
+        station: &str,
+        run: &str,
+        to: RunState,
+        reason: Option<&str>,
+    ) -> Result<Result<(), UpdateRefused>, DbError> {
+        // One literal statement per allowed transition (sqlx refuses dynamic SQL).
+        let sql = match to {
+            RunState::Delivered | RunState::Running | RunState::Refused => Some(
+                "UPDATE runs SET state = $1, reason = $2, updated_ms = $3
+                 WHERE id = $4 AND station = $5 AND state = 'delivered'",
+            ),
+            RunState::Failed => Some(
+                "UPDATE runs SET state = $1, reason = $2, updated_ms = $3
+                 WHERE id = $4 AND station = $5 AND state IN ('delivered', 'running')",
+            ),
+            _ => None,
+        };
+        if let Some(sql) = sql {
+            let r = sqlx::query(sql)
+                .bind(to.as_str())
+                .bind(reason)
+                .bind(now_ms())
+                .bind(run)
+                .bind(station)
+                .execute(&self.pool)
+                .await?;
+            if r.rows_affected() == 1 {
+                return Ok(Ok(()));
+            }
+        }
+        match self.run(run).await? {
+            Some(r) if r.station == station && r.state == to => Ok(Ok(())),
+            Some(r) if r.station == station => Ok(Err(UpdateRefused::Conflict(r.state))),
+            _ => Ok(Err(UpdateRefused::NotFound)),
+        }
+    }
+
+    /// Store a run's sealed outputs and mark it done, atomically.
+    pub async fn store_result(
+        &self,
+        station: &str,
+        run: &str,
+        outputs: &[(String, Vec<u8>)],
+    ) -> Result<Result<(), UpdateRefused>, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query(
+            "UPDATE runs SET state = 'done', reason = NULL, updated_ms = $1
+             WHERE id = $2 AND station = $3 AND state = 'running'",
+        )
+        .bind(now_ms())
+        .bind(run)
+        .bind(station)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() != 1 {
+            drop(tx);
+            return match self.run(run).await? {
+                Some(r) if r.station == station && r.state == RunState::Done => Ok(Ok(())),
+                Some(r) if r.station == station => Ok(Err(UpdateRefused::Conflict(r.state))),
+                _ => Ok(Err(UpdateRefused::NotFound)),
+            };
+        }
+        for (name, sealed) in outputs {
+            sqlx::query("INSERT INTO results (run, name, sealed) VALUES ($1, $2, $3)")
+                .bind(run)
+                .bind(name)
+                .bind(&sealed[..])
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    pub async fn results_of_run(&self, run: &str) -> Result<Vec<(String, Vec<u8>)>, DbError> {
+        let rows = sqlx::query("SELECT name, sealed FROM results WHERE run = $1 ORDER BY name")
+            .bind(run)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("name")?, r.try_get("sealed")?)))
+            .collect()
+    }
+
+    // ---- station audit copies -----------------------------------------------------------
+
+    /// The next sequence number and the hash of the last stored entry of a station's log.
+    pub async fn station_audit_tip(&self, station: &str) -> Result<(i64, Option<String>), DbError> {
+        let row = sqlx::query(
+            "SELECT seq, hash FROM station_audit WHERE station = $1 ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(station)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => Ok((r.try_get::<i64, _>("seq")? + 1, Some(r.try_get("hash")?))),
+            None => Ok((0, None)),
+        }
+    }
+
+    /// Append verified lines (seq, line, hash) and the head; false if another upload won the
+    /// race (the caller retries from the new tip).
+    pub async fn append_station_audit(
+        &self,
+        station: &str,
+        lines: &[(i64, String, String)],
+        head: Option<&str>,
+    ) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        for (seq, line, hash) in lines {
+            let r = sqlx::query(
+                "INSERT INTO station_audit (station, seq, line, hash) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(station)
+            .bind(*seq)
+            .bind(line)
+            .bind(hash)
+            .execute(&mut *tx)
+            .await?;
+            if r.rows_affected() != 1 {
+                return Ok(false);
+            }
+        }
+        if let Some(head) = head {
+            sqlx::query(
+                "INSERT INTO station_heads (station, head) VALUES ($1, $2)
+                 ON CONFLICT (station) DO UPDATE SET head = excluded.head",
+            )
+            .bind(station)
+            .bind(head)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn station_audit(&self, station: &str) -> Result<(Vec<String>, Option<String>), DbError> {
+        let lines: Vec<String> =
+            sqlx::query_scalar("SELECT line FROM station_audit WHERE station = $1 ORDER BY seq")
+                .bind(station)
+                .fetch_all(&self.pool)
+                .await?;
+        let head: Option<String> =
+            sqlx::query_scalar("SELECT head FROM station_heads WHERE station = $1")
+                .bind(station)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok((lines, head))
+    }
+
+    // ---- the registry's own trail -------------------------------------------------------
+
+    /// Append to the registry's hash-chained trail. Concurrent appends race on the primary
+    /// key; the loser retries on the new tip.
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: &str,
+        outcome: &str,
+    ) -> Result<i64, DbError> {
+        for _ in 0..50 {
+            let tip = sqlx::query("SELECT seq, hash FROM registry_audit ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+            let (seq, prev) = match tip {
+                Some(r) => (r.try_get::<i64, _>("seq")? + 1, r.try_get::<String, _>("hash")?),
+                None => (0, "0".repeat(64)),
+            };
+            let entry = RegistryAuditEntry {
+                seq,
+                time_ms: now_ms(),
+                actor: actor.to_string(),
+                action: action.to_string(),
+                target: target.to_string(),
+                outcome: outcome.to_string(),
+                prev,
+                hash: String::new(),
+            };
+            let hash = audit_hash(&entry);
+            let r = sqlx::query(
+                "INSERT INTO registry_audit (seq, time_ms, actor, action, target, outcome, prev, hash)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+            )
+            .bind(seq)
+            .bind(entry.time_ms)
+            .bind(&entry.actor)
+            .bind(&entry.action)
+            .bind(&entry.target)
+            .bind(&entry.outcome)
+            .bind(&entry.prev)
+            .bind(&hash)
+            .execute(&self.pool)
+            .await?;
+            if r.rows_affected() == 1 {
+                return Ok(seq);
+            }
+            tokio::time::sleep(Duration::from_millis(1 + (seq as u64 % 7))).await;
+        }
+        Err(DbError::Corrupt("registry audit trail: too much contention".into()))
+    }
+
+    pub async fn audit_entries(&self) -> Result<Vec<RegistryAuditEntry>, DbError> {
+        let rows = sqlx::query(
+            "SELECT seq, time_ms, actor, action, target, outcome, prev, hash FROM registry_audit ORDER BY seq",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RegistryAuditEntry {
+                    seq: r.try_get("seq")?,
+                    time_ms: r.try_get("time_ms")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    outcome: r.try_get("outcome")?,
+                    prev: r.try_get("prev")?,
+                    hash: r.try_get("hash")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// An entry's hash: SHA-256 over its fields, newline-separated (fields are single-line: the
+/// server strips newlines from anything it records).
+pub fn audit_hash(e: &RegistryAuditEntry) -> String {
+    sha256_hex(
+        format!(
+            "amicus-registry-audit-v1\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
+            e.seq, e.time_ms, e.actor, e.action, e.target, e.outcome, e.prev
+        )
+        .as_bytes(),
+    )
+}
+
+/// Check the registry trail's chain: the first broken entry, if any.
+pub fn verify_registry_trail(entries: &[RegistryAuditEntry]) -> Result<(), String> {
+    let mut prev = "0".repeat(64);
+    for (i, e) in entries.iter().enumerate() {
+        if e.seq != i as i64 {
+            return Err(format!("entry {i}: sequence number {} (entries missing)", e.seq));
+        }
+        if e.prev != prev {
+            return Err(format!("entry {i}: does not chain to the previous entry"));
+        }
+        if audit_hash(e) != e.hash {
+            return Err(format!("entry {i}: hash does not match its contents (edited)"));
+        }
+        prev = e.hash.clone();
+    }
+    Ok(())
+}

@@ -1,0 +1,320 @@
+//! Results sealed to the researcher who asked for them: HPKE (RFC 9180) base mode with
+//! DHKEM(X25519, HKDF-SHA256), HKDF-SHA256 and ChaCha20-Poly1305, and the X25519 key files.
+//!
+//! Owns the sealed-output format and the researcher's encryption keys. Must not know where
+//! sealed bytes travel: stations seal, the registry stores ciphertext it cannot read, the
+//! researcher opens.
+//!
+//! A sealed output is `enc (32 bytes) || ciphertext`. The AEAD's associated data binds it to
+//! its task, run, station and output name, so the registry cannot swap one station's result
+//! for another's, or rename an output, without opening failing.
+//!
+//! Key files are the standard RFC 8410 forms that `openssl pkey` reads: the private key as
+//! PKCS#8 PEM (mode 0600, refused when group or others can read it), the public key as
+//! SubjectPublicKeyInfo PEM.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use hpke::kem::X25519HkdfSha256;
+use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+type Kem = X25519HkdfSha256;
+type Aead = hpke::aead::ChaCha20Poly1305;
+type Kdf = hpke::kdf::HkdfSha256;
+
+const INFO: &[u8] = b"amicus-result-v1";
+const ENC_LEN: usize = 32;
+/// RFC 8410 DER prefixes for X25519 (OID 1.3.101.110).
+const PKCS8_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x6e, 0x04, 0x22, 0x04, 0x20,
+];
+const SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x6e, 0x03, 0x21, 0x00,
+];
+const MAX_KEY_FILE: u64 = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}: not an X25519 private key in PKCS#8 PEM form")]
+    BadPrivateKey(String),
+    #[error("{0}: not an X25519 public key in SubjectPublicKeyInfo PEM form")]
+    BadPublicKey(String),
+    #[error(
+        "{path}: private key file is accessible by group or others (mode {mode:o}); run `chmod 600` on it"
+    )]
+    Permissions { path: PathBuf, mode: u32 },
+    #[error("{0} already exists; refusing to overwrite a key file")]
+    Exists(PathBuf),
+    #[error("sealed data is too short")]
+    Truncated,
+    #[error(
+        "the sealed output does not open with this key for this task, run, station and name (wrong key, or altered or moved ciphertext)"
+    )]
+    Open,
+    #[error("sealing failed: {0}")]
+    Seal(String),
+}
+
+/// Where a sealed output belongs; authenticated, not encrypted.
+#[derive(Debug, Clone)]
+pub struct SealContext<'a> {
+    pub task: &'a str,
+    pub run: &'a str,
+    pub station: &'a str,
+    pub output: &'a str,
+}
+
+impl SealContext<'_> {
+    fn aad(&self) -> Vec<u8> {
+        format!(
+            "amicus-result-v1\ntask {}\nrun {}\nstation {}\noutput {}",
+            self.task, self.run, self.station, self.output
+        )
+        .into_bytes()
+    }
+}
+
+/// A researcher's public encryption key.
+#[derive(Clone)]
+pub struct RecipientPublicKey(<Kem as hpke::Kem>::PublicKey);
+
+/// A researcher's private decryption key.
+pub struct RecipientKey(<Kem as hpke::Kem>::PrivateKey, RecipientPublicKey);
+
+fn pem(label: &str, der: &[u8]) -> String {
+    let b64 = B64.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+fn unpem(text: &str, label: &str) -> Option<Vec<u8>> {
+    let body = text
+        .trim()
+        .strip_prefix(&format!("-----BEGIN {label}-----"))?
+        .strip_suffix(&format!("-----END {label}-----"))?;
+    let joined: String = body.split_whitespace().collect();
+    B64.decode(joined).ok()
+}
+
+impl RecipientPublicKey {
+    pub fn to_pem(&self) -> String {
+        let mut der = SPKI_PREFIX.to_vec();
+        der.extend_from_slice(&self.0.to_bytes());
+        pem("PUBLIC KEY", &der)
+    }
+
+    pub fn from_pem(text: &str, origin: &str) -> Result<Self, SealError> {
+        let bad = || SealError::BadPublicKey(origin.to_string());
+        let der = unpem(text, "PUBLIC KEY").ok_or_else(bad)?;
+        let raw = der.strip_prefix(&SPKI_PREFIX[..]).ok_or_else(bad)?;
+        if raw.len() != 32 {
+            return Err(bad());
+        }
+        <Kem as hpke::Kem>::PublicKey::from_bytes(raw)
+            .map(RecipientPublicKey)
+            .map_err(|_| bad())
+    }
+
+    pub fn read(path: &Path) -> Result<Self, SealError> {
+        Self::from_pem(&read_capped(path)?, &path.display().to_string())
+    }
+}
+
+impl RecipientKey {
+    pub fn generate() -> RecipientKey {
+        let (sk, pk) = Kem::gen_keypair();
+        RecipientKey(sk, RecipientPublicKey(pk))
+    }
+
+    pub fn public(&self) -> &RecipientPublicKey {
+        &self.1
+    }
+
+    fn from_raw(raw: &[u8], origin: &str) -> Result<Self, SealError> {
+        let bad = || SealError::BadPrivateKey(origin.to_string());
+        let sk = <Kem as hpke::Kem>::PrivateKey::from_bytes(raw).map_err(|_| bad())?;
+        let pk = Kem::sk_to_pk(&sk);
+        Ok(RecipientKey(sk, RecipientPublicKey(pk)))
+    }
+
+    /// Read a PKCS#8 PEM private key; refuses files that group or others can access.
+    pub fn read(path: &Path) -> Result<Self, SealError> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let meta = std::fs::metadata(path).map_err(|source| SealError::Io {
+                path: path.into(),
+                source,
+            })?;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(SealError::Permissions {
+                    path: path.into(),
+                    mode,
+                });
+            }
+        }
+        let origin = path.display().to_string();
+        let der = unpem(&read_capped(path)?, "PRIVATE KEY")
+            .ok_or_else(|| SealError::BadPrivateKey(origin.clone()))?;
+        let raw = der
+            .strip_prefix(&PKCS8_PREFIX[..])
+            .filter(|r| r.len() == 32)
+            .ok_or_else(|| SealError::BadPrivateKey(origin.clone()))?;
+        Self::from_raw(raw, &origin)
+    }
+
+    /// Write the private key (mode 0600, created new) and the public key beside it
+    /// (`x.key` → `x.pub`). Returns the public key's path.
+    pub fn write_pair(&self, key_path: &Path) -> Result<PathBuf, SealError> {
+        let pub_path = amicus_bundle::keys::public_key_path(key_path);
+        for p in [key_path, pub_path.as_path()] {
+            if p.exists() {
+                return Err(SealError::Exists(p.into()));
+            }
+        }
+        let mut der = PKCS8_PREFIX.to_vec();
+        der.extend_from_slice(&self.0.to_bytes());
+        write_new(key_path, pem("PRIVATE KEY", &der).as_bytes(), 0o600)?;
+        write_new(&pub_path, self.1.to_pem().as_bytes(), 0o644)?;
+        Ok(pub_path)
+    }
+
+    /// Open a sealed output.
+    pub fn open(&self, ctx: &SealContext, sealed: &[u8]) -> Result<Vec<u8>, SealError> {
+        if sealed.len() < ENC_LEN {
+            return Err(SealError::Truncated);
+        }
+        let (enc, ciphertext) = sealed.split_at(ENC_LEN);
+        let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(enc).map_err(|_| SealError::Open)?;
+        hpke::single_shot_open::<Aead, Kdf, Kem>(
+            &OpModeR::Base,
+            &self.0,
+            &enc,
+            INFO,
+            ciphertext,
+            &ctx.aad(),
+        )
+        .map_err(|_| SealError::Open)
+    }
+}
+
+/// Seal `plaintext` to `recipient` for `ctx`.
+pub fn seal(
+    recipient: &RecipientPublicKey,
+    ctx: &SealContext,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    let (enc, ciphertext) = hpke::single_shot_seal::<Aead, Kdf, Kem>(
+        &OpModeS::Base,
+        &recipient.0,
+        INFO,
+        plaintext,
+        &ctx.aad(),
+    )
+    .map_err(|e| SealError::Seal(e.to_string()))?;
+    let mut out = enc.to_bytes().to_vec();
+    out.extend_from_slice(&ciphertext);
+    Ok(out)
+}
+
+fn read_capped(path: &Path) -> Result<String, SealError> {
+    use std::io::Read;
+    let io = |source| SealError::Io {
+        path: path.into(),
+        source,
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_KEY_FILE)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    Ok(text)
+}
+
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), SealError> {
+    let io = |source| SealError::Io {
+        path: path.into(),
+        source,
+    };
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = opts.open(path).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx<'a>(output: &'a str) -> SealContext<'a> {
+        SealContext {
+            task: "t1",
+            run: "r1",
+            station: "st1",
+            output,
+        }
+    }
+
+    #[test]
+    fn seal_and_open_round_trip_and_bind_the_context() {
+        let key = RecipientKey::generate();
+        let sealed = seal(key.public(), &ctx("summary.json"), b"{\"n\":12}").unwrap();
+        assert!(!sealed.windows(8).any(|w| w == b"{\"n\":12}"));
+        assert_eq!(key.open(&ctx("summary.json"), &sealed).unwrap(), b"{\"n\":12}");
+        assert!(matches!(key.open(&ctx("other.json"), &sealed), Err(SealError::Open)));
+        let other = SealContext { station: "st2", ..ctx("summary.json") };
+        assert!(matches!(key.open(&other, &sealed), Err(SealError::Open)));
+        let mut flipped = sealed.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(matches!(key.open(&ctx("summary.json"), &flipped), Err(SealError::Open)));
+        assert!(matches!(key.open(&ctx("summary.json"), &sealed[..10]), Err(SealError::Truncated)));
+        let stranger = RecipientKey::generate();
+        assert!(matches!(stranger.open(&ctx("summary.json"), &sealed), Err(SealError::Open)));
+    }
+
+    #[test]
+    fn key_files_round_trip_and_private_keys_must_be_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.key");
+        let key = RecipientKey::generate();
+        let pub_path = key.write_pair(&path).unwrap();
+        let back = RecipientKey::read(&path).unwrap();
+        let public = RecipientPublicKey::read(&pub_path).unwrap();
+        let sealed = seal(&public, &ctx("a"), b"x").unwrap();
+        assert_eq!(back.open(&ctx("a"), &sealed).unwrap(), b"x");
+        assert_eq!(public.to_pem(), key.public().to_pem());
+        assert!(matches!(key.write_pair(&path), Err(SealError::Exists(_))));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(matches!(RecipientKey::read(&path), Err(SealError::Permissions { .. })));
+        }
+        // An Ed25519 public key is not an X25519 one.
+        let ed = amicus_bundle::SecretKey::generate().unwrap().public().to_pem();
+        assert!(RecipientPublicKey::from_pem(&ed, "ed").is_err());
+    }
+}

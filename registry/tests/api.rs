@@ -1,0 +1,552 @@
+//! The registry's API suite, against a real server on loopback over a real database: SQLite
+//! always, PostgreSQL when `AMICUS_TEST_POSTGRES` names a server (the test command starts one
+//! and sets `AMICUS_REQUIRE_POSTGRES=1`, which turns a missing server into a failure).
+//!
+//! Every refusal is checked for its status, its stable code and its entry in the registry's
+//! own audit trail.
+
+use amicus_bundle::{Bundle, SecretKey, manifest::Manifest};
+use amicus_registry::client::{ClientError, PersonClient, StationClient};
+use amicus_registry::db::{Db, verify_registry_trail};
+use amicus_registry::httpsig;
+use amicus_registry::sealed::{RecipientKey, SealContext, seal};
+use amicus_registry::server::{self, App, Limits};
+use amicus_registry::wire::*;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use std::time::{Duration, Instant};
+
+struct Harness {
+    url: String,
+    db: Db,
+    admin: PersonClient,
+    /// Researcher alice, with her decryption key.
+    alice: PersonClient,
+    alice_key: RecipientKey,
+    bob: PersonClient,
+    owner1: PersonClient,
+    auditor: PersonClient,
+    st1: StationClient,
+    st1_key: SecretKey,
+    st2: StationClient,
+    st2_key: SecretKey,
+    train: String,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+}
+
+fn sample_bundle(name: &str, signer: &SecretKey) -> Bundle {
+    let m = Manifest::parse_source(&format!(
+        r#"
+capabilities = ["cohort"]
+[train]
+name = "{name}"
+version = "1.0.0"
+[limits]
+fuel = 1000
+memory_mib = 1
+wall_seconds = 1
+[[outputs]]
+name = "summary.json"
+kind = "statistics"
+max_bytes = 1024
+"#
+    ))
+    .unwrap();
+    let mut b = Bundle::create(m, vec![("train.wasm".into(), b"\0asm not run by the registry".to_vec())]).unwrap();
+    b.sign(signer, "author");
+    b
+}
+
+async fn start(db_url: &str, limits: Limits) -> Harness {
+    let db = Db::connect(db_url).await.expect("database");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let app = App::new(db.clone(), limits);
+    tokio::spawn(async move {
+        server::serve(listener, app, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    let admin_token = server::add_user(
+        &db,
+        &NewUser { name: "root".into(), role: Role::Admin, station: None, enc_public_key: None },
+    )
+    .await
+    .unwrap()
+    .token;
+    let admin = PersonClient::new(&url, &admin_token).unwrap();
+    let st1_key = SecretKey::generate().unwrap();
+    let st2_key = SecretKey::generate().unwrap();
+    for (name, k) in [("st1", &st1_key), ("st2", &st2_key)] {
+        admin
+            .add_station(&NewStation { name: name.into(), public_key: k.public().to_pem() })
+            .await
+            .unwrap();
+    }
+    let alice_key = RecipientKey::generate();
+    let mk = |name: &str, role: Role, station: Option<&str>, enc: Option<String>| NewUser {
+        name: name.into(),
+        role,
+        station: station.map(str::to_string),
+        enc_public_key: enc,
+    };
+    let alice = admin.add_user(&mk("alice", Role::Researcher, None, Some(alice_key.public().to_pem()))).await.unwrap();
+    let bob = admin
+        .add_user(&mk("bob", Role::Researcher, None, Some(RecipientKey::generate().public().to_pem())))
+        .await
+        .unwrap();
+    let owner1 = admin.add_user(&mk("olga", Role::DataOwner, Some("st1"), None)).await.unwrap();
+    let auditor = admin.add_user(&mk("audrey", Role::Auditor, None, None)).await.unwrap();
+    let alice = PersonClient::new(&url, &alice.token).unwrap();
+    let signer = SecretKey::generate().unwrap();
+    let train = alice
+        .push_train(sample_bundle("cohort-stats", &signer).to_bytes())
+        .await
+        .unwrap()
+        .digest;
+    Harness {
+        st1: StationClient::new(&url, st1_key.clone()).unwrap(),
+        st2: StationClient::new(&url, st2_key.clone()).unwrap(),
+        bob: PersonClient::new(&url, &bob.token).unwrap(),
+        owner1: PersonClient::new(&url, &owner1.token).unwrap(),
+        auditor: PersonClient::new(&url, &auditor.token).unwrap(),
+        url,
+        db,
+        admin,
+        alice,
+        alice_key,
+        st1_key,
+        st2_key,
+        train,
+        _shutdown: tx,
+    }
+}
+
+/// The refusal's status and code, and its entry in the registry's trail.
+async fn refused<T: std::fmt::Debug>(h: &Harness, r: Result<T, ClientError>, status: u16, code: &str) {
+    match r {
+        Err(ClientError::Api { status: s, code: c, message }) => {
+            assert_eq!((s, c.as_str()), (status, code), "{message}");
+            let trail = h.db.audit_entries().await.unwrap();
+            let needle = format!("refused {status} {code}");
+            assert!(
+                trail.iter().rev().take(5).any(|e| e.outcome.starts_with(&needle)),
+                "no audit entry for {needle}: {:?}",
+                trail.iter().rev().take(3).collect::<Vec<_>>()
+            );
+        }
+        other => panic!("expected {status} {code}, got {other:?}"),
+    }
+}
+
+async fn new_task(h: &Harness, stations: &[&str]) -> TaskInfo {
+    h.alice
+        .create_task(&NewTask {
+            train: h.train.clone(),
+            stations: stations.iter().map(|s| s.to_string()).collect(),
+            params: Some(serde_json::json!({"tables": ["modality"]})),
+            expires_in_s: None,
+        })
+        .await
+        .unwrap()
+}
+
+async fn lifecycle_and_sealed_results(h: &Harness) {
+    let task = new_task(h, &["st1", "st2"]).await;
+    assert!(task.runs.iter().all(|r| r.state == RunState::Pending));
+    let work = h.st1.work(0).await.unwrap();
+    assert_eq!(work.len(), 1);
+    let item = &work[0];
+    assert_eq!((item.task.as_str(), item.train.as_str()), (task.id.as_str(), h.train.as_str()));
+    assert_eq!(item.params, r#"{"tables":["modality"]}"#);
+    // Delivered exactly once.
+    assert!(h.st1.work(0).await.unwrap().is_empty());
+    // The station fetches the bundle of its run, byte-identical to what was pushed.
+    let bytes = h.st1.train(&h.train).await.unwrap();
+    assert_eq!(Bundle::from_reader(&bytes[..]).unwrap().digest().to_hex(), h.train);
+    // Done before running is a conflict.
+    refused(h, h.st1.result(&item.run, vec![]).await, 409, "conflict").await;
+    h.st1.report(&item.run, RunState::Running, None).await.unwrap();
+    // A retried report is accepted.
+    h.st1.report(&item.run, RunState::Running, None).await.unwrap();
+    // Another station cannot touch st1's run.
+    refused(h, h.st2.report(&item.run, RunState::Failed, Some("x".into())).await, 404, "not_found").await;
+    let plaintext = b"{\"secret-marker-7f3a\": 42}";
+    let recipient = amicus_registry::sealed::RecipientPublicKey::from_pem(&item.recipient_key, "t").unwrap();
+    let ctx = SealContext { task: &item.task, run: &item.run, station: "st1", output: "summary.json" };
+    let sealed = seal(&recipient, &ctx, plaintext).unwrap();
+    h.st1
+        .result(&item.run, vec![SealedOutput { name: "summary.json".into(), sealed: B64.encode(&sealed) }])
+        .await
+        .unwrap();
+    // st2 refuses.
+    let w2 = h.st2.work(0).await.unwrap();
+    h.st2.report(&w2[0].run, RunState::Refused, Some("approval: not approved".into())).await.unwrap();
+    let t = h.alice.task(&task.id).await.unwrap();
+    let states: Vec<_> = t.runs.iter().map(|r| (r.station.as_str(), r.state)).collect();
+    assert_eq!(states, [("st1", RunState::Done), ("st2", RunState::Refused)]);
+    assert_eq!(t.runs[1].reason.as_deref(), Some("approval: not approved"));
+    // Alice opens her result.
+    let res = h.alice.results(&task.id).await.unwrap();
+    let out = &res.runs[0].outputs[0];
+    let opened = h.alice_key.open(&ctx, &B64.decode(&out.sealed).unwrap()).unwrap();
+    assert_eq!(opened, plaintext);
+    // Nobody else may fetch it: not another researcher, not the admin, not the auditor.
+    refused(h, h.bob.results(&task.id).await, 403, "forbidden").await;
+    refused(h, h.bob.task(&task.id).await, 403, "forbidden").await;
+    refused(h, h.admin.results(&task.id).await, 403, "forbidden").await;
+    refused(h, h.auditor.results(&task.id).await, 403, "forbidden").await;
+    // Bob sees only his own tasks; the auditor sees every task's metadata.
+    assert!(h.bob.tasks().await.unwrap().is_empty());
+    assert!(h.auditor.tasks().await.unwrap().iter().any(|t| t.id == task.id));
+    // The registry's storage holds ciphertext only.
+    let stored = h.db.results_of_run(&item.run).await.unwrap();
+    assert!(!stored[0].1.windows(plaintext.len()).any(|w| w == plaintext));
+}
+
+async fn people_and_scopes(h: &Harness) {
+    assert_eq!(h.owner1.me().await.unwrap().station.as_deref(), Some("st1"));
+    h.owner1.station_runs("st1").await.unwrap();
+    refused(h, h.owner1.station_runs("st2").await, 403, "forbidden").await;
+    refused(h, h.owner1.station_audit("st2").await, 403, "forbidden").await;
+    refused(h, h.alice.registry_audit().await, 403, "forbidden").await;
+    refused(h, h.alice.station_runs("st1").await, 403, "forbidden").await;
+    // Only admins add people and stations; only researchers create tasks.
+    let nu = NewUser { name: "eve".into(), role: Role::Admin, station: None, enc_public_key: None };
+    refused(h, h.alice.add_user(&nu).await, 403, "forbidden").await;
+    let ns = NewStation { name: "st9".into(), public_key: SecretKey::generate().unwrap().public().to_pem() };
+    refused(h, h.owner1.add_station(&ns).await, 403, "forbidden").await;
+    let nt = NewTask { train: h.train.clone(), stations: vec!["st1".into()], params: None, expires_in_s: None };
+    refused(h, h.auditor.create_task(&nt).await, 403, "forbidden").await;
+    refused(h, h.owner1.push_train(vec![1, 2, 3]).await, 403, "forbidden").await;
+    // Unknown token; no credentials at all.
+    let stranger = PersonClient::new(&h.url, "amicus_0000").unwrap();
+    refused(h, stranger.me().await, 401, "unauthenticated").await;
+    let r = reqwest::get(format!("{}/v1/tasks", h.url)).await.unwrap();
+    assert_eq!(r.status(), 401);
+    // Bad input.
+    refused(h, h.admin.add_station(&NewStation { name: "st1".into(), public_key: ns.public_key.clone() }).await, 409, "conflict").await;
+    refused(h, h.admin.add_station(&NewStation { name: "x".into(), public_key: "not a key".into() }).await, 400, "bad_request").await;
+    refused(h, h.alice.push_train(b"not a tar".to_vec()).await, 400, "invalid_bundle").await;
+    let unknown = NewTask { train: "0".repeat(64), ..nt.clone() };
+    refused(h, h.alice.create_task(&unknown).await, 404, "not_found").await;
+    let nowhere = NewTask { stations: vec!["st404".into()], ..nt.clone() };
+    refused(h, h.alice.create_task(&nowhere).await, 404, "not_found").await;
+    let twice = NewTask { stations: vec!["st1".into(), "st1".into()], ..nt.clone() };
+    refused(h, h.alice.create_task(&twice).await, 400, "bad_request").await;
+    // Malformed JSON, raw.
+    let client = reqwest::Client::new();
+    let token = std::env::var("NONE").unwrap_or_default();
+    let _ = token;
+    let r = client
+        .post(format!("{}/v1/tasks", h.url))
+        .bearer_auth(alice_token(h).await)
+        .body("{\"train\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: ErrorBody = r.json().await.unwrap();
+    assert_eq!(body.error.code, "malformed_json");
+    // Unknown routes answer JSON too.
+    let r = client.get(format!("{}/v1/nothing", h.url)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.json::<ErrorBody>().await.unwrap().error.code, "not_found");
+}
+
+/// A fresh researcher token for raw requests (tokens are shown once, so make a new user).
+async fn alice_token(h: &Harness) -> String {
+    let name = format!("r{}", amicus_registry::db::random_id());
+    let u = NewUser {
+        name: name[..20].to_string(),
+        role: Role::Researcher,
+        station: None,
+        enc_public_key: Some(RecipientKey::generate().public().to_pem()),
+    };
+    h.admin.add_user(&u).await.unwrap().token
+}
+
+/// Build a signed request by hand, then break it in one way.
+async fn raw_signed(
+    h: &Harness,
+    key: &SecretKey,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    tweak: impl FnOnce(&mut Vec<(String, String)>, &mut Vec<u8>),
+) -> (u16, String) {
+    let authority = h.url.trim_start_matches("http://").to_string();
+    let (p, q) = path.split_once('?').unwrap_or((path, ""));
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).unwrap();
+    let parts = httpsig::RequestParts { method, authority: &authority, path: p, query: q, body };
+    let now = amicus_registry::db::now_ms() / 1000;
+    let mut headers: Vec<(String, String)> = httpsig::sign(&parts, key, now, &hex::encode(nonce))
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let mut body = body.to_vec();
+    tweak(&mut headers, &mut body);
+    send_raw(h, method, path, &headers, body).await
+}
+
+async fn send_raw(h: &Harness, method: &str, path: &str, headers: &[(String, String)], body: Vec<u8>) -> (u16, String) {
+    let client = reqwest::Client::new();
+    let mut req = client.request(method.parse().unwrap(), format!("{}{}", h.url, path));
+    for (k, v) in headers {
+        req = req.header(k, v);
+    }
+    let r = req.body(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let code = r.json::<ErrorBody>().await.map(|b| b.error.code).unwrap_or_default();
+    (status, code)
+}
+
+async fn station_attacks(h: &Harness) {
+    let path = "/v1/station/audit/next";
+    // The honest request works.
+    assert_eq!(raw_signed(h, &h.st1_key, "GET", path, b"", |_, _| {}).await.0, 200);
+    // Unsigned.
+    assert_eq!(send_raw(h, "GET", path, &[], vec![]).await, (401, "unauthenticated".into()));
+    // Signed by a key no station has.
+    let stranger = SecretKey::generate().unwrap();
+    assert_eq!(raw_signed(h, &stranger, "GET", path, b"", |_, _| {}).await, (401, "unknown_station".into()));
+    // Signed by st2's key but claiming st1's key id.
+    let st1_id = h.st1_key.public().id().to_string();
+    let st2_id = h.st2_key.public().id().to_string();
+    let r = raw_signed(h, &h.st2_key, "GET", path, b"", |hs, _| {
+        for (k, v) in hs.iter_mut() {
+            if k == "signature-input" {
+                *v = v.replace(&st2_id, &st1_id);
+            }
+        }
+    })
+    .await;
+    assert_eq!(r, (401, "bad_signature".into()));
+    // Replayed: the same headers twice.
+    let authority = h.url.trim_start_matches("http://").to_string();
+    let parts = httpsig::RequestParts { method: "GET", authority: &authority, path, query: "", body: b"" };
+    let headers: Vec<(String, String)> = httpsig::sign(&parts, &h.st1_key, amicus_registry::db::now_ms() / 1000, "replayreplayreplay01")
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    assert_eq!(send_raw(h, "GET", path, &headers, vec![]).await.0, 200);
+    assert_eq!(send_raw(h, "GET", path, &headers, vec![]).await, (401, "replayed".into()));
+    // A body changed after signing.
+    let body = br#"{"state":"running"}"#;
+    let r = raw_signed(h, &h.st1_key, "POST", "/v1/station/runs/00000000000000000000000000000000/state", body, |_, b| {
+        *b = br#"{"state":"failed"}"#.to_vec();
+    })
+    .await;
+    assert_eq!(r, (401, "bad_signature".into()));
+    // Signed for another path.
+    let r = raw_signed(h, &h.st1_key, "GET", "/v1/station/open", b"", |_, _| {}).await;
+    assert_eq!(r.0, 200);
+    let parts = httpsig::RequestParts { method: "GET", authority: &authority, path: "/v1/station/open", query: "", body: b"" };
+    let headers: Vec<(String, String)> = httpsig::sign(&parts, &h.st1_key, amicus_registry::db::now_ms() / 1000, "otherpathotherpath01")
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    assert_eq!(send_raw(h, "GET", path, &headers, vec![]).await, (401, "bad_signature".into()));
+    // An old signature (outside the clock window).
+    let headers: Vec<(String, String)> = httpsig::sign(
+        &httpsig::RequestParts { method: "GET", authority: &authority, path, query: "", body: b"" },
+        &h.st1_key,
+        amicus_registry::db::now_ms() / 1000 - 3600,
+        "stalestalestalestale",
+    )
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(send_raw(h, "GET", path, &headers, vec![]).await, (401, "bad_signature".into()));
+    // A station on a people's route, a person on a station route.
+    assert_eq!(raw_signed(h, &h.st1_key, "GET", "/v1/tasks", b"", |_, _| {}).await, (403, "forbidden".into()));
+    refused(h, h.alice.results("x").await.map(drop), 404, "not_found").await;
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/station/open", h.url))
+        .bearer_auth(alice_token(h).await)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // A station may fetch only trains of its open runs.
+    refused(h, h.st2.train(&h.train).await, 403, "forbidden").await;
+    // Every refusal above is in the trail.
+    let trail = h.db.audit_entries().await.unwrap();
+    for code in ["unauthenticated", "unknown_station", "bad_signature", "replayed", "forbidden"] {
+        assert!(trail.iter().any(|e| e.outcome.contains(&format!(" {code}:"))), "{code} not audited");
+    }
+}
+
+async fn oversized_bodies(h: &Harness) {
+    // The harness's limits: 64 KiB of JSON.
+    let big = vec![b' '; 70 * 1024];
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/tasks", h.url))
+        .bearer_auth(alice_token(h).await)
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.json::<ErrorBody>().await.unwrap().error.code, "payload_too_large");
+    // Signed station requests too (before the signature is even checked).
+    let r = raw_signed(h, &h.st1_key, "POST", "/v1/station/runs/00000000000000000000000000000000/state", &big, |_, _| {}).await;
+    assert_eq!(r, (413, "payload_too_large".into()));
+    let trail = h.db.audit_entries().await.unwrap();
+    assert!(trail.iter().any(|e| e.outcome.starts_with("refused 413 payload_too_large")));
+}
+
+async fn audit_copies(h: &Harness) {
+    // A real station log: write entries with the runtime's own writer.
+    let dir = tempfile::tempdir().unwrap();
+    let log = amicus_runtime::audit::AuditLog::new(dir.path(), h.st1_key.clone());
+    log.create().unwrap();
+    for i in 0..5 {
+        log.append(amicus_runtime::audit::Event::DigestApproved {
+            digest: amicus_bundle::sha256(&[i]),
+            train: None,
+        })
+        .unwrap();
+    }
+    let text = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let head = std::fs::read_to_string(dir.path().join("audit.head")).unwrap();
+    assert_eq!(h.st1.audit_next().await.unwrap(), 0);
+    assert_eq!(h.st1.upload_audit(lines[..3].to_vec(), None).await.unwrap(), 3);
+    // A gap, an edited entry, another station's entries: refused.
+    refused(h, h.st1.upload_audit(lines[4..].to_vec(), None).await, 400, "bad_audit").await;
+    let edited = lines[3].replace("digest-approved", "digest-approvee");
+    refused(h, h.st1.upload_audit(vec![edited], None).await, 400, "bad_audit").await;
+    refused(h, h.st2.upload_audit(lines[..1].to_vec(), None).await, 400, "bad_audit").await;
+    assert_eq!(h.st1.upload_audit(lines[3..].to_vec(), Some(head)).await.unwrap(), 5);
+    // The auditor verifies the copy with the runtime's verifier.
+    let copy = h.auditor.station_audit("st1").await.unwrap();
+    let raw: Vec<&[u8]> = copy.lines.iter().map(|l| l.as_bytes()).collect();
+    let report = amicus_runtime::audit::verify_lines(
+        &raw,
+        amicus_runtime::audit::HeadFile::Bytes(copy.head.clone().unwrap().into_bytes()),
+        &h.st1_key.public(),
+    );
+    assert!(report.ok(), "{report:?}");
+    assert_eq!(report.valid_entries, 5);
+    // A registry that dropped the last entry is caught by the station's signed head.
+    let report = amicus_runtime::audit::verify_lines(
+        &raw[..4],
+        amicus_runtime::audit::HeadFile::Bytes(copy.head.unwrap().into_bytes()),
+        &h.st1_key.public(),
+    );
+    assert!(!report.ok());
+}
+
+async fn long_poll_and_expiry(h: &Harness) {
+    // A waiting station wakes when a task arrives, well before its wait ends.
+    let url = h.url.clone();
+    let key = h.st2_key.clone();
+    let waiter = tokio::spawn(async move {
+        let st = StationClient::new(&url, key).unwrap();
+        let t0 = Instant::now();
+        let items = st.work(25).await.unwrap();
+        (items, t0.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let task = new_task(h, &["st2"]).await;
+    let (items, waited) = waiter.await.unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].task, task.id);
+    assert!(waited < Duration::from_secs(20), "long poll did not wake: {waited:?}");
+    // A task that expires: its undelivered runs become expired, and late reports are refused.
+    let short = h
+        .alice
+        .create_task(&NewTask { train: h.train.clone(), stations: vec!["st1".into()], params: None, expires_in_s: Some(1) })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert!(h.st1.work(0).await.unwrap().iter().all(|w| w.task != short.id));
+    let t = h.alice.task(&short.id).await.unwrap();
+    assert_eq!(t.runs[0].state, RunState::Expired);
+    refused(h, h.st1.report(&t.runs[0].id, RunState::Running, None).await, 409, "conflict").await;
+}
+
+async fn trail_and_openapi(h: &Harness) {
+    let entries = h.auditor.registry_audit().await.unwrap();
+    assert!(entries.len() > 20);
+    verify_registry_trail(&entries).unwrap();
+    let mut edited = entries.clone();
+    edited[3].outcome = "ok".into();
+    assert!(verify_registry_trail(&edited).is_err());
+    let mut dropped = entries.clone();
+    dropped.remove(5);
+    assert!(verify_registry_trail(&dropped).is_err());
+    // The served document is the one in the repository, and names every route.
+    let doc: serde_json::Value = reqwest::get(format!("{}/v1/openapi.json", h.url)).await.unwrap().json().await.unwrap();
+    assert_eq!(doc, serde_json::from_str::<serde_json::Value>(server::OPENAPI).unwrap());
+    for (method, path) in server::ROUTES {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path} missing from openapi.json");
+    }
+    let documented: usize = doc["paths"].as_object().unwrap().values().map(|p| p.as_object().unwrap().len()).sum();
+    assert_eq!(documented, server::ROUTES.len(), "openapi.json documents routes the server lacks");
+}
+
+async fn suite(db_url: &str) {
+    let limits = Limits { json_bytes: 64 * 1024, ..Limits::default() };
+    let h = start(db_url, limits).await;
+    lifecycle_and_sealed_results(&h).await;
+    people_and_scopes(&h).await;
+    station_attacks(&h).await;
+    oversized_bodies(&h).await;
+    audit_copies(&h).await;
+    long_poll_and_expiry(&h).await;
+    trail_and_openapi(&h).await;
+    // Reconnecting applies no migration twice.
+    Db::connect(db_url).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_suite_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("registry.db").display());
+    suite(&url).await;
+    // Confidentiality at rest: the database files never hold the plaintext marker.
+    for f in std::fs::read_dir(dir.path()).unwrap() {
+        let bytes = std::fs::read(f.unwrap().path()).unwrap();
+        assert!(!bytes.windows(18).any(|w| w == b"secret-marker-7f3a"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_suite_on_postgres() {
+    let Ok(server) = std::env::var("AMICUS_TEST_POSTGRES") else {
+        assert!(
+            std::env::var("AMICUS_REQUIRE_POSTGRES").is_err(),
+            "AMICUS_REQUIRE_POSTGRES is set but AMICUS_TEST_POSTGRES is not"
+        );
+        eprintln!("SKIPPED: set AMICUS_TEST_POSTGRES=postgres://user:pass@127.0.0.1/postgres to run the suite on PostgreSQL");
+        return;
+    };
+    let name = format!("amicus_test_{}", &amicus_registry::db::random_id()[..12]);
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect(&server).await.expect("PostgreSQL server");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
+    let base = server.rsplit_once('/').unwrap().0;
+    let url = format!("{base}/{name}");
+    suite(&url).await;
+    // Confidentiality at rest: no stored value holds the plaintext marker.
+    let db = Db::connect(&url).await.unwrap();
+    for sql in [
+        "SELECT count(*) FROM results WHERE position('secret-marker-7f3a'::bytea in sealed) > 0",
+        "SELECT count(*) FROM trains WHERE position('secret-marker-7f3a'::bytea in bundle) > 0",
+        "SELECT count(*) FROM tasks t WHERE t::text LIKE '%secret-marker-7f3a%'",
+        "SELECT count(*) FROM runs t WHERE t::text LIKE '%secret-marker-7f3a%'",
+        "SELECT count(*) FROM station_audit t WHERE t::text LIKE '%secret-marker-7f3a%'",
+        "SELECT count(*) FROM registry_audit t WHERE t::text LIKE '%secret-marker-7f3a%'",
+    ] {
+        let n: i64 = sqlx::query_scalar(sql).fetch_one(&db.pool).await.unwrap();
+        assert_eq!(n, 0, "{sql}");
+    }
+    db.pool.close().await;
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)"))).execute(&admin).await;
+}
