@@ -74,6 +74,12 @@ if ! command -v dciodvfy >/dev/null; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dicom3tools >/dev/null
 fi
 
+if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+  echo "setup: installing PostgreSQL (the registry's tests run on it as well as on SQLite)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+fi
+
 if ! "$VENV/bin/python" -c "import pydicom, numpy, rdflib, pylibjpeg, libjpeg, openjpeg, jpeg_ls, onnx" 2>/dev/null; then
   echo "setup: installing pydicom (and its JPEG, JPEG 2000, JPEG-LS decoders), numpy, rdflib and onnx into $VENV"
   ensure_venv

@@ -44,8 +44,9 @@ impl Conn {
         let token = match file {
             Some(f) => std::fs::read_to_string(&f)
                 .with_context(|| format!("reading the token from {}", f.display()))?,
-            None => std::env::var("AMICUS_TOKEN")
-                .context("no token: pass --token-file FILE or set AMICUS_TOKEN_FILE or AMICUS_TOKEN")?,
+            None => std::env::var("AMICUS_TOKEN").context(
+                "no token: pass --token-file FILE or set AMICUS_TOKEN_FILE or AMICUS_TOKEN",
+            )?,
         };
         Ok(PersonClient::new(&self.url()?, token.trim())?)
     }
@@ -186,7 +187,10 @@ pub fn registry(cmd: RegistryCommand) -> Result<()> {
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             let addr = listener.local_addr()?;
-            println!("registry listening on http://{addr} (database {})", redact(&db));
+            println!(
+                "registry listening on http://{addr} (database {})",
+                redact(&db)
+            );
             let app = App::new(database, Limits::default());
             server::serve(listener, app, async {
                 let _ = tokio::signal::ctrl_c().await;
@@ -202,8 +206,9 @@ pub fn registry(cmd: RegistryCommand) -> Result<()> {
             enc_key,
             token_out,
         }) => rt.block_on(async {
-            let role = Role::parse(&role)
-                .with_context(|| format!("unknown role {role:?}: admin, researcher, data-owner or auditor"))?;
+            let role = Role::parse(&role).with_context(|| {
+                format!("unknown role {role:?}: admin, researcher, data-owner or auditor")
+            })?;
             let enc_public_key = match enc_key {
                 Some(p) => Some(RecipientPublicKey::read(&p)?.to_pem()),
                 None => None,
@@ -221,7 +226,12 @@ pub fn registry(cmd: RegistryCommand) -> Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?;
             database
-                .audit("local-admin", "user-add", &created.user.name, &format!("ok role {}", role.as_str()))
+                .audit(
+                    "local-admin",
+                    "user-add",
+                    &created.user.name,
+                    &format!("ok role {}", role.as_str()),
+                )
                 .await?;
             match token_out {
                 Some(path) => {
@@ -234,24 +244,30 @@ pub fn registry(cmd: RegistryCommand) -> Result<()> {
                     );
                 }
                 None => {
-                    println!("user {} ({}) added; token (shown once):", created.user.name, role.as_str());
+                    println!(
+                        "user {} ({}) added; token (shown once):",
+                        created.user.name,
+                        role.as_str()
+                    );
                     println!("{}", created.token);
                 }
             }
             Ok(())
         }),
-        RegistryCommand::Station(RegistryStationCommand::Add { conn, name, key }) => rt.block_on(async {
-            let pk = PublicKey::read(&key)?;
-            let info = conn
-                .person()?
-                .add_station(&NewStation {
-                    name,
-                    public_key: pk.to_pem(),
-                })
-                .await?;
-            println!("station {} registered (key {})", info.name, info.key_id);
-            Ok(())
-        }),
+        RegistryCommand::Station(RegistryStationCommand::Add { conn, name, key }) => {
+            rt.block_on(async {
+                let pk = PublicKey::read(&key)?;
+                let info = conn
+                    .person()?
+                    .add_station(&NewStation {
+                        name,
+                        public_key: pk.to_pem(),
+                    })
+                    .await?;
+                println!("station {} registered (key {})", info.name, info.key_id);
+                Ok(())
+            })
+        }
         RegistryCommand::Station(RegistryStationCommand::List { conn }) => rt.block_on(async {
             for s in conn.person()?.stations().await? {
                 let seen = s
@@ -328,8 +344,16 @@ pub fn push(conn: &Conn, bundle: &Path) -> Result<()> {
     // Verify locally first: a broken bundle should not travel.
     let parsed = Bundle::read(bundle)?;
     let bytes = std::fs::read(bundle)?;
-    let info = runtime()?.block_on(async { conn.person()?.push_train(bytes).await.map_err(anyhow::Error::from) })?;
-    println!("pushed {}@{} ({} bytes)", info.name, info.version, info.bytes);
+    let info = runtime()?.block_on(async {
+        conn.person()?
+            .push_train(bytes)
+            .await
+            .map_err(anyhow::Error::from)
+    })?;
+    println!(
+        "pushed {}@{} ({} bytes)",
+        info.name, info.version, info.bytes
+    );
     println!("digest       {}", info.digest);
     println!("capabilities {}", info.capabilities.join(", "));
     for s in &info.signers {
@@ -343,7 +367,12 @@ pub fn push(conn: &Conn, bundle: &Path) -> Result<()> {
 }
 
 fn print_task(t: &TaskInfo) {
-    println!("task {}  train {}  by {}", t.id, &t.train[..16], t.researcher);
+    println!(
+        "task {}  train {}  by {}",
+        t.id,
+        &t.train[..16],
+        t.researcher
+    );
     println!("expires {}", humantime_ms(t.expires_ms));
     for r in &t.runs {
         println!(
@@ -351,13 +380,17 @@ fn print_task(t: &TaskInfo) {
             r.station,
             r.state.as_str(),
             r.id,
-            r.reason.as_deref().map(|x| format!("  ({x})")).unwrap_or_default()
+            r.reason
+                .as_deref()
+                .map(|x| format!("  ({x})"))
+                .unwrap_or_default()
         );
     }
 }
 
 fn parse_duration(s: &str) -> Result<Duration> {
-    humantime::parse_duration(s).with_context(|| format!("{s:?} is not a duration (e.g. 90s, 30m, 2h)"))
+    humantime::parse_duration(s)
+        .with_context(|| format!("{s:?} is not a duration (e.g. 90s, 30m, 2h)"))
 }
 
 pub fn task(cmd: TaskCommand) -> Result<()> {
@@ -383,7 +416,10 @@ pub fn task(cmd: TaskCommand) -> Result<()> {
                 ),
                 None => None,
             };
-            let expires_in_s = expires_in.map(|s| parse_duration(&s)).transpose()?.map(|d| d.as_secs());
+            let expires_in_s = expires_in
+                .map(|s| parse_duration(&s))
+                .transpose()?
+                .map(|d| d.as_secs());
             let t = rt.block_on(async {
                 conn.person()?
                     .create_task(&NewTask {
@@ -405,11 +441,22 @@ pub fn task(cmd: TaskCommand) -> Result<()> {
         TaskCommand::List { conn } => rt.block_on(async {
             for t in conn.person()?.tasks().await? {
                 let done = t.runs.iter().filter(|r| r.state.is_final()).count();
-                println!("{}  train {}  {}/{} runs finished", t.id, &t.train[..16], done, t.runs.len());
+                println!(
+                    "{}  train {}  {}/{} runs finished",
+                    t.id,
+                    &t.train[..16],
+                    done,
+                    t.runs.len()
+                );
             }
             Ok(())
         }),
-        TaskCommand::Show { conn, id, json, wait } => rt.block_on(async {
+        TaskCommand::Show {
+            conn,
+            id,
+            json,
+            wait,
+        } => rt.block_on(async {
             let client = conn.person()?;
             let deadline = wait
                 .map(|w| parse_duration(&w))
@@ -443,7 +490,10 @@ pub fn task(cmd: TaskCommand) -> Result<()> {
                         "{:<16} {}{}",
                         run.station,
                         run.state.as_str(),
-                        run.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+                        run.reason
+                            .as_deref()
+                            .map(|r| format!(": {r}"))
+                            .unwrap_or_default()
                     );
                     continue;
                 }
@@ -466,10 +516,19 @@ pub fn task(cmd: TaskCommand) -> Result<()> {
                     let path = dir.join(&o.name);
                     amicus_bundle::bundle::write_atomic(&path, &plain)?;
                     written += 1;
-                    println!("{:<16} {} ({} bytes) → {}", run.station, o.name, plain.len(), path.display());
+                    println!(
+                        "{:<16} {} ({} bytes) → {}",
+                        run.station,
+                        o.name,
+                        plain.len(),
+                        path.display()
+                    );
                 }
             }
-            println!("{written} output(s) opened and written under {}", out.display());
+            println!(
+                "{written} output(s) opened and written under {}",
+                out.display()
+            );
             Ok(())
         }),
     }
@@ -526,8 +585,18 @@ pub fn station_refuse(dir: &Path, run: &str, reason: &str) -> Result<()> {
 /// `amicus audit verify --registry URL --station NAME`: verify the station's chain as the
 /// registry holds it. With `--key`, the station key is pinned instead of taken from the
 /// registry.
-pub fn audit_verify_remote(conn: &Conn, station: &str, pinned: Option<&Path>, json: bool) -> Result<()> {
-    let audit = runtime()?.block_on(async { conn.person()?.station_audit(station).await.map_err(anyhow::Error::from) })?;
+pub fn audit_verify_remote(
+    conn: &Conn,
+    station: &str,
+    pinned: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    let audit = runtime()?.block_on(async {
+        conn.person()?
+            .station_audit(station)
+            .await
+            .map_err(anyhow::Error::from)
+    })?;
     let key = match pinned {
         Some(p) => {
             let k = PublicKey::read(p)?;
@@ -552,7 +621,11 @@ pub fn audit_verify_remote(conn: &Conn, station: &str, pinned: Option<&Path>, js
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("station {station}: {} entries verified (key {})", report.valid_entries, key.id());
+        println!(
+            "station {station}: {} entries verified (key {})",
+            report.valid_entries,
+            key.id()
+        );
         if report.head_lags {
             println!("note: head lags the log by one entry");
         }
@@ -571,7 +644,10 @@ pub fn audit_verify_remote(conn: &Conn, station: &str, pinned: Option<&Path>, js
 pub fn keygen_x25519(out: &Path) -> Result<()> {
     let key = RecipientKey::generate();
     let pub_path = key.write_pair(out)?;
-    println!("private key  {} (mode 0600, X25519: opens results sealed to you)", out.display());
+    println!(
+        "private key  {} (mode 0600, X25519: opens results sealed to you)",
+        out.display()
+    );
     println!("public key   {}", pub_path.display());
     print!("{}", key.public().to_pem());
     Ok(())

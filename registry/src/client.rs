@@ -46,7 +46,8 @@ impl ClientError {
 }
 
 fn base_url(url: &str) -> Result<reqwest::Url, ClientError> {
-    let u = reqwest::Url::parse(url.trim_end_matches('/')).map_err(|_| ClientError::Url(url.into()))?;
+    let u =
+        reqwest::Url::parse(url.trim_end_matches('/')).map_err(|_| ClientError::Url(url.into()))?;
     if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
         return Err(ClientError::Url(url.into()));
     }
@@ -62,7 +63,10 @@ fn http(timeout: Duration) -> reqwest::Client {
         .expect("a plain HTTP client builds")
 }
 
-async fn answer(url: &str, r: Result<reqwest::Response, reqwest::Error>) -> Result<Vec<u8>, ClientError> {
+async fn answer(
+    url: &str,
+    r: Result<reqwest::Response, reqwest::Error>,
+) -> Result<Vec<u8>, ClientError> {
     let resp = r.map_err(|e| ClientError::Unreachable {
         url: url.to_string(),
         reason: e.to_string(),
@@ -84,10 +88,7 @@ async fn answer(url: &str, r: Result<reqwest::Response, reqwest::Error>) -> Resu
         Err(_) => Err(ClientError::Api {
             status: status.as_u16(),
             code: "http".into(),
-            message: status
-                .canonical_reason()
-                .unwrap_or("error")
-                .to_string(),
+            message: status.canonical_reason().unwrap_or("error").to_string(),
         }),
     }
 }
@@ -112,8 +113,16 @@ impl PersonClient {
         })
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<(Vec<u8>, &str)>) -> Result<Vec<u8>, ClientError> {
-        let url = self.base.join(path).map_err(|_| ClientError::Url(path.into()))?;
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Vec<u8>, &str)>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let url = self
+            .base
+            .join(path)
+            .map_err(|_| ClientError::Url(path.into()))?;
         let mut req = self
             .http
             .request(method, url.clone())
@@ -128,9 +137,17 @@ impl PersonClient {
         decode(&self.send(Method::GET, path, None).await?)
     }
 
-    async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+    async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
         let bytes = serde_json::to_vec(body).expect("request bodies serialise");
-        decode(&self.send(Method::POST, path, Some((bytes, "application/json"))).await?)
+        decode(
+            &self
+                .send(Method::POST, path, Some((bytes, "application/json")))
+                .await?,
+        )
     }
 
     pub async fn me(&self) -> Result<UserInfo, ClientError> {
@@ -146,13 +163,22 @@ impl PersonClient {
         self.get("/v1/stations").await
     }
     pub async fn push_train(&self, bundle: Vec<u8>) -> Result<TrainInfo, ClientError> {
-        decode(&self.send(Method::PUT, "/v1/trains", Some((bundle, "application/octet-stream"))).await?)
+        decode(
+            &self
+                .send(
+                    Method::PUT,
+                    "/v1/trains",
+                    Some((bundle, "application/octet-stream")),
+                )
+                .await?,
+        )
     }
     pub async fn trains(&self) -> Result<Vec<TrainInfo>, ClientError> {
         self.get("/v1/trains").await
     }
     pub async fn train_bundle(&self, digest: &str) -> Result<Vec<u8>, ClientError> {
-        self.send(Method::GET, &format!("/v1/trains/{digest}"), None).await
+        self.send(Method::GET, &format!("/v1/trains/{digest}"), None)
+            .await
     }
     pub async fn create_task(&self, new: &NewTask) -> Result<TaskInfo, ClientError> {
         self.post("/v1/tasks", new).await
@@ -202,7 +228,12 @@ impl StationClient {
     }
 
     /// Send a signed request. `path_and_query` is e.g. `/v1/station/work?wait=20`.
-    pub async fn send(&self, method: Method, path_and_query: &str, body: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+    pub async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, ClientError> {
         let url = self
             .base
             .join(path_and_query)
@@ -232,40 +263,88 @@ impl StationClient {
         answer(url.as_str(), req.body(body).send().await).await
     }
 
-    async fn post<B: serde::Serialize>(&self, path: &str, body: &B) -> Result<Vec<u8>, ClientError> {
-        self.send(Method::POST, path, serde_json::to_vec(body).expect("request bodies serialise"))
-            .await
+    async fn post<B: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<Vec<u8>, ClientError> {
+        self.send(
+            Method::POST,
+            path,
+            serde_json::to_vec(body).expect("request bodies serialise"),
+        )
+        .await
     }
 
     /// Wait up to `wait_s` seconds for new runs.
     pub async fn work(&self, wait_s: u64) -> Result<Vec<WorkItem>, ClientError> {
-        let r: WorkResponse = decode(&self.send(Method::GET, &format!("/v1/station/work?wait={wait_s}"), Vec::new()).await?)?;
+        let r: WorkResponse = decode(
+            &self
+                .send(
+                    Method::GET,
+                    &format!("/v1/station/work?wait={wait_s}"),
+                    Vec::new(),
+                )
+                .await?,
+        )?;
         Ok(r.items)
     }
     /// Runs delivered to or running at this station, as the registry sees them.
     pub async fn open_runs(&self) -> Result<Vec<WorkItem>, ClientError> {
-        let r: WorkResponse = decode(&self.send(Method::GET, "/v1/station/open", Vec::new()).await?)?;
+        let r: WorkResponse = decode(
+            &self
+                .send(Method::GET, "/v1/station/open", Vec::new())
+                .await?,
+        )?;
         Ok(r.items)
     }
     pub async fn train(&self, digest: &str) -> Result<Vec<u8>, ClientError> {
-        self.send(Method::GET, &format!("/v1/station/trains/{digest}"), Vec::new()).await
+        self.send(
+            Method::GET,
+            &format!("/v1/station/trains/{digest}"),
+            Vec::new(),
+        )
+        .await
     }
-    pub async fn report(&self, run: &str, state: RunState, reason: Option<String>) -> Result<(), ClientError> {
-        self.post(&format!("/v1/station/runs/{run}/state"), &RunUpdate { state, reason })
-            .await
-            .map(drop)
+    pub async fn report(
+        &self,
+        run: &str,
+        state: RunState,
+        reason: Option<String>,
+    ) -> Result<(), ClientError> {
+        self.post(
+            &format!("/v1/station/runs/{run}/state"),
+            &RunUpdate { state, reason },
+        )
+        .await
+        .map(drop)
     }
     pub async fn result(&self, run: &str, outputs: Vec<SealedOutput>) -> Result<(), ClientError> {
-        self.post(&format!("/v1/station/runs/{run}/result"), &ResultUpload { outputs })
-            .await
-            .map(drop)
+        self.post(
+            &format!("/v1/station/runs/{run}/result"),
+            &ResultUpload { outputs },
+        )
+        .await
+        .map(drop)
     }
     pub async fn audit_next(&self) -> Result<i64, ClientError> {
-        let a: AuditAck = decode(&self.send(Method::GET, "/v1/station/audit/next", Vec::new()).await?)?;
+        let a: AuditAck = decode(
+            &self
+                .send(Method::GET, "/v1/station/audit/next", Vec::new())
+                .await?,
+        )?;
         Ok(a.next_seq)
     }
-    pub async fn upload_audit(&self, lines: Vec<String>, head: Option<String>) -> Result<i64, ClientError> {
-        let a: AuditAck = decode(&self.post("/v1/station/audit", &AuditUpload { lines, head }).await?)?;
+    pub async fn upload_audit(
+        &self,
+        lines: Vec<String>,
+        head: Option<String>,
+    ) -> Result<i64, ClientError> {
+        let a: AuditAck = decode(
+            &self
+                .post("/v1/station/audit", &AuditUpload { lines, head })
+                .await?,
+        )?;
         Ok(a.next_seq)
     }
 }

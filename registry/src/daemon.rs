@@ -79,9 +79,15 @@ pub enum Progress {
 #[serde(rename_all = "kebab-case", tag = "outcome")]
 pub enum Report {
     /// Released outputs: (name, file) in the station's `runs/<local id>/outputs/`.
-    Done { outputs: Vec<(String, PathBuf)> },
-    Refused { reason: String },
-    Failed { reason: String },
+    Done {
+        outputs: Vec<(String, PathBuf)>,
+    },
+    Refused {
+        reason: String,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -208,7 +214,11 @@ pub fn approve(station_dir: &Path, run: &str) -> Result<String, DaemonError> {
 pub fn refuse(station_dir: &Path, run: &str, reason: &str) -> Result<(), DaemonError> {
     let journal = Journal::new(station_dir);
     held(&journal, run)?;
-    let reason: String = reason.chars().filter(|c| !c.is_control()).take(500).collect();
+    let reason: String = reason
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(500)
+        .collect();
     write_atomic(&journal.refusal_path(run), reason.as_bytes())
 }
 
@@ -255,7 +265,9 @@ impl Daemon {
         let st = Station::open(&self.opts.dir)?;
         let recovered = st.recover()?;
         if recovered > 0 {
-            say(&format!("recovered {recovered} run(s) interrupted when the station stopped"));
+            say(&format!(
+                "recovered {recovered} run(s) interrupted when the station stopped"
+            ));
         }
         say(&format!(
             "station {} polls {} (no listening sockets)",
@@ -279,7 +291,10 @@ impl Daemon {
                     let mut jitter = [0u8; 1];
                     getrandom::fill(&mut jitter).ok();
                     let pause = backoff + Duration::from_millis(jitter[0] as u64 * 4);
-                    say(&format!("registry unavailable ({e}); retrying in {:.1} s", pause.as_secs_f32()));
+                    say(&format!(
+                        "registry unavailable ({e}); retrying in {:.1} s",
+                        pause.as_secs_f32()
+                    ));
                     tokio::time::sleep(pause).await;
                     backoff = (backoff * 2).min(self.opts.max_backoff);
                     // Our view of the registry's audit copy may be stale after an outage.
@@ -306,9 +321,13 @@ impl Daemon {
                 None => {}
                 Some(e) => match e.progress {
                     Progress::Started => {
-                        say(&format!("run {}: the station stopped during the run; reporting it failed", item.run));
+                        say(&format!(
+                            "run {}: the station stopped during the run; reporting it failed",
+                            item.run
+                        ));
                         let report = Report::Failed {
-                            reason: "the station stopped during the run; it was not run again".into(),
+                            reason: "the station stopped during the run; it was not run again"
+                                .into(),
                         };
                         self.finish(item, e.train_name, report).await?;
                     }
@@ -335,7 +354,9 @@ impl Daemon {
         let mut any_held = false;
         for e in self.journal.all()? {
             match e.progress {
-                Progress::Finished { report } => self.send_report(e.item, e.train_name, report).await?,
+                Progress::Finished { report } => {
+                    self.send_report(e.item, e.train_name, report).await?
+                }
                 Progress::Received => self.process(e.item).await?,
                 Progress::Held => {
                     if let Some(reason) = self.journal.refusal(&e.item.run) {
@@ -350,7 +371,11 @@ impl Daemon {
                 Progress::Started | Progress::Reported { .. } => {}
             }
         }
-        let wait = if any_held { Duration::from_secs(2) } else { self.opts.poll_wait };
+        let wait = if any_held {
+            Duration::from_secs(2)
+        } else {
+            self.opts.poll_wait
+        };
         let items = self.client.work(wait.as_secs()).await?;
         for item in items {
             if !plain_id(&item.run) || !plain_digest(&item.train) {
@@ -360,7 +385,12 @@ impl Daemon {
             if self.journal.get(&item.run)?.is_some() {
                 continue;
             }
-            say(&format!("run {}: received (task {}, train {})", item.run, item.task, &item.train[..12]));
+            say(&format!(
+                "run {}: received (task {}, train {})",
+                item.run,
+                item.task,
+                &item.train[..12]
+            ));
             self.journal.put(&JournalEntry {
                 item: item.clone(),
                 progress: Progress::Received,
@@ -423,7 +453,11 @@ impl Daemon {
             Ok(b) => b,
             Err(report) => return self.finish(item, None, report).await,
         };
-        let name = format!("{}@{}", bundle.manifest().train.name, bundle.manifest().train.version);
+        let name = format!(
+            "{}@{}",
+            bundle.manifest().train.name,
+            bundle.manifest().train.version
+        );
         let st = Station::open(&self.opts.dir)?;
         let policy = st.policy()?;
         if let Err(r) = policy.admit(&bundle)
@@ -434,7 +468,10 @@ impl Daemon {
                 progress: Progress::Held,
                 train_name: Some(bundle.manifest().train.name.clone()),
             };
-            let was_held = self.journal.get(&item.run)?.is_some_and(|e| e.progress == Progress::Held);
+            let was_held = self
+                .journal
+                .get(&item.run)?
+                .is_some_and(|e| e.progress == Progress::Held);
             self.journal.put(&entry)?;
             if !was_held {
                 say(&format!(
@@ -442,7 +479,11 @@ impl Daemon {
                     item.run
                 ));
                 self.client
-                    .report(&item.run, RunState::Delivered, Some("awaiting the data owner's approval".into()))
+                    .report(
+                        &item.run,
+                        RunState::Delivered,
+                        Some("awaiting the data owner's approval".into()),
+                    )
                     .await?;
             }
             return Ok(());
@@ -458,11 +499,16 @@ impl Daemon {
             // Not started: back to received, to try again (or to learn it expired).
             let conflict = e.code() == Some("conflict") || e.code() == Some("not_found");
             if conflict {
-                say(&format!("run {}: the registry no longer expects it ({e})", item.run));
+                say(&format!(
+                    "run {}: the registry no longer expects it ({e})",
+                    item.run
+                ));
                 self.journal.put(&JournalEntry {
                     item,
                     progress: Progress::Reported {
-                        report: Report::Failed { reason: format!("not started: {e}") },
+                        report: Report::Failed {
+                            reason: format!("not started: {e}"),
+                        },
                     },
                     train_name: Some(name),
                 })?;
@@ -492,14 +538,20 @@ impl Daemon {
         });
         let report = match outcome {
             Ok(record) => Report::Done {
-                outputs: record.outputs.into_iter().map(|o| (o.name, o.path)).collect(),
+                outputs: record
+                    .outputs
+                    .into_iter()
+                    .map(|o| (o.name, o.path))
+                    .collect(),
             },
             Err(StationError::Refused(r)) => Report::Refused {
                 reason: format!("{}: {}", r.stage, r.reason),
             },
             Err(StationError::RunFailed { outcome, .. }) => Report::Failed {
                 // The train's own error message stays at the station (see the audit log).
-                reason: format!("the run ended: {outcome}; the station's audit log has the details"),
+                reason: format!(
+                    "the run ended: {outcome}; the station's audit log has the details"
+                ),
             },
             Err(e) => Report::Failed {
                 reason: format!("station error: {e}"),
@@ -515,23 +567,37 @@ impl Daemon {
         let reason = format!("refused by the data owner: {reason}");
         st.record_refusal(e.item.train.parse().ok(), sha256(&bytes), "owner", &reason)?;
         say(&format!("run {}: {reason}", e.item.run));
-        self.finish(e.item, e.train_name, Report::Refused { reason }).await
+        self.finish(e.item, e.train_name, Report::Refused { reason })
+            .await
     }
 
-    async fn finish(&mut self, item: WorkItem, train_name: Option<String>, report: Report) -> Result<(), DaemonError> {
+    async fn finish(
+        &mut self,
+        item: WorkItem,
+        train_name: Option<String>,
+        report: Report,
+    ) -> Result<(), DaemonError> {
         self.journal.put(&JournalEntry {
             item: item.clone(),
-            progress: Progress::Finished { report: report.clone() },
+            progress: Progress::Finished {
+                report: report.clone(),
+            },
             train_name: train_name.clone(),
         })?;
         self.upload_audit().await?;
         self.send_report(item, train_name, report).await
     }
 
-    async fn send_report(&mut self, item: WorkItem, train_name: Option<String>, report: Report) -> Result<(), DaemonError> {
+    async fn send_report(
+        &mut self,
+        item: WorkItem,
+        train_name: Option<String>,
+        report: Report,
+    ) -> Result<(), DaemonError> {
         let sent = match &report {
             Report::Done { outputs } => {
-                let recipient = RecipientPublicKey::from_pem(&item.recipient_key, "the task's recipient key");
+                let recipient =
+                    RecipientPublicKey::from_pem(&item.recipient_key, "the task's recipient key");
                 match recipient {
                     Ok(recipient) => {
                         let mut sealed = Vec::new();
@@ -543,29 +609,48 @@ impl Daemon {
                                 station: &item.station,
                                 output: name,
                             };
-                            let s = seal(&recipient, &ctx, &plain).map_err(|e| DaemonError::Io {
-                                path: path.clone(),
-                                source: std::io::Error::other(e.to_string()),
-                            })?;
-                            sealed.push(SealedOutput { name: name.clone(), sealed: B64.encode(s) });
+                            let s =
+                                seal(&recipient, &ctx, &plain).map_err(|e| DaemonError::Io {
+                                    path: path.clone(),
+                                    source: std::io::Error::other(e.to_string()),
+                                })?;
+                            sealed.push(SealedOutput {
+                                name: name.clone(),
+                                sealed: B64.encode(s),
+                            });
                         }
                         self.client.result(&item.run, sealed).await
                     }
                     Err(e) => {
                         self.client
-                            .report(&item.run, RunState::Failed, Some(format!("outputs not sent: {e}")))
+                            .report(
+                                &item.run,
+                                RunState::Failed,
+                                Some(format!("outputs not sent: {e}")),
+                            )
                             .await
                     }
                 }
             }
-            Report::Refused { reason } => self.client.report(&item.run, RunState::Refused, Some(reason.clone())).await,
-            Report::Failed { reason } => self.client.report(&item.run, RunState::Failed, Some(reason.clone())).await,
+            Report::Refused { reason } => {
+                self.client
+                    .report(&item.run, RunState::Refused, Some(reason.clone()))
+                    .await
+            }
+            Report::Failed { reason } => {
+                self.client
+                    .report(&item.run, RunState::Failed, Some(reason.clone()))
+                    .await
+            }
         };
         match sent {
             Ok(()) => {}
             Err(e) if e.is_transient() => return Err(e.into()),
             // The registry will never take it (expired meanwhile): keep the record, stop trying.
-            Err(e) => say(&format!("run {}: the registry did not take the report: {e}", item.run)),
+            Err(e) => say(&format!(
+                "run {}: the registry did not take the report: {e}",
+                item.run
+            )),
         }
         let what = match &report {
             Report::Done { outputs } => format!("done, {} sealed output(s) sent", outputs.len()),

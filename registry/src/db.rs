@@ -304,7 +304,12 @@ impl Db {
     }
 
     /// Remember a nonce; false if it was seen before (a replay).
-    pub async fn use_nonce(&self, key_id: &str, nonce: &str, created_s: i64) -> Result<bool, DbError> {
+    pub async fn use_nonce(
+        &self,
+        key_id: &str,
+        nonce: &str,
+        created_s: i64,
+    ) -> Result<bool, DbError> {
         let r = sqlx::query(
             "INSERT INTO nonces (key_id, nonce, created_s) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
@@ -371,7 +376,8 @@ impl Db {
             name: r.try_get("name")?,
             version: r.try_get("version")?,
             bytes: r.try_get("bytes")?,
-            capabilities: serde_json::from_str(&caps).map_err(|e| DbError::Corrupt(e.to_string()))?,
+            capabilities: serde_json::from_str(&caps)
+                .map_err(|e| DbError::Corrupt(e.to_string()))?,
             signers: serde_json::from_str(&signers).map_err(|e| DbError::Corrupt(e.to_string()))?,
             uploaded_by: r.try_get("uploaded_by")?,
             created_ms: r.try_get("created_ms")?,
@@ -574,7 +580,8 @@ impl Db {
                     train: r.try_get("train")?,
                     params: r.try_get("params")?,
                     recipient_key: r.try_get("recipient_key")?,
-                    state: RunState::parse(&state).ok_or_else(|| DbError::Corrupt(state.clone()))?,
+                    state: RunState::parse(&state)
+                        .ok_or_else(|| DbError::Corrupt(state.clone()))?,
                     expires_ms: r.try_get("expires_ms")?,
                 })
             })
@@ -596,7 +603,10 @@ impl Db {
             return Ok(Vec::new());
         }
         let items = self.work_items(station, false).await?;
-        Ok(items.into_iter().filter(|i| taken.contains(&i.run)).collect())
+        Ok(items
+            .into_iter()
+            .filter(|i| taken.contains(&i.run))
+            .collect())
     }
 
     /// A station's delivered and running runs, for reconciling after a restart.
@@ -746,7 +756,10 @@ impl Db {
         Ok(true)
     }
 
-    pub async fn station_audit(&self, station: &str) -> Result<(Vec<String>, Option<String>), DbError> {
+    pub async fn station_audit(
+        &self,
+        station: &str,
+    ) -> Result<(Vec<String>, Option<String>), DbError> {
         let lines: Vec<String> =
             sqlx::query_scalar("SELECT line FROM station_audit WHERE station = $1 ORDER BY seq")
                 .bind(station)
@@ -776,7 +789,10 @@ impl Db {
                 .fetch_optional(&self.pool)
                 .await?;
             let (seq, prev) = match tip {
-                Some(r) => (r.try_get::<i64, _>("seq")? + 1, r.try_get::<String, _>("hash")?),
+                Some(r) => (
+                    r.try_get::<i64, _>("seq")? + 1,
+                    r.try_get::<String, _>("hash")?,
+                ),
                 None => (0, "0".repeat(64)),
             };
             let entry = RegistryAuditEntry {
@@ -809,7 +825,9 @@ impl Db {
             }
             tokio::time::sleep(Duration::from_millis(1 + (seq as u64 % 7))).await;
         }
-        Err(DbError::Corrupt("registry audit trail: too much contention".into()))
+        Err(DbError::Corrupt(
+            "registry audit trail: too much contention".into(),
+        ))
     }
 
     pub async fn audit_entries(&self) -> Result<Vec<RegistryAuditEntry>, DbError> {
@@ -852,13 +870,18 @@ pub fn verify_registry_trail(entries: &[RegistryAuditEntry]) -> Result<(), Strin
     let mut prev = "0".repeat(64);
     for (i, e) in entries.iter().enumerate() {
         if e.seq != i as i64 {
-            return Err(format!("entry {i}: sequence number {} (entries missing)", e.seq));
+            return Err(format!(
+                "entry {i}: sequence number {} (entries missing)",
+                e.seq
+            ));
         }
         if e.prev != prev {
             return Err(format!("entry {i}: does not chain to the previous entry"));
         }
         if audit_hash(e) != e.hash {
-            return Err(format!("entry {i}: hash does not match its contents (edited)"));
+            return Err(format!(
+                "entry {i}: hash does not match its contents (edited)"
+            ));
         }
         prev = e.hash.clone();
     }

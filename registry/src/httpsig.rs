@@ -133,7 +133,11 @@ pub fn parse_input(header: &str) -> Result<SignatureParams, SignatureError> {
     if rest != ";alg=\"ed25519\"" || !nonce_ok(nonce) {
         return Err(bad);
     }
-    if keyid.len() != 64 || !keyid.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if keyid.len() != 64
+        || !keyid
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         return Err(bad);
     }
     Ok(SignatureParams {
@@ -209,7 +213,10 @@ mod tests {
         }
     }
 
-    fn signed(key: &SecretKey, req: &RequestParts) -> (SignatureParams, [(&'static str, String); 3]) {
+    fn signed(
+        key: &SecretKey,
+        req: &RequestParts,
+    ) -> (SignatureParams, [(&'static str, String); 3]) {
         let h = sign(req, key, 1_000_000, "abcdefghijklmnop");
         (parse_input(&h[1].1).unwrap(), h)
     }
@@ -220,7 +227,15 @@ mod tests {
         let req = parts(b"{\"state\":\"running\"}");
         let (params, h) = signed(&key, &req);
         assert_eq!(params.keyid, key.public().id().to_string());
-        verify(&req, Some(&h[0].1), Some(&h[2].1), &params, &key.public(), 1_000_010).unwrap();
+        verify(
+            &req,
+            Some(&h[0].1),
+            Some(&h[2].1),
+            &params,
+            &key.public(),
+            1_000_010,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -229,7 +244,8 @@ mod tests {
         let req = parts(b"{}");
         let (params, h) = signed(&key, &req);
         let pk = key.public();
-        let check = |r: &RequestParts, d: &str| verify(r, Some(d), Some(&h[2].1), &params, &pk, 1_000_000);
+        let check =
+            |r: &RequestParts, d: &str| verify(r, Some(d), Some(&h[2].1), &params, &pk, 1_000_000);
         let mut r = parts(b"{}");
         r.method = "PUT";
         assert_eq!(check(&r, &h[0].1), Err(SignatureError::BadSignature));
@@ -244,7 +260,10 @@ mod tests {
         assert_eq!(check(&r, &h[0].1), Err(SignatureError::BadSignature));
         // A changed body with its honest digest: the digest is covered.
         let r = parts(b"{\"x\":1}");
-        assert_eq!(check(&r, &content_digest(b"{\"x\":1}")), Err(SignatureError::BadSignature));
+        assert_eq!(
+            check(&r, &content_digest(b"{\"x\":1}")),
+            Err(SignatureError::BadSignature)
+        );
         // A changed body with the old digest.
         assert_eq!(check(&r, &h[0].1), Err(SignatureError::DigestMismatch));
     }
@@ -256,11 +275,25 @@ mod tests {
         let req = parts(b"");
         let (params, h) = signed(&key, &req);
         assert_eq!(
-            verify(&req, Some(&h[0].1), Some(&h[2].1), &params, &other.public(), 1_000_000),
+            verify(
+                &req,
+                Some(&h[0].1),
+                Some(&h[2].1),
+                &params,
+                &other.public(),
+                1_000_000
+            ),
             Err(SignatureError::BadSignature)
         );
         assert_eq!(
-            verify(&req, Some(&h[0].1), Some(&h[2].1), &params, &key.public(), 1_000_000 + 301),
+            verify(
+                &req,
+                Some(&h[0].1),
+                Some(&h[2].1),
+                &params,
+                &key.public(),
+                1_000_000 + 301
+            ),
             Err(SignatureError::Stale(301))
         );
     }
@@ -268,7 +301,9 @@ mod tests {
     #[test]
     fn other_component_lists_and_algorithms_are_refused() {
         let id = "a".repeat(64);
-        let ok = format!("amicus={COMPONENTS};created=5;nonce=\"abcdefghijklmnop\";keyid=\"{id}\";alg=\"ed25519\"");
+        let ok = format!(
+            "amicus={COMPONENTS};created=5;nonce=\"abcdefghijklmnop\";keyid=\"{id}\";alg=\"ed25519\""
+        );
         assert!(parse_input(&ok).is_ok());
         for bad in [
             ok.replace("\"content-digest\"", ""),

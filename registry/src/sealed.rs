@@ -283,16 +283,34 @@ mod tests {
         let key = RecipientKey::generate();
         let sealed = seal(key.public(), &ctx("summary.json"), b"{\"n\":12}").unwrap();
         assert!(!sealed.windows(8).any(|w| w == b"{\"n\":12}"));
-        assert_eq!(key.open(&ctx("summary.json"), &sealed).unwrap(), b"{\"n\":12}");
-        assert!(matches!(key.open(&ctx("other.json"), &sealed), Err(SealError::Open)));
-        let other = SealContext { station: "st2", ..ctx("summary.json") };
+        assert_eq!(
+            key.open(&ctx("summary.json"), &sealed).unwrap(),
+            b"{\"n\":12}"
+        );
+        assert!(matches!(
+            key.open(&ctx("other.json"), &sealed),
+            Err(SealError::Open)
+        ));
+        let other = SealContext {
+            station: "st2",
+            ..ctx("summary.json")
+        };
         assert!(matches!(key.open(&other, &sealed), Err(SealError::Open)));
         let mut flipped = sealed.clone();
         *flipped.last_mut().unwrap() ^= 1;
-        assert!(matches!(key.open(&ctx("summary.json"), &flipped), Err(SealError::Open)));
-        assert!(matches!(key.open(&ctx("summary.json"), &sealed[..10]), Err(SealError::Truncated)));
+        assert!(matches!(
+            key.open(&ctx("summary.json"), &flipped),
+            Err(SealError::Open)
+        ));
+        assert!(matches!(
+            key.open(&ctx("summary.json"), &sealed[..10]),
+            Err(SealError::Truncated)
+        ));
         let stranger = RecipientKey::generate();
-        assert!(matches!(stranger.open(&ctx("summary.json"), &sealed), Err(SealError::Open)));
+        assert!(matches!(
+            stranger.open(&ctx("summary.json"), &sealed),
+            Err(SealError::Open)
+        ));
     }
 
     #[test]
@@ -311,10 +329,16 @@ mod tests {
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-            assert!(matches!(RecipientKey::read(&path), Err(SealError::Permissions { .. })));
+            assert!(matches!(
+                RecipientKey::read(&path),
+                Err(SealError::Permissions { .. })
+            ));
         }
         // An Ed25519 public key is not an X25519 one.
-        let ed = amicus_bundle::SecretKey::generate().unwrap().public().to_pem();
+        let ed = amicus_bundle::SecretKey::generate()
+            .unwrap()
+            .public()
+            .to_pem();
         assert!(RecipientPublicKey::from_pem(&ed, "ed").is_err());
     }
 }

@@ -196,7 +196,12 @@ enum Auth {
     Station,
 }
 
-const ANY_PERSON: &[Role] = &[Role::Admin, Role::Researcher, Role::DataOwner, Role::Auditor];
+const ANY_PERSON: &[Role] = &[
+    Role::Admin,
+    Role::Researcher,
+    Role::DataOwner,
+    Role::Auditor,
+];
 
 /// A read request: the parts the signature covers, and the body.
 struct Req {
@@ -310,8 +315,13 @@ async fn authenticate(app: &App, r: &Req, auth: Auth) -> Result<Option<Caller>, 
                 "no station is registered with this key",
             )
         })?;
-        let key = PublicKey::from_pem(&station.public_key, &station.name)
-            .map_err(|_| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", "stored key unreadable"))?;
+        let key = PublicKey::from_pem(&station.public_key, &station.name).map_err(|_| {
+            err(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "stored key unreadable",
+            )
+        })?;
         let parts = RequestParts {
             method: &r.method,
             authority: &r.authority,
@@ -354,7 +364,10 @@ async fn authenticate(app: &App, r: &Req, auth: Auth) -> Result<Option<Caller>, 
 
 /// Strip what would break one-line audit fields.
 fn one_line(s: &str) -> String {
-    let mut s: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let mut s: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     if s.len() > 500 {
         let mut end = 500;
         while !s.is_char_boundary(end) {
@@ -368,7 +381,14 @@ fn one_line(s: &str) -> String {
 
 /// Run a handler: read the body under `limit`, authenticate, call `f`; every refusal is
 /// answered as JSON and recorded in the registry's trail.
-async fn handle<F, Fut>(app: App, action: &'static str, req: Request, limit: usize, auth: Auth, f: F) -> Response
+async fn handle<F, Fut>(
+    app: App,
+    action: &'static str,
+    req: Request,
+    limit: usize,
+    auth: Auth,
+    f: F,
+) -> Response
 where
     F: FnOnce(App, Req, Option<Caller>) -> Fut,
     Fut: Future<Output = Result<Response, ApiError>>,
@@ -393,7 +413,12 @@ where
                 &actor,
                 action,
                 &one_line(&path),
-                &one_line(&format!("refused {} {}: {}", e.status.as_u16(), e.code, e.message)),
+                &one_line(&format!(
+                    "refused {} {}: {}",
+                    e.status.as_u16(),
+                    e.code,
+                    e.message
+                )),
             )
             .await
     {
@@ -412,7 +437,8 @@ impl From<ApiError> for (ApiError, Option<String>) {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 fn valid_digest(s: &str) -> bool {
@@ -434,11 +460,10 @@ pub async fn add_user(db: &Db, new: &NewUser) -> Result<NewUserResponse, ApiErro
         return Err(bad_request("user names are 1-64 of A-Z a-z 0-9 . _ -"));
     }
     match (new.role, &new.station) {
-        (Role::DataOwner, Some(st)) => {
-            if db.station(st).await?.is_none() {
-                return Err(bad_request(format!("no station {st:?}; register it first")));
-            }
+        (Role::DataOwner, Some(st)) if db.station(st).await?.is_none() => {
+            return Err(bad_request(format!("no station {st:?}; register it first")));
         }
+        (Role::DataOwner, Some(_)) => {}
         (Role::DataOwner, None) => return Err(bad_request("a data owner needs --station")),
         (_, Some(_)) => return Err(bad_request("only data owners belong to a station")),
         _ => {}
@@ -451,7 +476,8 @@ pub async fn add_user(db: &Db, new: &NewUser) -> Result<NewUserResponse, ApiErro
             .map_err(|e| bad_request(e.to_string()))?;
     }
     let mut raw = [0u8; 32];
-    getrandom::fill(&mut raw).map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    getrandom::fill(&mut raw)
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let token = format!("amicus_{}", hex::encode(raw));
     if !db
         .insert_user(
@@ -493,62 +519,111 @@ async fn openapi(State(app): State<App>, req: Request) -> Response {
 }
 
 async fn me(State(app): State<App>, req: Request) -> Response {
-    handle(app, "me", req, 0, Auth::People(ANY_PERSON), |_, _, c| async move {
-        Ok(json(&user_info(c.expect("authenticated").person())))
-    })
+    handle(
+        app,
+        "me",
+        req,
+        0,
+        Auth::People(ANY_PERSON),
+        |_, _, c| async move { Ok(json(&user_info(c.expect("authenticated").person()))) },
+    )
     .await
 }
 
 async fn list_users(State(app): State<App>, req: Request) -> Response {
     let limit = 0;
-    handle(app, "user-list", req, limit, Auth::People(&[Role::Admin]), |app, _, _| async move {
-        let users: Vec<UserInfo> = app.db.users().await?.iter().map(user_info).collect();
-        Ok(json(&users))
-    })
+    handle(
+        app,
+        "user-list",
+        req,
+        limit,
+        Auth::People(&[Role::Admin]),
+        |app, _, _| async move {
+            let users: Vec<UserInfo> = app.db.users().await?.iter().map(user_info).collect();
+            Ok(json(&users))
+        },
+    )
     .await
 }
 
 async fn create_user(State(app): State<App>, req: Request) -> Response {
     let limit = app.limits.json_bytes;
-    handle(app, "user-add", req, limit, Auth::People(&[Role::Admin]), |app, r, c| async move {
-        let new: NewUser = r.parse()?;
-        let created = add_user(&app.db, &new).await?;
-        let actor = c.expect("authenticated").label();
-        app.db
-            .audit(&actor, "user-add", &new.name, &format!("ok role {}", new.role.as_str()))
-            .await?;
-        Ok((StatusCode::CREATED, axum::Json(created)).into_response())
-    })
+    handle(
+        app,
+        "user-add",
+        req,
+        limit,
+        Auth::People(&[Role::Admin]),
+        |app, r, c| async move {
+            let new: NewUser = r.parse()?;
+            let created = add_user(&app.db, &new).await?;
+            let actor = c.expect("authenticated").label();
+            app.db
+                .audit(
+                    &actor,
+                    "user-add",
+                    &new.name,
+                    &format!("ok role {}", new.role.as_str()),
+                )
+                .await?;
+            Ok((StatusCode::CREATED, axum::Json(created)).into_response())
+        },
+    )
     .await
 }
 
 async fn list_stations(State(app): State<App>, req: Request) -> Response {
-    handle(app, "station-list", req, 0, Auth::People(ANY_PERSON), |app, _, _| async move {
-        Ok(json(&app.db.stations().await?))
-    })
+    handle(
+        app,
+        "station-list",
+        req,
+        0,
+        Auth::People(ANY_PERSON),
+        |app, _, _| async move { Ok(json(&app.db.stations().await?)) },
+    )
     .await
 }
 
 async fn create_station(State(app): State<App>, req: Request) -> Response {
     let limit = app.limits.json_bytes;
-    handle(app, "station-add", req, limit, Auth::People(&[Role::Admin]), |app, r, c| async move {
-        let new: NewStation = r.parse()?;
-        if !valid_name(&new.name) {
-            return Err(bad_request("station names are 1-64 of A-Z a-z 0-9 . _ -"));
-        }
-        let key = PublicKey::from_pem(&new.public_key, "public_key")
-            .map_err(|e| bad_request(e.to_string()))?;
-        let key_id = key.id().to_string();
-        if !app.db.insert_station(&new.name, &key_id, &key.to_pem()).await? {
-            return Err(conflict("a station with this name or key exists"));
-        }
-        let actor = c.expect("authenticated").label();
-        app.db
-            .audit(&actor, "station-add", &new.name, &format!("ok key {key_id}"))
-            .await?;
-        let info = app.db.station(&new.name).await?.ok_or_else(|| not_found("station"))?;
-        Ok((StatusCode::CREATED, axum::Json(info)).into_response())
-    })
+    handle(
+        app,
+        "station-add",
+        req,
+        limit,
+        Auth::People(&[Role::Admin]),
+        |app, r, c| async move {
+            let new: NewStation = r.parse()?;
+            if !valid_name(&new.name) {
+                return Err(bad_request("station names are 1-64 of A-Z a-z 0-9 . _ -"));
+            }
+            let key = PublicKey::from_pem(&new.public_key, "public_key")
+                .map_err(|e| bad_request(e.to_string()))?;
+            let key_id = key.id().to_string();
+            if !app
+                .db
+                .insert_station(&new.name, &key_id, &key.to_pem())
+                .await?
+            {
+                return Err(conflict("a station with this name or key exists"));
+            }
+            let actor = c.expect("authenticated").label();
+            app.db
+                .audit(
+                    &actor,
+                    "station-add",
+                    &new.name,
+                    &format!("ok key {key_id}"),
+                )
+                .await?;
+            let info = app
+                .db
+                .station(&new.name)
+                .await?
+                .ok_or_else(|| not_found("station"))?;
+            Ok((StatusCode::CREATED, axum::Json(info)).into_response())
+        },
+    )
     .await
 }
 
@@ -564,98 +639,159 @@ fn may_see_station(c: &Caller, station: &str) -> Result<(), ApiError> {
 
 async fn station_runs(State(app): State<App>, Path(name): Path<String>, req: Request) -> Response {
     let roles: &[Role] = &[Role::Admin, Role::Auditor, Role::DataOwner];
-    handle(app, "station-runs", req, 0, Auth::People(roles), |app, _, c| async move {
-        may_see_station(c.as_ref().expect("authenticated"), &name)?;
-        Ok(json(&app.db.runs_of_station(&name).await?))
-    })
+    handle(
+        app,
+        "station-runs",
+        req,
+        0,
+        Auth::People(roles),
+        |app, _, c| async move {
+            may_see_station(c.as_ref().expect("authenticated"), &name)?;
+            Ok(json(&app.db.runs_of_station(&name).await?))
+        },
+    )
     .await
 }
 
 async fn station_audit(State(app): State<App>, Path(name): Path<String>, req: Request) -> Response {
     let roles: &[Role] = &[Role::Admin, Role::Auditor, Role::DataOwner];
-    handle(app, "station-audit", req, 0, Auth::People(roles), |app, _, c| async move {
-        may_see_station(c.as_ref().expect("authenticated"), &name)?;
-        let st = app.db.station(&name).await?.ok_or_else(|| not_found("no such station"))?;
-        let (lines, head) = app.db.station_audit(&name).await?;
-        Ok(json(&StationAudit {
-            station: name,
-            public_key: st.public_key,
-            lines,
-            head,
-        }))
-    })
+    handle(
+        app,
+        "station-audit",
+        req,
+        0,
+        Auth::People(roles),
+        |app, _, c| async move {
+            may_see_station(c.as_ref().expect("authenticated"), &name)?;
+            let st = app
+                .db
+                .station(&name)
+                .await?
+                .ok_or_else(|| not_found("no such station"))?;
+            let (lines, head) = app.db.station_audit(&name).await?;
+            Ok(json(&StationAudit {
+                station: name,
+                public_key: st.public_key,
+                lines,
+                head,
+            }))
+        },
+    )
     .await
 }
 
 async fn list_trains(State(app): State<App>, req: Request) -> Response {
-    handle(app, "train-list", req, 0, Auth::People(ANY_PERSON), |app, _, _| async move {
-        Ok(json(&app.db.trains().await?))
-    })
+    handle(
+        app,
+        "train-list",
+        req,
+        0,
+        Auth::People(ANY_PERSON),
+        |app, _, _| async move { Ok(json(&app.db.trains().await?)) },
+    )
     .await
 }
 
 async fn put_train(State(app): State<App>, req: Request) -> Response {
     let limit = app.limits.bundle_bytes;
     let roles: &[Role] = &[Role::Researcher, Role::Admin];
-    handle(app, "train-upload", req, limit, Auth::People(roles), |app, r, c| async move {
-        let actor = c.expect("authenticated");
-        let bundle = Bundle::from_reader(&r.body[..]).map_err(|e| {
-            err(StatusCode::BAD_REQUEST, "invalid_bundle", format!("not a valid bundle: {e}"))
-        })?;
-        let digest = bundle.digest();
-        let m = bundle.manifest();
-        let signers = bundle
-            .signatures()
-            .iter()
-            .flat_map(|env| {
-                let role = env
-                    .statement_for(&digest)
-                    .map(|s| s.predicate.role)
-                    .unwrap_or_else(|_| "invalid".into());
-                env.signatures.iter().map(move |s| SignerInfo {
-                    keyid: s.keyid.clone(),
-                    role: role.clone(),
+    handle(
+        app,
+        "train-upload",
+        req,
+        limit,
+        Auth::People(roles),
+        |app, r, c| async move {
+            let actor = c.expect("authenticated");
+            let bundle = Bundle::from_reader(&r.body[..]).map_err(|e| {
+                err(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_bundle",
+                    format!("not a valid bundle: {e}"),
+                )
+            })?;
+            let digest = bundle.digest();
+            let m = bundle.manifest();
+            let signers = bundle
+                .signatures()
+                .iter()
+                .flat_map(|env| {
+                    let role = env
+                        .statement_for(&digest)
+                        .map(|s| s.predicate.role)
+                        .unwrap_or_else(|_| "invalid".into());
+                    env.signatures.iter().map(move |s| SignerInfo {
+                        keyid: s.keyid.clone(),
+                        role: role.clone(),
+                    })
                 })
-            })
-            .collect();
-        let info = TrainInfo {
-            digest: digest.to_hex(),
-            name: m.train.name.clone(),
-            version: m.train.version.clone(),
-            bytes: r.body.len() as i64,
-            capabilities: m.capabilities.iter().map(|c| c.name().to_string()).collect(),
-            signers,
-            uploaded_by: actor.person().name.clone(),
-            created_ms: now_ms(),
-        };
-        if !app.db.put_train(&info, &r.body).await? {
-            return Err(conflict("this train was uploaded by someone else"));
-        }
-        app.db
-            .audit(&actor.label(), "train-upload", &info.digest, &format!("ok {}@{}", info.name, info.version))
-            .await?;
-        let stored = app.db.train(&info.digest).await?.ok_or_else(|| not_found("train"))?;
-        Ok((StatusCode::CREATED, axum::Json(stored)).into_response())
-    })
+                .collect();
+            let info = TrainInfo {
+                digest: digest.to_hex(),
+                name: m.train.name.clone(),
+                version: m.train.version.clone(),
+                bytes: r.body.len() as i64,
+                capabilities: m
+                    .capabilities
+                    .iter()
+                    .map(|c| c.name().to_string())
+                    .collect(),
+                signers,
+                uploaded_by: actor.person().name.clone(),
+                created_ms: now_ms(),
+            };
+            if !app.db.put_train(&info, &r.body).await? {
+                return Err(conflict("this train was uploaded by someone else"));
+            }
+            app.db
+                .audit(
+                    &actor.label(),
+                    "train-upload",
+                    &info.digest,
+                    &format!("ok {}@{}", info.name, info.version),
+                )
+                .await?;
+            let stored = app
+                .db
+                .train(&info.digest)
+                .await?
+                .ok_or_else(|| not_found("train"))?;
+            Ok((StatusCode::CREATED, axum::Json(stored)).into_response())
+        },
+    )
     .await
 }
 
 fn octets(bytes: Vec<u8>) -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        )],
         Body::from(bytes),
     )
         .into_response()
 }
 
 async fn get_train(State(app): State<App>, Path(digest): Path<String>, req: Request) -> Response {
-    handle(app, "train-download", req, 0, Auth::People(ANY_PERSON), |app, _, _| async move {
-        if !valid_digest(&digest) {
-            return Err(bad_request("a digest is 64 lowercase hex digits"));
-        }
-        let bytes = app.db.train_bundle(&digest).await?.ok_or_else(|| not_found("no such train"))?;
-        Ok(octets(bytes))
-    })
+    handle(
+        app,
+        "train-download",
+        req,
+        0,
+        Auth::People(ANY_PERSON),
+        |app, _, _| async move {
+            if !valid_digest(&digest) {
+                return Err(bad_request("a digest is 64 lowercase hex digits"));
+            }
+            let bytes = app
+                .db
+                .train_bundle(&digest)
+                .await?
+                .ok_or_else(|| not_found("no such train"))?;
+            Ok(octets(bytes))
+        },
+    )
     .await
 }
 
@@ -726,21 +862,33 @@ async fn create_task(State(app): State<App>, req: Request) -> Response {
 
 async fn list_tasks(State(app): State<App>, req: Request) -> Response {
     let roles: &[Role] = &[Role::Researcher, Role::Admin, Role::Auditor];
-    handle(app, "task-list", req, 0, Auth::People(roles), |app, _, c| async move {
-        let caller = c.expect("authenticated");
-        let who = (caller.role() == Some(Role::Researcher)).then(|| caller.person().name.clone());
-        let mut out = Vec::new();
-        for t in app.db.tasks(who.as_deref()).await? {
-            out.push(task_info(&app, t).await?);
-        }
-        Ok(json(&out))
-    })
+    handle(
+        app,
+        "task-list",
+        req,
+        0,
+        Auth::People(roles),
+        |app, _, c| async move {
+            let caller = c.expect("authenticated");
+            let who =
+                (caller.role() == Some(Role::Researcher)).then(|| caller.person().name.clone());
+            let mut out = Vec::new();
+            for t in app.db.tasks(who.as_deref()).await? {
+                out.push(task_info(&app, t).await?);
+            }
+            Ok(json(&out))
+        },
+    )
     .await
 }
 
 /// The task, if the caller may see it: its researcher, admins and auditors.
 async fn visible_task(app: &App, c: &Caller, id: &str, results: bool) -> Result<TaskRow, ApiError> {
-    let t = app.db.task(id).await?.ok_or_else(|| not_found("no such task"))?;
+    let t = app
+        .db
+        .task(id)
+        .await?
+        .ok_or_else(|| not_found("no such task"))?;
     let u = c.person();
     let own = u.role == Role::Researcher.as_str() && t.researcher == u.name;
     let oversight = !results && matches!(c.role(), Some(Role::Admin | Role::Auditor));
@@ -757,114 +905,171 @@ async fn visible_task(app: &App, c: &Caller, id: &str, results: bool) -> Result<
 
 async fn get_task(State(app): State<App>, Path(id): Path<String>, req: Request) -> Response {
     let roles: &[Role] = &[Role::Researcher, Role::Admin, Role::Auditor];
-    handle(app, "task-show", req, 0, Auth::People(roles), |app, _, c| async move {
-        let t = visible_task(&app, c.as_ref().expect("authenticated"), &id, false).await?;
-        Ok(json(&task_info(&app, t).await?))
-    })
+    handle(
+        app,
+        "task-show",
+        req,
+        0,
+        Auth::People(roles),
+        |app, _, c| async move {
+            let t = visible_task(&app, c.as_ref().expect("authenticated"), &id, false).await?;
+            Ok(json(&task_info(&app, t).await?))
+        },
+    )
     .await
 }
 
 async fn task_results(State(app): State<App>, Path(id): Path<String>, req: Request) -> Response {
-    handle(app, "task-results", req, 0, Auth::People(ANY_PERSON), |app, _, c| async move {
-        let caller = c.expect("authenticated");
-        let t = visible_task(&app, &caller, &id, true).await?;
-        let mut runs = Vec::new();
-        for run in app.db.runs_of_task(&t.id).await? {
-            let outputs = app
-                .db
-                .results_of_run(&run.id)
-                .await?
-                .into_iter()
-                .map(|(name, sealed)| SealedOutput {
-                    name,
-                    sealed: B64.encode(sealed),
-                })
-                .collect();
-            runs.push(RunResult {
-                run: run.id,
-                station: run.station,
-                state: run.state,
-                reason: run.reason,
-                outputs,
-            });
-        }
-        app.db.audit(&caller.label(), "task-results", &t.id, "ok").await?;
-        Ok(json(&TaskResults { task: t.id, runs }))
-    })
+    handle(
+        app,
+        "task-results",
+        req,
+        0,
+        Auth::People(ANY_PERSON),
+        |app, _, c| async move {
+            let caller = c.expect("authenticated");
+            let t = visible_task(&app, &caller, &id, true).await?;
+            let mut runs = Vec::new();
+            for run in app.db.runs_of_task(&t.id).await? {
+                let outputs = app
+                    .db
+                    .results_of_run(&run.id)
+                    .await?
+                    .into_iter()
+                    .map(|(name, sealed)| SealedOutput {
+                        name,
+                        sealed: B64.encode(sealed),
+                    })
+                    .collect();
+                runs.push(RunResult {
+                    run: run.id,
+                    station: run.station,
+                    state: run.state,
+                    reason: run.reason,
+                    outputs,
+                });
+            }
+            app.db
+                .audit(&caller.label(), "task-results", &t.id, "ok")
+                .await?;
+            Ok(json(&TaskResults { task: t.id, runs }))
+        },
+    )
     .await
 }
 
 async fn registry_audit(State(app): State<App>, req: Request) -> Response {
     let roles: &[Role] = &[Role::Admin, Role::Auditor];
-    handle(app, "audit-read", req, 0, Auth::People(roles), |app, _, _| async move {
-        Ok(json(&app.db.audit_entries().await?))
-    })
+    handle(
+        app,
+        "audit-read",
+        req,
+        0,
+        Auth::People(roles),
+        |app, _, _| async move { Ok(json(&app.db.audit_entries().await?)) },
+    )
     .await
 }
 
 // ---- station routes ---------------------------------------------------------------------
 
 async fn station_work(State(app): State<App>, req: Request) -> Response {
-    handle(app, "station-work", req, 0, Auth::Station, |app, r, c| async move {
-        let st = c.expect("authenticated").station().name.clone();
-        let wait_s: u64 = match r.query_param("wait") {
-            Some(v) => v.parse().map_err(|_| bad_request("wait is whole seconds"))?,
-            None => 0,
-        };
-        let wait = Duration::from_secs(wait_s).min(app.limits.max_wait);
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            // Register for wake-ups before looking, so a task created in between is not missed.
-            let notified = app.notify.notified();
-            app.db.expire_overdue().await?;
-            let items = app.db.take_work(&st).await?;
-            if !items.is_empty() {
-                for i in &items {
-                    app.db
-                        .audit(&format!("station:{st}"), "run-delivered", &i.run, &format!("ok task {}", i.task))
-                        .await?;
+    handle(
+        app,
+        "station-work",
+        req,
+        0,
+        Auth::Station,
+        |app, r, c| async move {
+            let st = c.expect("authenticated").station().name.clone();
+            let wait_s: u64 = match r.query_param("wait") {
+                Some(v) => v
+                    .parse()
+                    .map_err(|_| bad_request("wait is whole seconds"))?,
+                None => 0,
+            };
+            let wait = Duration::from_secs(wait_s).min(app.limits.max_wait);
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                // Register for wake-ups before looking, so a task created in between is not missed.
+                let notified = app.notify.notified();
+                app.db.expire_overdue().await?;
+                let items = app.db.take_work(&st).await?;
+                if !items.is_empty() {
+                    for i in &items {
+                        app.db
+                            .audit(
+                                &format!("station:{st}"),
+                                "run-delivered",
+                                &i.run,
+                                &format!("ok task {}", i.task),
+                            )
+                            .await?;
+                    }
+                    return Ok(json(&WorkResponse { items }));
                 }
-                return Ok(json(&WorkResponse { items }));
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Ok(json(&WorkResponse { items }));
+                }
+                let nap = (deadline - now).min(Duration::from_secs(1));
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(nap) => {}
+                }
             }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Ok(json(&WorkResponse { items }));
-            }
-            let nap = (deadline - now).min(Duration::from_secs(1));
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep(nap) => {}
-            }
-        }
-    })
+        },
+    )
     .await
 }
 
 async fn station_open(State(app): State<App>, req: Request) -> Response {
-    handle(app, "station-open", req, 0, Auth::Station, |app, _, c| async move {
-        let st = c.expect("authenticated").station().name.clone();
-        app.db.expire_overdue().await?;
-        Ok(json(&WorkResponse {
-            items: app.db.open_work(&st).await?,
-        }))
-    })
+    handle(
+        app,
+        "station-open",
+        req,
+        0,
+        Auth::Station,
+        |app, _, c| async move {
+            let st = c.expect("authenticated").station().name.clone();
+            app.db.expire_overdue().await?;
+            Ok(json(&WorkResponse {
+                items: app.db.open_work(&st).await?,
+            }))
+        },
+    )
     .await
 }
 
-async fn station_train(State(app): State<App>, Path(digest): Path<String>, req: Request) -> Response {
-    handle(app, "station-train-download", req, 0, Auth::Station, |app, _, c| async move {
-        let st = c.expect("authenticated").station().name.clone();
-        if !valid_digest(&digest) {
-            return Err(bad_request("a digest is 64 lowercase hex digits"));
-        }
-        // A station fetches only trains it was asked to run.
-        let open = app.db.open_work(&st).await?;
-        if !open.iter().any(|w| w.train == digest) {
-            return Err(forbidden("no open run of this station uses this train"));
-        }
-        let bytes = app.db.train_bundle(&digest).await?.ok_or_else(|| not_found("no such train"))?;
-        Ok(octets(bytes))
-    })
+async fn station_train(
+    State(app): State<App>,
+    Path(digest): Path<String>,
+    req: Request,
+) -> Response {
+    handle(
+        app,
+        "station-train-download",
+        req,
+        0,
+        Auth::Station,
+        |app, _, c| async move {
+            let st = c.expect("authenticated").station().name.clone();
+            if !valid_digest(&digest) {
+                return Err(bad_request("a digest is 64 lowercase hex digits"));
+            }
+            // A station fetches only trains it was asked to run.
+            let open = app.db.open_work(&st).await?;
+            if !open.iter().any(|w| w.train == digest) {
+                return Err(forbidden("no open run of this station uses this train"));
+            }
+            let bytes = app
+                .db
+                .train_bundle(&digest)
+                .await?
+                .ok_or_else(|| not_found("no such train"))?;
+            Ok(octets(bytes))
+        },
+    )
     .await
 }
 
@@ -875,7 +1080,11 @@ fn refused_update(e: UpdateRefused) -> ApiError {
     }
 }
 
-async fn station_run_state(State(app): State<App>, Path(id): Path<String>, req: Request) -> Response {
+async fn station_run_state(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
     let limit = app.limits.json_bytes;
     handle(app, "run-state", req, limit, Auth::Station, |app, r, c| async move {
         let caller = c.expect("authenticated");
@@ -900,95 +1109,165 @@ async fn station_run_state(State(app): State<App>, Path(id): Path<String>, req: 
     .await
 }
 
-async fn station_run_result(State(app): State<App>, Path(id): Path<String>, req: Request) -> Response {
+async fn station_run_result(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Response {
     let limit = app.limits.result_bytes;
-    handle(app, "run-result", req, limit, Auth::Station, |app, r, c| async move {
-        let caller = c.expect("authenticated");
-        let st = caller.station().name.clone();
-        let upload: ResultUpload = r.parse()?;
-        if upload.outputs.len() > 256 {
-            return Err(bad_request("at most 256 outputs"));
-        }
-        let mut outputs = Vec::new();
-        let mut names = std::collections::BTreeSet::new();
-        for o in upload.outputs {
-            if !valid_name(&o.name) || !names.insert(o.name.clone()) {
-                return Err(bad_request(format!("bad or repeated output name {:?}", o.name)));
+    handle(
+        app,
+        "run-result",
+        req,
+        limit,
+        Auth::Station,
+        |app, r, c| async move {
+            let caller = c.expect("authenticated");
+            let st = caller.station().name.clone();
+            let upload: ResultUpload = r.parse()?;
+            if upload.outputs.len() > 256 {
+                return Err(bad_request("at most 256 outputs"));
             }
-            let sealed = B64.decode(&o.sealed).map_err(|_| bad_request("sealed outputs are base64"))?;
-            outputs.push((o.name, sealed));
-        }
-        app.db
-            .store_result(&st, &id, &outputs)
-            .await?
-            .map_err(refused_update)?;
-        let bytes: usize = outputs.iter().map(|(_, s)| s.len()).sum();
-        app.db
-            .audit(&caller.label(), "run-result", &id, &format!("ok done, {} sealed outputs, {bytes} bytes", outputs.len()))
-            .await?;
-        Ok(StatusCode::NO_CONTENT.into_response())
-    })
+            let mut outputs = Vec::new();
+            let mut names = std::collections::BTreeSet::new();
+            for o in upload.outputs {
+                if !valid_name(&o.name) || !names.insert(o.name.clone()) {
+                    return Err(bad_request(format!(
+                        "bad or repeated output name {:?}",
+                        o.name
+                    )));
+                }
+                let sealed = B64
+                    .decode(&o.sealed)
+                    .map_err(|_| bad_request("sealed outputs are base64"))?;
+                outputs.push((o.name, sealed));
+            }
+            app.db
+                .store_result(&st, &id, &outputs)
+                .await?
+                .map_err(refused_update)?;
+            let bytes: usize = outputs.iter().map(|(_, s)| s.len()).sum();
+            app.db
+                .audit(
+                    &caller.label(),
+                    "run-result",
+                    &id,
+                    &format!("ok done, {} sealed outputs, {bytes} bytes", outputs.len()),
+                )
+                .await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        },
+    )
     .await
 }
 
 async fn station_audit_next(State(app): State<App>, req: Request) -> Response {
-    handle(app, "station-audit-next", req, 0, Auth::Station, |app, _, c| async move {
-        let st = c.expect("authenticated").station().name.clone();
-        let (next_seq, _) = app.db.station_audit_tip(&st).await?;
-        Ok(json(&AuditAck { next_seq }))
-    })
+    handle(
+        app,
+        "station-audit-next",
+        req,
+        0,
+        Auth::Station,
+        |app, _, c| async move {
+            let st = c.expect("authenticated").station().name.clone();
+            let (next_seq, _) = app.db.station_audit_tip(&st).await?;
+            Ok(json(&AuditAck { next_seq }))
+        },
+    )
     .await
 }
 
 async fn station_audit_upload(State(app): State<App>, req: Request) -> Response {
     let limit = app.limits.audit_bytes;
-    handle(app, "station-audit-upload", req, limit, Auth::Station, |app, r, c| async move {
-        let caller = c.expect("authenticated");
-        let station = caller.station();
-        let upload: AuditUpload = r.parse()?;
-        if upload.lines.len() > 100_000 {
-            return Err(bad_request("at most 100000 lines per upload"));
-        }
-        let key = PublicKey::from_pem(&station.public_key, &station.name)
-            .map_err(|_| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", "stored key unreadable"))?;
-        let (mut seq, last) = app.db.station_audit_tip(&station.name).await?;
-        let mut prev = match last {
-            Some(h) => h.parse::<amicus_bundle::Digest>()
-                .map_err(|_| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", "stored hash unreadable"))?,
-            None => amicus_runtime::audit::GENESIS,
-        };
-        let mut rows = Vec::new();
-        for line in &upload.lines {
-            let hash = amicus_runtime::audit::check_line(line.as_bytes(), &key, seq as u64, &prev)
-                .map_err(|why| {
-                    err(StatusCode::BAD_REQUEST, "bad_audit", format!("entry {seq}: {why}"))
-                })?;
-            rows.push((seq, line.clone(), hash.to_hex()));
-            prev = hash;
-            seq += 1;
-        }
-        if let Some(h) = &upload.head
-            && (h.len() > 4096 || serde_json::from_str::<serde_json::Value>(h).is_err())
-        {
-            return Err(err(StatusCode::BAD_REQUEST, "bad_audit", "head is not the station's audit.head"));
-        }
-        if !app.db.append_station_audit(&station.name, &rows, upload.head.as_deref()).await? {
-            return Err(conflict("another upload of this station's log came first; fetch next_seq and retry"));
-        }
-        if !rows.is_empty() {
-            app.db
-                .audit(&caller.label(), "station-audit-upload", &station.name, &format!("ok {} entries to seq {}", rows.len(), seq - 1))
-                .await?;
-        }
-        Ok(json(&AuditAck { next_seq: seq }))
-    })
+    handle(
+        app,
+        "station-audit-upload",
+        req,
+        limit,
+        Auth::Station,
+        |app, r, c| async move {
+            let caller = c.expect("authenticated");
+            let station = caller.station();
+            let upload: AuditUpload = r.parse()?;
+            if upload.lines.len() > 100_000 {
+                return Err(bad_request("at most 100000 lines per upload"));
+            }
+            let key = PublicKey::from_pem(&station.public_key, &station.name).map_err(|_| {
+                err(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "stored key unreadable",
+                )
+            })?;
+            let (mut seq, last) = app.db.station_audit_tip(&station.name).await?;
+            let mut prev = match last {
+                Some(h) => h.parse::<amicus_bundle::Digest>().map_err(|_| {
+                    err(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "stored hash unreadable",
+                    )
+                })?,
+                None => amicus_runtime::audit::GENESIS,
+            };
+            let mut rows = Vec::new();
+            for line in &upload.lines {
+                let hash =
+                    amicus_runtime::audit::check_line(line.as_bytes(), &key, seq as u64, &prev)
+                        .map_err(|why| {
+                            err(
+                                StatusCode::BAD_REQUEST,
+                                "bad_audit",
+                                format!("entry {seq}: {why}"),
+                            )
+                        })?;
+                rows.push((seq, line.clone(), hash.to_hex()));
+                prev = hash;
+                seq += 1;
+            }
+            if let Some(h) = &upload.head
+                && (h.len() > 4096 || serde_json::from_str::<serde_json::Value>(h).is_err())
+            {
+                return Err(err(
+                    StatusCode::BAD_REQUEST,
+                    "bad_audit",
+                    "head is not the station's audit.head",
+                ));
+            }
+            if !app
+                .db
+                .append_station_audit(&station.name, &rows, upload.head.as_deref())
+                .await?
+            {
+                return Err(conflict(
+                    "another upload of this station's log came first; fetch next_seq and retry",
+                ));
+            }
+            if !rows.is_empty() {
+                app.db
+                    .audit(
+                        &caller.label(),
+                        "station-audit-upload",
+                        &station.name,
+                        &format!("ok {} entries to seq {}", rows.len(), seq - 1),
+                    )
+                    .await?;
+            }
+            Ok(json(&AuditAck { next_seq: seq }))
+        },
+    )
     .await
 }
 
 async fn timeout_layer(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
     match tokio::time::timeout(limits.request_timeout, next.run(req)).await {
         Ok(r) => r,
-        Err(_) => err(StatusCode::GATEWAY_TIMEOUT, "timeout", "the request took too long").into_response(),
+        Err(_) => err(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            "the request took too long",
+        )
+        .into_response(),
     }
 }
 

@@ -52,7 +52,14 @@ max_bytes = 1024
 "#
     ))
     .unwrap();
-    let mut b = Bundle::create(m, vec![("train.wasm".into(), b"\0asm not run by the registry".to_vec())]).unwrap();
+    let mut b = Bundle::create(
+        m,
+        vec![(
+            "train.wasm".into(),
+            b"\0asm not run by the registry".to_vec(),
+        )],
+    )
+    .unwrap();
     b.sign(signer, "author");
     b
 }
@@ -72,7 +79,12 @@ async fn start(db_url: &str, limits: Limits) -> Harness {
     });
     let admin_token = server::add_user(
         &db,
-        &NewUser { name: "root".into(), role: Role::Admin, station: None, enc_public_key: None },
+        &NewUser {
+            name: "root".into(),
+            role: Role::Admin,
+            station: None,
+            enc_public_key: None,
+        },
     )
     .await
     .unwrap()
@@ -82,7 +94,10 @@ async fn start(db_url: &str, limits: Limits) -> Harness {
     let st2_key = SecretKey::generate().unwrap();
     for (name, k) in [("st1", &st1_key), ("st2", &st2_key)] {
         admin
-            .add_station(&NewStation { name: name.into(), public_key: k.public().to_pem() })
+            .add_station(&NewStation {
+                name: name.into(),
+                public_key: k.public().to_pem(),
+            })
             .await
             .unwrap();
     }
@@ -93,13 +108,32 @@ async fn start(db_url: &str, limits: Limits) -> Harness {
         station: station.map(str::to_string),
         enc_public_key: enc,
     };
-    let alice = admin.add_user(&mk("alice", Role::Researcher, None, Some(alice_key.public().to_pem()))).await.unwrap();
-    let bob = admin
-        .add_user(&mk("bob", Role::Researcher, None, Some(RecipientKey::generate().public().to_pem())))
+    let alice = admin
+        .add_user(&mk(
+            "alice",
+            Role::Researcher,
+            None,
+            Some(alice_key.public().to_pem()),
+        ))
         .await
         .unwrap();
-    let owner1 = admin.add_user(&mk("olga", Role::DataOwner, Some("st1"), None)).await.unwrap();
-    let auditor = admin.add_user(&mk("audrey", Role::Auditor, None, None)).await.unwrap();
+    let bob = admin
+        .add_user(&mk(
+            "bob",
+            Role::Researcher,
+            None,
+            Some(RecipientKey::generate().public().to_pem()),
+        ))
+        .await
+        .unwrap();
+    let owner1 = admin
+        .add_user(&mk("olga", Role::DataOwner, Some("st1"), None))
+        .await
+        .unwrap();
+    let auditor = admin
+        .add_user(&mk("audrey", Role::Auditor, None, None))
+        .await
+        .unwrap();
     let alice = PersonClient::new(&url, &alice.token).unwrap();
     let signer = SecretKey::generate().unwrap();
     let train = alice
@@ -126,14 +160,27 @@ async fn start(db_url: &str, limits: Limits) -> Harness {
 }
 
 /// The refusal's status and code, and its entry in the registry's trail.
-async fn refused<T: std::fmt::Debug>(h: &Harness, r: Result<T, ClientError>, status: u16, code: &str) {
+async fn refused<T: std::fmt::Debug>(
+    h: &Harness,
+    r: Result<T, ClientError>,
+    status: u16,
+    code: &str,
+) {
     match r {
-        Err(ClientError::Api { status: s, code: c, message }) => {
+        Err(ClientError::Api {
+            status: s,
+            code: c,
+            message,
+        }) => {
             assert_eq!((s, c.as_str()), (status, code), "{message}");
             let trail = h.db.audit_entries().await.unwrap();
             let needle = format!("refused {status} {code}");
             assert!(
-                trail.iter().rev().take(5).any(|e| e.outcome.starts_with(&needle)),
+                trail
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .any(|e| e.outcome.starts_with(&needle)),
                 "no audit entry for {needle}: {:?}",
                 trail.iter().rev().take(3).collect::<Vec<_>>()
             );
@@ -160,39 +207,88 @@ async fn lifecycle_and_sealed_results(h: &Harness) {
     let work = h.st1.work(0).await.unwrap();
     assert_eq!(work.len(), 1);
     let item = &work[0];
-    assert_eq!((item.task.as_str(), item.train.as_str()), (task.id.as_str(), h.train.as_str()));
+    assert_eq!(
+        (item.task.as_str(), item.train.as_str()),
+        (task.id.as_str(), h.train.as_str())
+    );
     assert_eq!(item.params, r#"{"tables":["modality"]}"#);
     // Delivered exactly once.
     assert!(h.st1.work(0).await.unwrap().is_empty());
     // The station fetches the bundle of its run, byte-identical to what was pushed.
     let bytes = h.st1.train(&h.train).await.unwrap();
-    assert_eq!(Bundle::from_reader(&bytes[..]).unwrap().digest().to_hex(), h.train);
+    assert_eq!(
+        Bundle::from_reader(&bytes[..]).unwrap().digest().to_hex(),
+        h.train
+    );
     // Done before running is a conflict.
     refused(h, h.st1.result(&item.run, vec![]).await, 409, "conflict").await;
-    h.st1.report(&item.run, RunState::Running, None).await.unwrap();
+    h.st1
+        .report(&item.run, RunState::Running, None)
+        .await
+        .unwrap();
     // A retried report is accepted.
-    h.st1.report(&item.run, RunState::Running, None).await.unwrap();
+    h.st1
+        .report(&item.run, RunState::Running, None)
+        .await
+        .unwrap();
     // Another station cannot touch st1's run.
-    refused(h, h.st2.report(&item.run, RunState::Failed, Some("x".into())).await, 404, "not_found").await;
+    refused(
+        h,
+        h.st2
+            .report(&item.run, RunState::Failed, Some("x".into()))
+            .await,
+        404,
+        "not_found",
+    )
+    .await;
     let plaintext = b"{\"secret-marker-7f3a\": 42}";
-    let recipient = amicus_registry::sealed::RecipientPublicKey::from_pem(&item.recipient_key, "t").unwrap();
-    let ctx = SealContext { task: &item.task, run: &item.run, station: "st1", output: "summary.json" };
+    let recipient =
+        amicus_registry::sealed::RecipientPublicKey::from_pem(&item.recipient_key, "t").unwrap();
+    let ctx = SealContext {
+        task: &item.task,
+        run: &item.run,
+        station: "st1",
+        output: "summary.json",
+    };
     let sealed = seal(&recipient, &ctx, plaintext).unwrap();
     h.st1
-        .result(&item.run, vec![SealedOutput { name: "summary.json".into(), sealed: B64.encode(&sealed) }])
+        .result(
+            &item.run,
+            vec![SealedOutput {
+                name: "summary.json".into(),
+                sealed: B64.encode(&sealed),
+            }],
+        )
         .await
         .unwrap();
     // st2 refuses.
     let w2 = h.st2.work(0).await.unwrap();
-    h.st2.report(&w2[0].run, RunState::Refused, Some("approval: not approved".into())).await.unwrap();
+    h.st2
+        .report(
+            &w2[0].run,
+            RunState::Refused,
+            Some("approval: not approved".into()),
+        )
+        .await
+        .unwrap();
     let t = h.alice.task(&task.id).await.unwrap();
-    let states: Vec<_> = t.runs.iter().map(|r| (r.station.as_str(), r.state)).collect();
-    assert_eq!(states, [("st1", RunState::Done), ("st2", RunState::Refused)]);
+    let states: Vec<_> = t
+        .runs
+        .iter()
+        .map(|r| (r.station.as_str(), r.state))
+        .collect();
+    assert_eq!(
+        states,
+        [("st1", RunState::Done), ("st2", RunState::Refused)]
+    );
     assert_eq!(t.runs[1].reason.as_deref(), Some("approval: not approved"));
     // Alice opens her result.
     let res = h.alice.results(&task.id).await.unwrap();
     let out = &res.runs[0].outputs[0];
-    let opened = h.alice_key.open(&ctx, &B64.decode(&out.sealed).unwrap()).unwrap();
+    let opened = h
+        .alice_key
+        .open(&ctx, &B64.decode(&out.sealed).unwrap())
+        .unwrap();
     assert_eq!(opened, plaintext);
     // Nobody else may fetch it: not another researcher, not the admin, not the auditor.
     refused(h, h.bob.results(&task.id).await, 403, "forbidden").await;
@@ -201,7 +297,14 @@ async fn lifecycle_and_sealed_results(h: &Harness) {
     refused(h, h.auditor.results(&task.id).await, 403, "forbidden").await;
     // Bob sees only his own tasks; the auditor sees every task's metadata.
     assert!(h.bob.tasks().await.unwrap().is_empty());
-    assert!(h.auditor.tasks().await.unwrap().iter().any(|t| t.id == task.id));
+    assert!(
+        h.auditor
+            .tasks()
+            .await
+            .unwrap()
+            .iter()
+            .any(|t| t.id == task.id)
+    );
     // The registry's storage holds ciphertext only.
     let stored = h.db.results_of_run(&item.run).await.unwrap();
     assert!(!stored[0].1.windows(plaintext.len()).any(|w| w == plaintext));
@@ -215,27 +318,83 @@ async fn people_and_scopes(h: &Harness) {
     refused(h, h.alice.registry_audit().await, 403, "forbidden").await;
     refused(h, h.alice.station_runs("st1").await, 403, "forbidden").await;
     // Only admins add people and stations; only researchers create tasks.
-    let nu = NewUser { name: "eve".into(), role: Role::Admin, station: None, enc_public_key: None };
+    let nu = NewUser {
+        name: "eve".into(),
+        role: Role::Admin,
+        station: None,
+        enc_public_key: None,
+    };
     refused(h, h.alice.add_user(&nu).await, 403, "forbidden").await;
-    let ns = NewStation { name: "st9".into(), public_key: SecretKey::generate().unwrap().public().to_pem() };
+    let ns = NewStation {
+        name: "st9".into(),
+        public_key: SecretKey::generate().unwrap().public().to_pem(),
+    };
     refused(h, h.owner1.add_station(&ns).await, 403, "forbidden").await;
-    let nt = NewTask { train: h.train.clone(), stations: vec!["st1".into()], params: None, expires_in_s: None };
+    let nt = NewTask {
+        train: h.train.clone(),
+        stations: vec!["st1".into()],
+        params: None,
+        expires_in_s: None,
+    };
     refused(h, h.auditor.create_task(&nt).await, 403, "forbidden").await;
-    refused(h, h.owner1.push_train(vec![1, 2, 3]).await, 403, "forbidden").await;
+    refused(
+        h,
+        h.owner1.push_train(vec![1, 2, 3]).await,
+        403,
+        "forbidden",
+    )
+    .await;
     // Unknown token; no credentials at all.
     let stranger = PersonClient::new(&h.url, "amicus_0000").unwrap();
     refused(h, stranger.me().await, 401, "unauthenticated").await;
     let r = reqwest::get(format!("{}/v1/tasks", h.url)).await.unwrap();
     assert_eq!(r.status(), 401);
     // Bad input.
-    refused(h, h.admin.add_station(&NewStation { name: "st1".into(), public_key: ns.public_key.clone() }).await, 409, "conflict").await;
-    refused(h, h.admin.add_station(&NewStation { name: "x".into(), public_key: "not a key".into() }).await, 400, "bad_request").await;
-    refused(h, h.alice.push_train(b"not a tar".to_vec()).await, 400, "invalid_bundle").await;
-    let unknown = NewTask { train: "0".repeat(64), ..nt.clone() };
+    refused(
+        h,
+        h.admin
+            .add_station(&NewStation {
+                name: "st1".into(),
+                public_key: ns.public_key.clone(),
+            })
+            .await,
+        409,
+        "conflict",
+    )
+    .await;
+    refused(
+        h,
+        h.admin
+            .add_station(&NewStation {
+                name: "x".into(),
+                public_key: "not a key".into(),
+            })
+            .await,
+        400,
+        "bad_request",
+    )
+    .await;
+    refused(
+        h,
+        h.alice.push_train(b"not a tar".to_vec()).await,
+        400,
+        "invalid_bundle",
+    )
+    .await;
+    let unknown = NewTask {
+        train: "0".repeat(64),
+        ..nt.clone()
+    };
     refused(h, h.alice.create_task(&unknown).await, 404, "not_found").await;
-    let nowhere = NewTask { stations: vec!["st404".into()], ..nt.clone() };
+    let nowhere = NewTask {
+        stations: vec!["st404".into()],
+        ..nt.clone()
+    };
     refused(h, h.alice.create_task(&nowhere).await, 404, "not_found").await;
-    let twice = NewTask { stations: vec!["st1".into(), "st1".into()], ..nt.clone() };
+    let twice = NewTask {
+        stations: vec!["st1".into(), "st1".into()],
+        ..nt.clone()
+    };
     refused(h, h.alice.create_task(&twice).await, 400, "bad_request").await;
     // Malformed JSON, raw.
     let client = reqwest::Client::new();
@@ -252,7 +411,11 @@ async fn people_and_scopes(h: &Harness) {
     let body: ErrorBody = r.json().await.unwrap();
     assert_eq!(body.error.code, "malformed_json");
     // Unknown routes answer JSON too.
-    let r = client.get(format!("{}/v1/nothing", h.url)).send().await.unwrap();
+    let r = client
+        .get(format!("{}/v1/nothing", h.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(r.json::<ErrorBody>().await.unwrap().error.code, "not_found");
 }
@@ -282,7 +445,13 @@ async fn raw_signed(
     let (p, q) = path.split_once('?').unwrap_or((path, ""));
     let mut nonce = [0u8; 16];
     getrandom::fill(&mut nonce).unwrap();
-    let parts = httpsig::RequestParts { method, authority: &authority, path: p, query: q, body };
+    let parts = httpsig::RequestParts {
+        method,
+        authority: &authority,
+        path: p,
+        query: q,
+        body,
+    };
     let now = amicus_registry::db::now_ms() / 1000;
     let mut headers: Vec<(String, String)> = httpsig::sign(&parts, key, now, &hex::encode(nonce))
         .into_iter()
@@ -293,7 +462,13 @@ async fn raw_signed(
     send_raw(h, method, path, &headers, body).await
 }
 
-async fn send_raw(h: &Harness, method: &str, path: &str, headers: &[(String, String)], body: Vec<u8>) -> (u16, String) {
+async fn send_raw(
+    h: &Harness,
+    method: &str,
+    path: &str,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+) -> (u16, String) {
     let client = reqwest::Client::new();
     let mut req = client.request(method.parse().unwrap(), format!("{}{}", h.url, path));
     for (k, v) in headers {
@@ -301,19 +476,34 @@ async fn send_raw(h: &Harness, method: &str, path: &str, headers: &[(String, Str
     }
     let r = req.body(body).send().await.unwrap();
     let status = r.status().as_u16();
-    let code = r.json::<ErrorBody>().await.map(|b| b.error.code).unwrap_or_default();
+    let code = r
+        .json::<ErrorBody>()
+        .await
+        .map(|b| b.error.code)
+        .unwrap_or_default();
     (status, code)
 }
 
 async fn station_attacks(h: &Harness) {
     let path = "/v1/station/audit/next";
     // The honest request works.
-    assert_eq!(raw_signed(h, &h.st1_key, "GET", path, b"", |_, _| {}).await.0, 200);
+    assert_eq!(
+        raw_signed(h, &h.st1_key, "GET", path, b"", |_, _| {})
+            .await
+            .0,
+        200
+    );
     // Unsigned.
-    assert_eq!(send_raw(h, "GET", path, &[], vec![]).await, (401, "unauthenticated".into()));
+    assert_eq!(
+        send_raw(h, "GET", path, &[], vec![]).await,
+        (401, "unauthenticated".into())
+    );
     // Signed by a key no station has.
     let stranger = SecretKey::generate().unwrap();
-    assert_eq!(raw_signed(h, &stranger, "GET", path, b"", |_, _| {}).await, (401, "unknown_station".into()));
+    assert_eq!(
+        raw_signed(h, &stranger, "GET", path, b"", |_, _| {}).await,
+        (401, "unknown_station".into())
+    );
     // Signed by st2's key but claiming st1's key id.
     let st1_id = h.st1_key.public().id().to_string();
     let st2_id = h.st2_key.public().id().to_string();
@@ -328,32 +518,73 @@ async fn station_attacks(h: &Harness) {
     assert_eq!(r, (401, "bad_signature".into()));
     // Replayed: the same headers twice.
     let authority = h.url.trim_start_matches("http://").to_string();
-    let parts = httpsig::RequestParts { method: "GET", authority: &authority, path, query: "", body: b"" };
-    let headers: Vec<(String, String)> = httpsig::sign(&parts, &h.st1_key, amicus_registry::db::now_ms() / 1000, "replayreplayreplay01")
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+    let parts = httpsig::RequestParts {
+        method: "GET",
+        authority: &authority,
+        path,
+        query: "",
+        body: b"",
+    };
+    let headers: Vec<(String, String)> = httpsig::sign(
+        &parts,
+        &h.st1_key,
+        amicus_registry::db::now_ms() / 1000,
+        "replayreplayreplay01",
+    )
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
     assert_eq!(send_raw(h, "GET", path, &headers, vec![]).await.0, 200);
-    assert_eq!(send_raw(h, "GET", path, &headers, vec![]).await, (401, "replayed".into()));
+    assert_eq!(
+        send_raw(h, "GET", path, &headers, vec![]).await,
+        (401, "replayed".into())
+    );
     // A body changed after signing.
     let body = br#"{"state":"running"}"#;
-    let r = raw_signed(h, &h.st1_key, "POST", "/v1/station/runs/00000000000000000000000000000000/state", body, |_, b| {
-        *b = br#"{"state":"failed"}"#.to_vec();
-    })
+    let r = raw_signed(
+        h,
+        &h.st1_key,
+        "POST",
+        "/v1/station/runs/00000000000000000000000000000000/state",
+        body,
+        |_, b| {
+            *b = br#"{"state":"failed"}"#.to_vec();
+        },
+    )
     .await;
     assert_eq!(r, (401, "bad_signature".into()));
     // Signed for another path.
     let r = raw_signed(h, &h.st1_key, "GET", "/v1/station/open", b"", |_, _| {}).await;
     assert_eq!(r.0, 200);
-    let parts = httpsig::RequestParts { method: "GET", authority: &authority, path: "/v1/station/open", query: "", body: b"" };
-    let headers: Vec<(String, String)> = httpsig::sign(&parts, &h.st1_key, amicus_registry::db::now_ms() / 1000, "otherpathotherpath01")
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-    assert_eq!(send_raw(h, "GET", path, &headers, vec![]).await, (401, "bad_signature".into()));
+    let parts = httpsig::RequestParts {
+        method: "GET",
+        authority: &authority,
+        path: "/v1/station/open",
+        query: "",
+        body: b"",
+    };
+    let headers: Vec<(String, String)> = httpsig::sign(
+        &parts,
+        &h.st1_key,
+        amicus_registry::db::now_ms() / 1000,
+        "otherpathotherpath01",
+    )
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(
+        send_raw(h, "GET", path, &headers, vec![]).await,
+        (401, "bad_signature".into())
+    );
     // An old signature (outside the clock window).
     let headers: Vec<(String, String)> = httpsig::sign(
-        &httpsig::RequestParts { method: "GET", authority: &authority, path, query: "", body: b"" },
+        &httpsig::RequestParts {
+            method: "GET",
+            authority: &authority,
+            path,
+            query: "",
+            body: b"",
+        },
         &h.st1_key,
         amicus_registry::db::now_ms() / 1000 - 3600,
         "stalestalestalestale",
@@ -361,9 +592,15 @@ async fn station_attacks(h: &Harness) {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    assert_eq!(send_raw(h, "GET", path, &headers, vec![]).await, (401, "bad_signature".into()));
+    assert_eq!(
+        send_raw(h, "GET", path, &headers, vec![]).await,
+        (401, "bad_signature".into())
+    );
     // A station on a people's route, a person on a station route.
-    assert_eq!(raw_signed(h, &h.st1_key, "GET", "/v1/tasks", b"", |_, _| {}).await, (403, "forbidden".into()));
+    assert_eq!(
+        raw_signed(h, &h.st1_key, "GET", "/v1/tasks", b"", |_, _| {}).await,
+        (403, "forbidden".into())
+    );
     refused(h, h.alice.results("x").await.map(drop), 404, "not_found").await;
     let r = reqwest::Client::new()
         .get(format!("{}/v1/station/open", h.url))
@@ -376,8 +613,19 @@ async fn station_attacks(h: &Harness) {
     refused(h, h.st2.train(&h.train).await, 403, "forbidden").await;
     // Every refusal above is in the trail.
     let trail = h.db.audit_entries().await.unwrap();
-    for code in ["unauthenticated", "unknown_station", "bad_signature", "replayed", "forbidden"] {
-        assert!(trail.iter().any(|e| e.outcome.contains(&format!(" {code}:"))), "{code} not audited");
+    for code in [
+        "unauthenticated",
+        "unknown_station",
+        "bad_signature",
+        "replayed",
+        "forbidden",
+    ] {
+        assert!(
+            trail
+                .iter()
+                .any(|e| e.outcome.contains(&format!(" {code}:"))),
+            "{code} not audited"
+        );
     }
 }
 
@@ -392,12 +640,27 @@ async fn oversized_bodies(h: &Harness) {
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
-    assert_eq!(r.json::<ErrorBody>().await.unwrap().error.code, "payload_too_large");
+    assert_eq!(
+        r.json::<ErrorBody>().await.unwrap().error.code,
+        "payload_too_large"
+    );
     // Signed station requests too (before the signature is even checked).
-    let r = raw_signed(h, &h.st1_key, "POST", "/v1/station/runs/00000000000000000000000000000000/state", &big, |_, _| {}).await;
+    let r = raw_signed(
+        h,
+        &h.st1_key,
+        "POST",
+        "/v1/station/runs/00000000000000000000000000000000/state",
+        &big,
+        |_, _| {},
+    )
+    .await;
     assert_eq!(r, (413, "payload_too_large".into()));
     let trail = h.db.audit_entries().await.unwrap();
-    assert!(trail.iter().any(|e| e.outcome.starts_with("refused 413 payload_too_large")));
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.outcome.starts_with("refused 413 payload_too_large"))
+    );
 }
 
 async fn audit_copies(h: &Harness) {
@@ -416,13 +679,40 @@ async fn audit_copies(h: &Harness) {
     let lines: Vec<String> = text.lines().map(str::to_string).collect();
     let head = std::fs::read_to_string(dir.path().join("audit.head")).unwrap();
     assert_eq!(h.st1.audit_next().await.unwrap(), 0);
-    assert_eq!(h.st1.upload_audit(lines[..3].to_vec(), None).await.unwrap(), 3);
+    assert_eq!(
+        h.st1.upload_audit(lines[..3].to_vec(), None).await.unwrap(),
+        3
+    );
     // A gap, an edited entry, another station's entries: refused.
-    refused(h, h.st1.upload_audit(lines[4..].to_vec(), None).await, 400, "bad_audit").await;
+    refused(
+        h,
+        h.st1.upload_audit(lines[4..].to_vec(), None).await,
+        400,
+        "bad_audit",
+    )
+    .await;
     let edited = lines[3].replace("digest-approved", "digest-approvee");
-    refused(h, h.st1.upload_audit(vec![edited], None).await, 400, "bad_audit").await;
-    refused(h, h.st2.upload_audit(lines[..1].to_vec(), None).await, 400, "bad_audit").await;
-    assert_eq!(h.st1.upload_audit(lines[3..].to_vec(), Some(head)).await.unwrap(), 5);
+    refused(
+        h,
+        h.st1.upload_audit(vec![edited], None).await,
+        400,
+        "bad_audit",
+    )
+    .await;
+    refused(
+        h,
+        h.st2.upload_audit(lines[..1].to_vec(), None).await,
+        400,
+        "bad_audit",
+    )
+    .await;
+    assert_eq!(
+        h.st1
+            .upload_audit(lines[3..].to_vec(), Some(head))
+            .await
+            .unwrap(),
+        5
+    );
     // The auditor verifies the copy with the runtime's verifier.
     let copy = h.auditor.station_audit("st1").await.unwrap();
     let raw: Vec<&[u8]> = copy.lines.iter().map(|l| l.as_bytes()).collect();
@@ -457,18 +747,39 @@ async fn long_poll_and_expiry(h: &Harness) {
     let (items, waited) = waiter.await.unwrap();
     assert_eq!(items.len(), 1);
     assert_eq!(items[0].task, task.id);
-    assert!(waited < Duration::from_secs(20), "long poll did not wake: {waited:?}");
+    assert!(
+        waited < Duration::from_secs(20),
+        "long poll did not wake: {waited:?}"
+    );
     // A task that expires: its undelivered runs become expired, and late reports are refused.
     let short = h
         .alice
-        .create_task(&NewTask { train: h.train.clone(), stations: vec!["st1".into()], params: None, expires_in_s: Some(1) })
+        .create_task(&NewTask {
+            train: h.train.clone(),
+            stations: vec!["st1".into()],
+            params: None,
+            expires_in_s: Some(1),
+        })
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert!(h.st1.work(0).await.unwrap().iter().all(|w| w.task != short.id));
+    assert!(
+        h.st1
+            .work(0)
+            .await
+            .unwrap()
+            .iter()
+            .all(|w| w.task != short.id)
+    );
     let t = h.alice.task(&short.id).await.unwrap();
     assert_eq!(t.runs[0].state, RunState::Expired);
-    refused(h, h.st1.report(&t.runs[0].id, RunState::Running, None).await, 409, "conflict").await;
+    refused(
+        h,
+        h.st1.report(&t.runs[0].id, RunState::Running, None).await,
+        409,
+        "conflict",
+    )
+    .await;
 }
 
 async fn trail_and_openapi(h: &Harness) {
@@ -482,17 +793,40 @@ async fn trail_and_openapi(h: &Harness) {
     dropped.remove(5);
     assert!(verify_registry_trail(&dropped).is_err());
     // The served document is the one in the repository, and names every route.
-    let doc: serde_json::Value = reqwest::get(format!("{}/v1/openapi.json", h.url)).await.unwrap().json().await.unwrap();
-    assert_eq!(doc, serde_json::from_str::<serde_json::Value>(server::OPENAPI).unwrap());
+    let doc: serde_json::Value = reqwest::get(format!("{}/v1/openapi.json", h.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        doc,
+        serde_json::from_str::<serde_json::Value>(server::OPENAPI).unwrap()
+    );
     for (method, path) in server::ROUTES {
-        assert!(doc["paths"][path][method].is_object(), "{method} {path} missing from openapi.json");
+        assert!(
+            doc["paths"][path][method].is_object(),
+            "{method} {path} missing from openapi.json"
+        );
     }
-    let documented: usize = doc["paths"].as_object().unwrap().values().map(|p| p.as_object().unwrap().len()).sum();
-    assert_eq!(documented, server::ROUTES.len(), "openapi.json documents routes the server lacks");
+    let documented: usize = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|p| p.as_object().unwrap().len())
+        .sum();
+    assert_eq!(
+        documented,
+        server::ROUTES.len(),
+        "openapi.json documents routes the server lacks"
+    );
 }
 
 async fn suite(db_url: &str) {
-    let limits = Limits { json_bytes: 64 * 1024, ..Limits::default() };
+    let limits = Limits {
+        json_bytes: 64 * 1024,
+        ..Limits::default()
+    };
     let h = start(db_url, limits).await;
     lifecycle_and_sealed_results(&h).await;
     people_and_scopes(&h).await;
@@ -524,13 +858,20 @@ async fn api_suite_on_postgres() {
             std::env::var("AMICUS_REQUIRE_POSTGRES").is_err(),
             "AMICUS_REQUIRE_POSTGRES is set but AMICUS_TEST_POSTGRES is not"
         );
-        eprintln!("SKIPPED: set AMICUS_TEST_POSTGRES=postgres://user:pass@127.0.0.1/postgres to run the suite on PostgreSQL");
+        eprintln!(
+            "SKIPPED: set AMICUS_TEST_POSTGRES=postgres://user:pass@127.0.0.1/postgres to run the suite on PostgreSQL"
+        );
         return;
     };
     let name = format!("amicus_test_{}", &amicus_registry::db::random_id()[..12]);
     sqlx::any::install_default_drivers();
-    let admin = sqlx::AnyPool::connect(&server).await.expect("PostgreSQL server");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
+    let admin = sqlx::AnyPool::connect(&server)
+        .await
+        .expect("PostgreSQL server");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .unwrap();
     let base = server.rsplit_once('/').unwrap().0;
     let url = format!("{base}/{name}");
     suite(&url).await;
@@ -548,5 +889,9 @@ async fn api_suite_on_postgres() {
         assert_eq!(n, 0, "{sql}");
     }
     db.pool.close().await;
-    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)"))).execute(&admin).await;
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {name} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await;
 }

@@ -371,18 +371,25 @@ impl Station {
         let Ok(entries) = std::fs::read_dir(&runs) else {
             return Ok(0);
         };
-        let partial: Vec<(String, PathBuf)> = entries
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let id = name.strip_prefix(".partial-")?;
+        let mut partial: Vec<(String, PathBuf)> = Vec::new();
+        let mut abandoned: Vec<(String, PathBuf)> = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            for (prefix, list) in [(".partial-", &mut partial), (".active-", &mut abandoned)] {
                 // Run ids are the station's own (time-random); ignore anything else.
-                let plain =
-                    !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-                plain.then(|| (id.to_string(), e.path()))
-            })
-            .collect();
-        if partial.is_empty() {
+                if let Some(id) = name.strip_prefix(prefix)
+                    && !id.is_empty()
+                    && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                {
+                    list.push((id.to_string(), e.path()));
+                }
+            }
+        }
+        // A run whose process still holds its lock is running, not interrupted.
+        let still_running = |id: &str| ActiveRun::held(&runs, id);
+        partial.retain(|(id, _)| !still_running(id));
+        abandoned.retain(|(id, _)| !still_running(id));
+        if partial.is_empty() && abandoned.is_empty() {
             return Ok(0);
         }
         let log = crate::audit::read_entries(&self.dir)?;
@@ -417,7 +424,24 @@ impl Station {
             let final_dir = runs.join(id);
             std::fs::rename(path, &final_dir).map_err(io(&final_dir))?;
         }
-        Ok(partial.len())
+        // Runs stopped before they had a directory: only the log and the lock file show them.
+        let mut recovered = partial.len();
+        for (id, path) in &abandoned {
+            if !finished(id) && !partial.iter().any(|(p, _)| p == id) {
+                audit.append(Event::RunFinished {
+                    run_id: id.clone(),
+                    outcome: "interrupted".into(),
+                    reason: Some("the station stopped during the run".into()),
+                    fuel_used: 0,
+                    peak_memory_bytes: 0,
+                    wall_us: 0,
+                    outputs_released: 0,
+                })?;
+                recovered += 1;
+            }
+            std::fs::remove_file(path).map_err(io(path))?;
+        }
+        Ok(recovered)
     }
 
     /// Verify, admit and run the bundle at `bundle_path`. Outputs are written to
@@ -555,6 +579,9 @@ impl Station {
         let run_id = new_run_id();
         let seed = run_seed(&digest, &params, &run_id);
         let limits = admission.limits;
+        // Held (locked) for the whole run: a recovery that finds this file unlocked knows
+        // the process that ran it is gone.
+        let _active = ActiveRun::begin(&self.dir.join(RUNS_DIR), &run_id)?;
         audit.append(Event::RunStarted {
             run_id: run_id.clone(),
             digest,
@@ -706,6 +733,36 @@ impl Station {
                 reason: other.reason().unwrap_or_default(),
             }),
         }
+    }
+}
+
+/// `runs/.active-<id>`: exists, locked, while a run is in progress; removed when it ends.
+struct ActiveRun {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl ActiveRun {
+    fn begin(runs: &Path, run_id: &str) -> Result<ActiveRun, StationError> {
+        std::fs::create_dir_all(runs).map_err(io(runs))?;
+        let path = runs.join(format!(".active-{run_id}"));
+        let file = std::fs::File::create(&path).map_err(io(&path))?;
+        file.lock().map_err(io(&path))?;
+        Ok(ActiveRun { path, _file: file })
+    }
+
+    /// Whether a live process holds run `id`'s lock.
+    fn held(runs: &Path, id: &str) -> bool {
+        let Ok(f) = std::fs::File::open(runs.join(format!(".active-{id}"))) else {
+            return false;
+        };
+        matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock))
+    }
+}
+
+impl Drop for ActiveRun {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

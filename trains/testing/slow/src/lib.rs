@@ -1,4 +1,4 @@
-//! Test fixture: busy for `rounds` × 10⁷ iterations, reporting progress, then emits a checksum.
+//! Test fixture: busy for `rounds` × 10⁷ (up to about 200 fit the fuel limit) iterations, reporting progress, then emits a checksum.
 
 use amicus_sdk::{Params, Train};
 
@@ -6,7 +6,7 @@ struct Slow;
 
 impl Train for Slow {
     fn run(params: Params) -> amicus_sdk::Result<()> {
-        let rounds: u64 = params.get("rounds")?.unwrap_or(400);
+        let rounds: u64 = params.get("rounds")?.unwrap_or(100);
         let mut x: u64 = 1;
         for r in 0..rounds {
             for _ in 0..10_000_000u64 {

@@ -1,0 +1,651 @@
+//! The registry and networked stations as separate processes on loopback: `amicus registry
+//! serve` over SQLite, `amicus station serve` per station directory, and the researcher's,
+//! data owner's and auditor's commands, exactly as people use them.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_amicus")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A registry, its people and some stations, each its own process.
+struct Net {
+    tmp: tempfile::TempDir,
+    port: u16,
+    registry: Option<Child>,
+    daemons: Vec<(String, Child)>,
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.daemons {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(c) = &mut self.registry {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Net {
+    fn new() -> Net {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut net = Net {
+            tmp,
+            port: free_port(),
+            registry: None,
+            daemons: Vec::new(),
+        };
+        ok(&["keygen", "--out", s(&net.path("alice-sign.key"))]);
+        ok(&["keygen", "--x25519", "--out", s(&net.path("alice.key"))]);
+        let db = net.db();
+        ok(&[
+            "registry",
+            "user",
+            "add",
+            "--db",
+            &db,
+            "--name",
+            "root",
+            "--role",
+            "admin",
+            "--token-out",
+            s(&net.path("root.token")),
+        ]);
+        ok(&[
+            "registry",
+            "user",
+            "add",
+            "--db",
+            &db,
+            "--name",
+            "alice",
+            "--role",
+            "researcher",
+            "--enc-key",
+            s(&net.path("alice.pub")),
+            "--token-out",
+            s(&net.path("alice.token")),
+        ]);
+        ok(&[
+            "registry",
+            "user",
+            "add",
+            "--db",
+            &db,
+            "--name",
+            "audrey",
+            "--role",
+            "auditor",
+            "--token-out",
+            s(&net.path("audrey.token")),
+        ]);
+        net.start_registry();
+        net
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    fn db(&self) -> String {
+        format!("sqlite://{}", self.path("registry.db").display())
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path(&format!("{name}.log")))
+            .unwrap()
+    }
+
+    fn start_registry(&mut self) {
+        let child = Command::new(exe())
+            .args([
+                "registry",
+                "serve",
+                "--db",
+                &self.db(),
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+            ])
+            .stdout(self.log("registry"))
+            .stderr(self.log("registry"))
+            .spawn()
+            .unwrap();
+        self.registry = Some(child);
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "registry did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill_registry(&mut self) {
+        let mut c = self.registry.take().expect("registry running");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// `amicus ARGS` as a person holding `who`'s token.
+    fn person(&self, who: &str, args: &[&str]) -> Out {
+        let token = self.path(&format!("{who}.token"));
+        let url = self.url();
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend(["--registry", &url, "--token-file", s(&token)]);
+        amicus(&full)
+    }
+
+    fn person_ok(&self, who: &str, args: &[&str]) -> Out {
+        let out = self.person(who, args);
+        assert!(out.ok, "{who}: amicus {args:?} failed:\n{}", out.text());
+        out
+    }
+
+    fn station_dir(&self, name: &str) -> PathBuf {
+        self.path(name)
+    }
+
+    /// A station with a synthetic archive, indexed, trusting alice, registered by root.
+    fn add_station(&self, name: &str, profile: &str, seed: u64) {
+        let archive = self.path(&format!("{name}-archive"));
+        let dir = self.station_dir(name);
+        ok(&[
+            "synth",
+            "--out",
+            s(&archive),
+            "--site",
+            name,
+            "--patients",
+            "12",
+            "--seed",
+            &seed.to_string(),
+            "--profile",
+            profile,
+        ]);
+        ok(&[
+            "station",
+            "init",
+            "--dir",
+            s(&dir),
+            "--archive",
+            s(&archive),
+            "--name",
+            name,
+        ]);
+        ok(&[
+            "station",
+            "trust",
+            "--dir",
+            s(&dir),
+            s(&self.path("alice-sign.pub")),
+        ]);
+        ok(&["station", "index", "--dir", s(&dir)]);
+        self.person_ok(
+            "root",
+            &[
+                "registry",
+                "station",
+                "add",
+                "--name",
+                name,
+                "--key",
+                s(&dir.join("station.pub")),
+            ],
+        );
+    }
+
+    fn start_daemon(&mut self, name: &str) {
+        let child = Command::new(exe())
+            .args([
+                "station",
+                "serve",
+                "--dir",
+                s(&self.station_dir(name)),
+                "--registry",
+                &self.url(),
+                "--poll-wait",
+                "2",
+            ])
+            .stdout(self.log(name))
+            .stderr(self.log(name))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.daemons.push((name.to_string(), child));
+    }
+
+    fn kill_daemon(&mut self, name: &str) {
+        let i = self.daemons.iter().position(|(n, _)| n == name).unwrap();
+        let (_, mut c) = self.daemons.remove(i);
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// A signed copy of `trains/<rel>`, pushed; returns its path.
+    fn push(&self, rel: &str) -> PathBuf {
+        let copy = self.path(&format!("{}.train", rel.replace('/', "-")));
+        std::fs::copy(bundle(rel), &copy).unwrap();
+        ok(&[
+            "train",
+            "sign",
+            s(&copy),
+            "--key",
+            s(&self.path("alice-sign.key")),
+        ]);
+        self.person_ok("alice", &["train", "push", s(&copy)]);
+        copy
+    }
+
+    fn task(&self, bundle: &Path, stations: &[&str], params: &str) -> serde_json::Value {
+        let p = self.path("params.json");
+        std::fs::write(&p, params).unwrap();
+        let mut args = vec![
+            "task",
+            "create",
+            "--train",
+            s(bundle),
+            "--params",
+            s(&p),
+            "--json",
+        ];
+        for st in stations {
+            args.extend(["--station", st]);
+        }
+        serde_json::from_str(&self.person_ok("alice", &args).stdout).unwrap()
+    }
+
+    fn show(&self, task: &str) -> serde_json::Value {
+        serde_json::from_str(
+            &self
+                .person_ok("alice", &["task", "show", task, "--json"])
+                .stdout,
+        )
+        .unwrap()
+    }
+
+    fn wait_finished(&self, task: &str, limit: Duration) -> serde_json::Value {
+        let out = self.person(
+            "alice",
+            &[
+                "task",
+                "show",
+                task,
+                "--json",
+                "--wait",
+                &format!("{}s", limit.as_secs()),
+            ],
+        );
+        assert!(
+            out.ok,
+            "task {task} did not finish:\n{}\n{}",
+            out.text(),
+            self.logs()
+        );
+        serde_json::from_str(&out.stdout).unwrap()
+    }
+
+    fn wait_state(&self, task: &str, station: &str, state: &str, limit: Duration) {
+        let t0 = Instant::now();
+        loop {
+            let t = self.show(task);
+            if run_of(&t, station)["state"] == state {
+                return;
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "{station} never reached {state}: {t}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.tmp.path()).unwrap().flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "log") {
+                out += &format!(
+                    "--- {}\n{}\n",
+                    p.display(),
+                    std::fs::read_to_string(&p).unwrap_or_default()
+                );
+            }
+        }
+        out
+    }
+
+    fn pending(&self, station: &str) -> Vec<serde_json::Value> {
+        let out = ok(&[
+            "station",
+            "pending",
+            "--dir",
+            s(&self.station_dir(station)),
+            "--json",
+        ]);
+        serde_json::from_str(&out.stdout).unwrap()
+    }
+
+    fn wait_pending(&self, station: &str) -> String {
+        let t0 = Instant::now();
+        loop {
+            if let Some(p) = self.pending(station).first() {
+                return p["item"]["run"].as_str().unwrap().to_string();
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "nothing pending at {station}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn run_of<'a>(task: &'a serde_json::Value, station: &str) -> &'a serde_json::Value {
+    task["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["station"] == station)
+        .unwrap()
+}
+
+fn released_file(station_dir: &Path, name: &str) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for run in std::fs::read_dir(station_dir.join("runs"))
+        .unwrap()
+        .flatten()
+    {
+        if let Ok(b) = std::fs::read(run.path().join("outputs").join(name)) {
+            out.push(b);
+        }
+    }
+    out
+}
+
+#[test]
+fn three_stations_run_a_task_and_sealed_results_come_back() {
+    let mut net = Net::new();
+    for (name, profile, seed) in [
+        ("st1", "academic", 1),
+        ("st2", "community", 2),
+        ("st3", "legacy", 3),
+    ] {
+        net.add_station(name, profile, seed);
+    }
+    let cohort = net.push("cohort-stats");
+    for st in ["st1", "st2"] {
+        ok(&[
+            "station",
+            "approve",
+            "--dir",
+            s(&net.station_dir(st)),
+            s(&cohort),
+        ]);
+    }
+    for st in ["st1", "st2", "st3"] {
+        net.start_daemon(st);
+    }
+    let task = net.task(&cohort, &["st1", "st2", "st3"], "{}");
+    let id = task["id"].as_str().unwrap().to_string();
+    // st3's data owner has not approved this train: the daemon holds it and says so.
+    let held = net.wait_pending("st3");
+    net.wait_state(&id, "st3", "delivered", Duration::from_secs(30));
+    assert_eq!(
+        run_of(&net.show(&id), "st3")["reason"],
+        "awaiting the data owner's approval"
+    );
+    ok(&[
+        "station",
+        "approve",
+        "--dir",
+        s(&net.station_dir("st3")),
+        &held,
+    ]);
+    let done = net.wait_finished(&id, Duration::from_secs(120));
+    for st in ["st1", "st2", "st3"] {
+        assert_eq!(run_of(&done, st)["state"], "done", "{done}");
+    }
+    // The researcher opens the results; they are exactly what each station released.
+    let out = net.path("results");
+    net.person_ok(
+        "alice",
+        &[
+            "task",
+            "results",
+            &id,
+            "--key",
+            s(&net.path("alice.key")),
+            "--out",
+            s(&out),
+        ],
+    );
+    let mut plaintexts = Vec::new();
+    for st in ["st1", "st2", "st3"] {
+        let got = std::fs::read(out.join(st).join("summary.json")).unwrap();
+        let summary: serde_json::Value = serde_json::from_slice(&got).unwrap();
+        assert_eq!(summary["train"], "cohort-stats");
+        assert!(released_file(&net.station_dir(st), "summary.json").contains(&got));
+        plaintexts.push(got);
+    }
+    // Another key cannot open them.
+    ok(&["keygen", "--x25519", "--out", s(&net.path("mallory.key"))]);
+    let stolen = net.person(
+        "alice",
+        &[
+            "task",
+            "results",
+            &id,
+            "--key",
+            s(&net.path("mallory.key")),
+            "--out",
+            s(&net.path("stolen")),
+        ],
+    );
+    assert!(
+        !stolen.ok && stolen.text().contains("does not open"),
+        "{}",
+        stolen.text()
+    );
+
+    // A data owner refuses a train from the station side.
+    let slow = net.push("testing/slow");
+    let refused_task = net.task(&slow, &["st1"], r#"{"rounds": 1}"#);
+    let rid = refused_task["id"].as_str().unwrap().to_string();
+    let run = net.wait_pending("st1");
+    ok(&[
+        "station",
+        "refuse",
+        "--dir",
+        s(&net.station_dir("st1")),
+        &run,
+        "--reason",
+        "not during the audit",
+    ]);
+    let t = net.wait_finished(&rid, Duration::from_secs(60));
+    assert_eq!(run_of(&t, "st1")["state"], "refused");
+    assert_eq!(
+        run_of(&t, "st1")["reason"],
+        "refused by the data owner: not during the audit"
+    );
+    let events = ok(&[
+        "audit",
+        "show",
+        "--dir",
+        s(&net.station_dir("st1")),
+        "--json",
+    ])
+    .stdout;
+    assert!(events.contains("refused by the data owner: not during the audit"));
+
+    // The auditor verifies every station's chain through the registry, pinned to the
+    // station's key; the copy includes the owner's refusal.
+    std::thread::sleep(Duration::from_secs(3));
+    for st in ["st1", "st2", "st3"] {
+        let key = net.station_dir(st).join("station.pub");
+        let v = net.person_ok(
+            "audrey",
+            &[
+                "audit",
+                "verify",
+                "--station",
+                st,
+                "--key",
+                s(&key),
+                "--json",
+            ],
+        );
+        let report: serde_json::Value = serde_json::from_str(&v.stdout).unwrap();
+        assert!(report["problem"].is_null(), "{report}");
+        assert!(report["valid_entries"].as_u64().unwrap() >= 5);
+    }
+    // A researcher may not read station logs; the registry's own trail verifies.
+    assert!(
+        !net.person("alice", &["audit", "verify", "--station", "st1"])
+            .ok
+    );
+    net.person_ok("audrey", &["registry", "audit"]);
+
+    // Confidentiality: neither the registry's database nor its log holds a result's plaintext.
+    for f in std::fs::read_dir(net.tmp.path()).unwrap().flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        if name.starts_with("registry") {
+            let bytes = std::fs::read(f.path()).unwrap();
+            for p in &plaintexts {
+                assert!(
+                    !bytes.windows(p.len()).any(|w| w == &p[..]),
+                    "{name} holds a plaintext result"
+                );
+            }
+            assert!(
+                !bytes.windows(14).any(|w| w == b"\"requested\": ["),
+                "{name} holds result text"
+            );
+        }
+    }
+}
+
+#[test]
+fn registry_restart_and_station_crash_lose_nothing() {
+    let mut net = Net::new();
+    for (name, seed) in [("st1", 1), ("st2", 2)] {
+        net.add_station(name, "academic", seed);
+    }
+    let slow = net.push("testing/slow");
+    for st in ["st1", "st2"] {
+        ok(&[
+            "station",
+            "approve",
+            "--dir",
+            s(&net.station_dir(st)),
+            s(&slow),
+        ]);
+        net.start_daemon(st);
+    }
+    let task = net.task(&slow, &["st1", "st2"], r#"{"rounds": 150}"#);
+    let id = task["id"].as_str().unwrap().to_string();
+    net.wait_state(&id, "st1", "running", Duration::from_secs(60));
+    net.wait_state(&id, "st2", "running", Duration::from_secs(60));
+    // Running at the station itself, not only announced.
+    let t0 = Instant::now();
+    while !ok(&[
+        "audit",
+        "show",
+        "--dir",
+        s(&net.station_dir("st1")),
+        "--json",
+    ])
+    .stdout
+    .contains("\"run-started\"")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "st1 never started the run"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // st1 dies mid-run; then the registry dies while st2 is still computing.
+    net.kill_daemon("st1");
+    net.kill_registry();
+    std::thread::sleep(Duration::from_secs(6));
+    net.start_registry();
+    // st2 finished while the registry was down; it reconnects and delivers.
+    // st1 restarts: its run is reported failed, and not run again.
+    net.start_daemon("st1");
+    let t = net.wait_finished(&id, Duration::from_secs(120));
+    assert_eq!(run_of(&t, "st2")["state"], "done", "{t}");
+    assert_eq!(run_of(&t, "st1")["state"], "failed", "{t}");
+    let reason = run_of(&t, "st1")["reason"].as_str().unwrap();
+    assert!(reason.contains("stopped during the run"), "{reason}");
+    // The station's own log says the run was interrupted, and only one run was started.
+    let events = ok(&[
+        "audit",
+        "show",
+        "--dir",
+        s(&net.station_dir("st1")),
+        "--json",
+    ])
+    .stdout;
+    let events: Vec<serde_json::Value> = serde_json::from_str(&events).unwrap();
+    let started = events
+        .iter()
+        .filter(|e| e["entry"]["event"] == "run-started")
+        .count();
+    assert_eq!(started, 1);
+    assert!(
+        events.iter().any(
+            |e| e["entry"]["event"] == "run-finished" && e["entry"]["outcome"] == "interrupted"
+        )
+    );
+    let out = net.path("results");
+    net.person_ok(
+        "alice",
+        &[
+            "task",
+            "results",
+            &id,
+            "--key",
+            s(&net.path("alice.key")),
+            "--out",
+            s(&out),
+        ],
+    );
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("st2/result.json")).unwrap()).unwrap();
+    assert!(r["checksum"].is_u64());
+    assert!(!out.join("st1").exists());
+    // New work still flows to both after the restarts.
+    let again = net.task(&slow, &["st1", "st2"], r#"{"rounds": 1}"#);
+    let t = net.wait_finished(again["id"].as_str().unwrap(), Duration::from_secs(60));
+    for st in ["st1", "st2"] {
+        assert_eq!(run_of(&t, st)["state"], "done", "{t}");
+    }
+    for st in ["st1", "st2"] {
+        ok(&["audit", "verify", "--dir", s(&net.station_dir(st))]);
+    }
+}
