@@ -4,7 +4,10 @@
 # the data owner trusts the researcher and approves the train, the station runs it (counts
 # with small cells suppressed by the station); then the data owner allows imaging and
 # on-station training, and a second train has the station train a U-Net and a CNN on lesion
-# patches and release only metrics; an auditor verifies the station's log.
+# patches and release only metrics; an auditor verifies the station's log. Finally the same
+# cohort-stats train travels over the network: a registry (SQLite) on loopback, three station
+# daemons that only connect out, a data owner who approves from the station side, results
+# sealed to the researcher's key, and an auditor who verifies every station through the registry.
 # Everything lands in ./demo-out (removed and recreated on each run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,4 +64,58 @@ echo '{"steps": 60, "batch": 16}' > train-params.json
 step "auditor: the station's log"
 "$A" audit show --dir st1
 "$A" audit verify --dir st1
+
+step "network: a registry on loopback (SQLite), its people, two more hospitals"
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export AMICUS_REGISTRY="http://127.0.0.1:$PORT"
+PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null || true' EXIT
+"$A" registry user add --db sqlite://registry.db --name root --role admin --token-out root.token
+"$A" keygen --x25519 --out alice-results.key
+"$A" registry user add --db sqlite://registry.db --name alice --role researcher \
+  --enc-key alice-results.pub --token-out alice.token
+"$A" registry user add --db sqlite://registry.db --name audrey --role auditor --token-out audrey.token
+"$A" registry serve --db sqlite://registry.db --listen "127.0.0.1:$PORT" > registry.log 2>&1 &
+PIDS+=($!)
+for i in 1 2 3 4 5 6 7 8 9 10; do (echo > "/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.3; done
+for st in st2:community:2 st3:legacy:3; do
+  IFS=: read -r name profile seed <<< "$st"
+  "$A" synth --out "archive-$name" --site "$name hospital" --patients 16 --seed "$seed" --profile "$profile" > /dev/null
+  "$A" station init --dir "$name" --archive "archive-$name" --name "$name" > /dev/null
+  "$A" station index --dir "$name" > /dev/null
+  "$A" station trust --dir "$name" alice.pub
+done
+"$A" station approve --dir st2 cohort-stats.train
+for name in st1 st2 st3; do
+  "$A" registry station add --token-file root.token --name "$name" --key "$name/station.pub"
+  "$A" station serve --dir "$name" --poll-wait 2 > "daemon-$name.log" 2>&1 &
+  PIDS+=($!)
+done
+
+step "researcher: push the signed train and ask all three hospitals"
+"$A" train push --token-file alice.token cohort-stats.train
+TASK=$("$A" task create --token-file alice.token --train cohort-stats.train \
+  --station st1 --station st2 --station st3 --params params.json --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+echo "task $TASK"
+
+step "st3's data owner has not approved this train: the daemon holds it until they decide"
+for i in $(seq 1 100); do
+  RUN=$("$A" station pending --dir st3 --json | python3 -c 'import json, sys; p = json.load(sys.stdin); print(p[0]["item"]["run"] if p else "")')
+  [ -n "$RUN" ] && break
+  sleep 0.2
+done
+"$A" station pending --dir st3
+"$A" station approve --dir st3 "$RUN"
+
+step "researcher: the runs finish; the sealed results open only with alice's key"
+"$A" task show --token-file alice.token "$TASK" --wait 120s
+"$A" task results --token-file alice.token "$TASK" --key alice-results.key --out results
+
+step "auditor: every station's log, verified through the registry (keys pinned), and the registry's trail"
+sleep 3
+for name in st1 st2 st3; do
+  "$A" audit verify --token-file audrey.token --station "$name" --key "$name/station.pub"
+done
+"$A" registry audit --token-file audrey.token > registry-trail.txt
+echo "registry trail: $OUT/registry-trail.txt"
 printf '\ndemo finished: everything is in %s\n' "$OUT"

@@ -26,6 +26,8 @@ pub enum BenchCommand {
     Index(crate::bench_index::IndexArgs),
     /// Series → volume throughput against pydicom.
     Imaging(crate::bench_imaging::ImagingArgs),
+    /// Registry request latency and throughput with many polling stations; task round trip.
+    Registry(crate::bench_registry::RegistryArgs),
 }
 
 pub fn run(c: BenchCommand) -> Result<()> {
@@ -37,6 +39,7 @@ pub fn run(c: BenchCommand) -> Result<()> {
         } => start(&bundle, iterations.max(1), &out),
         BenchCommand::Index(args) => crate::bench_index::run(args),
         BenchCommand::Imaging(args) => crate::bench_imaging::run(args),
+        BenchCommand::Registry(args) => crate::bench_registry::run(args),
     }
 }
 

@@ -7,6 +7,7 @@
 mod bench;
 mod bench_imaging;
 mod bench_index;
+mod bench_registry;
 mod model;
 mod net;
 mod train_build;

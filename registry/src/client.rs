@@ -54,7 +54,8 @@ fn base_url(url: &str) -> Result<reqwest::Url, ClientError> {
     Ok(u)
 }
 
-fn http(timeout: Duration) -> reqwest::Client {
+/// The HTTP client the registry's clients use: no proxies, bounded connect and total time.
+pub fn http(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(Duration::from_secs(5))
@@ -213,6 +214,16 @@ pub struct StationClient {
 
 impl StationClient {
     pub fn new(url: &str, key: SecretKey) -> Result<StationClient, ClientError> {
+        Self::with_http(url, key, http(Duration::from_secs(90)))
+    }
+
+    /// A station client on a shared HTTP connection pool (many simulated stations in one
+    /// process, as the registry benchmark runs them).
+    pub fn with_http(
+        url: &str,
+        key: SecretKey,
+        http: reqwest::Client,
+    ) -> Result<StationClient, ClientError> {
         let base = base_url(url)?;
         let host = base.host_str().unwrap_or_default().to_string();
         let authority = match base.port() {
@@ -223,7 +234,7 @@ impl StationClient {
             base,
             authority,
             key,
-            http: http(Duration::from_secs(90)),
+            http,
         })
     }
 
