@@ -593,7 +593,8 @@ impl Db {
     pub async fn take_work(&self, station: &str) -> Result<Vec<WorkItem>, DbError> {
         let taken: Vec<String> = sqlx::query_scalar(
             "UPDATE runs SET state = 'delivered', updated_ms = $1
-             WHERE station = $2 AND state = 'pending' RETURNING id",
+             WHERE station = $2 AND state = 'pending'
+             AND task IN (SELECT id FROM tasks WHERE expires_ms >= $1) RETURNING id",
         )
         .bind(now_ms())
         .bind(station)

@@ -647,6 +647,7 @@ async fn station_runs(State(app): State<App>, Path(name): Path<String>, req: Req
         Auth::People(roles),
         |app, _, c| async move {
             may_see_station(c.as_ref().expect("authenticated"), &name)?;
+            app.db.expire_overdue().await?;
             Ok(json(&app.db.runs_of_station(&name).await?))
         },
     )
@@ -870,6 +871,7 @@ async fn list_tasks(State(app): State<App>, req: Request) -> Response {
         Auth::People(roles),
         |app, _, c| async move {
             let caller = c.expect("authenticated");
+            app.db.expire_overdue().await?;
             let who =
                 (caller.role() == Some(Role::Researcher)).then(|| caller.person().name.clone());
             let mut out = Vec::new();
@@ -912,6 +914,7 @@ async fn get_task(State(app): State<App>, Path(id): Path<String>, req: Request) 
         0,
         Auth::People(roles),
         |app, _, c| async move {
+            app.db.expire_overdue().await?;
             let t = visible_task(&app, c.as_ref().expect("authenticated"), &id, false).await?;
             Ok(json(&task_info(&app, t).await?))
         },
@@ -993,7 +996,8 @@ async fn station_work(State(app): State<App>, req: Request) -> Response {
             loop {
                 // Register for wake-ups before looking, so a task created in between is not missed.
                 let notified = app.notify.notified();
-                app.db.expire_overdue().await?;
+                // Expired tasks are never handed out (take_work checks); marking them expired is
+                // housekeeping\'s and the readers\' job, not every poll\'s.
                 let items = app.db.take_work(&st).await?;
                 if !items.is_empty() {
                     for i in &items {
@@ -1012,7 +1016,9 @@ async fn station_work(State(app): State<App>, req: Request) -> Response {
                 if now >= deadline {
                     return Ok(json(&WorkResponse { items }));
                 }
-                let nap = (deadline - now).min(Duration::from_secs(1));
+                // The notification wakes this replica at once; the nap bounds how late a task
+                // created through another replica is seen.
+                let nap = (deadline - now).min(Duration::from_secs(2));
                 tokio::select! {
                     _ = notified => {}
                     _ = tokio::time::sleep(nap) => {}
@@ -1317,7 +1323,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let db = app.db.clone();
     let housekeeping = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
         loop {
             tick.tick().await;
             let cutoff = now_ms() / 1000 - 2 * httpsig::MAX_SKEW_S;
