@@ -91,6 +91,13 @@ enum TrainCommand {
         conn: net::Conn,
         bundle: PathBuf,
     },
+    /// The trains at the registry, with their signers and capabilities.
+    List {
+        #[command(flatten)]
+        conn: net::Conn,
+        #[arg(long)]
+        json: bool,
+    },
     Build {
         /// The train crate (a folder with Cargo.toml and train.toml).
         crate_dir: PathBuf,
@@ -295,6 +302,7 @@ fn run(cli: Cli) -> Result<()> {
             } => verify(&bundle, &trust, require, json),
             TrainCommand::Inspect { bundle, json } => inspect(&bundle, json),
             TrainCommand::Push { conn, bundle } => net::push(&conn, &bundle),
+            TrainCommand::List { conn, json } => net::list_trains(&conn, json),
         },
         Command::Station(c) => match c {
             StationCommand::Init { dir, archive, name } => {

@@ -366,6 +366,37 @@ pub fn push(conn: &Conn, bundle: &Path) -> Result<()> {
     Ok(())
 }
 
+pub fn list_trains(conn: &Conn, json: bool) -> Result<()> {
+    let trains = runtime()?
+        .block_on(async { conn.person()?.trains().await.map_err(anyhow::Error::from) })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&trains)?);
+        return Ok(());
+    }
+    for t in &trains {
+        let signers: Vec<String> = t
+            .signers
+            .iter()
+            .map(|s| format!("{} ({})", &s.keyid[..16.min(s.keyid.len())], s.role))
+            .collect();
+        println!(
+            "{}  {}@{}  {} bytes  by {}  capabilities [{}]  signed by {}",
+            t.digest,
+            t.name,
+            t.version,
+            t.bytes,
+            t.uploaded_by,
+            t.capabilities.join(", "),
+            if signers.is_empty() {
+                "nobody".to_string()
+            } else {
+                signers.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
 fn print_task(t: &TaskInfo) {
     println!(
         "task {}  train {}  by {}",

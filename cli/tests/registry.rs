@@ -399,6 +399,13 @@ fn three_stations_run_a_task_and_sealed_results_come_back() {
         net.add_station(name, profile, seed);
     }
     let cohort = net.push("cohort-stats");
+    let listed = net.person_ok("audrey", &["train", "list"]).stdout;
+    assert!(
+        listed.contains("cohort-stats@0.1.0")
+            && listed.contains("(author)")
+            && listed.contains("[cohort]"),
+        "{listed}"
+    );
     for st in ["st1", "st2"] {
         ok(&[
             "station",

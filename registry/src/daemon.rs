@@ -318,7 +318,13 @@ impl Daemon {
                     };
                     self.finish(item, None, report).await?;
                 }
-                None => {}
+                // Delivered, but this station has no record (its journal was lost or the
+                // daemon stopped before writing it): take it up now.
+                None => self.journal.put(&JournalEntry {
+                    item,
+                    progress: Progress::Received,
+                    train_name: None,
+                })?,
                 Some(e) => match e.progress {
                     Progress::Started => {
                         say(&format!(

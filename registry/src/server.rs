@@ -231,27 +231,10 @@ impl Req {
     }
 }
 
-async fn read(req: Request, limit: usize) -> Result<Req, ApiError> {
+/// The request's parts; the body is read separately (`read_body`), so people are
+/// authenticated before the registry buffers anything they send.
+fn head(req: Request) -> (Req, Body) {
     let (parts, body) = req.into_parts();
-    let too_big = || {
-        err(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("request body exceeds {limit} bytes"),
-        )
-    };
-    if let Some(len) = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > limit as u64
-    {
-        return Err(too_big());
-    }
-    let body = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| too_big())?;
     let authority = parts
         .headers
         .get(header::HOST)
@@ -259,14 +242,36 @@ async fn read(req: Request, limit: usize) -> Result<Req, ApiError> {
         .map(str::to_string)
         .or_else(|| parts.uri.authority().map(|a| a.to_string()))
         .unwrap_or_default();
-    Ok(Req {
+    let r = Req {
         method: parts.method.as_str().to_string(),
         authority,
         path: parts.uri.path().to_string(),
         query: parts.uri.query().unwrap_or("").to_string(),
         headers: parts.headers,
-        body,
-    })
+        body: Bytes::new(),
+    };
+    (r, body)
+}
+
+/// Read the body, refusing more than `limit` bytes (by `Content-Length` before reading, and
+/// while reading).
+async fn read_body(r: &mut Req, body: Body, limit: usize) -> Result<(), ApiError> {
+    let too_big = || {
+        err(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body exceeds {limit} bytes"),
+        )
+    };
+    if let Some(len) = header_str(&r.headers, "content-length").and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(too_big());
+    }
+    r.body = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_big())?;
+    Ok(())
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -395,8 +400,19 @@ where
 {
     let path = req.uri().path().to_string();
     let result = async {
-        let r = read(req, limit).await?;
-        let caller = authenticate(&app, &r, auth).await?;
+        let (mut r, body) = head(req);
+        // People authenticate by header alone: check before reading what they send. A
+        // station's signature covers the body, so it is read (within the limit) first.
+        let caller = if r.headers.contains_key(header::AUTHORIZATION) {
+            let caller = authenticate(&app, &r, auth).await?;
+            read_body(&mut r, body, limit)
+                .await
+                .map_err(|e| (e, caller.as_ref().map(Caller::label)))?;
+            caller
+        } else {
+            read_body(&mut r, body, limit).await?;
+            authenticate(&app, &r, auth).await?
+        };
         let label = caller.as_ref().map(Caller::label);
         f(app.clone(), r, caller).await.map_err(|e| (e, label))
     }
