@@ -141,22 +141,7 @@ impl SecretKey {
 
     /// Read a PKCS#8 PEM private key; refuses files that group or others can access.
     pub fn read(path: &Path) -> Result<Self, KeyError> {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let meta = std::fs::metadata(path).map_err(|source| KeyError::Io {
-                path: path.into(),
-                source,
-            })?;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(KeyError::Permissions {
-                    path: path.into(),
-                    mode,
-                });
-            }
-        }
-        let text = read_capped(path)?;
+        let text = read_private_key_file(path)?;
         SigningKey::from_pkcs8_pem(text.trim())
             .map(SecretKey)
             .map_err(|_| KeyError::BadSecretKey(path.into()))
@@ -195,7 +180,28 @@ pub fn public_key_path(key_path: &Path) -> PathBuf {
     }
 }
 
-fn read_capped(path: &Path) -> Result<String, KeyError> {
+/// A private key file's text, refused when group or others can access the file.
+pub fn read_private_key_file(path: &Path) -> Result<String, KeyError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|source| KeyError::Io {
+            path: path.into(),
+            source,
+        })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Permissions {
+                path: path.into(),
+                mode,
+            });
+        }
+    }
+    read_capped(path)
+}
+
+/// A key file's text (at most 16 KiB).
+pub fn read_capped(path: &Path) -> Result<String, KeyError> {
     let io = |source| KeyError::Io {
         path: path.into(),
         source,
@@ -207,7 +213,8 @@ fn read_capped(path: &Path) -> Result<String, KeyError> {
     std::fs::read_to_string(path).map_err(io)
 }
 
-fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyError> {
+/// Create a key file that must not exist yet, with `mode`, synced.
+pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyError> {
     let io = |source| KeyError::Io {
         path: path.into(),
         source,

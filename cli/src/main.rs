@@ -864,10 +864,20 @@ fn audit_show(dir: &Path, json: bool) -> Result<()> {
 fn audit_verify(dir: &Path, json: bool) -> Result<()> {
     let st = Station::open(dir)?;
     let report = audit::verify(dir, &st.public_key()?)?;
+    report_verification(&report, json, "")
+}
+
+/// Print a verification report (as JSON, or as lines after `label`); fail if it found a
+/// problem. Shared by `audit verify --dir` and `--station`.
+pub(crate) fn report_verification(
+    report: &audit::VerifyReport,
+    json: bool,
+    label: &str,
+) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string_pretty(report)?);
     } else {
-        println!("{} entries verified", report.valid_entries);
+        println!("{label}{} entries verified", report.valid_entries);
         if let Some(n) = report.torn_tail_bytes {
             println!(
                 "note: torn last line of {n} bytes (a crash mid-write); earlier entries are intact"

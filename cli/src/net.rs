@@ -649,27 +649,11 @@ pub fn audit_verify_remote(
         None => amicus_runtime::audit::HeadFile::Missing,
     };
     let report = amicus_runtime::audit::verify_lines(&lines, head, &key);
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!(
-            "station {station}: {} entries verified (key {})",
-            report.valid_entries,
-            key.id()
-        );
-        if report.head_lags {
-            println!("note: head lags the log by one entry");
-        }
-    }
-    match &report.problem {
-        None => {
-            if !json {
-                println!("audit log OK");
-            }
-            Ok(())
-        }
-        Some(p) => bail!("audit log verification FAILED: {p}"),
-    }
+    crate::report_verification(
+        &report,
+        json,
+        &format!("station {station} (key {}): ", key.id()),
+    )
 }
 
 pub fn keygen_x25519(out: &Path) -> Result<()> {

@@ -13,11 +13,11 @@
 //! PKCS#8 PEM (mode 0600, refused when group or others can read it), the public key as
 //! SubjectPublicKeyInfo PEM.
 
+use amicus_bundle::keys;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use hpke::kem::X25519HkdfSha256;
 use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 type Kem = X25519HkdfSha256;
@@ -33,26 +33,15 @@ const PKCS8_PREFIX: [u8; 16] = [
 const SPKI_PREFIX: [u8; 12] = [
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x6e, 0x03, 0x21, 0x00,
 ];
-const MAX_KEY_FILE: u64 = 16 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    File(#[from] amicus_bundle::KeyError),
     #[error("{0}: not an X25519 private key in PKCS#8 PEM form")]
     BadPrivateKey(String),
     #[error("{0}: not an X25519 public key in SubjectPublicKeyInfo PEM form")]
     BadPublicKey(String),
-    #[error(
-        "{path}: private key file is accessible by group or others (mode {mode:o}); run `chmod 600` on it"
-    )]
-    Permissions { path: PathBuf, mode: u32 },
-    #[error("{0} already exists; refusing to overwrite a key file")]
-    Exists(PathBuf),
     #[error("sealed data is too short")]
     Truncated,
     #[error(
@@ -129,7 +118,7 @@ impl RecipientPublicKey {
     }
 
     pub fn read(path: &Path) -> Result<Self, SealError> {
-        Self::from_pem(&read_capped(path)?, &path.display().to_string())
+        Self::from_pem(&keys::read_capped(path)?, &path.display().to_string())
     }
 }
 
@@ -152,24 +141,10 @@ impl RecipientKey {
 
     /// Read a PKCS#8 PEM private key; refuses files that group or others can access.
     pub fn read(path: &Path) -> Result<Self, SealError> {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let meta = std::fs::metadata(path).map_err(|source| SealError::Io {
-                path: path.into(),
-                source,
-            })?;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(SealError::Permissions {
-                    path: path.into(),
-                    mode,
-                });
-            }
-        }
+        let text = keys::read_private_key_file(path)?;
         let origin = path.display().to_string();
-        let der = unpem(&read_capped(path)?, "PRIVATE KEY")
-            .ok_or_else(|| SealError::BadPrivateKey(origin.clone()))?;
+        let der =
+            unpem(&text, "PRIVATE KEY").ok_or_else(|| SealError::BadPrivateKey(origin.clone()))?;
         let raw = der
             .strip_prefix(&PKCS8_PREFIX[..])
             .filter(|r| r.len() == 32)
@@ -180,16 +155,16 @@ impl RecipientKey {
     /// Write the private key (mode 0600, created new) and the public key beside it
     /// (`x.key` → `x.pub`). Returns the public key's path.
     pub fn write_pair(&self, key_path: &Path) -> Result<PathBuf, SealError> {
-        let pub_path = amicus_bundle::keys::public_key_path(key_path);
+        let pub_path = keys::public_key_path(key_path);
         for p in [key_path, pub_path.as_path()] {
             if p.exists() {
-                return Err(SealError::Exists(p.into()));
+                return Err(keys::KeyError::Exists(p.into()).into());
             }
         }
         let mut der = PKCS8_PREFIX.to_vec();
         der.extend_from_slice(&self.0.to_bytes());
-        write_new(key_path, pem("PRIVATE KEY", &der).as_bytes(), 0o600)?;
-        write_new(&pub_path, self.1.to_pem().as_bytes(), 0o644)?;
+        keys::write_new(key_path, pem("PRIVATE KEY", &der).as_bytes(), 0o600)?;
+        keys::write_new(&pub_path, self.1.to_pem().as_bytes(), 0o644)?;
         Ok(pub_path)
     }
 
@@ -229,40 +204,6 @@ pub fn seal(
     let mut out = enc.to_bytes().to_vec();
     out.extend_from_slice(&ciphertext);
     Ok(out)
-}
-
-fn read_capped(path: &Path) -> Result<String, SealError> {
-    use std::io::Read;
-    let io = |source| SealError::Io {
-        path: path.into(),
-        source,
-    };
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .map_err(io)?
-        .take(MAX_KEY_FILE)
-        .read_to_string(&mut text)
-        .map_err(io)?;
-    Ok(text)
-}
-
-fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), SealError> {
-    let io = |source| SealError::Io {
-        path: path.into(),
-        source,
-    };
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(mode);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut f = opts.open(path).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)
 }
 
 #[cfg(test)]
@@ -324,14 +265,17 @@ mod tests {
         let sealed = seal(&public, &ctx("a"), b"x").unwrap();
         assert_eq!(back.open(&ctx("a"), &sealed).unwrap(), b"x");
         assert_eq!(public.to_pem(), key.public().to_pem());
-        assert!(matches!(key.write_pair(&path), Err(SealError::Exists(_))));
+        assert!(matches!(
+            key.write_pair(&path),
+            Err(SealError::File(keys::KeyError::Exists(_)))
+        ));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
             assert!(matches!(
                 RecipientKey::read(&path),
-                Err(SealError::Permissions { .. })
+                Err(SealError::File(keys::KeyError::Permissions { .. }))
             ));
         }
         // An Ed25519 public key is not an X25519 one.

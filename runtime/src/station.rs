@@ -404,15 +404,7 @@ impl Station {
         };
         for (id, path) in &partial {
             if !finished(id) {
-                audit.append(Event::RunFinished {
-                    run_id: id.clone(),
-                    outcome: "interrupted".into(),
-                    reason: Some("the station stopped during the run".into()),
-                    fuel_used: 0,
-                    peak_memory_bytes: 0,
-                    wall_us: 0,
-                    outputs_released: released(id),
-                })?;
+                audit.append(interrupted(id, released(id)))?;
             }
             let note = path.join("RECOVERED.txt");
             std::fs::write(
@@ -428,15 +420,7 @@ impl Station {
         let mut recovered = partial.len();
         for (id, path) in &abandoned {
             if !finished(id) && !partial.iter().any(|(p, _)| p == id) {
-                audit.append(Event::RunFinished {
-                    run_id: id.clone(),
-                    outcome: "interrupted".into(),
-                    reason: Some("the station stopped during the run".into()),
-                    fuel_used: 0,
-                    peak_memory_bytes: 0,
-                    wall_us: 0,
-                    outputs_released: 0,
-                })?;
+                audit.append(interrupted(id, 0))?;
                 recovered += 1;
             }
             std::fs::remove_file(path).map_err(io(path))?;
@@ -733,6 +717,19 @@ impl Station {
                 reason: other.reason().unwrap_or_default(),
             }),
         }
+    }
+}
+
+/// The `run-finished` entry of a run the station stopped during.
+fn interrupted(run_id: &str, outputs_released: u64) -> Event {
+    Event::RunFinished {
+        run_id: run_id.to_string(),
+        outcome: "interrupted".into(),
+        reason: Some("the station stopped during the run".into()),
+        fuel_used: 0,
+        peak_memory_bytes: 0,
+        wall_us: 0,
+        outputs_released,
     }
 }
 
