@@ -4,7 +4,8 @@
 //! seals outputs to the requesting researcher, and uploads results and the station's audit log.
 //! The station never listens on a socket.
 //!
-//! Owns the daemon's journal (`<station>/registry/runs/<run>.json`), the bundle cache
+//! Owns the daemon's journal (`<station>/registry/runs/<run>.json` while a run is open,
+//! `registry/done/<run>.json` once the registry has its outcome), the bundle cache
 //! (`<station>/registry/bundles/`) and the owner's refusals (`<station>/registry/refusals/`).
 //! Must not check policy itself beyond asking whether a train awaits approval: admission is
 //! the runtime's.
@@ -27,6 +28,7 @@ use std::time::Duration;
 
 pub const DAEMON_DIR: &str = "registry";
 const JOURNAL_DIR: &str = "runs";
+const DONE_DIR: &str = "done";
 const BUNDLE_DIR: &str = "bundles";
 const REFUSAL_DIR: &str = "refusals";
 /// Audit lines per upload.
@@ -130,19 +132,37 @@ impl Journal {
         self.dir.join(JOURNAL_DIR).join(format!("{run}.json"))
     }
 
-    pub fn get(&self, run: &str) -> Result<Option<JournalEntry>, DaemonError> {
-        let path = self.entry_path(run);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|_| DaemonError::Journal(path)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io(&path)(e)),
-        }
+    /// Where reported runs go, so each pass reads only the open ones.
+    fn done_path(&self, run: &str) -> PathBuf {
+        self.dir.join(DONE_DIR).join(format!("{run}.json"))
     }
 
+    pub fn get(&self, run: &str) -> Result<Option<JournalEntry>, DaemonError> {
+        for path in [self.entry_path(run), self.done_path(run)] {
+            match std::fs::read(&path) {
+                Ok(bytes) => {
+                    return serde_json::from_slice(&bytes)
+                        .map(Some)
+                        .map_err(|_| DaemonError::Journal(path));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path)(e)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Record a run's progress; a reported run moves to `registry/done/`.
     pub fn put(&self, e: &JournalEntry) -> Result<(), DaemonError> {
         let bytes = serde_json::to_vec_pretty(e).expect("journal entries serialise");
+        if matches!(e.progress, Progress::Reported { .. }) {
+            write_atomic(&self.done_path(&e.item.run), &bytes)?;
+            let open = self.entry_path(&e.item.run);
+            return match std::fs::remove_file(&open) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(io(&open)(err)),
+                _ => Ok(()),
+            };
+        }
         write_atomic(&self.entry_path(&e.item.run), &bytes)
     }
 
