@@ -80,12 +80,12 @@ if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
 fi
 
-if ! "$VENV/bin/python" -c "import pydicom, numpy, rdflib, pylibjpeg, libjpeg, openjpeg, jpeg_ls, onnx" 2>/dev/null; then
-  echo "setup: installing pydicom (and its JPEG, JPEG 2000, JPEG-LS decoders), numpy, rdflib and onnx into $VENV"
+if ! "$VENV/bin/python" -c "import pydicom, numpy, rdflib, pylibjpeg, libjpeg, openjpeg, jpeg_ls, onnx, dp_accounting" 2>/dev/null; then
+  echo "setup: installing pydicom (and its JPEG, JPEG 2000, JPEG-LS decoders), numpy, rdflib, onnx and dp-accounting into $VENV"
   ensure_venv
   "$VENV/bin/pip" install -q --disable-pip-version-check "pydicom==3.*" "numpy<3" "rdflib==7.*" \
     "pylibjpeg==2.1.0" "pylibjpeg-libjpeg==2.5.0" "pylibjpeg-openjpeg==2.6.0" "pyjpegls==1.5.1" \
-    "onnx==1.23.2"
+    "onnx==1.23.2" "dp-accounting==0.6.0"
 fi
 
 CORPUS="${HOME}/.cache/amicus/corpus"
