@@ -1013,7 +1013,7 @@ async fn station_work(State(app): State<App>, req: Request) -> Response {
                 // Register for wake-ups before looking, so a task created in between is not missed.
                 let notified = app.notify.notified();
                 // Expired tasks are never handed out (take_work checks); marking them expired is
-                // housekeeping\'s and the readers\' job, not every poll\'s.
+                // housekeeping's and the readers' job, not every poll's.
                 let items = app.db.take_work(&st).await?;
                 if !items.is_empty() {
                     for i in &items {
