@@ -661,6 +661,21 @@ async fn oversized_bodies(h: &Harness) {
             .iter()
             .any(|e| e.outcome.starts_with("refused 413 payload_too_large"))
     );
+    // A person with a bad token announcing a huge upload is refused before any of it is read.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let authority = h.url.trim_start_matches("http://");
+    let mut tcp = tokio::net::TcpStream::connect(authority).await.unwrap();
+    let head = format!(
+        "PUT /v1/trains HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer amicus_nope\r\nContent-Length: 200000000\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut answer))
+        .await
+        .expect("answered without the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
 }
 
 async fn audit_copies(h: &Harness) {
