@@ -5,10 +5,11 @@
 //!
 //! Each simulated station has its own Ed25519 key and signs every request (RFC 9421), so the
 //! registry does exactly the work it does for real stations: signature check, nonce insert,
-//! expiry sweep, work query. Stations poll without waiting (`wait=0`) every `--interval`
+//! last-seen update, work query. Stations poll without waiting (`wait=0`) every `--interval`
 //! seconds, jittered, so the request rate is stations / interval; latency is measured by the
 //! client, signing included. Four more stations long-poll and answer each task at once:
-//! their round trips measure the registry's path, not the poll interval. Server and load
+//! their round trips measure the registry's path, not the poll interval. Then 32 stations poll
+//! back to back for a few seconds: the replica's capacity. Server and load
 //! share this machine's cores: figures are an upper bound on what the registry alone costs.
 
 use amicus_bundle::{Bundle, SecretKey, manifest::Manifest};
@@ -59,6 +60,9 @@ struct Figures {
     poll_p99_ms: f64,
     poll_max_ms: f64,
     round_trips: usize,
+    /// Signed polls per second that 32 stations polling back to back get answered, after
+    /// the timed phase: the replica's capacity on this machine.
+    capacity_requests_per_second: f64,
     round_trip_errors: u64,
     create_to_delivered_p50_ms: f64,
     create_to_delivered_p99_ms: f64,
@@ -165,6 +169,17 @@ async fn one(
     let shared = http(Duration::from_secs(60));
     let mut pollers = Vec::new();
     let mut responders = Vec::new();
+    let mut flooders = Vec::new();
+    for i in 0..32 {
+        let key = SecretKey::generate()?;
+        db.insert_station(
+            &format!("cap{i:02}"),
+            &key.public().id().to_string(),
+            &key.public().to_pem(),
+        )
+        .await?;
+        flooders.push(StationClient::with_http(&base, key, shared.clone())?);
+    }
     for i in 0..stations + 4 {
         let key = SecretKey::generate()?;
         let name = if i < stations {
@@ -316,6 +331,26 @@ async fn one(
     for t in responder_tasks {
         t.await?;
     }
+    // Capacity: 32 stations polling back to back for a few seconds.
+    let flood_for = Duration::from_secs(args.seconds.clamp(1, 5));
+    let t0 = Instant::now();
+    let mut floods = Vec::new();
+    for client in flooders {
+        floods.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while t0.elapsed() < flood_for {
+                if client.work(0).await.is_ok() {
+                    n += 1;
+                }
+            }
+            n
+        }));
+    }
+    let mut answered = 0u64;
+    for f in floods {
+        answered += f.await?;
+    }
+    let capacity = answered as f64 / t0.elapsed().as_secs_f64();
     let _ = stop_tx.send(());
     let _ = server.join();
     lat.sort_by(f64::total_cmp);
@@ -353,6 +388,7 @@ async fn one(
         poll_p99_ms: pct(&lat, 0.99),
         poll_max_ms: lat.last().copied().unwrap_or(f64::NAN),
         round_trips: s.len(),
+        capacity_requests_per_second: capacity,
         round_trip_errors: rt_errors.load(Ordering::Relaxed),
         create_to_delivered_p50_ms: pct(&d, 0.5),
         create_to_delivered_p99_ms: pct(&d, 0.99),
@@ -384,13 +420,14 @@ pub fn run(args: RegistryArgs) -> Result<()> {
         for &n in &args.stations {
             let f = rt.block_on(one(kind, n, &args, tmp.path(), pg.as_deref()))?;
             eprintln!(
-                "  {kind:>8} {n:>5} stations: {:.0} req/s, poll p50 {:.1} ms p99 {:.1} ms, round trip p50 {:.0} ms ({} tasks, {} errors)",
+                "  {kind:>8} {n:>5} stations: {:.0} req/s, poll p50 {:.1} ms p99 {:.1} ms, round trip p50 {:.0} ms ({} tasks, {} errors); capacity {:.0} req/s",
                 f.requests_per_second,
                 f.poll_p50_ms,
                 f.poll_p99_ms,
                 f.create_to_stored_p50_ms,
                 f.round_trips,
-                f.poll_errors + f.round_trip_errors
+                f.poll_errors + f.round_trip_errors,
+                f.capacity_requests_per_second
             );
             all.push(f);
         }
@@ -405,11 +442,11 @@ pub fn run(args: RegistryArgs) -> Result<()> {
     });
     std::fs::write(&args.json, serde_json::to_string_pretty(&json)?)?;
     let mut md = String::from(
-        "# amicus bench registry\n\nSimulated stations poll (signed, `wait=0`) every interval; four more long-poll and answer tasks at once. Server and load share the machine.\n\n| database | stations | req/s | poll p50 ms | poll p95 ms | poll p99 ms | poll max ms | errors | tasks | create→delivered p50 ms | create→stored p50 ms | create→stored p99 ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "# amicus bench registry\n\nSimulated stations poll (signed, `wait=0`) every interval; four more long-poll and answer tasks at once. Server and load share the machine.\n\n| database | stations | req/s | poll p50 ms | poll p95 ms | poll p99 ms | poll max ms | errors | tasks | create→delivered p50 ms | create→stored p50 ms | create→stored p99 ms | capacity req/s (32 back-to-back pollers) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for f in &all {
         md += &format!(
-            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {:.0} | {:.0} | {:.0} |\n",
+            "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} |\n",
             f.database,
             f.stations,
             f.requests_per_second,
@@ -421,7 +458,8 @@ pub fn run(args: RegistryArgs) -> Result<()> {
             f.round_trips,
             f.create_to_delivered_p50_ms,
             f.create_to_stored_p50_ms,
-            f.create_to_stored_p99_ms
+            f.create_to_stored_p99_ms,
+            f.capacity_requests_per_second
         );
     }
     std::fs::write(&args.markdown, md)?;
