@@ -260,6 +260,8 @@ pub struct Daemon {
     client: StationClient,
     journal: Journal,
     audit_next: Option<i64>,
+    /// Length of `audit.log` when it was last uploaded in full: unchanged means nothing to send.
+    audit_uploaded_len: Option<u64>,
 }
 
 fn say(msg: &str) {
@@ -277,6 +279,7 @@ impl Daemon {
             opts,
             client,
             audit_next: None,
+            audit_uploaded_len: None,
         })
     }
 
@@ -319,6 +322,7 @@ impl Daemon {
                     backoff = (backoff * 2).min(self.opts.max_backoff);
                     // Our view of the registry's audit copy may be stale after an outage.
                     self.audit_next = None;
+                    self.audit_uploaded_len = None;
                 }
                 Err(e) => return Err(e),
             }
@@ -460,6 +464,7 @@ impl Daemon {
                 return Ok(Err(Report::Refused { reason }));
             }
             write_atomic(&path, &bytes)?;
+            return Ok(Ok((path, parsed)));
         }
         match Bundle::read(&path) {
             Ok(b) if b.digest().to_hex() == digest => Ok(Ok((path, b))),
@@ -699,6 +704,11 @@ impl Daemon {
         };
         let dir = &self.opts.dir;
         let log = dir.join(amicus_runtime::audit::LOG_FILE);
+        // Each pass calls this; read the log only when it grew since the last full upload.
+        let len = std::fs::metadata(&log).map(|m| m.len()).ok();
+        if self.audit_next.is_some() && len.is_some() && len == self.audit_uploaded_len {
+            return Ok(());
+        }
         let data = match std::fs::read(&log) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -741,6 +751,7 @@ impl Daemon {
             }
         }
         self.audit_next = Some(next as i64);
+        self.audit_uploaded_len = Some(complete as u64);
         Ok(())
     }
 }

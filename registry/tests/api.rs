@@ -398,8 +398,6 @@ async fn people_and_scopes(h: &Harness) {
     refused(h, h.alice.create_task(&twice).await, 400, "bad_request").await;
     // Malformed JSON, raw.
     let client = reqwest::Client::new();
-    let token = std::env::var("NONE").unwrap_or_default();
-    let _ = token;
     let r = client
         .post(format!("{}/v1/tasks", h.url))
         .bearer_auth(alice_token(h).await)
