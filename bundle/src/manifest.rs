@@ -50,7 +50,7 @@ pub enum Capability {
     Cohort,
     /// Series and masks as tensors (`amicus:train/imaging`).
     Imaging,
-    /// ONNX inference and training (`amicus:train/kernels`).
+    /// ONNX inference and training (`amicus:train/kernels`, and `federated` in a federated job).
     Kernels,
 }
 
@@ -70,7 +70,7 @@ impl Capability {
         match self {
             Capability::Cohort => &["cohort"],
             Capability::Imaging => &["imaging", "tensors"],
-            Capability::Kernels => &["kernels", "tensors"],
+            Capability::Kernels => &["kernels", "tensors", "federated"],
         }
     }
 

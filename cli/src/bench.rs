@@ -158,6 +158,7 @@ fn start(bundle_path: &Path, iterations: usize, out: &Path) -> Result<()> {
                     cohort: None,
                     imaging: None,
                     kernels: None,
+                    federated: None,
                 },
             )?)
         })?;

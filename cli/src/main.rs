@@ -8,6 +8,7 @@ mod bench;
 mod bench_imaging;
 mod bench_index;
 mod bench_registry;
+mod job;
 mod model;
 mod net;
 mod train_build;
@@ -50,6 +51,9 @@ enum Command {
     /// Researcher: tasks at the registry (create, list, show, results).
     #[command(subcommand)]
     Task(net::TaskCommand),
+    /// Researcher: federated jobs at the registry (create, show, weights, report).
+    #[command(subcommand)]
+    Job(job::JobCommand),
     /// Build, sign, verify and inspect train bundles.
     #[command(subcommand)]
     Train(TrainCommand),
@@ -291,6 +295,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Registry(c) => net::registry(c),
         Command::Task(c) => net::task(c),
+        Command::Job(c) => job::job(c),
         Command::Train(c) => match c {
             TrainCommand::Build { crate_dir, out } => train_build::build(&crate_dir, &out),
             TrainCommand::Sign { bundle, key, role } => sign(&bundle, &key, &role),

@@ -36,7 +36,7 @@ impl Conn {
             .context("no registry: pass --registry URL or set AMICUS_REGISTRY")
     }
 
-    fn person(&self) -> Result<PersonClient> {
+    pub fn person(&self) -> Result<PersonClient> {
         let file = self
             .token_file
             .clone()

@@ -28,6 +28,7 @@ fn run(sandbox: &Sandbox, bundle: &Bundle, params: &str, fuel: u64, wall: Durati
                 cohort: None,
                 imaging: None,
                 kernels: None,
+                federated: None,
             },
         )
         .unwrap()

@@ -366,19 +366,29 @@ mod tests {
         huge.push(2);
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Weights::decode(&huge), Err(WireError::TooLarge(_))));
+        assert!(matches!(
+            Weights::decode(&huge),
+            Err(WireError::TooLarge(_))
+        ));
     }
 
     #[test]
     fn updates_round_trip_in_both_encodings() {
         let u = Update {
             samples: 96,
-            delta: (0..5000).map(|i| ((i * 37) % 101) as f32 / 1000.0 - 0.05).collect(),
+            delta: (0..5000)
+                .map(|i| ((i * 37) % 101) as f32 / 1000.0 - 0.05)
+                .collect(),
         };
         let fp = u.encode(Encoding::Fp32).unwrap();
         assert_eq!(Update::decode(&fp).unwrap(), (u.clone(), Encoding::Fp32));
         let q = u.encode(Encoding::Q8).unwrap();
-        assert!(q.len() * 100 <= fp.len() * 26, "{} vs {}", q.len(), fp.len());
+        assert!(
+            q.len() * 100 <= fp.len() * 26,
+            "{} vs {}",
+            q.len(),
+            fp.len()
+        );
         let (back, enc) = Update::decode(&q).unwrap();
         assert_eq!((back.samples, enc), (96, Encoding::Q8));
         let step = 0.1 / 255.0;

@@ -44,6 +44,9 @@ pub struct Trainer {
     /// Running statistics (BatchNormalization), replaced after every step.
     running: Vec<(String, Tensor)>,
     state: OptimizerState,
+    /// FedProx: `μ` and the anchor weights (same order as `weights`); each step adds
+    /// `μ (w − anchor)` to the gradients.
+    proximal: Option<(f32, Vec<Vec<f32>>)>,
 }
 
 fn input_error(reason: impl Into<String>) -> KernelError {
@@ -134,6 +137,7 @@ impl Trainer {
             shapes,
             running,
             state,
+            proximal: None,
         })
     }
 
@@ -237,6 +241,14 @@ impl Trainer {
                 self.running[i].0
             )));
         }
+        let mut grads = grads;
+        if let Some((mu, anchor)) = &self.proximal {
+            for ((g, (_, w)), a) in grads.iter_mut().zip(&self.weights).zip(anchor) {
+                for ((g, w), a) in g.iter_mut().zip(w).zip(a) {
+                    *g += mu * (w - a);
+                }
+            }
+        }
         self.state
             .update(&mut self.weights, &grads)
             .map_err(|e| KernelError::Run(e.to_string()))?;
@@ -305,6 +317,19 @@ impl Trainer {
             staged[i].1 = w.data.clone();
         }
         self.weights = staged;
+        Ok(())
+    }
+
+    /// Add FedProx's proximal term `μ/2 ‖w − anchor‖²` to the loss's gradients from now on,
+    /// anchored at the current weights (`μ` 0 removes it).
+    pub fn anchor_proximal(&mut self, mu: f32) -> Result<(), KernelError> {
+        if !mu.is_finite() || mu < 0.0 {
+            return Err(input_error(format!(
+                "proximal μ must be finite and ≥ 0, not {mu}"
+            )));
+        }
+        self.proximal =
+            (mu > 0.0).then(|| (mu, self.weights.iter().map(|(_, w)| w.clone()).collect()));
         Ok(())
     }
 

@@ -296,3 +296,66 @@ fn a_unet_with_batch_and_instance_normalisation_learns_and_keeps_running_statist
         }
     }
 }
+
+/// FedProx: the proximal term keeps local training near the anchor (the round's global
+/// weights). Same data, same optimizer (SGD, so the step is the gradient): with μ the
+/// weights end measurably closer to where they started, and μ 0 is plain training.
+#[test]
+fn the_proximal_term_pulls_towards_the_anchor() {
+    if !ready() {
+        return;
+    }
+    let model = Cnn {
+        channels: 1,
+        height: 16,
+        width: 16,
+        classes: 2,
+        widths: vec![4],
+        seed: 3,
+    }
+    .build()
+    .unwrap();
+    let sgd = |mu: f32| {
+        let mut t = Trainer::new(
+            &model,
+            TrainerOptions {
+                optimizer: Optimizer::Sgd {
+                    learning_rate: 0.05,
+                    momentum: 0.0,
+                    nesterov: false,
+                    weight_decay: 0.0,
+                },
+                clip_norm: None,
+                ..options(Loss::CrossEntropy, 0.0)
+            },
+        )
+        .unwrap();
+        t.anchor_proximal(mu).unwrap();
+        t
+    };
+    let start: Vec<f32> = sgd(0.0)
+        .weights()
+        .iter()
+        .flat_map(|w| w.data.clone())
+        .collect();
+    let drift = |mu: f32| {
+        let mut t = sgd(mu);
+        let mut rng = Rng(11);
+        for _ in 0..30 {
+            let (x, y, _, _) = shapes(&mut rng, 8, 16);
+            t.step(&x, &y).unwrap();
+        }
+        let end: Vec<f32> = t.weights().iter().flat_map(|w| w.data.clone()).collect();
+        end.iter()
+            .zip(&start)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let (free, held) = (drift(0.0), drift(5.0));
+    eprintln!("drift from the anchor: μ 0 {free:.4}, μ 5 {held:.4}");
+    assert!(free > 0.0);
+    assert!(held < 0.8 * free, "μ 5 drifted {held}, μ 0 {free}");
+    assert!(sgd(0.0).anchor_proximal(f32::NAN).is_err());
+    assert!(sgd(0.0).anchor_proximal(-1.0).is_err());
+}

@@ -8,6 +8,8 @@
 use crate::httpsig;
 use crate::wire::*;
 use amicus_bundle::SecretKey;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use reqwest::{Method, StatusCode};
 use std::time::Duration;
 
@@ -193,6 +195,23 @@ impl PersonClient {
     pub async fn results(&self, id: &str) -> Result<TaskResults, ClientError> {
         self.get(&format!("/v1/tasks/{id}/results")).await
     }
+    pub async fn create_job(&self, new: &NewJob) -> Result<JobInfo, ClientError> {
+        self.post("/v1/jobs", new).await
+    }
+    pub async fn jobs(&self) -> Result<Vec<JobInfo>, ClientError> {
+        self.get("/v1/jobs").await
+    }
+    pub async fn job(&self, id: &str) -> Result<JobInfo, ClientError> {
+        self.get(&format!("/v1/jobs/{id}")).await
+    }
+    /// A checkpoint's weights (`round` None: the newest).
+    pub async fn job_weights(&self, id: &str, round: Option<u32>) -> Result<Vec<u8>, ClientError> {
+        let path = match round {
+            Some(r) => format!("/v1/jobs/{id}/weights?round={r}"),
+            None => format!("/v1/jobs/{id}/weights"),
+        };
+        self.send(Method::GET, &path, None).await
+    }
     pub async fn station_runs(&self, station: &str) -> Result<Vec<RunInfo>, ClientError> {
         self.get(&format!("/v1/stations/{station}/runs")).await
     }
@@ -331,12 +350,34 @@ impl StationClient {
         .map(drop)
     }
     pub async fn result(&self, run: &str, outputs: Vec<SealedOutput>) -> Result<(), ClientError> {
+        self.result_with_update(run, outputs, None).await
+    }
+    /// A run's sealed outputs and, for a round of a federated job, its update (plain: the
+    /// registry aggregates it).
+    pub async fn result_with_update(
+        &self,
+        run: &str,
+        outputs: Vec<SealedOutput>,
+        update: Option<&[u8]>,
+    ) -> Result<(), ClientError> {
         self.post(
             &format!("/v1/station/runs/{run}/result"),
-            &ResultUpload { outputs },
+            &ResultUpload {
+                outputs,
+                update: update.map(|u| B64.encode(u)),
+            },
         )
         .await
         .map(drop)
+    }
+    /// The global weights round `round` of `job` starts from.
+    pub async fn round_weights(&self, job: &str, round: u32) -> Result<Vec<u8>, ClientError> {
+        self.send(
+            Method::GET,
+            &format!("/v1/station/jobs/{job}/rounds/{round}/weights"),
+            Vec::new(),
+        )
+        .await
     }
     pub async fn audit_next(&self) -> Result<i64, ClientError> {
         let a: AuditAck = decode(

@@ -19,6 +19,7 @@ use crate::client::{ClientError, StationClient};
 use crate::sealed::{RecipientPublicKey, SealContext, seal};
 use crate::wire::{RunState, SealedOutput, WorkItem};
 use amicus_bundle::{Bundle, SecretKey, sha256};
+use amicus_runtime::sandbox::{FederatedRound, UPDATE_OUTPUT};
 use amicus_runtime::station::{KEY_FILE, Station, StationError};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -520,6 +521,31 @@ impl Daemon {
             return Ok(());
         }
         drop(bundle);
+        // A round of a federated job starts from the registry's global weights.
+        let round = match &item.job {
+            None => None,
+            Some(job) => {
+                let bytes = self.client.round_weights(&job.job, job.round).await?;
+                match amicus_fl::wire::Weights::decode(&bytes) {
+                    Ok(global) => Some(FederatedRound {
+                        job: job.job.clone(),
+                        number: job.round,
+                        rounds: job.rounds,
+                        proximal_mu: job.proximal_mu,
+                        global: std::sync::Arc::new(global),
+                        encoding: job.encoding,
+                        clip_norm: job.dp.map(|d| d.clip_norm),
+                        noise_multiplier: job.dp.map(|d| d.noise_multiplier),
+                    }),
+                    Err(e) => {
+                        let reason = format!("the round's global weights do not decode: {e}");
+                        return self
+                            .finish(item, Some(name), Report::Failed { reason })
+                            .await;
+                    }
+                }
+            }
+        };
         // Journal first: from here on this run is never started again.
         self.journal.put(&JournalEntry {
             item: item.clone(),
@@ -557,7 +583,10 @@ impl Daemon {
         let params = item.params.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let st = Station::open(&dir)?;
-            st.run(&path, Some(&params), Box::new(|_, _| {}))
+            match round {
+                Some(round) => st.run_round(&path, Some(&params), round, Box::new(|_, _| {})),
+                None => st.run(&path, Some(&params), Box::new(|_, _| {})),
+            }
         })
         .await
         .unwrap_or_else(|e| {
@@ -632,7 +661,14 @@ impl Daemon {
                 match recipient {
                     Ok(recipient) => {
                         let mut sealed = Vec::new();
+                        let mut update = None;
                         for (name, path) in outputs {
+                            if item.job.is_some() && name == UPDATE_OUTPUT {
+                                // For the registry to aggregate: already clipped, noised and
+                                // encoded by the station; not sealed to the researcher.
+                                update = Some(std::fs::read(path).map_err(io(path))?);
+                                continue;
+                            }
                             let plain = std::fs::read(path).map_err(io(path))?;
                             let ctx = SealContext {
                                 task: &item.task,
@@ -650,7 +686,9 @@ impl Daemon {
                                 sealed: B64.encode(s),
                             });
                         }
-                        self.client.result(&item.run, sealed).await
+                        self.client
+                            .result_with_update(&item.run, sealed, update.as_deref())
+                            .await
                     }
                     Err(e) => {
                         self.client

@@ -8,18 +8,24 @@
 //! `ON CONFLICT DO NOTHING` and `RETURNING` (SQLite 3.35+, bundled), no autoincrement (ids
 //! are random text), times as BIGINT milliseconds.
 
-use crate::wire::{RegistryAuditEntry, RunInfo, RunState, StationInfo, TrainInfo, WorkItem};
+use crate::wire::{
+    JobState, Plan, RegistryAuditEntry, RoundWork, RunInfo, RunState, StationInfo, TrainInfo,
+    WorkItem,
+};
 use sha2::{Digest as _, Sha256};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use std::time::Duration;
 
 /// The migrations, in order: (version, name, SQL).
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "registry",
-    include_str!("../../migrations/0001_registry.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "registry",
+        include_str!("../../migrations/0001_registry.sql"),
+    ),
+    (2, "jobs", include_str!("../../migrations/0002_jobs.sql")),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -39,6 +45,125 @@ pub enum DbError {
 pub struct Db {
     pub pool: AnyPool,
     pub postgres: bool,
+}
+
+type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+/// Insert a task and one pending run per station; returns the run ids.
+async fn insert_task(
+    tx: &mut Tx,
+    task: &TaskRow,
+    recipient_key: &str,
+    stations: &[String],
+) -> Result<Vec<String>, DbError> {
+    sqlx::query(
+        "INSERT INTO tasks (id, researcher, train, params, recipient_key, created_ms, expires_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&task.id)
+    .bind(&task.researcher)
+    .bind(&task.train)
+    .bind(&task.params)
+    .bind(recipient_key)
+    .bind(task.created_ms)
+    .bind(task.expires_ms)
+    .execute(&mut **tx)
+    .await?;
+    let mut ids = Vec::new();
+    for st in stations {
+        let id = random_id();
+        sqlx::query(
+            "INSERT INTO runs (id, task, station, state, updated_ms) VALUES ($1, $2, $3, 'pending', $4)",
+        )
+        .bind(&id)
+        .bind(&task.id)
+        .bind(st)
+        .bind(task.created_ms)
+        .execute(&mut **tx)
+        .await?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// A federated job's row.
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub id: String,
+    pub researcher: String,
+    pub train: String,
+    pub params: String,
+    pub plan: Plan,
+    pub stations: Vec<String>,
+    pub recipient_key: String,
+    pub state: JobState,
+    pub round: u32,
+    pub reason: Option<String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// A stored update and the run it came with.
+#[derive(Debug, Clone)]
+pub struct StoredUpdate {
+    pub run: String,
+    pub station: String,
+    pub payload: Vec<u8>,
+}
+
+/// A round's checkpoint.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub round: u32,
+    pub weights: Vec<u8>,
+    pub server_state: Vec<u8>,
+    pub summary: String,
+}
+
+/// How a round ends: the next round's task (or none: the job is over) and the checkpoint.
+pub struct RoundEnd<'a> {
+    pub checkpoint: Option<&'a Checkpoint>,
+    pub next_task: Option<&'a TaskRow>,
+    pub state: JobState,
+    pub reason: Option<&'a str>,
+}
+
+async fn insert_checkpoint(tx: &mut Tx, job: &str, c: &Checkpoint) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO checkpoints (job, round, weights, server_state, summary, created_ms)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(job)
+    .bind(i64::from(c.round))
+    .bind(&c.weights[..])
+    .bind(&c.server_state[..])
+    .bind(&c.summary)
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The job part of a work item row (`job`, `round`, `plan` columns; NULL for plain tasks).
+fn round_work(r: &AnyRow) -> Result<Option<RoundWork>, DbError> {
+    let job: Option<String> = r.try_get("job")?;
+    let (Some(job), Some(round), Some(plan)) = (
+        job,
+        r.try_get::<Option<i64>, _>("round")?,
+        r.try_get::<Option<String>, _>("plan")?,
+    ) else {
+        return Ok(None);
+    };
+    let plan: Plan =
+        serde_json::from_str(&plan).map_err(|e| DbError::Corrupt(format!("job plan: {e}")))?;
+    Ok(Some(RoundWork {
+        job,
+        round: round as u32,
+        rounds: plan.rounds,
+        proximal_mu: plan.proximal_mu,
+        encoding: plan.encoding,
+        dp: plan.dp,
+    }))
 }
 
 pub fn now_ms() -> i64 {
@@ -424,33 +549,7 @@ impl Db {
         stations: &[String],
     ) -> Result<Vec<String>, DbError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO tasks (id, researcher, train, params, recipient_key, created_ms, expires_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&task.id)
-        .bind(&task.researcher)
-        .bind(&task.train)
-        .bind(&task.params)
-        .bind(recipient_key)
-        .bind(task.created_ms)
-        .bind(task.expires_ms)
-        .execute(&mut *tx)
-        .await?;
-        let mut ids = Vec::new();
-        for st in stations {
-            let id = random_id();
-            sqlx::query(
-                "INSERT INTO runs (id, task, station, state, updated_ms) VALUES ($1, $2, $3, 'pending', $4)",
-            )
-            .bind(&id)
-            .bind(&task.id)
-            .bind(st)
-            .bind(task.created_ms)
-            .execute(&mut *tx)
-            .await?;
-            ids.push(id);
-        }
+        let ids = insert_task(&mut tx, task, recipient_key, stations).await?;
         tx.commit().await?;
         Ok(ids)
     }
@@ -561,12 +660,16 @@ impl Db {
 
     async fn work_items(&self, station: &str, running_too: bool) -> Result<Vec<WorkItem>, DbError> {
         let sql = if running_too {
-            "SELECT r.id, r.task, r.station, r.state, t.train, t.params, t.recipient_key, t.expires_ms
+            "SELECT r.id, r.task, r.station, r.state, t.train, t.params, t.recipient_key, t.expires_ms,
+             jr.job AS job, jr.round AS round, j.plan AS plan
              FROM runs r JOIN tasks t ON t.id = r.task
+             LEFT JOIN job_rounds jr ON jr.task = t.id LEFT JOIN jobs j ON j.id = jr.job
              WHERE r.station = $1 AND r.state IN ('delivered', 'running') ORDER BY t.created_ms, r.id"
         } else {
-            "SELECT r.id, r.task, r.station, r.state, t.train, t.params, t.recipient_key, t.expires_ms
+            "SELECT r.id, r.task, r.station, r.state, t.train, t.params, t.recipient_key, t.expires_ms,
+             jr.job AS job, jr.round AS round, j.plan AS plan
              FROM runs r JOIN tasks t ON t.id = r.task
+             LEFT JOIN job_rounds jr ON jr.task = t.id LEFT JOIN jobs j ON j.id = jr.job
              WHERE r.station = $1 AND r.state = 'delivered' ORDER BY t.created_ms, r.id"
         };
         let rows = sqlx::query(sql).bind(station).fetch_all(&self.pool).await?;
@@ -583,6 +686,7 @@ impl Db {
                     state: RunState::parse(&state)
                         .ok_or_else(|| DbError::Corrupt(state.clone()))?,
                     expires_ms: r.try_get("expires_ms")?,
+                    job: round_work(r)?,
                 })
             })
             .collect()
@@ -662,6 +766,7 @@ impl Db {
         station: &str,
         run: &str,
         outputs: &[(String, Vec<u8>)],
+        update: Option<&[u8]>,
     ) -> Result<Result<(), UpdateRefused>, DbError> {
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
@@ -689,6 +794,13 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
         }
+        if let Some(update) = update {
+            sqlx::query("INSERT INTO updates (run, payload) VALUES ($1, $2)")
+                .bind(run)
+                .bind(update)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(Ok(()))
     }
@@ -701,6 +813,228 @@ impl Db {
         rows.iter()
             .map(|r| Ok((r.try_get("name")?, r.try_get("sealed")?)))
             .collect()
+    }
+
+    // ---- federated jobs -----------------------------------------------------------------
+
+    /// Create a job with its round-0 checkpoint (the initial weights) and round 1's task.
+    pub async fn create_job(
+        &self,
+        job: &JobRow,
+        initial: &Checkpoint,
+        first: &TaskRow,
+    ) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO jobs (id, researcher, train, params, plan, stations, recipient_key, state,
+             round, reason, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10, $10)",
+        )
+        .bind(&job.id)
+        .bind(&job.researcher)
+        .bind(&job.train)
+        .bind(&job.params)
+        .bind(serde_json::to_string(&job.plan).expect("a plan serialises"))
+        .bind(serde_json::to_string(&job.stations).expect("names serialise"))
+        .bind(&job.recipient_key)
+        .bind(job.state.as_str())
+        .bind(i64::from(job.round))
+        .bind(job.created_ms)
+        .execute(&mut *tx)
+        .await?;
+        insert_checkpoint(&mut tx, &job.id, initial).await?;
+        insert_task(&mut tx, first, &job.recipient_key, &job.stations).await?;
+        sqlx::query("INSERT INTO job_rounds (job, round, task) VALUES ($1, $2, $3)")
+            .bind(&job.id)
+            .bind(i64::from(job.round))
+            .bind(&first.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn job_row(r: &AnyRow) -> Result<JobRow, DbError> {
+        let corrupt =
+            |what: &str, e: &dyn std::fmt::Display| DbError::Corrupt(format!("{what}: {e}"));
+        let plan: String = r.try_get("plan")?;
+        let stations: String = r.try_get("stations")?;
+        let state: String = r.try_get("state")?;
+        let round: i64 = r.try_get("round")?;
+        Ok(JobRow {
+            id: r.try_get("id")?,
+            researcher: r.try_get("researcher")?,
+            train: r.try_get("train")?,
+            params: r.try_get("params")?,
+            plan: serde_json::from_str(&plan).map_err(|e| corrupt("job plan", &e))?,
+            stations: serde_json::from_str(&stations).map_err(|e| corrupt("job stations", &e))?,
+            recipient_key: r.try_get("recipient_key")?,
+            state: JobState::parse(&state).ok_or_else(|| DbError::Corrupt(state.clone()))?,
+            round: u32::try_from(round).map_err(|e| corrupt("job round", &e))?,
+            reason: r.try_get("reason")?,
+            created_ms: r.try_get("created_ms")?,
+            updated_ms: r.try_get("updated_ms")?,
+        })
+    }
+
+    pub async fn job(&self, id: &str) -> Result<Option<JobRow>, DbError> {
+        let row = sqlx::query(
+            "SELECT id, researcher, train, params, plan, stations, recipient_key, state, round, reason,
+             created_ms, updated_ms FROM jobs WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(Self::job_row).transpose()
+    }
+
+    /// Jobs of one researcher, or all of them.
+    pub async fn jobs(&self, researcher: Option<&str>) -> Result<Vec<JobRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, researcher, train, params, plan, stations, recipient_key, state, round, reason,
+             created_ms, updated_ms FROM jobs WHERE $1 IS NULL OR researcher = $1 ORDER BY created_ms, id",
+        )
+        .bind(researcher)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Self::job_row).collect()
+    }
+
+    /// Ids of the jobs still running.
+    pub async fn running_jobs(&self) -> Result<Vec<String>, DbError> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM jobs WHERE state = 'running' ORDER BY created_ms")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// The job and round a task belongs to, if any.
+    pub async fn round_of_task(&self, task: &str) -> Result<Option<(String, u32)>, DbError> {
+        let row = sqlx::query("SELECT job, round FROM job_rounds WHERE task = $1")
+            .bind(task)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let round: i64 = r.try_get("round")?;
+            Ok((r.try_get("job")?, round as u32))
+        })
+        .transpose()
+    }
+
+    /// (round, task) of every round a job has started.
+    pub async fn job_rounds(&self, job: &str) -> Result<Vec<(u32, String)>, DbError> {
+        let rows = sqlx::query("SELECT round, task FROM job_rounds WHERE job = $1 ORDER BY round")
+            .bind(job)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let round: i64 = r.try_get("round")?;
+                Ok((round as u32, r.try_get("task")?))
+            })
+            .collect()
+    }
+
+    pub async fn checkpoint(&self, job: &str, round: u32) -> Result<Option<Checkpoint>, DbError> {
+        let row = sqlx::query(
+            "SELECT round, weights, server_state, summary FROM checkpoints WHERE job = $1 AND round = $2",
+        )
+        .bind(job)
+        .bind(i64::from(round))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let round: i64 = r.try_get("round")?;
+            Ok(Checkpoint {
+                round: round as u32,
+                weights: r.try_get("weights")?,
+                server_state: r.try_get("server_state")?,
+                summary: r.try_get("summary")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// (round, summary) of every checkpoint after round 0.
+    pub async fn round_summaries(&self, job: &str) -> Result<Vec<(u32, String)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT round, summary FROM checkpoints WHERE job = $1 AND round > 0 ORDER BY round",
+        )
+        .bind(job)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let round: i64 = r.try_get("round")?;
+                Ok((round as u32, r.try_get("summary")?))
+            })
+            .collect()
+    }
+
+    /// The updates stored for a task's runs.
+    pub async fn updates_of_task(&self, task: &str) -> Result<Vec<StoredUpdate>, DbError> {
+        let rows = sqlx::query(
+            "SELECT u.run AS run, r.station AS station, u.payload AS payload
+             FROM updates u JOIN runs r ON r.id = u.run WHERE r.task = $1 ORDER BY r.station",
+        )
+        .bind(task)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredUpdate {
+                    run: r.try_get("run")?,
+                    station: r.try_get("station")?,
+                    payload: r.try_get("payload")?,
+                })
+            })
+            .collect()
+    }
+
+    /// End round `round` of `job` atomically: store its checkpoint, start the next round (if
+    /// any) and move the job on. Returns false (and changes nothing) when the round was
+    /// already ended, e.g. by another replica or a concurrent report.
+    pub async fn end_round(
+        &self,
+        job: &JobRow,
+        round: u32,
+        end: RoundEnd<'_>,
+    ) -> Result<bool, DbError> {
+        let mut tx = self.pool.begin().await?;
+        let next_round = if end.next_task.is_some() {
+            round + 1
+        } else {
+            round
+        };
+        let moved = sqlx::query(
+            "UPDATE jobs SET state = $1, round = $2, reason = $3, updated_ms = $4
+             WHERE id = $5 AND round = $6 AND state = 'running'",
+        )
+        .bind(end.state.as_str())
+        .bind(i64::from(next_round))
+        .bind(end.reason)
+        .bind(now_ms())
+        .bind(&job.id)
+        .bind(i64::from(round))
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() != 1 {
+            return Ok(false);
+        }
+        if let Some(c) = end.checkpoint {
+            insert_checkpoint(&mut tx, &job.id, c).await?;
+        }
+        if let Some(task) = end.next_task {
+            insert_task(&mut tx, task, &job.recipient_key, &job.stations).await?;
+            sqlx::query("INSERT INTO job_rounds (job, round, task) VALUES ($1, $2, $3)")
+                .bind(&job.id)
+                .bind(i64::from(next_round))
+                .bind(&task.id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     // ---- station audit copies -----------------------------------------------------------

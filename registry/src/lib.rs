@@ -3,19 +3,22 @@
 //!
 //! - `server`: routes, authentication, roles and scopes, limits, the refusal audit.
 //! - `db`: SQLite or PostgreSQL through sqlx, the embedded migrations, every query.
+//! - `jobs`: federated jobs round by round (quorum, aggregation, checkpoints).
 //! - `wire`: the JSON bodies (plain data), also described by `registry/openapi.json`.
 //! - `httpsig`: RFC 9421 signatures of station requests.
 //! - `sealed`: HPKE-sealed results and the researcher's X25519 key files.
 //! - `client`: HTTP clients for people (bearer token) and stations (signing key).
 //! - `daemon`: `amicus station serve`, a station's pull-only loop around `amicus-runtime`.
 //!
-//! The registry never holds a private key of anyone, never sees a result's plaintext, and
+//! The registry never holds a private key of anyone, never sees a result's plaintext (a federated
+//! round's updates are not results: they come to it to be aggregated), and
 //! never runs a train; stations never listen on a socket.
 
 pub mod client;
 pub mod daemon;
 pub mod db;
 pub mod httpsig;
+pub mod jobs;
 pub mod sealed;
 pub mod server;
 pub mod wire;

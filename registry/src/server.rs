@@ -45,10 +45,15 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/tasks"),
     ("get", "/v1/tasks/{id}"),
     ("get", "/v1/tasks/{id}/results"),
+    ("get", "/v1/jobs"),
+    ("post", "/v1/jobs"),
+    ("get", "/v1/jobs/{id}"),
+    ("get", "/v1/jobs/{id}/weights"),
     ("get", "/v1/audit"),
     ("get", "/v1/station/work"),
     ("get", "/v1/station/open"),
     ("get", "/v1/station/trains/{digest}"),
+    ("get", "/v1/station/jobs/{id}/rounds/{round}/weights"),
     ("post", "/v1/station/runs/{id}/state"),
     ("post", "/v1/station/runs/{id}/result"),
     ("get", "/v1/station/audit/next"),
@@ -977,6 +982,331 @@ async fn task_results(State(app): State<App>, Path(id): Path<String>, req: Reque
     .await
 }
 
+// ---- federated jobs ---------------------------------------------------------------------
+
+/// Move a job on after one of its runs finished, and record what happened in the trail.
+async fn advance_job(app: &App, job: &str) -> Result<(), ApiError> {
+    report_advance(&app.db, &app.notify, job).await?;
+    Ok(())
+}
+
+async fn report_advance(db: &Db, notify: &Notify, job: &str) -> Result<(), crate::db::DbError> {
+    use crate::jobs::Advanced;
+    match crate::jobs::advance(db, job).await? {
+        Advanced::RoundEnded { round, state } => {
+            let summary = db
+                .checkpoint(job, round)
+                .await?
+                .and_then(|c| serde_json::from_str::<RoundSummary>(&c.summary).ok());
+            let detail = match summary {
+                Some(s) => {
+                    let parts: Vec<String> = s
+                        .stations
+                        .iter()
+                        .map(|st| format!("{} {}", st.station, st.status))
+                        .collect();
+                    format!(
+                        "ok round {round} aggregated ({}), job {}",
+                        parts.join(", "),
+                        state.as_str()
+                    )
+                }
+                None => format!("ok round {round} ended, job {}", state.as_str()),
+            };
+            db.audit("registry", "job-round", job, &detail).await?;
+            notify.notify_waiters();
+        }
+        Advanced::Failed { round, reason } => {
+            db.audit(
+                "registry",
+                "job-failed",
+                job,
+                &format!("failed at round {round}: {reason}"),
+            )
+            .await?;
+        }
+        Advanced::Waiting | Advanced::Nothing => {}
+    }
+    Ok(())
+}
+
+async fn advance_run_job(app: &App, run: &str) -> Result<(), ApiError> {
+    if let Some(r) = app.db.run(run).await?
+        && let Some((job, _)) = app.db.round_of_task(&r.task).await?
+    {
+        advance_job(app, &job).await?;
+    }
+    Ok(())
+}
+
+/// Housekeeping: rounds whose deadline passed (their runs just expired) end here.
+async fn advance_all_jobs(db: &Db, notify: &Notify) -> Result<(), crate::db::DbError> {
+    for job in db.running_jobs().await? {
+        report_advance(db, notify, &job).await?;
+    }
+    Ok(())
+}
+
+async fn job_info(app: &App, j: crate::db::JobRow) -> Result<JobInfo, ApiError> {
+    let summaries = app.db.round_summaries(&j.id).await?;
+    let mut rounds = Vec::new();
+    for (round, task) in app.db.job_rounds(&j.id).await? {
+        rounds.push(JobRoundInfo {
+            round,
+            runs: app.db.runs_of_task(&task).await?,
+            task,
+            summary: summaries
+                .iter()
+                .find(|(r, _)| *r == round)
+                .and_then(|(_, s)| serde_json::from_str(s).ok()),
+        });
+    }
+    Ok(JobInfo {
+        params: serde_json::from_str(&j.params).unwrap_or(serde_json::Value::Null),
+        id: j.id,
+        researcher: j.researcher,
+        train: j.train,
+        plan: j.plan,
+        stations: j.stations,
+        state: j.state,
+        round: j.round,
+        reason: j.reason,
+        created_ms: j.created_ms,
+        updated_ms: j.updated_ms,
+        rounds,
+    })
+}
+
+async fn create_job(State(app): State<App>, req: Request) -> Response {
+    // The initial weights travel in the request: allow a result-sized body.
+    let limit = app.limits.result_bytes;
+    handle(app, "job-create", req, limit, Auth::People(&[Role::Researcher]), |app, r, c| async move {
+        let caller = c.expect("authenticated");
+        let user = caller.person();
+        let new: NewJob = r.parse()?;
+        if !valid_digest(&new.train) {
+            return Err(bad_request("train must be a bundle digest (64 lowercase hex digits)"));
+        }
+        if app.db.train(&new.train).await?.is_none() {
+            return Err(not_found("no such train; push it first"));
+        }
+        let recipient = user.enc_public_key.clone().ok_or_else(|| {
+            bad_request("you have no encryption key at the registry: results could not be sealed to you")
+        })?;
+        if new.stations.is_empty() || new.stations.len() > 10_000 {
+            return Err(bad_request("a job names 1 to 10000 stations"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for st in &new.stations {
+            if !seen.insert(st) {
+                return Err(bad_request(format!("station {st:?} named twice")));
+            }
+            if app.db.station(st).await?.is_none() {
+                return Err(not_found(format!("no station {st:?}")));
+            }
+        }
+        crate::jobs::check_plan(&new.plan, new.stations.len()).map_err(bad_request)?;
+        let weights = B64
+            .decode(&new.weights)
+            .map_err(|_| bad_request("weights are base64"))?;
+        let decoded = amicus_fl::wire::Weights::decode(&weights)
+            .map_err(|e| bad_request(format!("initial weights: {e}")))?;
+        if decoded.is_empty() {
+            return Err(bad_request("initial weights hold no values"));
+        }
+        let now = now_ms();
+        let job = crate::db::JobRow {
+            id: random_id(),
+            researcher: user.name.clone(),
+            train: new.train.clone(),
+            params: new.params.unwrap_or(serde_json::json!({})).to_string(),
+            plan: new.plan,
+            stations: new.stations,
+            recipient_key: recipient,
+            state: JobState::Running,
+            round: 1,
+            reason: None,
+            created_ms: now,
+            updated_ms: now,
+        };
+        let initial = crate::db::Checkpoint {
+            round: 0,
+            weights,
+            server_state: serde_json::to_vec(&amicus_fl::aggregate::ServerState::default())
+                .expect("state serialises"),
+            summary: "{}".into(),
+        };
+        let first = crate::jobs::round_task(&job);
+        app.db.create_job(&job, &initial, &first).await?;
+        app.db
+            .audit(
+                &caller.label(),
+                "job-create",
+                &job.id,
+                &format!(
+                    "ok train {} stations {} rounds {} ({} values)",
+                    job.train,
+                    job.stations.join(","),
+                    job.plan.rounds,
+                    decoded.len()
+                ),
+            )
+            .await?;
+        app.notify.notify_waiters();
+        let info = job_info(&app, job).await?;
+        Ok((StatusCode::CREATED, axum::Json(info)).into_response())
+    })
+    .await
+}
+
+/// The job, if the caller may see it: its researcher, admins and auditors (`weights`: only
+/// its researcher).
+async fn visible_job(
+    app: &App,
+    c: &Caller,
+    id: &str,
+    weights: bool,
+) -> Result<crate::db::JobRow, ApiError> {
+    let j = app
+        .db
+        .job(id)
+        .await?
+        .ok_or_else(|| not_found("no such job"))?;
+    let u = c.person();
+    let own = u.role == Role::Researcher.as_str() && j.researcher == u.name;
+    let oversight = !weights && matches!(c.role(), Some(Role::Admin | Role::Auditor));
+    if own || oversight {
+        Ok(j)
+    } else {
+        Err(forbidden(if weights {
+            "only the researcher who created a job may fetch its weights"
+        } else {
+            "this job is not yours"
+        }))
+    }
+}
+
+async fn list_jobs(State(app): State<App>, req: Request) -> Response {
+    let roles: &[Role] = &[Role::Researcher, Role::Admin, Role::Auditor];
+    handle(
+        app,
+        "job-list",
+        req,
+        0,
+        Auth::People(roles),
+        |app, _, c| async move {
+            let caller = c.expect("authenticated");
+            let who =
+                (caller.role() == Some(Role::Researcher)).then(|| caller.person().name.clone());
+            let mut out = Vec::new();
+            for j in app.db.jobs(who.as_deref()).await? {
+                out.push(job_info(&app, j).await?);
+            }
+            Ok(json(&out))
+        },
+    )
+    .await
+}
+
+async fn get_job(State(app): State<App>, Path(id): Path<String>, req: Request) -> Response {
+    let roles: &[Role] = &[Role::Researcher, Role::Admin, Role::Auditor];
+    handle(
+        app,
+        "job-show",
+        req,
+        0,
+        Auth::People(roles),
+        |app, _, c| async move {
+            let j = visible_job(&app, c.as_ref().expect("authenticated"), &id, false).await?;
+            Ok(json(&job_info(&app, j).await?))
+        },
+    )
+    .await
+}
+
+/// The global weights after a round (`?round=N`; default the newest checkpoint).
+async fn job_weights(State(app): State<App>, Path(id): Path<String>, req: Request) -> Response {
+    handle(
+        app,
+        "job-weights",
+        req,
+        0,
+        Auth::People(ANY_PERSON),
+        |app, r, c| async move {
+            let caller = c.expect("authenticated");
+            let j = visible_job(&app, &caller, &id, true).await?;
+            let wanted = match r.query_param("round") {
+                Some(v) => Some(
+                    v.parse::<u32>()
+                        .map_err(|_| bad_request("round is a whole number"))?,
+                ),
+                None => None,
+            };
+            let checkpoint = match wanted {
+                Some(n) => app.db.checkpoint(&j.id, n).await?,
+                None => {
+                    let mut found = None;
+                    for n in (0..=j.round.min(j.plan.rounds)).rev() {
+                        if let Some(c) = app.db.checkpoint(&j.id, n).await? {
+                            found = Some(c);
+                            break;
+                        }
+                    }
+                    found
+                }
+            }
+            .ok_or_else(|| not_found("no checkpoint for that round"))?;
+            app.db
+                .audit(
+                    &caller.label(),
+                    "job-weights",
+                    &j.id,
+                    &format!("ok round {}", checkpoint.round),
+                )
+                .await?;
+            let mut resp = octets(checkpoint.weights);
+            if let Ok(v) = HeaderValue::from_str(&checkpoint.round.to_string()) {
+                resp.headers_mut().insert("amicus-round", v);
+            }
+            Ok(resp)
+        },
+    )
+    .await
+}
+
+/// A station fetches the global weights a round of its own starts from.
+async fn station_round_weights(
+    State(app): State<App>,
+    Path((id, round)): Path<(String, u32)>,
+    req: Request,
+) -> Response {
+    handle(
+        app,
+        "station-round-weights",
+        req,
+        0,
+        Auth::Station,
+        |app, _, c| async move {
+            let st = c.expect("authenticated").station().name.clone();
+            let open = app.db.open_work(&st).await?;
+            if !open.iter().any(|w| {
+                w.job
+                    .as_ref()
+                    .is_some_and(|j| j.job == id && j.round == round)
+            }) {
+                return Err(forbidden("no open run of this station is in that round"));
+            }
+            let c = app
+                .db
+                .checkpoint(&id, round.saturating_sub(1))
+                .await?
+                .ok_or_else(|| not_found("no global weights for that round"))?;
+            Ok(octets(c.weights))
+        },
+    )
+    .await
+}
+
 async fn registry_audit(State(app): State<App>, req: Request) -> Response {
     let roles: &[Role] = &[Role::Admin, Role::Auditor];
     handle(
@@ -1126,6 +1456,9 @@ async fn station_run_state(
         app.db
             .audit(&caller.label(), "run-state", &id, &format!("ok {}{}", update.state.as_str(), reason.map(|r| format!(": {r}")).unwrap_or_default()))
             .await?;
+        if update.state.is_final() {
+            advance_run_job(&app, &id).await?;
+        }
         Ok(StatusCode::NO_CONTENT.into_response())
     })
     .await
@@ -1147,6 +1480,22 @@ async fn station_run_result(
             let caller = c.expect("authenticated");
             let st = caller.station().name.clone();
             let upload: ResultUpload = r.parse()?;
+            let job_round = match app.db.run(&id).await? {
+                Some(run) if run.station == st => app.db.round_of_task(&run.task).await?,
+                _ => None,
+            };
+            let update = match (&upload.update, &job_round) {
+                (None, _) => None,
+                (Some(_), None) => {
+                    return Err(bad_request(
+                        "an update comes only with a run of a federated job",
+                    ));
+                }
+                (Some(u), Some(_)) => Some(
+                    B64.decode(u)
+                        .map_err(|_| bad_request("the update is base64"))?,
+                ),
+            };
             if upload.outputs.len() > 256 {
                 return Err(bad_request("at most 256 outputs"));
             }
@@ -1165,18 +1514,28 @@ async fn station_run_result(
                 outputs.push((o.name, sealed));
             }
             app.db
-                .store_result(&st, &id, &outputs)
+                .store_result(&st, &id, &outputs, update.as_deref())
                 .await?
                 .map_err(refused_update)?;
             let bytes: usize = outputs.iter().map(|(_, s)| s.len()).sum();
+            let update_note = update
+                .as_ref()
+                .map(|u| format!(", update {} bytes", u.len()))
+                .unwrap_or_default();
             app.db
                 .audit(
                     &caller.label(),
                     "run-result",
                     &id,
-                    &format!("ok done, {} sealed outputs, {bytes} bytes", outputs.len()),
+                    &format!(
+                        "ok done, {} sealed outputs, {bytes} bytes{update_note}",
+                        outputs.len()
+                    ),
                 )
                 .await?;
+            if let Some((job, _)) = job_round {
+                advance_job(&app, &job).await?;
+            }
             Ok(StatusCode::NO_CONTENT.into_response())
         },
     )
@@ -1316,10 +1675,17 @@ pub fn router(app: App) -> Router {
         .route("/v1/tasks", get(list_tasks).post(create_task))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/results", get(task_results))
+        .route("/v1/jobs", get(list_jobs).post(create_job))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/weights", get(job_weights))
         .route("/v1/audit", get(registry_audit))
         .route("/v1/station/work", get(station_work))
         .route("/v1/station/open", get(station_open))
         .route("/v1/station/trains/{digest}", get(station_train))
+        .route(
+            "/v1/station/jobs/{id}/rounds/{round}/weights",
+            get(station_round_weights),
+        )
         .route("/v1/station/runs/{id}/state", post(station_run_state))
         .route("/v1/station/runs/{id}/result", post(station_run_result))
         .route("/v1/station/audit/next", get(station_audit_next))
@@ -1338,6 +1704,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let db = app.db.clone();
+    let notify = app.notify.clone();
     let housekeeping = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         loop {
@@ -1348,6 +1715,9 @@ pub async fn serve(
             }
             if let Err(e) = db.expire_overdue().await {
                 eprintln!("registry: expiring runs: {e}");
+            }
+            if let Err(e) = advance_all_jobs(&db, &notify).await {
+                eprintln!("registry: advancing jobs: {e}");
             }
         }
     });

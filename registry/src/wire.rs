@@ -190,6 +190,21 @@ pub struct WorkItem {
     pub recipient_key: String,
     pub state: RunState,
     pub expires_ms: i64,
+    /// Set when the run is one round of a federated job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<RoundWork>,
+}
+
+/// What a station needs to run one round of a federated job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundWork {
+    pub job: String,
+    /// 1-based; `rounds + 1` is the evaluation round (no update expected).
+    pub round: u32,
+    pub rounds: u32,
+    pub proximal_mu: f32,
+    pub encoding: Encoding,
+    pub dp: Option<DpPlan>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -218,6 +233,10 @@ pub struct SealedOutput {
 #[serde(deny_unknown_fields)]
 pub struct ResultUpload {
     pub outputs: Vec<SealedOutput>,
+    /// A federated round's update (base64 of the `amicus_fl::wire` update bytes): for the
+    /// registry to aggregate, so not sealed to the researcher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -281,4 +300,165 @@ pub struct ErrorDetail {
     /// Stable, machine-readable: see `server::ErrorCode`.
     pub code: String,
     pub message: String,
+}
+
+// ---- federated jobs -----------------------------------------------------------------------
+
+pub use amicus_fl::aggregate::ServerOptimizer;
+pub use amicus_fl::wire::Encoding;
+
+/// How the registry combines a round's updates.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Strategy {
+    /// Mean weighted by samples.
+    FedAvg,
+    /// Coordinate-wise median (robust to a minority of arbitrary updates).
+    Median,
+    /// Drop the `trim` largest and smallest values of each coordinate, average the rest.
+    TrimmedMean { trim: usize },
+}
+
+/// Differential privacy the stations apply to their updates.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpPlan {
+    /// L2 bound of an update (the mechanism's sensitivity).
+    pub clip_norm: f64,
+    /// Noise standard deviation over `clip_norm`.
+    pub noise_multiplier: f64,
+}
+
+fn default_min_stations() -> u32 {
+    1
+}
+fn default_round_seconds() -> u64 {
+    600
+}
+fn default_strategy() -> Strategy {
+    Strategy::FedAvg
+}
+fn default_server() -> ServerOptimizer {
+    ServerOptimizer::Sgd { lr: 1.0 }
+}
+fn default_encoding() -> Encoding {
+    Encoding::Fp32
+}
+
+/// The plan of a federated job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub rounds: u32,
+    /// Updates a round needs (its quorum); stations that fail or miss the deadline are
+    /// recorded and the round goes on without them.
+    #[serde(default = "default_min_stations")]
+    pub min_stations: u32,
+    /// Each round's deadline, from when it starts.
+    #[serde(default = "default_round_seconds")]
+    pub round_seconds: u64,
+    #[serde(default = "default_strategy")]
+    pub strategy: Strategy,
+    /// Applies the combined update to the global weights (SGD with lr 1 is plain FedAvg).
+    #[serde(default = "default_server")]
+    pub server: ServerOptimizer,
+    /// The registry scales each update down to this L2 norm before combining.
+    #[serde(default)]
+    pub clip_update_norm: Option<f64>,
+    /// FedProx's μ, applied in the stations' optimizers.
+    #[serde(default)]
+    pub proximal_mu: f32,
+    #[serde(default = "default_encoding")]
+    pub encoding: Encoding,
+    #[serde(default)]
+    pub dp: Option<DpPlan>,
+    /// After the last round, one more round in which every station evaluates the final
+    /// weights (the train sees `round > rounds` and submits no update).
+    #[serde(default)]
+    pub evaluate_final: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewJob {
+    pub train: String,
+    pub stations: Vec<String>,
+    #[serde(default)]
+    pub params: Option<serde_json::Value>,
+    pub plan: Plan,
+    /// base64 of the initial global weights (`amicus_fl::wire` weight set).
+    pub weights: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    Running,
+    Done,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        [JobState::Running, JobState::Done, JobState::Failed]
+            .into_iter()
+            .find(|j| j.as_str() == s)
+    }
+}
+
+/// One station's part in a completed round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundStation {
+    pub station: String,
+    /// used | rejected | missing
+    pub status: String,
+    pub samples: u64,
+    pub bytes: u64,
+    /// L2 norm of the update as received.
+    pub norm: Option<f64>,
+    pub reason: Option<String>,
+}
+
+/// What a round's aggregation did (stored with its checkpoint).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundSummary {
+    pub round: u32,
+    pub stations: Vec<RoundStation>,
+    pub used: u32,
+    /// L2 norm of the combined update applied to the global weights.
+    pub delta_norm: f64,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRoundInfo {
+    pub round: u32,
+    pub task: String,
+    pub runs: Vec<RunInfo>,
+    /// Present once the round was aggregated.
+    pub summary: Option<RoundSummary>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub id: String,
+    pub researcher: String,
+    pub train: String,
+    pub params: serde_json::Value,
+    pub plan: Plan,
+    pub stations: Vec<String>,
+    pub state: JobState,
+    pub round: u32,
+    pub reason: Option<String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub rounds: Vec<JobRoundInfo>,
 }

@@ -104,6 +104,21 @@ pub enum Event {
         bytes: u64,
         sha256: Digest,
     },
+    /// A federated round's update passed the station's privacy step (clipping, noise, the
+    /// budget) and will leave as the output `update` when the run finishes.
+    UpdateSubmitted {
+        run_id: String,
+        job: String,
+        round: u32,
+        samples: u64,
+        values: u64,
+        bytes: u64,
+        clip_norm: Option<f64>,
+        noise_multiplier: Option<f64>,
+        /// ε the train's digest has spent here after this update, at `delta`.
+        epsilon: Option<f64>,
+        delta: Option<f64>,
+    },
     RunFinished {
         run_id: String,
         outcome: String,
@@ -160,6 +175,7 @@ impl Event {
                 reason: Some(r), ..
             } => cut(r),
             Event::StationInitialised { archive, .. } => cut(archive),
+            Event::UpdateSubmitted { job, .. } => cut(job),
             Event::IndexQueried { outcome, .. } => cut(outcome),
             _ => {}
         }

@@ -1,6 +1,7 @@
 //! The amicus station: everything that happens inside a hospital.
 //!
 //! - [`policy`]: the data owner's decisions (`policy.toml`) and the admission checks;
+//! - [`privacy`]: the privacy each train digest has spent here (federated updates);
 //! - [`audit`]: the signed, hash-chained audit log; [`prov`]: its export as PROV-O;
 //! - [`sandbox`]: the wasmtime sandbox and the host side of the `amicus:train` contract;
 //! - [`station`]: a station directory, and the verify → admit → run → release flow that ties
@@ -11,6 +12,7 @@
 
 pub mod audit;
 pub mod policy;
+pub mod privacy;
 pub mod prov;
 pub mod sandbox;
 pub mod station;

@@ -63,7 +63,7 @@ pub struct OutputCaps {
     pub max_log_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Distinct trusted signatures a bundle needs (at least 1).
@@ -78,6 +78,8 @@ pub struct Policy {
     pub cohort: CohortPolicy,
     #[serde(default)]
     pub catalog: CatalogPolicy,
+    #[serde(default)]
+    pub privacy: PrivacyPolicy,
     #[serde(default)]
     pub trusted_signers: Vec<Signer>,
     #[serde(default)]
@@ -102,6 +104,7 @@ impl Default for Policy {
             },
             cohort: CohortPolicy::default(),
             catalog: CatalogPolicy::default(),
+            privacy: PrivacyPolicy::default(),
             trusted_signers: Vec::new(),
             approved: Vec::new(),
         }
@@ -130,6 +133,53 @@ impl Default for CohortPolicy {
             timeout_ms: 10_000,
             max_query_bytes: 16 << 10,
         }
+    }
+}
+
+/// Differential privacy of the updates of federated rounds (`[privacy]`). The station clips
+/// each update and adds Gaussian noise as the job's plan says, and counts the privacy each train
+/// digest has spent here with an RDP accountant (one Gaussian mechanism per round: the whole
+/// update, sensitivity the clip norm). A round that would take a digest over its budget is
+/// refused before it runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyPolicy {
+    /// Refuse rounds whose plan adds no noise.
+    pub require_noise: bool,
+    /// The δ of the (ε, δ) that budgets are stated in.
+    pub delta: f64,
+    /// Largest ε a train digest may spend on this station, unless `budgets` names it.
+    pub default_epsilon: f64,
+    #[serde(default)]
+    pub budgets: Vec<PrivacyBudget>,
+}
+
+/// The ε one train digest may spend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyBudget {
+    pub digest: Digest,
+    pub epsilon: f64,
+}
+
+impl Default for PrivacyPolicy {
+    fn default() -> Self {
+        PrivacyPolicy {
+            require_noise: false,
+            delta: 1e-5,
+            default_epsilon: 10.0,
+            budgets: Vec::new(),
+        }
+    }
+}
+
+impl PrivacyPolicy {
+    /// The ε `digest` may spend here.
+    pub fn budget(&self, digest: &Digest) -> f64 {
+        self.budgets
+            .iter()
+            .find(|b| b.digest == *digest)
+            .map_or(self.default_epsilon, |b| b.epsilon)
     }
 }
 
@@ -215,6 +265,16 @@ impl Policy {
         if !self.catalog.license.contains(':') || self.catalog.license.contains(char::is_whitespace)
         {
             return Err("catalog.license must be an IRI".into());
+        }
+        let p = &self.privacy;
+        if !(p.delta > 0.0 && p.delta < 1.0) {
+            return Err("privacy.delta must be between 0 and 1".into());
+        }
+        let eps = std::iter::once(p.default_epsilon).chain(p.budgets.iter().map(|b| b.epsilon));
+        for e in eps {
+            if !(e.is_finite() && e >= 0.0) {
+                return Err(format!("privacy budget {e} is not a finite ε ≥ 0"));
+            }
         }
         for s in &self.trusted_signers {
             PublicKey::from_pem(&s.key, &s.name).map_err(|e| e.to_string())?;

@@ -37,7 +37,7 @@ mod bindings {
     });
 }
 
-use bindings::amicus::train::{cohort, imaging, kernels, output, tensors, types};
+use bindings::amicus::train::{cohort, federated, imaging, kernels, output, tensors, types};
 
 /// The contract package and version this station implements.
 pub const CONTRACT_PACKAGE: &str = "amicus:train";
@@ -209,6 +209,9 @@ impl Sandbox {
             cohort: req.cohort,
             imaging: req.imaging,
             kernels: req.kernels,
+            federated: req.federated,
+            federated_trainer: None,
+            submitted: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
@@ -260,10 +263,10 @@ impl Sandbox {
         };
         let mut log = state.log;
         log.stdout = stdout.contents();
-        let outputs = if outcome == Outcome::Succeeded {
-            state.outputs.emitted
+        let (outputs, update) = if outcome == Outcome::Succeeded {
+            (state.outputs.emitted, state.submitted)
         } else {
-            Vec::new()
+            (Vec::new(), None)
         };
         Ok(RunReport {
             outcome,
@@ -273,6 +276,7 @@ impl Sandbox {
             outputs,
             log,
             calls: state.calls,
+            update,
         })
     }
 }
@@ -333,6 +337,40 @@ pub fn check_import(import: &str, granted: &BTreeSet<Capability>) -> Result<(), 
     refuse("neither the amicus:train contract nor allowed WASI".into())
 }
 
+/// The output a federated round's update leaves as; only `federated.submit` writes it.
+pub const UPDATE_OUTPUT: &str = "update";
+
+/// One round of a federated job, as the station runs it.
+#[derive(Clone)]
+pub struct FederatedRound {
+    pub job: String,
+    /// 1 for the first round.
+    pub number: u32,
+    pub rounds: u32,
+    pub proximal_mu: f32,
+    /// The round's global weights.
+    pub global: Arc<amicus_fl::wire::Weights>,
+    pub encoding: amicus_fl::wire::Encoding,
+    /// Clip the update to this L2 norm (required when `noise_multiplier` is set).
+    pub clip_norm: Option<f64>,
+    /// Add Gaussian noise of standard deviation `noise_multiplier · clip_norm` to every value,
+    /// drawn from the operating system's randomness (never from the run's recorded seed: whoever
+    /// knows the seed could subtract the noise).
+    pub noise_multiplier: Option<f64>,
+}
+
+/// What `federated.submit` released, for the audit log and the run record.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SubmittedUpdate {
+    pub samples: u64,
+    pub values: u64,
+    /// L2 norm of the update before clipping.
+    pub norm: f64,
+    pub clipped: bool,
+    pub noised: bool,
+    pub bytes: u64,
+}
+
 /// Receives the train's progress reports: fraction in [0, 1] and a short message.
 pub type ProgressSink = Box<dyn FnMut(f32, &str) + Send>;
 
@@ -357,6 +395,8 @@ pub struct RunRequest<'a> {
     pub imaging: Option<Arc<amicus_index::scan::ArchiveState>>,
     /// The bundle's models, for `kernels`; `None` when the capability is not granted.
     pub kernels: Option<KernelAccess>,
+    /// The round, when this run is part of a federated job.
+    pub federated: Option<FederatedRound>,
 }
 
 /// What the `cohort` capability queries, under which limits.
@@ -421,6 +461,8 @@ pub struct RunReport {
     pub outputs: Vec<(String, Vec<u8>)>,
     pub log: RunLog,
     pub calls: Vec<CallRecord>,
+    /// The update `federated.submit` released (only when the run succeeded).
+    pub update: Option<SubmittedUpdate>,
 }
 
 /// One capability call, for the audit log.
@@ -595,6 +637,16 @@ impl OutputGate {
     }
 
     fn emit(&mut self, name: &str, data: Vec<u8>) -> Result<(), String> {
+        if name == UPDATE_OUTPUT {
+            return Err(format!(
+                "output {UPDATE_OUTPUT:?} is written by the station (federated.submit), not by emit"
+            ));
+        }
+        self.emit_checked(name, data)
+    }
+
+    /// `emit` without the reserved-name rule: the station's own outputs.
+    fn emit_checked(&mut self, name: &str, data: Vec<u8>) -> Result<(), String> {
         let shown: String = name.chars().take(128).collect();
         let Some((declared, max)) = self.declared.get_key_value(name) else {
             return Err(format!("output {shown:?} is not declared in the manifest"));
@@ -633,6 +685,10 @@ struct HostState {
     cohort: Option<CohortAccess>,
     imaging: Option<Arc<amicus_index::scan::ArchiveState>>,
     kernels: Option<KernelAccess>,
+    federated: Option<FederatedRound>,
+    /// The trainer (its table index) that `load-global` set up.
+    federated_trainer: Option<u32>,
+    submitted: Option<SubmittedUpdate>,
 }
 
 impl HostState {
@@ -1598,6 +1654,221 @@ impl kernels::HostTrainer for HostState {
     }
 }
 
+impl federated::Host for HostState {
+    fn current(&mut self) -> Result<federated::Round, types::Error> {
+        self.require(Capability::Kernels, "federated.current")?;
+        match &self.federated {
+            Some(r) => Ok(federated::Round {
+                job: r.job.clone(),
+                number: r.number,
+                rounds: r.rounds,
+                proximal_mu: r.proximal_mu,
+            }),
+            None => Err(self.not_available(
+                Capability::Kernels,
+                "federated.current",
+                String::new(),
+                "this run is not part of a federated job",
+            )),
+        }
+    }
+
+    fn load_global(&mut self, t: Resource<TrainerHandle>) -> Result<(), types::Error> {
+        const CALL: &str = "federated.load-global";
+        self.require(Capability::Kernels, CALL)?;
+        let Some(round) = self.federated.clone() else {
+            return Err(self.not_available(
+                Capability::Kernels,
+                CALL,
+                String::new(),
+                "this run is not part of a federated job",
+            ));
+        };
+        let rep = t.rep();
+        let handle = self
+            .table
+            .get_mut(&t)
+            .map_err(|e| types::Error::Failed(e.to_string()))?;
+        let detail = format!(
+            "{} job {} round {}/{} ({} values)",
+            handle.file,
+            guest_text(&round.job),
+            round.number,
+            round.rounds,
+            round.global.len()
+        );
+        let weights: Vec<amicus_kernels::trainer::NamedWeights> = round
+            .global
+            .tensors
+            .iter()
+            .map(|w| amicus_kernels::trainer::NamedWeights {
+                name: w.name.clone(),
+                shape: w.shape.clone(),
+                data: w.data.clone(),
+            })
+            .collect();
+        let result = handle
+            .trainer
+            .set_weights(&weights)
+            .and_then(|()| handle.trainer.anchor_proximal(round.proximal_mu));
+        let answer = self.kernels_call(CALL, detail, result);
+        if answer.is_ok() {
+            self.federated_trainer = Some(rep);
+        }
+        answer
+    }
+
+    fn submit(&mut self, t: Resource<TrainerHandle>, samples: u32) -> Result<(), types::Error> {
+        const CALL: &str = "federated.submit";
+        self.require(Capability::Kernels, CALL)?;
+        let Some(round) = self.federated.clone() else {
+            return Err(self.not_available(
+                Capability::Kernels,
+                CALL,
+                String::new(),
+                "this run is not part of a federated job",
+            ));
+        };
+        let detail = format!("samples {samples}");
+        let refuse = |s: &mut HostState, e: types::Error| {
+            s.record(
+                Capability::Kernels,
+                CALL,
+                detail.clone(),
+                None,
+                Err::<(), _>(e),
+            )
+        };
+        if self.submitted.is_some() {
+            return refuse(
+                self,
+                types::Error::InvalidArgument("the update was already submitted".into()),
+            );
+        }
+        if self.federated_trainer != Some(t.rep()) {
+            return refuse(
+                self,
+                types::Error::InvalidArgument(
+                    "submit the trainer that load-global set to the round's global weights".into(),
+                ),
+            );
+        }
+        if samples == 0 {
+            return refuse(
+                self,
+                types::Error::InvalidArgument("an update needs at least one sample".into()),
+            );
+        }
+        let local = match self.table.get(&t) {
+            Ok(h) => h.trainer.weights(),
+            Err(e) => return refuse(self, types::Error::Failed(e.to_string())),
+        };
+        let mut delta = Vec::with_capacity(round.global.len());
+        for g in &round.global.tensors {
+            match local.iter().find(|w| w.name == g.name) {
+                Some(w) if w.shape == g.shape => {
+                    delta.extend(w.data.iter().zip(&g.data).map(|(l, g)| l - g));
+                }
+                _ => {
+                    return refuse(
+                        self,
+                        types::Error::InvalidArgument(format!(
+                            "the trainer has no weight {:?} of shape {:?}",
+                            g.name, g.shape
+                        )),
+                    );
+                }
+            }
+        }
+        let privatised = match privatise(&mut delta, round.clip_norm, round.noise_multiplier) {
+            Ok(p) => p,
+            Err(e) => return refuse(self, types::Error::Failed(e)),
+        };
+        let update = amicus_fl::wire::Update {
+            samples: u64::from(samples),
+            delta,
+        };
+        let bytes = match update.encode(round.encoding) {
+            Ok(b) => b,
+            Err(e) => return refuse(self, types::Error::Failed(format!("update: {e}"))),
+        };
+        let submitted = SubmittedUpdate {
+            samples: u64::from(samples),
+            values: update.delta.len() as u64,
+            norm: privatised.0,
+            clipped: privatised.1,
+            noised: round.noise_multiplier.is_some(),
+            bytes: bytes.len() as u64,
+        };
+        if let Err(violation) = self.outputs.emit_checked(UPDATE_OUTPUT, bytes) {
+            return refuse(self, types::Error::LimitExceeded(violation));
+        }
+        let detail = format!(
+            "samples {samples}, {} values, norm {:.4}{}{}, {} bytes ({:?})",
+            submitted.values,
+            submitted.norm,
+            if submitted.clipped { ", clipped" } else { "" },
+            if submitted.noised { ", noised" } else { "" },
+            submitted.bytes,
+            round.encoding
+        );
+        self.submitted = Some(submitted);
+        self.record(Capability::Kernels, CALL, detail, None, Ok(()))
+    }
+}
+
+/// Clip `delta` to `clip_norm` and add Gaussian noise of standard deviation
+/// `noise_multiplier · clip_norm` (from OS randomness). Returns the norm before clipping and
+/// whether it was clipped.
+pub fn privatise(
+    delta: &mut [f32],
+    clip_norm: Option<f64>,
+    noise_multiplier: Option<f64>,
+) -> Result<(f64, bool), String> {
+    let norm = amicus_fl::aggregate::l2_norm(delta);
+    if !norm.is_finite() {
+        return Err("the update is not finite".into());
+    }
+    let clipped = match clip_norm {
+        Some(c) if c.is_finite() && c > 0.0 => {
+            amicus_fl::aggregate::clip_norm(delta, c);
+            norm > c
+        }
+        Some(c) => return Err(format!("clip norm {c} is not a positive number")),
+        None => false,
+    };
+    if let Some(sigma) = noise_multiplier {
+        let Some(c) = clip_norm else {
+            return Err("noise needs a clip norm (the sensitivity)".into());
+        };
+        if !(sigma.is_finite() && sigma > 0.0) {
+            return Err(format!("noise multiplier {sigma} is not a positive number"));
+        }
+        let mut rng = os_rng().map_err(|e| format!("operating system randomness: {e}"))?;
+        let std = sigma * c;
+        for x in delta.iter_mut() {
+            *x = (f64::from(*x) + std * gaussian(&mut rng)) as f32;
+        }
+    }
+    Ok((norm, clipped))
+}
+
+fn os_rng() -> Result<rand::rngs::StdRng, getrandom::Error> {
+    use rand::SeedableRng;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed)?;
+    Ok(rand::rngs::StdRng::from_seed(seed))
+}
+
+/// A standard normal draw (Box–Muller).
+fn gaussian(rng: &mut rand::rngs::StdRng) -> f64 {
+    use rand::Rng;
+    let unit = |rng: &mut rand::rngs::StdRng| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let u1 = 1.0 - unit(rng); // (0, 1]
+    let u2 = unit(rng);
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
 /// WASI for a train: no preopens, no environment or arguments, no network, empty stdin,
 /// stdout/stderr into a capped in-memory buffer, a fixed clock and randomness seeded from
 /// `seed` (so a run is reproducible from its audit entry).
@@ -1868,6 +2139,9 @@ max_bytes = 100
             cohort: None,
             imaging: None,
             kernels: None,
+            federated: None,
+            federated_trainer: None,
+            submitted: None,
         };
         let e = cohort::Host::select(&mut s, "SELECT * {}".into()).unwrap_err();
         assert!(matches!(e, types::Error::Denied(_)));

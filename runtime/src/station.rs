@@ -18,9 +18,10 @@
 
 use crate::audit::{AuditError, AuditLog, Event};
 use crate::policy::{Policy, PolicyError, Refusal};
+use crate::privacy::Ledger;
 use crate::sandbox::{
-    CohortAccess, CompileSource, DeclaredModel, KernelAccess, Outcome, ProgressSink, RunRequest,
-    Sandbox, SandboxError, run_seed,
+    CohortAccess, CompileSource, DeclaredModel, FederatedRound, KernelAccess, Outcome,
+    ProgressSink, RunRequest, Sandbox, SandboxError, run_seed,
 };
 use amicus_bundle::{Bundle, Capability, Digest, KeyError, PublicKey, SecretKey, sha256};
 use serde::{Deserialize, Serialize};
@@ -73,6 +74,8 @@ pub enum StationError {
     Query(#[from] amicus_index::QueryError),
     #[error("{0}")]
     Catalog(#[from] amicus_index::catalog::CatalogError),
+    #[error("{0}")]
+    Privacy(#[from] crate::privacy::PrivacyError),
 }
 
 /// The index's query limits from the policy's `[cohort]` section.
@@ -436,6 +439,29 @@ impl Station {
         params: Option<&str>,
         progress: ProgressSink,
     ) -> Result<RunRecord, StationError> {
+        self.run_with(bundle_path, params, None, progress)
+    }
+
+    /// [`Station::run`] as one round of a federated job: the train gets the round's global
+    /// weights, and its update (clipped, noised and counted against the digest's privacy
+    /// budget as the round and the policy say) is released as the output `update`.
+    pub fn run_round(
+        &self,
+        bundle_path: &Path,
+        params: Option<&str>,
+        round: FederatedRound,
+        progress: ProgressSink,
+    ) -> Result<RunRecord, StationError> {
+        self.run_with(bundle_path, params, Some(round), progress)
+    }
+
+    fn run_with(
+        &self,
+        bundle_path: &Path,
+        params: Option<&str>,
+        federated: Option<FederatedRound>,
+        progress: ProgressSink,
+    ) -> Result<RunRecord, StationError> {
         let audit = self.audit()?;
         self.recover_interrupted_runs(&audit)?;
         let raw = match read_capped(bundle_path, amicus_bundle::bundle::MAX_BUNDLE_BYTES)? {
@@ -509,6 +535,25 @@ impl Station {
                 Refusal::new("params", format!("parameters are not JSON: {e}")),
             ));
         }
+
+        // A federated round must fit the digest's privacy budget before anything runs.
+        let privacy = match &federated {
+            None => None,
+            Some(round) => {
+                let ledger = Ledger::load(&self.dir, &digest)?;
+                match crate::privacy::admit_round(
+                    &policy.privacy,
+                    &ledger,
+                    &digest,
+                    round.noise_multiplier,
+                ) {
+                    Ok(_) => Some(ledger),
+                    Err(reason) => {
+                        return Err(refuse(Some(digest), Refusal::new("privacy", reason)));
+                    }
+                }
+            }
+        };
 
         let sandbox = Sandbox::new(Some(&self.dir.join(CACHE_DIR)))?;
         let (component, source) = match sandbox.compile(bundle.component()) {
@@ -593,6 +638,7 @@ impl Station {
                 cohort,
                 imaging,
                 kernels,
+                federated: federated.clone(),
             },
         );
         let report = match report {
@@ -624,6 +670,36 @@ impl Station {
                 detail: c.detail.clone(),
                 rows: c.rows,
                 outcome: c.outcome.clone(),
+            })?;
+        }
+
+        // Spend the privacy before the update can leave: a crash after this point over-counts,
+        // never under-counts.
+        if let (Some(mut ledger), Some(update), Some(round)) = (privacy, &report.update, &federated)
+            && report.outcome == Outcome::Succeeded
+        {
+            if let Some(sigma) = round.noise_multiplier {
+                ledger.spend(sigma).map_err(|reason| {
+                    StationError::Privacy(crate::privacy::PrivacyError::Ledger {
+                        path: self.dir.join(crate::privacy::PRIVACY_DIR),
+                        reason,
+                    })
+                })?;
+                ledger.save(&self.dir, &digest)?;
+            }
+            audit.append(Event::UpdateSubmitted {
+                run_id: run_id.clone(),
+                job: round.job.clone(),
+                round: round.number,
+                samples: update.samples,
+                values: update.values,
+                bytes: update.bytes,
+                clip_norm: round.clip_norm,
+                noise_multiplier: round.noise_multiplier,
+                epsilon: round
+                    .noise_multiplier
+                    .map(|_| ledger.epsilon(policy.privacy.delta)),
+                delta: round.noise_multiplier.map(|_| policy.privacy.delta),
             })?;
         }
 

@@ -227,6 +227,12 @@ pub mod kernels {
     pub use crate::bindings::amicus::train::kernels::*;
 }
 
+/// Part of `kernels` in a federated job: the round's global weights in, the update out
+/// (clipped, noised and counted by the station, never emitted by the train).
+pub mod federated {
+    pub use crate::bindings::amicus::train::federated::*;
+}
+
 #[doc(hidden)]
 pub fn __run<T: Train>(params: String) -> std::result::Result<(), String> {
     std::panic::set_hook(Box::new(|info| {
