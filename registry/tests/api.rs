@@ -835,6 +835,177 @@ async fn trail_and_openapi(h: &Harness) {
     );
 }
 
+fn weights(values: &[f32]) -> amicus_fl::wire::Weights {
+    amicus_fl::wire::Weights {
+        tensors: vec![amicus_fl::wire::Tensor {
+            name: "w".into(),
+            shape: vec![values.len()],
+            data: values.to_vec(),
+        }],
+    }
+}
+
+fn update(delta: &[f32], samples: u64) -> Vec<u8> {
+    amicus_fl::wire::Update {
+        samples,
+        delta: delta.to_vec(),
+    }
+    .encode(Encoding::Fp32)
+    .unwrap()
+}
+
+fn plan(rounds: u32, min_stations: u32, strategy: Strategy) -> Plan {
+    serde_json::from_value(serde_json::json!({"rounds": rounds, "min_stations": min_stations}))
+        .map(|p: Plan| Plan { strategy, ..p })
+        .unwrap()
+}
+
+async fn new_job(h: &Harness, stations: &[&str], plan: Plan, initial: &[f32]) -> JobInfo {
+    h.alice
+        .create_job(&NewJob {
+            train: h.train.clone(),
+            stations: stations.iter().map(|s| s.to_string()).collect(),
+            params: None,
+            plan,
+            weights: B64.encode(weights(initial).encode()),
+        })
+        .await
+        .unwrap()
+}
+
+/// Take the station's work for `job`, check the global weights it gets, and send `update`
+/// (or report `failed` when `None`).
+async fn play_round(
+    st: &StationClient,
+    job: &str,
+    round: u32,
+    expect_global: &[f32],
+    send: Option<Vec<u8>>,
+) {
+    let work = st.work(0).await.unwrap();
+    let item = work
+        .iter()
+        .find(|w| w.job.as_ref().is_some_and(|j| j.job == job && j.round == round))
+        .unwrap_or_else(|| panic!("no work for round {round}: {work:?}"));
+    let global = st.round_weights(job, round).await.unwrap();
+    assert_eq!(
+        amicus_fl::wire::Weights::decode(&global).unwrap(),
+        weights(expect_global)
+    );
+    st.report(&item.run, RunState::Running, None).await.unwrap();
+    match send {
+        Some(u) => st
+            .result_with_update(&item.run, Vec::new(), Some(&u))
+            .await
+            .unwrap(),
+        None => st
+            .report(&item.run, RunState::Failed, Some("station crashed".into()))
+            .await
+            .unwrap(),
+    }
+}
+
+async fn checkpoint(h: &Harness, job: &str, round: u32) -> Vec<f32> {
+    let bytes = h.alice.job_weights(job, Some(round)).await.unwrap();
+    amicus_fl::wire::Weights::decode(&bytes).unwrap().flat()
+}
+
+async fn federated_jobs(h: &Harness) {
+    let st3_key = SecretKey::generate().unwrap();
+    h.admin
+        .add_station(&NewStation {
+            name: "st3".into(),
+            public_key: st3_key.public().to_pem(),
+        })
+        .await
+        .unwrap();
+    let st3 = StationClient::new(&h.url, st3_key).unwrap();
+
+    // Plans that cannot run are refused.
+    let bad = NewJob {
+        train: h.train.clone(),
+        stations: vec!["st1".into()],
+        params: None,
+        plan: plan(2, 2, Strategy::FedAvg),
+        weights: B64.encode(weights(&[0.0]).encode()),
+    };
+    refused(h, h.alice.create_job(&bad).await, 400, "bad_request").await;
+    let bad_weights = NewJob {
+        plan: plan(1, 1, Strategy::FedAvg),
+        weights: B64.encode(b"not weights"),
+        ..bad.clone()
+    };
+    refused(h, h.alice.create_job(&bad_weights).await, 400, "bad_request").await;
+    refused(h, h.bob.create_job(&NewJob { stations: vec!["nowhere".into()], ..bad.clone() }).await, 404, "not_found").await;
+
+    // Robust aggregation: a scaled (Byzantine) update is neutralised by the median; a NaN
+    // update never decodes; below the quorum the job fails, with nothing checkpointed.
+    let job = new_job(h, &["st1", "st2", "st3"], plan(2, 2, Strategy::Median), &[0.0; 4]).await;
+    assert_eq!((job.state, job.round), (JobState::Running, 1));
+    play_round(&h.st1, &job.id, 1, &[0.0; 4], Some(update(&[1.0, 1.0, 1.0, 1.0], 10))).await;
+    play_round(&h.st2, &job.id, 1, &[0.0; 4], Some(update(&[1.2, 0.8, 1.0, 1.0], 30))).await;
+    // Not part of round 2 yet, and another station's round is not st1's to fetch.
+    refused(h, h.st1.round_weights(&job.id, 2).await, 403, "forbidden").await;
+    play_round(&st3, &job.id, 1, &[0.0; 4], Some(update(&[1e3, -1e3, 1e3, 1e3], 10))).await;
+    let round1 = checkpoint(h, &job.id, 1).await;
+    assert_eq!(round1, vec![1.2, 0.8, 1.0, 1.0], "median of each coordinate");
+    let info = h.alice.job(&job.id).await.unwrap();
+    assert_eq!(info.round, 2);
+    let summary = info.rounds[0].summary.clone().unwrap();
+    assert_eq!(summary.used, 3);
+    assert_eq!(summary.stations.iter().find(|s| s.station == "st3").unwrap().norm, Some(2000.0));
+
+    let mut nan = update(&[0.5; 4], 10);
+    let at = nan.len() - 4;
+    nan[at..].copy_from_slice(&f32::NAN.to_le_bytes());
+    play_round(&h.st1, &job.id, 2, &round1, Some(nan)).await;
+    play_round(&h.st2, &job.id, 2, &round1, Some(update(&[0.1; 4], 30))).await;
+    play_round(&st3, &job.id, 2, &round1, None).await;
+    let info = h.alice.job(&job.id).await.unwrap();
+    assert_eq!(info.state, JobState::Failed);
+    assert!(info.reason.as_deref().unwrap().contains("quorum is 2"), "{:?}", info.reason);
+    assert!(h.alice.job_weights(&job.id, Some(2)).await.is_err());
+    let trail = h.auditor.registry_audit().await.unwrap();
+    assert!(trail.iter().any(|e| e.action == "job-failed" && e.target == job.id));
+    assert!(trail.iter().any(|e| e.action == "job-round" && e.target == job.id && e.outcome.contains("st3 used")));
+
+    // Only the job's researcher fetches weights; a plain task's run carries no update.
+    refused(h, h.bob.job_weights(&job.id, None).await, 403, "forbidden").await;
+    refused(h, h.auditor.job_weights(&job.id, None).await, 403, "forbidden").await;
+    assert_eq!(h.auditor.job(&job.id).await.unwrap().id, job.id);
+    refused(h, h.bob.job(&job.id).await, 403, "forbidden").await;
+    let task = new_task(h, &["st1"]).await;
+    let item = h.st1.work(0).await.unwrap().into_iter().find(|w| w.task == task.id).unwrap();
+    assert!(item.job.is_none());
+    h.st1.report(&item.run, RunState::Running, None).await.unwrap();
+    refused(h, h.st1.result_with_update(&item.run, Vec::new(), Some(&update(&[1.0], 1))).await, 400, "bad_request").await;
+
+    // FedAvg weighted by samples, server SGD at lr 0.5; a station that misses the round's
+    // deadline does not stall it when the quorum is met; the last round finishes the job.
+    let adam = Plan {
+        round_seconds: 1,
+        server: ServerOptimizer::Sgd { lr: 0.5 },
+        ..plan(1, 2, Strategy::FedAvg)
+    };
+    let job = new_job(h, &["st1", "st2", "st3"], adam, &[1.0, 2.0]).await;
+    play_round(&h.st1, &job.id, 1, &[1.0, 2.0], Some(update(&[1.0, 0.0], 10))).await;
+    play_round(&h.st2, &job.id, 1, &[1.0, 2.0], Some(update(&[4.0, 3.0], 20))).await;
+    assert_eq!(h.alice.job(&job.id).await.unwrap().state, JobState::Running, "st3 may still answer");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    h.db.expire_overdue().await.unwrap();
+    amicus_registry::jobs::advance(&h.db, &job.id).await.unwrap();
+    let info = h.alice.job(&job.id).await.unwrap();
+    assert_eq!(info.state, JobState::Done);
+    let s = info.rounds[0].summary.clone().unwrap();
+    let st3_part = s.stations.iter().find(|x| x.station == "st3").unwrap();
+    assert_eq!(st3_part.status, "missing");
+    assert!(st3_part.reason.as_deref().unwrap().contains("expired"));
+    // (10·[1,0] + 20·[4,3]) / 30 = [3, 2]; half of it applied.
+    assert_eq!(checkpoint(h, &job.id, 1).await, vec![2.5, 3.0]);
+    let newest = h.alice.job_weights(&job.id, None).await.unwrap();
+    assert_eq!(amicus_fl::wire::Weights::decode(&newest).unwrap().flat(), vec![2.5, 3.0]);
+}
+
 async fn suite(db_url: &str) {
     let limits = Limits {
         json_bytes: 64 * 1024,
@@ -847,6 +1018,7 @@ async fn suite(db_url: &str) {
     oversized_bodies(&h).await;
     audit_copies(&h).await;
     long_poll_and_expiry(&h).await;
+    federated_jobs(&h).await;
     trail_and_openapi(&h).await;
     // Reconnecting applies no migration twice.
     Db::connect(db_url).await.unwrap();
