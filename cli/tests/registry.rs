@@ -656,3 +656,255 @@ fn registry_restart_and_station_crash_lose_nothing() {
         ok(&["audit", "verify", "--dir", s(&net.station_dir(st))]);
     }
 }
+
+fn edit_policy(dir: &Path, from: &str, to: &str) {
+    let path = dir.join("policy.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "policy has no {from:?}:\n{text}");
+    std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+}
+
+fn metrics(dir: &Path, round: u32, station: &str) -> serde_json::Value {
+    let p = dir
+        .join(format!("round-{round:03}"))
+        .join(station)
+        .join("metrics.json");
+    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap()
+}
+
+/// A federated job across three station processes: the U-Net of `trains/fed-seg` learns
+/// (Dice of the final global weights on each site's own test series), updates travel 8-bit,
+/// stations add noise and count privacy, one station's budget runs out (its later rounds are
+/// refused and audited, the rounds go on with the quorum), and the registry is killed and
+/// restarted mid-job and resumes from its checkpoint.
+#[test]
+fn federated_job_learns_across_three_stations() {
+    let mut net = Net::new();
+    let sigma = 1e-4;
+    // One noised release with σ costs this much; st3 may afford one, not two.
+    let one = amicus_fl::rdp::Accountant::default()
+        .epsilon_after(1.0, sigma, 1, 1e-5)
+        .unwrap();
+    for (name, seed) in [("st1", 11), ("st2", 12), ("st3", 13)] {
+        net.add_station(name, "academic", seed);
+        let dir = net.station_dir(name);
+        edit_policy(
+            &dir,
+            "allowed_capabilities = [\"cohort\"]",
+            "allowed_capabilities = [\"cohort\", \"imaging\", \"kernels\"]",
+        );
+        edit_policy(&dir, "min_patients = 10", "min_patients = 3");
+        let budget = if name == "st3" { 1.5 * one } else { 1e15 };
+        edit_policy(
+            &dir,
+            "default_epsilon = 10.0",
+            &format!("default_epsilon = {budget:e}"),
+        );
+    }
+    let fed = net.push("fed-seg");
+    for st in ["st1", "st2", "st3"] {
+        ok(&[
+            "station",
+            "approve",
+            "--dir",
+            s(&net.station_dir(st)),
+            s(&fed),
+        ]);
+        net.start_daemon(st);
+    }
+    let plan = net.path("plan.json");
+    std::fs::write(
+        &plan,
+        r#"{"rounds": 3, "min_stations": 2, "round_seconds": 120, "encoding": "q8",
+            "dp": {"clip_norm": 20.0, "noise_multiplier": 0.0001}, "evaluate_final": true}"#,
+    )
+    .unwrap();
+    let params = net.path("fl-params.json");
+    std::fs::write(&params, r#"{"local_steps": 12, "batch": 8}"#).unwrap();
+    let job: serde_json::Value = serde_json::from_str(
+        &net.person_ok(
+            "alice",
+            &[
+                "job",
+                "create",
+                "--train",
+                s(&fed),
+                "--station",
+                "st1",
+                "--station",
+                "st2",
+                "--station",
+                "st3",
+                "--plan",
+                s(&plan),
+                "--params",
+                s(&params),
+                "--json",
+            ],
+        )
+        .stdout,
+    )
+    .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    let show = |net: &Net| -> serde_json::Value {
+        serde_json::from_str(
+            &net.person_ok("alice", &["job", "show", &id, "--json"])
+                .stdout,
+        )
+        .unwrap()
+    };
+    // Kill the registry once round 1 is aggregated; it resumes from the checkpoint.
+    let t0 = Instant::now();
+    while show(&net)["round"].as_u64().unwrap() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "round 1 never ended\n{}",
+            net.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    net.kill_registry();
+    std::thread::sleep(Duration::from_secs(3));
+    net.start_registry();
+    let out = net.person("alice", &["job", "show", &id, "--json", "--wait", "900s"]);
+    assert!(
+        out.ok,
+        "job did not finish:\n{}\n{}",
+        out.text(),
+        net.logs()
+    );
+    let job: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(job["state"], "done", "{job}\n{}", net.logs());
+    let rounds = job["rounds"].as_array().unwrap();
+    assert_eq!(
+        rounds.len(),
+        4,
+        "three training rounds and the evaluation round"
+    );
+    for (i, r) in rounds.iter().take(3).enumerate() {
+        let summary = &r["summary"];
+        let used: Vec<&str> = summary["stations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["status"] == "used")
+            .map(|x| x["station"].as_str().unwrap())
+            .collect();
+        // st3 spent its budget in round 1: refused from then on.
+        let expected: &[&str] = if i == 0 {
+            &["st1", "st2", "st3"]
+        } else {
+            &["st1", "st2"]
+        };
+        assert_eq!(used, expected, "round {}: {summary}", i + 1);
+        for x in summary["stations"].as_array().unwrap() {
+            if x["status"] == "used" {
+                // 8-bit updates: about a quarter of fp32.
+                let values = 29_321.0;
+                let bytes = x["bytes"].as_f64().unwrap();
+                assert!(bytes < 0.27 * 4.0 * values, "{bytes} bytes");
+            }
+        }
+    }
+    let st3_round2 = rounds[1]["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["station"] == "st3")
+        .unwrap();
+    assert_eq!(st3_round2["state"], "refused", "{st3_round2}");
+    assert!(
+        st3_round2["reason"]
+            .as_str()
+            .unwrap()
+            .contains("privacy budget exhausted")
+    );
+    let st3_events: Vec<serde_json::Value> = serde_json::from_str(
+        &ok(&[
+            "audit",
+            "show",
+            "--dir",
+            s(&net.station_dir("st3")),
+            "--json",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    let event = |kind: &str| {
+        st3_events
+            .iter()
+            .filter(|e| e["entry"]["event"] == kind)
+            .map(|e| e["entry"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        event("train-refused")
+            .iter()
+            .any(|e| e["stage"] == "privacy"),
+        "{st3_events:?}"
+    );
+    assert_eq!(
+        event("update-submitted").len(),
+        1,
+        "st3 released exactly one update"
+    );
+    let ledger: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            std::fs::read_dir(net.station_dir("st3").join("privacy"))
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .path(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ledger["releases"], 1);
+
+    // The model learned: the final global weights (evaluation round) against the initial ones
+    // (round 1 measures the weights it starts from), on each site's own test series.
+    let report = net.path("report");
+    net.person_ok(
+        "alice",
+        &[
+            "job",
+            "report",
+            &id,
+            "--key",
+            s(&net.path("alice.key")),
+            "--out",
+            s(&report),
+        ],
+    );
+    let html = std::fs::read_to_string(report.join("report.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("st3"));
+    let mut finals = Vec::new();
+    for st in ["st1", "st2", "st3"] {
+        let before = metrics(&report, 1, st)["test_dice_global"]
+            .as_f64()
+            .unwrap();
+        let after = metrics(&report, 4, st)["test_dice_global"]
+            .as_f64()
+            .unwrap();
+        eprintln!("{st}: test Dice {before:.3} → {after:.3}");
+        finals.push(after);
+        assert!(after > before, "{st}: {before} → {after}");
+    }
+    let mean = finals.iter().sum::<f64>() / finals.len() as f64;
+    assert!(mean > 0.3, "final global Dice {mean}");
+    let weights = net.path("final.weights");
+    net.person_ok("alice", &["job", "weights", &id, "--out", s(&weights)]);
+    let w = amicus_fl::wire::Weights::decode(&std::fs::read(&weights).unwrap()).unwrap();
+    assert_eq!(w.len(), 29_321);
+    for st in ["st1", "st2", "st3"] {
+        let key = net.station_dir(st).join("station.pub");
+        net.person_ok(
+            "audrey",
+            &["audit", "verify", "--station", st, "--key", s(&key)],
+        );
+    }
+    let trail = net.person_ok("audrey", &["registry", "audit"]).stdout;
+    assert!(trail.contains("job-round"), "{trail}");
+}

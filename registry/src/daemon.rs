@@ -324,6 +324,9 @@ impl Daemon {
                     // Our view of the registry's audit copy may be stale after an outage.
                     self.audit_next = None;
                     self.audit_uploaded_len = None;
+                    // A work answer lost in the outage leaves a run `delivered` at the
+                    // registry that this station never saw: reconcile again to pick it up.
+                    reconciled = false;
                 }
                 Err(e) => return Err(e),
             }
@@ -525,7 +528,14 @@ impl Daemon {
         let round = match &item.job {
             None => None,
             Some(job) => {
-                let bytes = self.client.round_weights(&job.job, job.round).await?;
+                let bytes = match self.client.round_weights(&job.job, job.round).await {
+                    Ok(b) => b,
+                    Err(e) if e.is_transient() => return Err(e.into()),
+                    Err(e) => {
+                        let reason = format!("the round's global weights: {e}");
+                        return self.finish(item, Some(name), Report::Failed { reason }).await;
+                    }
+                };
                 match amicus_fl::wire::Weights::decode(&bytes) {
                     Ok(global) => Some(FederatedRound {
                         job: job.job.clone(),

@@ -730,11 +730,13 @@ impl Db {
     ) -> Result<Result<(), UpdateRefused>, DbError> {
         // One literal statement per allowed transition (sqlx refuses dynamic SQL).
         let sql = match to {
-            RunState::Delivered | RunState::Running | RunState::Refused => Some(
+            RunState::Delivered | RunState::Running => Some(
                 "UPDATE runs SET state = $1, reason = $2, updated_ms = $3
                  WHERE id = $4 AND station = $5 AND state = 'delivered'",
             ),
-            RunState::Failed => Some(
+            // The station's admission runs after it announced the run (a federated round's
+            // privacy budget, for one), so a refusal may follow `running`.
+            RunState::Refused | RunState::Failed => Some(
                 "UPDATE runs SET state = $1, reason = $2, updated_ms = $3
                  WHERE id = $4 AND station = $5 AND state IN ('delivered', 'running')",
             ),

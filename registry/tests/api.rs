@@ -885,7 +885,11 @@ async fn play_round(
     let work = st.work(0).await.unwrap();
     let item = work
         .iter()
-        .find(|w| w.job.as_ref().is_some_and(|j| j.job == job && j.round == round))
+        .find(|w| {
+            w.job
+                .as_ref()
+                .is_some_and(|j| j.job == job && j.round == round)
+        })
         .unwrap_or_else(|| panic!("no work for round {round}: {work:?}"));
     let global = st.round_weights(job, round).await.unwrap();
     assert_eq!(
@@ -935,25 +939,81 @@ async fn federated_jobs(h: &Harness) {
         weights: B64.encode(b"not weights"),
         ..bad.clone()
     };
-    refused(h, h.alice.create_job(&bad_weights).await, 400, "bad_request").await;
-    refused(h, h.bob.create_job(&NewJob { stations: vec!["nowhere".into()], ..bad.clone() }).await, 404, "not_found").await;
+    refused(
+        h,
+        h.alice.create_job(&bad_weights).await,
+        400,
+        "bad_request",
+    )
+    .await;
+    refused(
+        h,
+        h.bob
+            .create_job(&NewJob {
+                stations: vec!["nowhere".into()],
+                ..bad.clone()
+            })
+            .await,
+        404,
+        "not_found",
+    )
+    .await;
 
     // Robust aggregation: a scaled (Byzantine) update is neutralised by the median; a NaN
     // update never decodes; below the quorum the job fails, with nothing checkpointed.
-    let job = new_job(h, &["st1", "st2", "st3"], plan(2, 2, Strategy::Median), &[0.0; 4]).await;
+    let job = new_job(
+        h,
+        &["st1", "st2", "st3"],
+        plan(2, 2, Strategy::Median),
+        &[0.0; 4],
+    )
+    .await;
     assert_eq!((job.state, job.round), (JobState::Running, 1));
-    play_round(&h.st1, &job.id, 1, &[0.0; 4], Some(update(&[1.0, 1.0, 1.0, 1.0], 10))).await;
-    play_round(&h.st2, &job.id, 1, &[0.0; 4], Some(update(&[1.2, 0.8, 1.0, 1.0], 30))).await;
+    play_round(
+        &h.st1,
+        &job.id,
+        1,
+        &[0.0; 4],
+        Some(update(&[1.0, 1.0, 1.0, 1.0], 10)),
+    )
+    .await;
+    play_round(
+        &h.st2,
+        &job.id,
+        1,
+        &[0.0; 4],
+        Some(update(&[1.2, 0.8, 1.0, 1.0], 30)),
+    )
+    .await;
     // Not part of round 2 yet, and another station's round is not st1's to fetch.
     refused(h, h.st1.round_weights(&job.id, 2).await, 403, "forbidden").await;
-    play_round(&st3, &job.id, 1, &[0.0; 4], Some(update(&[1e3, -1e3, 1e3, 1e3], 10))).await;
+    play_round(
+        &st3,
+        &job.id,
+        1,
+        &[0.0; 4],
+        Some(update(&[1e3, -1e3, 1e3, 1e3], 10)),
+    )
+    .await;
     let round1 = checkpoint(h, &job.id, 1).await;
-    assert_eq!(round1, vec![1.2, 0.8, 1.0, 1.0], "median of each coordinate");
+    assert_eq!(
+        round1,
+        vec![1.2, 0.8, 1.0, 1.0],
+        "median of each coordinate"
+    );
     let info = h.alice.job(&job.id).await.unwrap();
     assert_eq!(info.round, 2);
     let summary = info.rounds[0].summary.clone().unwrap();
     assert_eq!(summary.used, 3);
-    assert_eq!(summary.stations.iter().find(|s| s.station == "st3").unwrap().norm, Some(2000.0));
+    assert_eq!(
+        summary
+            .stations
+            .iter()
+            .find(|s| s.station == "st3")
+            .unwrap()
+            .norm,
+        Some(2000.0)
+    );
 
     let mut nan = update(&[0.5; 4], 10);
     let at = nan.len() - 4;
@@ -963,22 +1023,58 @@ async fn federated_jobs(h: &Harness) {
     play_round(&st3, &job.id, 2, &round1, None).await;
     let info = h.alice.job(&job.id).await.unwrap();
     assert_eq!(info.state, JobState::Failed);
-    assert!(info.reason.as_deref().unwrap().contains("quorum is 2"), "{:?}", info.reason);
+    assert!(
+        info.reason.as_deref().unwrap().contains("quorum is 2"),
+        "{:?}",
+        info.reason
+    );
     assert!(h.alice.job_weights(&job.id, Some(2)).await.is_err());
     let trail = h.auditor.registry_audit().await.unwrap();
-    assert!(trail.iter().any(|e| e.action == "job-failed" && e.target == job.id));
-    assert!(trail.iter().any(|e| e.action == "job-round" && e.target == job.id && e.outcome.contains("st3 used")));
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.action == "job-failed" && e.target == job.id)
+    );
+    assert!(
+        trail.iter().any(|e| e.action == "job-round"
+            && e.target == job.id
+            && e.outcome.contains("st3 used"))
+    );
 
     // Only the job's researcher fetches weights; a plain task's run carries no update.
     refused(h, h.bob.job_weights(&job.id, None).await, 403, "forbidden").await;
-    refused(h, h.auditor.job_weights(&job.id, None).await, 403, "forbidden").await;
+    refused(
+        h,
+        h.auditor.job_weights(&job.id, None).await,
+        403,
+        "forbidden",
+    )
+    .await;
     assert_eq!(h.auditor.job(&job.id).await.unwrap().id, job.id);
     refused(h, h.bob.job(&job.id).await, 403, "forbidden").await;
     let task = new_task(h, &["st1"]).await;
-    let item = h.st1.work(0).await.unwrap().into_iter().find(|w| w.task == task.id).unwrap();
+    let item = h
+        .st1
+        .work(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|w| w.task == task.id)
+        .unwrap();
     assert!(item.job.is_none());
-    h.st1.report(&item.run, RunState::Running, None).await.unwrap();
-    refused(h, h.st1.result_with_update(&item.run, Vec::new(), Some(&update(&[1.0], 1))).await, 400, "bad_request").await;
+    h.st1
+        .report(&item.run, RunState::Running, None)
+        .await
+        .unwrap();
+    refused(
+        h,
+        h.st1
+            .result_with_update(&item.run, Vec::new(), Some(&update(&[1.0], 1)))
+            .await,
+        400,
+        "bad_request",
+    )
+    .await;
 
     // FedAvg weighted by samples, server SGD at lr 0.5; a station that misses the round's
     // deadline does not stall it when the quorum is met; the last round finishes the job.
@@ -988,12 +1084,32 @@ async fn federated_jobs(h: &Harness) {
         ..plan(1, 2, Strategy::FedAvg)
     };
     let job = new_job(h, &["st1", "st2", "st3"], adam, &[1.0, 2.0]).await;
-    play_round(&h.st1, &job.id, 1, &[1.0, 2.0], Some(update(&[1.0, 0.0], 10))).await;
-    play_round(&h.st2, &job.id, 1, &[1.0, 2.0], Some(update(&[4.0, 3.0], 20))).await;
-    assert_eq!(h.alice.job(&job.id).await.unwrap().state, JobState::Running, "st3 may still answer");
+    play_round(
+        &h.st1,
+        &job.id,
+        1,
+        &[1.0, 2.0],
+        Some(update(&[1.0, 0.0], 10)),
+    )
+    .await;
+    play_round(
+        &h.st2,
+        &job.id,
+        1,
+        &[1.0, 2.0],
+        Some(update(&[4.0, 3.0], 20)),
+    )
+    .await;
+    assert_eq!(
+        h.alice.job(&job.id).await.unwrap().state,
+        JobState::Running,
+        "st3 may still answer"
+    );
     tokio::time::sleep(Duration::from_millis(1200)).await;
     h.db.expire_overdue().await.unwrap();
-    amicus_registry::jobs::advance(&h.db, &job.id).await.unwrap();
+    amicus_registry::jobs::advance(&h.db, &job.id)
+        .await
+        .unwrap();
     let info = h.alice.job(&job.id).await.unwrap();
     assert_eq!(info.state, JobState::Done);
     let s = info.rounds[0].summary.clone().unwrap();
@@ -1003,7 +1119,10 @@ async fn federated_jobs(h: &Harness) {
     // (10·[1,0] + 20·[4,3]) / 30 = [3, 2]; half of it applied.
     assert_eq!(checkpoint(h, &job.id, 1).await, vec![2.5, 3.0]);
     let newest = h.alice.job_weights(&job.id, None).await.unwrap();
-    assert_eq!(amicus_fl::wire::Weights::decode(&newest).unwrap().flat(), vec![2.5, 3.0]);
+    assert_eq!(
+        amicus_fl::wire::Weights::decode(&newest).unwrap().flat(),
+        vec![2.5, 3.0]
+    );
 }
 
 async fn suite(db_url: &str) {

@@ -1745,6 +1745,14 @@ impl federated::Host for HostState {
                 types::Error::InvalidArgument("the update was already submitted".into()),
             );
         }
+        if round.number > round.rounds {
+            return refuse(
+                self,
+                types::Error::InvalidArgument(
+                    "this is the job's evaluation round: it takes no update".into(),
+                ),
+            );
+        }
         if self.federated_trainer != Some(t.rep()) {
             return refuse(
                 self,

@@ -537,8 +537,10 @@ impl Station {
         }
 
         // A federated round must fit the digest's privacy budget before anything runs.
+        // The evaluation round after the last releases no update (`submit` refuses there).
         let privacy = match &federated {
             None => None,
+            Some(round) if round.number > round.rounds => None,
             Some(round) => {
                 let ledger = Ledger::load(&self.dir, &digest)?;
                 match crate::privacy::admit_round(
