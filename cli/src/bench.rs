@@ -28,6 +28,8 @@ pub enum BenchCommand {
     Imaging(crate::bench_imaging::ImagingArgs),
     /// Registry request latency and throughput with many polling stations; task round trip.
     Registry(crate::bench_registry::RegistryArgs),
+    /// Federated against centralised and local-only training: Dice, update bytes, time.
+    Fl(crate::bench_fl::FlArgs),
 }
 
 pub fn run(c: BenchCommand) -> Result<()> {
@@ -40,6 +42,7 @@ pub fn run(c: BenchCommand) -> Result<()> {
         BenchCommand::Index(args) => crate::bench_index::run(args),
         BenchCommand::Imaging(args) => crate::bench_imaging::run(args),
         BenchCommand::Registry(args) => crate::bench_registry::run(args),
+        BenchCommand::Fl(args) => crate::bench_fl::run(args),
     }
 }
 

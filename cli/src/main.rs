@@ -5,6 +5,7 @@
 //! `amicus-runtime`. Exit status: 0 on success, 1 on any failure or refusal, 2 on bad usage.
 
 mod bench;
+mod bench_fl;
 mod bench_imaging;
 mod bench_index;
 mod bench_registry;

@@ -721,7 +721,11 @@ fn federated_job_learns_across_three_stations() {
     )
     .unwrap();
     let params = net.path("fl-params.json");
-    std::fs::write(&params, r#"{"local_steps": 12, "batch": 8}"#).unwrap();
+    std::fs::write(
+        &params,
+        r#"{"local_steps": 12, "batch": 8, "test_series": 1}"#,
+    )
+    .unwrap();
     let job: serde_json::Value = serde_json::from_str(
         &net.person_ok(
             "alice",

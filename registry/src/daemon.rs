@@ -533,7 +533,9 @@ impl Daemon {
                     Err(e) if e.is_transient() => return Err(e.into()),
                     Err(e) => {
                         let reason = format!("the round's global weights: {e}");
-                        return self.finish(item, Some(name), Report::Failed { reason }).await;
+                        return self
+                            .finish(item, Some(name), Report::Failed { reason })
+                            .await;
                     }
                 };
                 match amicus_fl::wire::Weights::decode(&bytes) {

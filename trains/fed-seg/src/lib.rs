@@ -1,7 +1,8 @@
 //! Example train: one round of federated lesion segmentation.
 //!
-//! A cohort query finds CT series with GTV contours (RTSTRUCT). The last series is the
-//! station's test series and the one before it its validation series; neither is trained on.
+//! A cohort query finds CT series with GTV contours (RTSTRUCT). The last `test_series` series
+//! (by UID) are the station's test set and the one before them its validation series; neither
+//! is trained on.
 //! Each round the trainer starts from the job's global weights (`federated.load-global`),
 //! trains `local_steps` steps of Adam on windowed 32 × 32 patches (half centred on lesion
 //! voxels) with BCE + soft Dice, and hands the station its update (`federated.submit`); the
@@ -9,7 +10,7 @@
 //! rounds`) it only measures the global weights. Only `metrics.json` (and the update) leave.
 //!
 //! Parameters (JSON, optional): `local_steps` (default 20), `batch` (default 8),
-//! `learning_rate` (default 0.005), `seed` (default 1).
+//! `learning_rate` (default 0.005), `seed` (default 1), `test_series` (default 3).
 
 use amicus_sdk::cohort::LDCM;
 use amicus_sdk::federated;
@@ -27,6 +28,7 @@ struct Metrics {
     rounds: u32,
     evaluation_only: bool,
     series_trained: u64,
+    test_series: u64,
     local_steps: u64,
     samples: u64,
     loss_first: f32,
@@ -93,6 +95,7 @@ impl Train for FedSeg {
         let count: u32 = params.get("batch")?.unwrap_or(8);
         let learning_rate: f32 = params.get("learning_rate")?.unwrap_or(0.005);
         let seed: u64 = params.get("seed")?.unwrap_or(1);
+        let test_series: usize = params.get("test_series")?.unwrap_or(3);
         let round = federated::current()?;
 
         let query = format!(
@@ -110,12 +113,15 @@ impl Train for FedSeg {
             }
         }
         let series: Vec<(String, String)> = lesions.into_iter().collect();
-        if series.len() < 3 {
-            return Err(
-                "need at least three series with a GTV (validation and test are held out)".into(),
-            );
+        let test_series = test_series.max(1);
+        if series.len() < test_series + 2 {
+            return Err(format!(
+                "need at least {} series with a GTV ({test_series} test, 1 validation, 1 or more to train on)",
+                test_series + 2
+            )
+            .into());
         }
-        let (test, rest) = series.split_last().expect("three or more");
+        let (rest, test) = series.split_at(series.len() - test_series);
         let (validation, training) = rest.split_last().expect("two or more");
 
         let unet = Trainer::open(
@@ -136,7 +142,6 @@ impl Train for FedSeg {
         federated::load_global(&unet)?;
         // The same held-out patches every round, so rounds compare.
         let (val_x, val_y) = patches(&validation.0, &validation.1, 32, seed ^ 0xFEED)?;
-        let (test_x, test_y) = patches(&test.0, &test.1, 32, seed ^ 0xBEEF)?;
         let val_masks = val_y.read();
         let mut m = Metrics {
             train: "fed-seg",
@@ -148,7 +153,15 @@ impl Train for FedSeg {
         };
         m.validation_loss_global = unet.evaluate(&val_x, &val_y)?;
         m.validation_dice_global = dice(&unet.predict(&val_x)?.read(), &val_masks);
-        m.test_dice_global = dice(&unet.predict(&test_x)?.read(), &test_y.read());
+        // Dice over all test patches together (32 from each test series).
+        let (mut test_logits, mut test_masks) = (Vec::new(), Vec::new());
+        for (i, (uid, roi)) in test.iter().enumerate() {
+            let (x, y) = patches(uid, roi, 32, seed ^ 0xBEEF ^ i as u64)?;
+            test_logits.extend(unet.predict(&x)?.read());
+            test_masks.extend(y.read());
+        }
+        m.test_dice_global = dice(&test_logits, &test_masks);
+        m.test_series = test.len() as u64;
         if m.evaluation_only {
             amicus_sdk::emit_json("metrics.json", &m)?;
             return Ok(());
