@@ -8,6 +8,8 @@
 # cohort-stats train travels over the network: a registry (SQLite) on loopback, three station
 # daemons that only connect out, a data owner who approves from the station side, results
 # sealed to the researcher's key, and an auditor who verifies every station through the registry.
+# Last, `amicus demo`: a federated job trains one lesion-segmentation U-Net across three more
+# synthetic hospitals, with an HTML report.
 # Everything lands in ./demo-out (removed and recreated on each run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,7 +82,7 @@ PIDS+=($!)
 for i in 1 2 3 4 5 6 7 8 9 10; do (echo > "/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.3; done
 for st in st2:community:2 st3:legacy:3; do
   IFS=: read -r name profile seed <<< "$st"
-  "$A" synth --out "archive-$name" --site "$name hospital" --patients 24 --seed "$seed" --profile "$profile" > /dev/null
+  "$A" synth --out "archive-$name" --site "$name hospital" --patients 16 --seed "$seed" --profile "$profile" > /dev/null
   "$A" station init --dir "$name" --archive "archive-$name" --name "$name" > /dev/null
   "$A" station index --dir "$name" > /dev/null
   "$A" station trust --dir "$name" alice.pub
@@ -119,27 +121,7 @@ done
 "$A" registry audit --token-file audrey.token > registry-trail.txt
 echo "registry trail: $OUT/registry-trail.txt"
 
-step "federated: three hospitals train one lesion-segmentation U-Net; images never leave them"
-"$A" train build ../trains/fed-seg --out fed-seg.train
-"$A" train sign fed-seg.train --key alice.key --role author
-for name in st1 st2 st3; do
-  sed -i 's/^allowed_capabilities = .*/allowed_capabilities = ["cohort", "imaging", "kernels"]/' "$name/policy.toml"
-  "$A" station approve --dir "$name" fed-seg.train > /dev/null
-done
-"$A" train push --token-file alice.token fed-seg.train
-cat > fl-plan.json <<PLAN
-{"rounds": ${FL_ROUNDS:-6}, "min_stations": 2, "round_seconds": 600, "strategy": {"kind": "fed-avg"},
- "encoding": "q8", "evaluate_final": true}
-PLAN
-echo "{\"local_steps\": ${FL_LOCAL_STEPS:-15}, \"batch\": 8}" > fl-params.json
-JOB=$("$A" job create --token-file alice.token --train fed-seg.train \
-  --station st1 --station st2 --station st3 --plan fl-plan.json --params fl-params.json --json \
-  | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
-echo "job $JOB"
-"$A" job show --token-file alice.token "$JOB" --wait 30m
-"$A" job report --token-file alice.token "$JOB" --key alice-results.key --out fl-report
-"$A" job weights --token-file alice.token "$JOB" --out fl-final.weights
-for name in st1 st2 st3; do
-  "$A" audit verify --token-file audrey.token --station "$name" --key "$name/station.pub"
-done
-printf '\ndemo finished: everything is in %s; the federated report is %s\n' "$OUT" "$OUT/fl-report/report.html"
+step "federated: amicus demo (three more hospitals, a registry, three daemons, a federated U-Net, a report)"
+kill "${PIDS[@]}" 2>/dev/null || true
+"$A" demo --out federated
+printf '\ndemo finished: everything is in %s; the federated report is %s\n' "$OUT" "$OUT/federated/report/report.html"

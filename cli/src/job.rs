@@ -307,7 +307,7 @@ pub fn job(cmd: JobCommand) -> Result<()> {
 }
 
 /// One station's metrics in one round (what fed-seg-like trains emit), opened.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct StationRound {
     pub round: u32,
     pub station: String,
@@ -317,7 +317,7 @@ pub struct StationRound {
     pub update_status: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Report {
     pub job: String,
     pub state: String,

@@ -9,6 +9,7 @@ mod bench_fl;
 mod bench_imaging;
 mod bench_index;
 mod bench_registry;
+mod demo;
 mod job;
 mod model;
 mod net;
@@ -52,6 +53,9 @@ enum Command {
     /// Researcher: tasks at the registry (create, list, show, results).
     #[command(subcommand)]
     Task(net::TaskCommand),
+    /// The federated demo: three synthetic hospitals, a registry and three station daemons on
+    /// loopback, a federated U-Net, an HTML report and audit verification.
+    Demo(demo::DemoArgs),
     /// Researcher: federated jobs at the registry (create, show, weights, report).
     #[command(subcommand)]
     Job(job::JobCommand),
@@ -297,6 +301,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Registry(c) => net::registry(c),
         Command::Task(c) => net::task(c),
         Command::Job(c) => job::job(c),
+        Command::Demo(a) => demo::run(a),
         Command::Train(c) => match c {
             TrainCommand::Build { crate_dir, out } => train_build::build(&crate_dir, &out),
             TrainCommand::Sign { bundle, key, role } => sign(&bundle, &key, &role),
