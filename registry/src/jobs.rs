@@ -115,6 +115,21 @@ pub enum Advanced {
     Nothing,
 }
 
+/// End the job at `round` as failed, with nothing checkpointed for that round.
+async fn fail(db: &Db, job: &JobRow, round: u32, reason: String) -> Result<Advanced, DbError> {
+    let end = RoundEnd {
+        checkpoint: None,
+        next_task: None,
+        state: JobState::Failed,
+        reason: Some(&reason),
+    };
+    Ok(if db.end_round(job, round, end).await? {
+        Advanced::Failed { round, reason }
+    } else {
+        Advanced::Nothing
+    })
+}
+
 /// Move `job_id` on if its current round has ended. Safe to call any number of times from
 /// any number of places: the round is ended by exactly one caller (`Db::end_round` checks).
 pub async fn advance(db: &Db, job_id: &str) -> Result<Advanced, DbError> {
@@ -245,17 +260,7 @@ pub async fn advance(db: &Db, job_id: &str) -> Result<Advanced, DbError> {
             "round {round}: {used} usable update(s), the plan's quorum is {}",
             job.plan.min_stations
         );
-        let end = RoundEnd {
-            checkpoint: None,
-            next_task: None,
-            state: JobState::Failed,
-            reason: Some(&reason),
-        };
-        return Ok(if db.end_round(&job, round, end).await? {
-            Advanced::Failed { round, reason }
-        } else {
-            Advanced::Nothing
-        });
+        return fail(db, &job, round, reason).await;
     }
     let mut kept = kept;
     if let Some(c) = job.plan.clip_update_norm {
@@ -272,17 +277,7 @@ pub async fn advance(db: &Db, job_id: &str) -> Result<Advanced, DbError> {
         Ok(c) => c,
         Err(e) => {
             let reason = format!("round {round}: {e}");
-            let end = RoundEnd {
-                checkpoint: None,
-                next_task: None,
-                state: JobState::Failed,
-                reason: Some(&reason),
-            };
-            return Ok(if db.end_round(&job, round, end).await? {
-                Advanced::Failed { round, reason }
-            } else {
-                Advanced::Nothing
-            });
+            return fail(db, &job, round, reason).await;
         }
     };
     let mut flat = global.flat();

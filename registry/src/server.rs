@@ -830,55 +830,82 @@ async fn task_info(app: &App, t: TaskRow) -> Result<TaskInfo, ApiError> {
     })
 }
 
+/// The researcher's X25519 key, which results are sealed to.
+fn recipient_key(user: &UserRow) -> Result<String, ApiError> {
+    user.enc_public_key.clone().ok_or_else(|| {
+        bad_request(
+            "you have no encryption key at the registry: results could not be sealed to you",
+        )
+    })
+}
+
+/// 1 to 10 000 registered stations, none named twice.
+async fn check_stations(app: &App, stations: &[String], what: &str) -> Result<(), ApiError> {
+    if stations.is_empty() || stations.len() > 10_000 {
+        return Err(bad_request(format!("a {what} names 1 to 10000 stations")));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for st in stations {
+        if !seen.insert(st) {
+            return Err(bad_request(format!("station {st:?} named twice")));
+        }
+        if app.db.station(st).await?.is_none() {
+            return Err(not_found(format!("no station {st:?}")));
+        }
+    }
+    Ok(())
+}
+
 async fn create_task(State(app): State<App>, req: Request) -> Response {
     let limit = app.limits.json_bytes;
-    handle(app, "task-create", req, limit, Auth::People(&[Role::Researcher]), |app, r, c| async move {
-        let caller = c.expect("authenticated");
-        let user = caller.person();
-        let new: NewTask = r.parse()?;
-        if !valid_digest(&new.train) {
-            return Err(bad_request("train must be a bundle digest (64 lowercase hex digits)"));
-        }
-        if app.db.train(&new.train).await?.is_none() {
-            return Err(not_found("no such train; push it first"));
-        }
-        let recipient = user.enc_public_key.clone().ok_or_else(|| {
-            bad_request("you have no encryption key at the registry: results could not be sealed to you")
-        })?;
-        if new.stations.is_empty() || new.stations.len() > 10_000 {
-            return Err(bad_request("a task names 1 to 10000 stations"));
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        for st in &new.stations {
-            if !seen.insert(st) {
-                return Err(bad_request(format!("station {st:?} named twice")));
+    handle(
+        app,
+        "task-create",
+        req,
+        limit,
+        Auth::People(&[Role::Researcher]),
+        |app, r, c| async move {
+            let caller = c.expect("authenticated");
+            let user = caller.person();
+            let new: NewTask = r.parse()?;
+            if !valid_digest(&new.train) {
+                return Err(bad_request(
+                    "train must be a bundle digest (64 lowercase hex digits)",
+                ));
             }
-            if app.db.station(st).await?.is_none() {
-                return Err(not_found(format!("no station {st:?}")));
+            if app.db.train(&new.train).await?.is_none() {
+                return Err(not_found("no such train; push it first"));
             }
-        }
-        let expires_in = new.expires_in_s.unwrap_or(86_400);
-        if expires_in == 0 || expires_in > 30 * 86_400 {
-            return Err(bad_request("expires_in_s must be 1 s to 30 days"));
-        }
-        let params = new.params.unwrap_or(serde_json::json!({}));
-        let now = now_ms();
-        let task = TaskRow {
-            id: random_id(),
-            researcher: user.name.clone(),
-            train: new.train.clone(),
-            params: params.to_string(),
-            created_ms: now,
-            expires_ms: now + expires_in as i64 * 1000,
-        };
-        app.db.create_task(&task, &recipient, &new.stations).await?;
-        app.db
-            .audit(&caller.label(), "task-create", &task.id, &format!("ok train {} stations {}", new.train, new.stations.join(",")))
-            .await?;
-        app.notify.notify_waiters();
-        let info = task_info(&app, task).await?;
-        Ok((StatusCode::CREATED, axum::Json(info)).into_response())
-    })
+            let recipient = recipient_key(user)?;
+            check_stations(&app, &new.stations, "task").await?;
+            let expires_in = new.expires_in_s.unwrap_or(86_400);
+            if expires_in == 0 || expires_in > 30 * 86_400 {
+                return Err(bad_request("expires_in_s must be 1 s to 30 days"));
+            }
+            let params = new.params.unwrap_or(serde_json::json!({}));
+            let now = now_ms();
+            let task = TaskRow {
+                id: random_id(),
+                researcher: user.name.clone(),
+                train: new.train.clone(),
+                params: params.to_string(),
+                created_ms: now,
+                expires_ms: now + expires_in as i64 * 1000,
+            };
+            app.db.create_task(&task, &recipient, &new.stations).await?;
+            app.db
+                .audit(
+                    &caller.label(),
+                    "task-create",
+                    &task.id,
+                    &format!("ok train {} stations {}", new.train, new.stations.join(",")),
+                )
+                .await?;
+            app.notify.notify_waiters();
+            let info = task_info(&app, task).await?;
+            Ok((StatusCode::CREATED, axum::Json(info)).into_response())
+        },
+    )
     .await
 }
 
@@ -1080,82 +1107,78 @@ async fn job_info(app: &App, j: crate::db::JobRow) -> Result<JobInfo, ApiError> 
 async fn create_job(State(app): State<App>, req: Request) -> Response {
     // The initial weights travel in the request: allow a result-sized body.
     let limit = app.limits.result_bytes;
-    handle(app, "job-create", req, limit, Auth::People(&[Role::Researcher]), |app, r, c| async move {
-        let caller = c.expect("authenticated");
-        let user = caller.person();
-        let new: NewJob = r.parse()?;
-        if !valid_digest(&new.train) {
-            return Err(bad_request("train must be a bundle digest (64 lowercase hex digits)"));
-        }
-        if app.db.train(&new.train).await?.is_none() {
-            return Err(not_found("no such train; push it first"));
-        }
-        let recipient = user.enc_public_key.clone().ok_or_else(|| {
-            bad_request("you have no encryption key at the registry: results could not be sealed to you")
-        })?;
-        if new.stations.is_empty() || new.stations.len() > 10_000 {
-            return Err(bad_request("a job names 1 to 10000 stations"));
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        for st in &new.stations {
-            if !seen.insert(st) {
-                return Err(bad_request(format!("station {st:?} named twice")));
+    handle(
+        app,
+        "job-create",
+        req,
+        limit,
+        Auth::People(&[Role::Researcher]),
+        |app, r, c| async move {
+            let caller = c.expect("authenticated");
+            let user = caller.person();
+            let new: NewJob = r.parse()?;
+            if !valid_digest(&new.train) {
+                return Err(bad_request(
+                    "train must be a bundle digest (64 lowercase hex digits)",
+                ));
             }
-            if app.db.station(st).await?.is_none() {
-                return Err(not_found(format!("no station {st:?}")));
+            if app.db.train(&new.train).await?.is_none() {
+                return Err(not_found("no such train; push it first"));
             }
-        }
-        crate::jobs::check_plan(&new.plan, new.stations.len()).map_err(bad_request)?;
-        let weights = B64
-            .decode(&new.weights)
-            .map_err(|_| bad_request("weights are base64"))?;
-        let decoded = amicus_fl::wire::Weights::decode(&weights)
-            .map_err(|e| bad_request(format!("initial weights: {e}")))?;
-        if decoded.is_empty() {
-            return Err(bad_request("initial weights hold no values"));
-        }
-        let now = now_ms();
-        let job = crate::db::JobRow {
-            id: random_id(),
-            researcher: user.name.clone(),
-            train: new.train.clone(),
-            params: new.params.unwrap_or(serde_json::json!({})).to_string(),
-            plan: new.plan,
-            stations: new.stations,
-            recipient_key: recipient,
-            state: JobState::Running,
-            round: 1,
-            reason: None,
-            created_ms: now,
-            updated_ms: now,
-        };
-        let initial = crate::db::Checkpoint {
-            round: 0,
-            weights,
-            server_state: serde_json::to_vec(&amicus_fl::aggregate::ServerState::default())
-                .expect("state serialises"),
-            summary: "{}".into(),
-        };
-        let first = crate::jobs::round_task(&job);
-        app.db.create_job(&job, &initial, &first).await?;
-        app.db
-            .audit(
-                &caller.label(),
-                "job-create",
-                &job.id,
-                &format!(
-                    "ok train {} stations {} rounds {} ({} values)",
-                    job.train,
-                    job.stations.join(","),
-                    job.plan.rounds,
-                    decoded.len()
-                ),
-            )
-            .await?;
-        app.notify.notify_waiters();
-        let info = job_info(&app, job).await?;
-        Ok((StatusCode::CREATED, axum::Json(info)).into_response())
-    })
+            let recipient = recipient_key(user)?;
+            check_stations(&app, &new.stations, "job").await?;
+            crate::jobs::check_plan(&new.plan, new.stations.len()).map_err(bad_request)?;
+            let weights = B64
+                .decode(&new.weights)
+                .map_err(|_| bad_request("weights are base64"))?;
+            let decoded = amicus_fl::wire::Weights::decode(&weights)
+                .map_err(|e| bad_request(format!("initial weights: {e}")))?;
+            if decoded.is_empty() {
+                return Err(bad_request("initial weights hold no values"));
+            }
+            let now = now_ms();
+            let job = crate::db::JobRow {
+                id: random_id(),
+                researcher: user.name.clone(),
+                train: new.train.clone(),
+                params: new.params.unwrap_or(serde_json::json!({})).to_string(),
+                plan: new.plan,
+                stations: new.stations,
+                recipient_key: recipient,
+                state: JobState::Running,
+                round: 1,
+                reason: None,
+                created_ms: now,
+                updated_ms: now,
+            };
+            let initial = crate::db::Checkpoint {
+                round: 0,
+                weights,
+                server_state: serde_json::to_vec(&amicus_fl::aggregate::ServerState::default())
+                    .expect("state serialises"),
+                summary: "{}".into(),
+            };
+            let first = crate::jobs::round_task(&job);
+            app.db.create_job(&job, &initial, &first).await?;
+            app.db
+                .audit(
+                    &caller.label(),
+                    "job-create",
+                    &job.id,
+                    &format!(
+                        "ok train {} stations {} rounds {} ({} values)",
+                        job.train,
+                        job.stations.join(","),
+                        job.plan.rounds,
+                        decoded.len()
+                    ),
+                )
+                .await?;
+            app.notify.notify_waiters();
+            let info = job_info(&app, job).await?;
+            Ok((StatusCode::CREATED, axum::Json(info)).into_response())
+        },
+    )
     .await
 }
 
