@@ -87,6 +87,37 @@ impl Ledger {
     }
 }
 
+/// Spend one release with noise multiplier `sigma` for `digest`, if the budget still allows it
+/// (checked again here: another run of the same digest may have spent since admission).
+/// Load, check and save happen under an exclusive lock on `privacy/<digest>.lock`, so
+/// concurrent runs never lose a release. Returns the ε spent so far, or the refusal.
+pub fn spend(
+    station_dir: &Path,
+    digest: &Digest,
+    policy: &PrivacyPolicy,
+    sigma: f64,
+) -> Result<Result<f64, String>, PrivacyError> {
+    let dir = station_dir.join(PRIVACY_DIR);
+    let lock_path = dir.join(format!("{}.lock", digest.to_hex()));
+    let err = |e: std::io::Error| PrivacyError::Ledger {
+        path: lock_path.clone(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(&dir).map_err(err)?;
+    let lock = std::fs::File::create(&lock_path).map_err(err)?;
+    lock.lock().map_err(err)?;
+    let mut ledger = Ledger::load(station_dir, digest)?;
+    if let Err(reason) = admit_round(policy, &ledger, digest, Some(sigma)) {
+        return Ok(Err(reason));
+    }
+    ledger.spend(sigma).map_err(|reason| PrivacyError::Ledger {
+        path: dir.clone(),
+        reason,
+    })?;
+    ledger.save(station_dir, digest)?;
+    Ok(Ok(ledger.epsilon(policy.delta)))
+}
+
 /// Whether a round with this noise may run: `Err(reason)` to refuse.
 pub fn admit_round(
     policy: &PrivacyPolicy,
@@ -169,6 +200,36 @@ mod tests {
             ..policy
         };
         assert!(admit_round(&require, &ledger, &digest, None).is_err());
+    }
+
+    #[test]
+    fn concurrent_spends_lose_nothing_and_stop_at_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = amicus_bundle::digest::sha256(b"a train");
+        let policy = PrivacyPolicy {
+            default_epsilon: 1e12,
+            ..PrivacyPolicy::default()
+        };
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..10 {
+                        spend(dir.path(), &digest, &policy, 1.0).unwrap().unwrap();
+                    }
+                });
+            }
+        });
+        let ledger = Ledger::load(dir.path(), &digest).unwrap();
+        assert_eq!(ledger.releases, 40);
+        let tight = PrivacyPolicy {
+            default_epsilon: ledger.epsilon(1e-5),
+            ..policy
+        };
+        let refused = spend(dir.path(), &digest, &tight, 1.0)
+            .unwrap()
+            .unwrap_err();
+        assert!(refused.contains("exhausted"), "{refused}");
+        assert_eq!(Ledger::load(dir.path(), &digest).unwrap().releases, 40);
     }
 
     /// One Gaussian mechanism with σ has RDP α/(2σ²); k of them k·α/(2σ²). Checked against

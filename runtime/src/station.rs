@@ -538,24 +538,19 @@ impl Station {
 
         // A federated round must fit the digest's privacy budget before anything runs.
         // The evaluation round after the last releases no update (`submit` refuses there).
-        let privacy = match &federated {
-            None => None,
-            Some(round) if round.number > round.rounds => None,
-            Some(round) => {
-                let ledger = Ledger::load(&self.dir, &digest)?;
-                match crate::privacy::admit_round(
-                    &policy.privacy,
-                    &ledger,
-                    &digest,
-                    round.noise_multiplier,
-                ) {
-                    Ok(_) => Some(ledger),
-                    Err(reason) => {
-                        return Err(refuse(Some(digest), Refusal::new("privacy", reason)));
-                    }
-                }
+        if let Some(round) = &federated
+            && round.number <= round.rounds
+        {
+            let ledger = Ledger::load(&self.dir, &digest)?;
+            if let Err(reason) = crate::privacy::admit_round(
+                &policy.privacy,
+                &ledger,
+                &digest,
+                round.noise_multiplier,
+            ) {
+                return Err(refuse(Some(digest), Refusal::new("privacy", reason)));
             }
-        };
+        }
 
         let sandbox = Sandbox::new(Some(&self.dir.join(CACHE_DIR)))?;
         let (component, source) = match sandbox.compile(bundle.component()) {
@@ -675,34 +670,40 @@ impl Station {
             })?;
         }
 
-        // Spend the privacy before the update can leave: a crash after this point over-counts,
-        // never under-counts.
-        if let (Some(mut ledger), Some(update), Some(round)) = (privacy, &report.update, &federated)
+        // Spend the privacy before the update can leave (a crash after this point
+        // over-counts, never under-counts), checked again under the ledger's lock: another
+        // run of this digest may have spent meanwhile. Over the budget now: nothing leaves.
+        let mut report = report;
+        if let (Some(update), Some(round)) = (report.update.clone(), &federated)
             && report.outcome == Outcome::Succeeded
         {
-            if let Some(sigma) = round.noise_multiplier {
-                ledger.spend(sigma).map_err(|reason| {
-                    StationError::Privacy(crate::privacy::PrivacyError::Ledger {
-                        path: self.dir.join(crate::privacy::PRIVACY_DIR),
-                        reason,
-                    })
+            let spent = match round.noise_multiplier {
+                Some(sigma) => {
+                    match crate::privacy::spend(&self.dir, &digest, &policy.privacy, sigma)? {
+                        Ok(epsilon) => Some(epsilon),
+                        Err(reason) => {
+                            report.outcome = Outcome::PolicyViolation(format!("privacy: {reason}"));
+                            report.outputs.clear();
+                            None
+                        }
+                    }
+                }
+                None => None,
+            };
+            if report.outcome == Outcome::Succeeded {
+                audit.append(Event::UpdateSubmitted {
+                    run_id: run_id.clone(),
+                    job: round.job.clone(),
+                    round: round.number,
+                    samples: update.samples,
+                    values: update.values,
+                    bytes: update.bytes,
+                    clip_norm: round.clip_norm,
+                    noise_multiplier: round.noise_multiplier,
+                    epsilon: spent,
+                    delta: round.noise_multiplier.map(|_| policy.privacy.delta),
                 })?;
-                ledger.save(&self.dir, &digest)?;
             }
-            audit.append(Event::UpdateSubmitted {
-                run_id: run_id.clone(),
-                job: round.job.clone(),
-                round: round.number,
-                samples: update.samples,
-                values: update.values,
-                bytes: update.bytes,
-                clip_norm: round.clip_norm,
-                noise_multiplier: round.noise_multiplier,
-                epsilon: round
-                    .noise_multiplier
-                    .map(|_| ledger.epsilon(policy.privacy.delta)),
-                delta: round.noise_multiplier.map(|_| policy.privacy.delta),
-            })?;
         }
 
         let runs = self.dir.join(RUNS_DIR);
