@@ -28,14 +28,23 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct FlArgs {
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 12)]
     rounds: u32,
     /// Local steps per site and round (batch 8).
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 8)]
     local_steps: u32,
     /// Synthetic patients per hospital.
     #[arg(long, default_value_t = 24)]
     patients: usize,
+    /// Server optimizer of the federated runs: sgd (FedAvg), adam (FedAdam) or yogi (FedYogi).
+    #[arg(long, default_value = "sgd")]
+    server: String,
+    /// The server optimizer's learning rate (1 with sgd is plain FedAvg).
+    #[arg(long, default_value_t = 1.0)]
+    server_lr: f64,
+    /// FedProx μ in the stations' optimizers (federated runs only).
+    #[arg(long, default_value_t = 0.0)]
+    proximal_mu: f32,
     /// The fed-seg bundle (default: built from trains/fed-seg).
     #[arg(long)]
     train: Option<PathBuf>,
@@ -67,6 +76,9 @@ struct ModelFigures {
 
 #[derive(Serialize)]
 struct Figures {
+    server: String,
+    server_lr: f64,
+    proximal_mu: f32,
     rounds: u32,
     local_steps: u32,
     patients_per_site: usize,
@@ -84,6 +96,10 @@ struct Bench {
     initial: Weights,
     rounds: u32,
     peak: u64,
+    /// For the federated runs; local and centralised training use FedAvg without μ (one
+    /// station: the server step just applies its update).
+    server: ServerOptimizer,
+    proximal_mu: f32,
 }
 
 fn params(steps: u32) -> String {
@@ -91,6 +107,7 @@ fn params(steps: u32) -> String {
 }
 
 impl Bench {
+    #[allow(clippy::too_many_arguments)]
     fn round(
         &mut self,
         st: &Station,
@@ -99,12 +116,13 @@ impl Bench {
         global: &Weights,
         steps: u32,
         encoding: Encoding,
+        proximal_mu: f32,
     ) -> Result<(Option<Update>, serde_json::Value, u64)> {
         let round = FederatedRound {
             job: label.to_string(),
             number,
             rounds: self.rounds,
-            proximal_mu: 0.0,
+            proximal_mu,
             global: Arc::new(global.clone()),
             encoding,
             clip_norm: None,
@@ -146,6 +164,12 @@ impl Bench {
         steps: u32,
         encoding: Encoding,
     ) -> Result<(Weights, u64, f64)> {
+        let federated = stations.len() > 1;
+        let (server, mu) = if federated {
+            (self.server, self.proximal_mu)
+        } else {
+            (ServerOptimizer::Sgd { lr: 1.0 }, 0.0)
+        };
         let t0 = Instant::now();
         let mut global = self.initial.clone();
         let mut state = ServerState::default();
@@ -153,13 +177,13 @@ impl Bench {
         for number in 1..=self.rounds {
             let mut updates = Vec::new();
             for st in stations {
-                let (u, _, b) = self.round(st, label, number, &global, steps, encoding)?;
+                let (u, _, b) = self.round(st, label, number, &global, steps, encoding, mu)?;
                 updates.push(u.context("the train submitted no update")?);
                 bytes = b;
             }
             let combined = fed_avg(&updates)?;
             let mut flat = global.flat();
-            ServerOptimizer::Sgd { lr: 1.0 }.apply(&mut flat, &combined, &mut state);
+            server.apply(&mut flat, &combined, &mut state);
             global = global.with_flat(&flat)?;
             eprintln!(
                 "  {label}: round {number}/{} ({:.0} s)",
@@ -179,6 +203,7 @@ impl Bench {
             weights,
             0,
             Encoding::Fp32,
+            0.0,
         )?;
         metrics["test_dice_global"]
             .as_f64()
@@ -263,11 +288,29 @@ pub fn run(args: FlArgs) -> Result<()> {
     let (sites, unseen) = stations.split_at(3);
     let unseen = &unseen[0];
 
+    let server = match args.server.as_str() {
+        "sgd" => ServerOptimizer::Sgd { lr: args.server_lr },
+        "adam" => ServerOptimizer::Adam {
+            lr: args.server_lr,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        },
+        "yogi" => ServerOptimizer::Yogi {
+            lr: args.server_lr,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        },
+        other => bail!("--server is sgd, adam or yogi, not {other:?}"),
+    };
     let mut b = Bench {
         bundle: signed,
         initial,
         rounds: args.rounds,
         peak: 0,
+        server,
+        proximal_mu: args.proximal_mu,
     };
     let site_refs: Vec<&Station> = sites.iter().collect();
     let mut trained: Vec<(String, Weights, Option<u64>, f64)> = Vec::new();
@@ -323,6 +366,9 @@ pub fn run(args: FlArgs) -> Result<()> {
     let central = &models[2];
     let locals = &models[3..];
     let figures = Figures {
+        server: args.server.clone(),
+        server_lr: args.server_lr,
+        proximal_mu: args.proximal_mu,
         rounds: args.rounds,
         local_steps: args.local_steps,
         patients_per_site: args.patients,
@@ -339,8 +385,14 @@ pub fn run(args: FlArgs) -> Result<()> {
     };
     std::fs::write(&args.json, serde_json::to_string_pretty(&figures)?)?;
     let mut md = format!(
-        "# amicus bench fl\n\n{} rounds, {} local steps of 8 patches per site and round, {} patients per hospital, U-Net with {} weights. Test Dice of the final model on each site's own test series and on a hospital that never trained.\n\n| model | academic | community | legacy | mean | unseen | update bytes | wall per round |\n|---|---|---|---|---|---|---|---|\n",
-        args.rounds, args.local_steps, args.patients, figures.values
+        "# amicus bench fl\n\n{} rounds, {} local steps of 8 patches per site and round, {} patients per hospital, U-Net with {} weights; federated server optimizer {} (lr {}), FedProx μ {}. Test Dice of the final model on each site's own test series and on a hospital that never trained.\n\n| model | academic | community | legacy | mean | unseen | update bytes | wall per round |\n|---|---|---|---|---|---|---|---|\n",
+        args.rounds,
+        args.local_steps,
+        args.patients,
+        figures.values,
+        args.server,
+        args.server_lr,
+        args.proximal_mu
     );
     for m in &models {
         md.push_str(&format!(

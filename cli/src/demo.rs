@@ -26,7 +26,7 @@ pub struct DemoArgs {
     /// The fed-seg bundle (default: built from the repository's trains/fed-seg).
     #[arg(long)]
     train: Option<PathBuf>,
-    /// Training rounds (default 6; 3 with --quick).
+    /// Training rounds (default 12; 3 with --quick).
     #[arg(long)]
     rounds: Option<u32>,
 }
@@ -158,8 +158,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
         url: format!("http://127.0.0.1:{port}"),
     };
     let patients = if args.quick { "12" } else { "24" };
-    let rounds = args.rounds.unwrap_or(if args.quick { 3 } else { 6 });
-    let (local_steps, test_series) = if args.quick { (20, 1) } else { (15, 3) };
+    let rounds = args.rounds.unwrap_or(if args.quick { 3 } else { 12 });
+    let (local_steps, test_series) = if args.quick { (20, 1) } else { (8, 3) };
 
     step("researcher: keys and the signed fed-seg train");
     d.run(&["keygen", "--out", "alice.key"])?;
