@@ -1052,6 +1052,17 @@ async fn federated_jobs(h: &Harness) {
     .await;
     assert_eq!(h.auditor.job(&job.id).await.unwrap().id, job.id);
     refused(h, h.bob.job(&job.id).await, 403, "forbidden").await;
+    // Lists: a researcher sees their own jobs, an auditor every job.
+    assert!(h.alice.jobs().await.unwrap().iter().any(|j| j.id == job.id));
+    assert!(h.bob.jobs().await.unwrap().is_empty());
+    assert!(
+        h.auditor
+            .jobs()
+            .await
+            .unwrap()
+            .iter()
+            .any(|j| j.id == job.id)
+    );
     let task = new_task(h, &["st1"]).await;
     let item = h
         .st1
