@@ -246,10 +246,9 @@ fn privacy_budget_and_required_noise_refuse_rounds_before_they_run() {
     // The ledger survived on disk: one release.
     let ledger = std::fs::read_dir(f.station().join("privacy"))
         .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .expect("a ledger");
     let ledger: serde_json::Value =
         serde_json::from_slice(&std::fs::read(ledger).unwrap()).unwrap();
     assert_eq!(ledger["releases"], 1);

@@ -857,10 +857,9 @@ fn federated_job_learns_across_three_stations() {
         &std::fs::read(
             std::fs::read_dir(net.station_dir("st3").join("privacy"))
                 .unwrap()
-                .next()
-                .unwrap()
-                .unwrap()
-                .path(),
+                .map(|e| e.unwrap().path())
+                .find(|p| p.extension().is_some_and(|x| x == "json"))
+                .expect("a ledger"),
         )
         .unwrap(),
     )
