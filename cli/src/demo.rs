@@ -65,13 +65,20 @@ impl Demo {
         self.dir.join(name)
     }
 
-    /// `amicus ARGS` in the demo directory; its output shown, failure an error.
-    fn run(&self, args: &[&str]) -> Result<()> {
-        let status = Command::new(&self.exe)
-            .args(args)
+    /// `amicus ARGS` in the demo directory, with the demo's registry and no input.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.exe);
+        c.args(args)
             .current_dir(&self.dir)
             .env("AMICUS_REGISTRY", &self.url)
-            .stdin(Stdio::null())
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// `amicus ARGS` in the demo directory; its output shown, failure an error.
+    fn run(&self, args: &[&str]) -> Result<()> {
+        let status = self
+            .command(args)
             .status()
             .with_context(|| format!("starting amicus {}", args.join(" ")))?;
         if !status.success() {
@@ -82,11 +89,8 @@ impl Demo {
 
     /// `amicus ARGS`, quietly, returning stdout.
     fn output(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(&self.exe)
-            .args(args)
-            .current_dir(&self.dir)
-            .env("AMICUS_REGISTRY", &self.url)
-            .stdin(Stdio::null())
+        let out = self
+            .command(args)
             .output()
             .with_context(|| format!("starting amicus {}", args.join(" ")))?;
         if !out.status.success() {
@@ -102,10 +106,8 @@ impl Demo {
 
     fn spawn(&self, args: &[&str], log: &str) -> Result<Child> {
         let log = std::fs::File::create(self.path(log))?;
-        Ok(Command::new(&self.exe)
-            .args(args)
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
+        Ok(self
+            .command(args)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?)

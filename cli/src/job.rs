@@ -137,7 +137,7 @@ fn print_job(j: &JobInfo) {
         j.id,
         &j.train[..16],
         j.researcher,
-        j.state_str(),
+        j.state.as_str(),
         j.round.min(j.plan.rounds),
         j.plan.rounds,
         j.reason
@@ -175,16 +175,6 @@ fn print_job(j: &JobInfo) {
                     .unwrap_or_default()
             );
         }
-    }
-}
-
-trait JobStateStr {
-    fn state_str(&self) -> &'static str;
-}
-
-impl JobStateStr for JobInfo {
-    fn state_str(&self) -> &'static str {
-        self.state.as_str()
     }
 }
 

@@ -206,7 +206,13 @@ pub async fn advance(db: &Db, job_id: &str) -> Result<Advanced, DbError> {
                         Some(norm),
                         None,
                     ));
-                    usable.push((stations.len() - 1, update));
+                    usable.push((
+                        stations.len() - 1,
+                        Update {
+                            delta: update.delta,
+                            samples: update.samples,
+                        },
+                    ));
                 }
                 Err(e) => stations.push(entry(
                     "rejected",
@@ -239,18 +245,10 @@ pub async fn advance(db: &Db, job_id: &str) -> Result<Advanced, DbError> {
             )),
         }
     }
-    let (kept, rejected) = aggregate::screen(
-        usable
-            .iter()
-            .map(|(_, u)| Update {
-                delta: u.delta.clone(),
-                samples: u.samples,
-            })
-            .collect(),
-        global.len(),
-    );
+    let (positions, usable): (Vec<usize>, Vec<Update>) = usable.into_iter().unzip();
+    let (kept, rejected) = aggregate::screen(usable, global.len());
     for (i, why) in rejected {
-        let s = &mut stations[usable[i].0];
+        let s = &mut stations[positions[i]];
         s.status = "rejected".into();
         s.reason = Some(format!("{why:?}"));
     }

@@ -839,6 +839,19 @@ fn recipient_key(user: &UserRow) -> Result<String, ApiError> {
     })
 }
 
+/// A bundle digest the registry holds.
+async fn check_train(app: &App, digest: &str) -> Result<(), ApiError> {
+    if !valid_digest(digest) {
+        return Err(bad_request(
+            "train must be a bundle digest (64 lowercase hex digits)",
+        ));
+    }
+    if app.db.train(digest).await?.is_none() {
+        return Err(not_found("no such train; push it first"));
+    }
+    Ok(())
+}
+
 /// 1 to 10 000 registered stations, none named twice.
 async fn check_stations(app: &App, stations: &[String], what: &str) -> Result<(), ApiError> {
     if stations.is_empty() || stations.len() > 10_000 {
@@ -868,14 +881,7 @@ async fn create_task(State(app): State<App>, req: Request) -> Response {
             let caller = c.expect("authenticated");
             let user = caller.person();
             let new: NewTask = r.parse()?;
-            if !valid_digest(&new.train) {
-                return Err(bad_request(
-                    "train must be a bundle digest (64 lowercase hex digits)",
-                ));
-            }
-            if app.db.train(&new.train).await?.is_none() {
-                return Err(not_found("no such train; push it first"));
-            }
+            check_train(&app, &new.train).await?;
             let recipient = recipient_key(user)?;
             check_stations(&app, &new.stations, "task").await?;
             let expires_in = new.expires_in_s.unwrap_or(86_400);
@@ -1117,14 +1123,7 @@ async fn create_job(State(app): State<App>, req: Request) -> Response {
             let caller = c.expect("authenticated");
             let user = caller.person();
             let new: NewJob = r.parse()?;
-            if !valid_digest(&new.train) {
-                return Err(bad_request(
-                    "train must be a bundle digest (64 lowercase hex digits)",
-                ));
-            }
-            if app.db.train(&new.train).await?.is_none() {
-                return Err(not_found("no such train; push it first"));
-            }
+            check_train(&app, &new.train).await?;
             let recipient = recipient_key(user)?;
             check_stations(&app, &new.stations, "job").await?;
             crate::jobs::check_plan(&new.plan, new.stations.len()).map_err(bad_request)?;

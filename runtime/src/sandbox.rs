@@ -1654,36 +1654,37 @@ impl kernels::HostTrainer for HostState {
     }
 }
 
-impl federated::Host for HostState {
-    fn current(&mut self) -> Result<federated::Round, types::Error> {
-        self.require(Capability::Kernels, "federated.current")?;
+impl HostState {
+    /// The run's round, for a `federated` call: the capability must be granted and the run
+    /// must be part of a job.
+    fn federated_round(&mut self, call: &str) -> Result<FederatedRound, types::Error> {
+        self.require(Capability::Kernels, call)?;
         match &self.federated {
-            Some(r) => Ok(federated::Round {
-                job: r.job.clone(),
-                number: r.number,
-                rounds: r.rounds,
-                proximal_mu: r.proximal_mu,
-            }),
+            Some(r) => Ok(r.clone()),
             None => Err(self.not_available(
                 Capability::Kernels,
-                "federated.current",
+                call,
                 String::new(),
                 "this run is not part of a federated job",
             )),
         }
     }
+}
+
+impl federated::Host for HostState {
+    fn current(&mut self) -> Result<federated::Round, types::Error> {
+        let r = self.federated_round("federated.current")?;
+        Ok(federated::Round {
+            job: r.job,
+            number: r.number,
+            rounds: r.rounds,
+            proximal_mu: r.proximal_mu,
+        })
+    }
 
     fn load_global(&mut self, t: Resource<TrainerHandle>) -> Result<(), types::Error> {
         const CALL: &str = "federated.load-global";
-        self.require(Capability::Kernels, CALL)?;
-        let Some(round) = self.federated.clone() else {
-            return Err(self.not_available(
-                Capability::Kernels,
-                CALL,
-                String::new(),
-                "this run is not part of a federated job",
-            ));
-        };
+        let round = self.federated_round(CALL)?;
         let rep = t.rep();
         let handle = self
             .table
@@ -1720,15 +1721,7 @@ impl federated::Host for HostState {
 
     fn submit(&mut self, t: Resource<TrainerHandle>, samples: u32) -> Result<(), types::Error> {
         const CALL: &str = "federated.submit";
-        self.require(Capability::Kernels, CALL)?;
-        let Some(round) = self.federated.clone() else {
-            return Err(self.not_available(
-                Capability::Kernels,
-                CALL,
-                String::new(),
-                "this run is not part of a federated job",
-            ));
-        };
+        let round = self.federated_round(CALL)?;
         let detail = format!("samples {samples}");
         let refuse = |s: &mut HostState, e: types::Error| {
             s.record(
