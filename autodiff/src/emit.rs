@@ -2,7 +2,7 @@
 //! initializers (deduplicated), and opset-aware helpers for the few ops whose signature moved
 //! between opsets.
 
-use crate::onnx::{AttributeProto, NodeProto, TensorProto};
+use crate::onnx::{AttributeProto, FLOAT, INT64, NodeProto, TensorProto};
 use std::collections::{BTreeMap, HashSet};
 
 pub(crate) struct Emitter {
@@ -10,7 +10,7 @@ pub(crate) struct Emitter {
     pub constants: Vec<TensorProto>,
     taken: HashSet<String>,
     next: usize,
-    const_names: BTreeMap<(bool, Vec<i64>, Vec<u8>), String>,
+    const_names: BTreeMap<(i32, Vec<i64>, Vec<u8>), String>,
     pub opset: i64,
 }
 
@@ -86,18 +86,19 @@ impl Emitter {
         });
     }
 
-    fn constant(&mut self, float: bool, dims: Vec<i64>, bytes: Vec<u8>) -> String {
-        let key = (float, dims.clone(), bytes.clone());
+    fn constant(&mut self, data_type: i32, dims: Vec<i64>, bytes: Vec<u8>) -> String {
+        let key = (data_type, dims.clone(), bytes.clone());
         if let Some(name) = self.const_names.get(&key) {
             return name.clone();
         }
         let name = self.fresh("const");
-        let mut t = if float {
-            TensorProto::floats(&name, &dims, &[])
-        } else {
-            TensorProto::ints(&name, &dims, &[])
+        let t = TensorProto {
+            name: Some(name.clone()),
+            dims,
+            data_type: Some(data_type),
+            raw_data: Some(bytes),
+            ..Default::default()
         };
-        t.raw_data = Some(bytes);
         self.constants.push(t);
         self.const_names.insert(key, name.clone());
         name
@@ -105,13 +106,13 @@ impl Emitter {
 
     /// A float scalar constant (shape []).
     pub fn scalar(&mut self, v: f32) -> String {
-        self.constant(true, vec![], v.to_le_bytes().to_vec())
+        self.constant(FLOAT, vec![], v.to_le_bytes().to_vec())
     }
 
     /// A float constant of any shape.
     pub fn floats(&mut self, dims: &[i64], values: &[f32]) -> String {
         self.constant(
-            true,
+            FLOAT,
             dims.to_vec(),
             values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         )
@@ -120,7 +121,7 @@ impl Emitter {
     /// A 1-D int64 constant (shapes, axes, pads, split sizes).
     pub fn ints(&mut self, values: &[i64]) -> String {
         self.constant(
-            false,
+            INT64,
             vec![values.len() as i64],
             values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         )

@@ -13,6 +13,7 @@
 mod emit;
 mod norm;
 pub mod onnx;
+mod resize;
 mod rules;
 mod shapes;
 pub mod zoo;
@@ -82,6 +83,9 @@ pub struct Spec {
     /// The graph output the loss applies to; `None`: the first output.
     pub prediction: Option<String>,
     pub loss: Loss,
+    /// Seeds the Dropout masks of the training graph (each Dropout node gets its own seed
+    /// from this and its position); the same seed gives the same sequence of masks.
+    pub seed: u64,
 }
 
 /// A trainable weight: its name (an input of the training graph) and initial value.
@@ -116,6 +120,8 @@ pub struct TrainingGraph {
     pub weights: Vec<Weight>,
     /// Running statistics: fed in, and replaced by their outputs after each training step.
     pub state: Vec<State>,
+    /// `Some(TRAINING_MODE)` when the graph has Dropout and so takes that input.
+    pub training_mode: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -138,6 +144,9 @@ pub enum AutodiffError {
 pub const LABELS: &str = "labels";
 /// The name of the loss output of every training graph.
 pub const LOSS: &str = "loss";
+/// The float scalar input of a training graph with Dropout: > 0.5 drops (a training step),
+/// otherwise Dropout passes everything (evaluation).
+pub const TRAINING_MODE: &str = "training_mode";
 
 fn invalid(s: impl Into<String>) -> AutodiffError {
     AutodiffError::Invalid(s.into())
@@ -211,7 +220,7 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
     let initializers: HashMap<&str, &TensorProto> =
         graph.initializer.iter().map(|t| (t.name(), t)).collect();
     let mut shapes: HashMap<String, shapes::Shape> = HashMap::new();
-    let mut ints: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut consts = shapes::Consts::default();
     for t in &graph.initializer {
         if !t.external_data.is_empty() {
             return Err(AutodiffError::Unsupported(format!(
@@ -223,9 +232,7 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
             t.name().to_string(),
             t.dims.iter().map(|d| Dim::Known(*d)).collect(),
         );
-        if let Some(v) = t.int_values() {
-            ints.insert(t.name().to_string(), v);
-        }
+        consts.remember(t);
     }
     let mut data_inputs = Vec::new();
     for v in &graph.input {
@@ -280,6 +287,12 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
         ));
     }
 
+    // A trained weight is not a constant, whatever its initial value.
+    for name in &trainable {
+        consts.ints.remove(name);
+        consts.floats.remove(name);
+    }
+
     // Which tensors depend on a trained weight.
     let mut requires = depending_on(&forward, &trainable);
 
@@ -297,7 +310,7 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
     }
 
     // Shapes, now that every op on the gradient path is known to have a rule.
-    infer_shapes(&forward, &mut shapes, &mut ints)?;
+    infer_shapes(&forward, &mut shapes, &mut consts)?;
 
     // Normalisation layers on the gradient path run in training mode: rewrite them into ops
     // with rules (batch statistics normalise; running statistics come out updated).
@@ -327,18 +340,69 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
             }
         }
         forward = rewritten;
-        register_constants(&e, &mut shapes, &mut ints);
+        register_constants(&e, &mut shapes, &mut consts);
         requires = depending_on(&forward, &trainable);
-        infer_shapes(&forward, &mut shapes, &mut ints)?;
+        infer_shapes(&forward, &mut shapes, &mut consts)?;
     }
 
-    // MaxPool on the gradient path also returns the indices of its maxima.
-    for n in forward.iter_mut() {
-        if n.op() == "MaxPool" && requires.contains(&n.input[0]) && n.output.len() < 2 {
+    // MaxPool on the gradient path also returns the indices of its maxima. Every Dropout
+    // returns its mask and is seeded; whether it drops is the graph's float input
+    // `training_mode` (> 0.5: training), so one graph serves steps and evaluation.
+    let mut dropout_mode: Option<(String, String)> = None;
+    let mut dropout_mode_nodes: Vec<NodeProto> = Vec::new();
+    for (i, n) in forward.iter_mut().enumerate() {
+        let on_path = n.input.first().is_some_and(|x| requires.contains(x));
+        if n.op() == "MaxPool" && on_path && n.output.len() < 2 {
             let indices = e.fresh("maxpool_indices");
             n.output.push(indices);
         }
+        if n.op() == "Dropout" {
+            let ratio = rules::dropout_ratio(n, &consts).map_err(|reason| AutodiffError::Node {
+                op: n.op().into(),
+                node: node_name(n, i),
+                reason,
+            })?;
+            let ratio = e.scalar(ratio);
+            let training = match &dropout_mode {
+                Some((_, flag)) => flag.clone(),
+                None => {
+                    if !e.reserve(TRAINING_MODE) {
+                        return Err(invalid(format!(
+                            "the model already uses the name {TRAINING_MODE:?}, which the training graph needs"
+                        )));
+                    }
+                    let half = e.scalar(0.5);
+                    let flag = e.fresh("training_mode");
+                    dropout_mode_nodes.push(NodeProto {
+                        input: vec![TRAINING_MODE.into(), half],
+                        output: vec![flag.clone()],
+                        name: Some(e.fresh("Greater")),
+                        op_type: Some("Greater".into()),
+                        ..Default::default()
+                    });
+                    dropout_mode = Some((TRAINING_MODE.to_string(), flag.clone()));
+                    flag
+                }
+            };
+            n.input = vec![n.input[0].clone(), ratio, training];
+            if n.output.len() < 2 || n.output[1].is_empty() {
+                let mask = e.fresh("dropout_mask");
+                n.output.truncate(1);
+                n.output.push(mask);
+            }
+            n.attribute.retain(|a| a.name.as_deref() != Some("seed"));
+            n.attribute.push(onnx::AttributeProto::int(
+                "seed",
+                dropout_seed(spec.seed, i),
+            ));
+        }
     }
+    if !dropout_mode_nodes.is_empty() {
+        shapes.insert(TRAINING_MODE.into(), vec![]);
+        dropout_mode_nodes.extend(forward);
+        forward = dropout_mode_nodes;
+    }
+    register_constants(&e, &mut shapes, &mut consts);
 
     // The loss, appended as ordinary nodes: its gradient comes from the same rules.
     let prediction = match &spec.prediction {
@@ -364,14 +428,14 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
     e.node_into("Identity", &[&loss_value], LOSS, vec![]);
     let loss_nodes: Vec<NodeProto> = e.nodes.drain(loss_start..).collect();
     // The loss's constants (axes, scalars) are initializers; their shapes and values count.
-    register_constants(&e, &mut shapes, &mut ints);
+    register_constants(&e, &mut shapes, &mut consts);
     for n in &loss_nodes {
         let inputs: Vec<Option<shapes::Shape>> = n
             .input
             .iter()
             .map(|name| shapes.get(name).cloned())
             .collect();
-        let out = shapes::infer(n, &inputs, &ints).map_err(|reason| AutodiffError::Node {
+        let out = shapes::infer(n, &inputs, &consts).map_err(|reason| AutodiffError::Node {
             op: n.op().into(),
             node: "loss".into(),
             reason,
@@ -417,7 +481,7 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
         let mut ctx = rules::Ctx {
             e: &mut e,
             shapes: &shapes,
-            ints: &ints,
+            consts: &consts,
         };
         let gx =
             rules::backward(&mut ctx, n, &gy, &needs).map_err(|reason| AutodiffError::Node {
@@ -503,6 +567,9 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
     };
     let mut inputs: Vec<ValueInfoProto> = data_inputs.iter().map(|n| value(n)).collect();
     inputs.push(value(LABELS));
+    if dropout_mode.is_some() {
+        inputs.push(ValueInfoProto::tensor(TRAINING_MODE, FLOAT, &[]));
+    }
     for w in &weights {
         inputs.push(ValueInfoProto::tensor(
             &w.name,
@@ -566,7 +633,17 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
         prediction,
         weights,
         state,
+        training_mode: dropout_mode.map(|(input, _)| input),
     })
+}
+
+/// The seed of the Dropout node at `position`: ONNX Runtime seeds each node's generator once
+/// per session, so distinct nodes need distinct seeds (SplitMix64 of both, kept positive).
+fn dropout_seed(seed: u64, position: usize) -> i64 {
+    let mut z = seed ^ (position as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 33) as i64
 }
 
 /// The tensors that depend on `trainable` through differentiable inputs, in node order.
@@ -587,14 +664,13 @@ fn depending_on(nodes: &[NodeProto], trainable: &BTreeSet<String>) -> HashSet<St
 fn infer_shapes(
     nodes: &[NodeProto],
     shapes: &mut HashMap<String, shapes::Shape>,
-    ints: &mut HashMap<String, Vec<i64>>,
+    consts: &mut shapes::Consts,
 ) -> Result<(), AutodiffError> {
     for (i, n) in nodes.iter().enumerate() {
         if n.op() == "Constant"
             && let Some(t) = n.attr("value").and_then(|a| a.t.as_ref())
-            && let Some(v) = t.int_values()
         {
-            ints.insert(n.output[0].clone(), v);
+            consts.remember_as(&n.output[0], t);
         }
         let inputs: Vec<Option<shapes::Shape>> = n
             .input
@@ -607,7 +683,7 @@ fn infer_shapes(
                 }
             })
             .collect();
-        let out = shapes::infer(n, &inputs, ints).map_err(|reason| AutodiffError::Node {
+        let out = shapes::infer(n, &inputs, consts).map_err(|reason| AutodiffError::Node {
             op: n.op().into(),
             node: n.name.clone().unwrap_or_else(|| format!("#{i}")),
             reason,
@@ -626,12 +702,10 @@ fn infer_shapes(
 fn register_constants(
     e: &Emitter,
     shapes: &mut HashMap<String, shapes::Shape>,
-    ints: &mut HashMap<String, Vec<i64>>,
+    consts: &mut shapes::Consts,
 ) {
     for t in &e.constants {
-        if let Some(v) = t.int_values() {
-            ints.insert(t.name().to_string(), v);
-        }
+        consts.remember(t);
         shapes.insert(
             t.name().to_string(),
             t.dims.iter().map(|d| Dim::Known(*d)).collect(),
@@ -801,6 +875,7 @@ mod tests {
             trainable: None,
             prediction: None,
             loss: Loss::CrossEntropy,
+            seed: 0,
         }
     }
 
@@ -912,6 +987,59 @@ mod tests {
             matches!(&e, AutodiffError::Node { op, reason, .. } if op == "MaxPool" && reason.contains("ceil_mode")),
             "{e}"
         );
+        // The new rules' limits, by name: strided Slice, cubic or run-time-sized Resize, a
+        // Dropout ratio computed at run time.
+        let with_consts = |tail: Vec<NodeProto>, consts: Vec<TensorProto>| {
+            let mut nodes = vec![node("MatMul", &["x", "w"], "h", vec![])];
+            nodes.extend(tail);
+            let mut m = model(nodes, 18);
+            let g = m.graph.as_mut().unwrap();
+            g.initializer.extend(consts);
+            g.input[0] = ValueInfoProto::tensor("x", FLOAT, &[Dim::Known(2), Dim::Known(2)]);
+            derive(&m, &spec()).unwrap_err().to_string()
+        };
+        let e = with_consts(
+            vec![node("Slice", &["h", "s", "e", "a", "st"], "y", vec![])],
+            vec![
+                TensorProto::ints("s", &[1], &[0]),
+                TensorProto::ints("e", &[1], &[3]),
+                TensorProto::ints("a", &[1], &[1]),
+                TensorProto::ints("st", &[1], &[2]),
+            ],
+        );
+        assert!(e.contains("steps of 1"), "{e}");
+        let four = |n: &str| TensorProto::floats(n, &[2], &[1.0, 2.0]);
+        let e = with_consts(
+            vec![node(
+                "Resize",
+                &["h", "", "scales"],
+                "y",
+                vec![AttributeProto::string("mode", "cubic")],
+            )],
+            vec![four("scales")],
+        );
+        assert!(e.contains("mode cubic"), "{e}");
+        let e = with_consts(
+            vec![
+                node("Relu", &["b"], "computed", vec![]),
+                node("Resize", &["h", "", "computed"], "y", vec![]),
+            ],
+            vec![],
+        );
+        assert!(e.contains("scales must be constant"), "{e}");
+        let e = with_consts(
+            vec![
+                node("ReduceMean", &["b"], "r", vec![]),
+                node("Dropout", &["h", "r"], "y", vec![]),
+            ],
+            vec![],
+        );
+        assert!(e.contains("ratio must be a constant"), "{e}");
+        let e = with_consts(
+            vec![node("Dropout", &["h", "one"], "y", vec![])],
+            vec![TensorProto::floats("one", &[], &[1.0])],
+        );
+        assert!(e.contains("outside [0, 1)"), "{e}");
         // The name the training graph needs is taken.
         let nodes = vec![
             node("MatMul", &["x", "w"], "loss", vec![]),

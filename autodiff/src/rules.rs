@@ -5,7 +5,8 @@
 
 use crate::emit::Emitter;
 use crate::onnx::{AttributeProto, Dim, FLOAT, NodeProto, TensorProto};
-use crate::shapes::{Shape, Window, axis, known, reduce_axes};
+use crate::resize;
+use crate::shapes::{Consts, Shape, Window, axis, known, reduce_axes, slice_ranges};
 use std::collections::HashMap;
 
 /// The ops with a backward rule.
@@ -17,6 +18,7 @@ pub const DIFFERENTIABLE: &[&str] = &[
     "Conv",
     "ConvTranspose",
     "Div",
+    "Dropout",
     "Exp",
     "Flatten",
     "Gemm",
@@ -34,9 +36,12 @@ pub const DIFFERENTIABLE: &[&str] = &[
     "ReduceSum",
     "Relu",
     "Reshape",
+    "Resize",
     "Sigmoid",
     "Softmax",
     "Softplus",
+    "Slice",
+    "Split",
     "Sqrt",
     "Squeeze",
     "Sub",
@@ -61,7 +66,7 @@ pub(crate) fn differentiable_inputs(node: &NodeProto) -> Vec<usize> {
 pub(crate) struct Ctx<'a> {
     pub e: &'a mut Emitter,
     pub shapes: &'a HashMap<String, Shape>,
-    pub ints: &'a HashMap<String, Vec<i64>>,
+    pub consts: &'a Consts,
 }
 
 impl Ctx<'_> {
@@ -120,6 +125,32 @@ impl Ctx<'_> {
     }
 }
 
+/// The drop probability of a Dropout node: its constant `ratio` input, 0.5 when omitted.
+pub(crate) fn dropout_ratio(node: &NodeProto, consts: &Consts) -> Result<f32, String> {
+    let ratio = match node.input.get(1).filter(|n| !n.is_empty()) {
+        None => 0.5,
+        Some(_) => match consts.floats_of(node, 1).map(Vec::as_slice) {
+            Some([r]) => *r,
+            _ => return Err("Dropout ratio must be a constant scalar".into()),
+        },
+    };
+    if !(0.0..1.0).contains(&ratio) {
+        return Err(format!("Dropout ratio {ratio} is outside [0, 1)"));
+    }
+    Ok(ratio)
+}
+
+/// A row-major `rows × cols` matrix transposed.
+fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0; m.len()];
+    for r in 0..rows {
+        for k in 0..cols {
+            t[k * rows + r] = m[r * cols + k];
+        }
+    }
+    t
+}
+
 fn input(node: &NodeProto, i: usize) -> &str {
     node.input.get(i).map(String::as_str).unwrap_or("")
 }
@@ -135,6 +166,34 @@ pub(crate) fn backward(
 ) -> Result<Vec<Option<String>>, String> {
     let need = |i: usize| needs.get(i).copied().unwrap_or(false);
     let mut out: Vec<Option<String>> = vec![None; node.input.len()];
+    if node.op() == "Split" {
+        // Any of the parts may carry a gradient; the others contribute zeros.
+        let x = input(node, 0);
+        let rank = c.shape(x)?.len();
+        let a = axis(node.attr_int("axis").unwrap_or(0), rank)?;
+        let parts: Vec<String> = node
+            .output
+            .iter()
+            .zip(gy)
+            .map(|(part, g)| match g {
+                Some(g) => g.clone(),
+                None => {
+                    let shape = c.e.node("Shape", &[part], vec![]);
+                    c.e.node(
+                        "ConstantOfShape",
+                        &[&shape],
+                        vec![AttributeProto::tensor(
+                            "value",
+                            TensorProto::floats("zero", &[1], &[0.0]),
+                        )],
+                    )
+                }
+            })
+            .collect();
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        out[0] = Some(c.e.node("Concat", &refs, vec![AttributeProto::int("axis", a as i64)]));
+        return Ok(out);
+    }
     let Some(g) = gy.first().cloned().flatten() else {
         // Only a secondary output (MaxPool's indices) has a gradient: nothing flows back.
         return Ok(out);
@@ -366,7 +425,7 @@ pub(crate) fn backward(
                 g.to_string()
             } else {
                 let rank = c.shape(x)?.len();
-                let axes: Vec<i64> = reduce_axes(node, rank, c.ints)?
+                let axes: Vec<i64> = reduce_axes(node, rank, c.consts)?
                     .into_iter()
                     .map(|a| a as i64)
                     .collect();
@@ -418,6 +477,72 @@ pub(crate) fn backward(
                     out[i] = Some(p);
                 }
             }
+        }
+        "Slice" => {
+            let ranges = slice_ranges(node, c.shape(x)?, c.consts)?;
+            let rank = c.shape(x)?.len();
+            if ranges.iter().any(|r| r.step != 1) {
+                return Err("Slice gradient needs steps of 1".into());
+            }
+            // Put the slice back where it came from, zeros around it.
+            let mut pads = vec![0i64; 2 * rank];
+            for r in &ranges {
+                let len = r.len();
+                pads[r.axis] = if len == 0 { r.size } else { r.start };
+                pads[rank + r.axis] = r.size - pads[r.axis] - len;
+            }
+            let p = c.e.ints(&pads);
+            out[0] = Some(c.e.node("Pad", &[g, &p], vec![]));
+        }
+        "Resize" => {
+            let rank = c.shape(x)?.len();
+            let maps = resize::axis_maps(node, c.shape(x)?, c.consts)?;
+            let mut grad = g.to_string();
+            for m in maps {
+                let (o, i) = (m.output as i64, m.input as i64);
+                grad = if m.axis + 1 == rank {
+                    // [.., out] · [out, in]
+                    let w = c.e.floats(&[o, i], &m.weights);
+                    c.e.node("MatMul", &[&grad, &w], vec![])
+                } else if m.axis + 2 == rank {
+                    // [in, out] · [.., out, k]
+                    let wt = transposed(&m.weights, m.output, m.input);
+                    let w = c.e.floats(&[i, o], &wt);
+                    c.e.node("MatMul", &[&w, &grad], vec![])
+                } else {
+                    // Move the axis last, apply, move it back.
+                    let mut perm: Vec<i64> =
+                        (0..rank as i64).filter(|a| *a != m.axis as i64).collect();
+                    perm.push(m.axis as i64);
+                    let mut inverse = vec![0i64; rank];
+                    for (k, &p) in perm.iter().enumerate() {
+                        inverse[p as usize] = k as i64;
+                    }
+                    let moved = c.e.transpose(&grad, &perm);
+                    let w = c.e.floats(&[o, i], &m.weights);
+                    let applied = c.e.node("MatMul", &[&moved, &w], vec![]);
+                    c.e.transpose(&applied, &inverse)
+                };
+            }
+            out[0] = Some(grad);
+        }
+        "Dropout" => {
+            // The derivation turned the node into training mode with its mask as a second
+            // output: the gradient passes where the mask kept the value, scaled alike.
+            let mask = node
+                .output
+                .get(1)
+                .filter(|s| !s.is_empty())
+                .ok_or("Dropout needs its mask output for the gradient")?;
+            let ratio = dropout_ratio(node, c.consts)?;
+            let kept = c.e.node(
+                "Cast",
+                &[mask],
+                vec![AttributeProto::int("to", FLOAT as i64)],
+            );
+            let scale = c.e.scalar(1.0 / (1.0 - ratio));
+            let scaled = c.e.mul(&kept, &scale);
+            out[0] = Some(c.e.mul(g, &scaled));
         }
         other => return Err(format!("no gradient rule for {other}")),
     }
@@ -476,31 +601,66 @@ fn conv_backward(
         }
     }
     if need(1) {
-        if group != 1 {
-            return Err("weight gradients of grouped convolutions".into());
-        }
         // Correlate the input with the output gradient, batch and channel axes swapped: the
-        // strides become dilations and the dilations strides.
+        // strides become dilations and the dilations strides. A grouped convolution does
+        // this per group (input and output channels split alike); the weight stacks the
+        // groups along its first axis.
         let mut swap: Vec<i64> = vec![1, 0];
         swap.extend(2..(spatial as i64 + 2));
-        let xt = c.e.transpose(x, &swap);
-        let gt = c.e.transpose(g, &swap);
-        let (data, filter) = if transposed { (gt, xt) } else { (xt, gt) };
-        let corr = c.e.node(
-            "Conv",
-            &[&data, &filter],
-            vec![
-                AttributeProto::ints("strides", &win.dilations),
-                AttributeProto::ints("dilations", &win.strides),
-                AttributeProto::ints("pads", &win.pads),
-            ],
-        );
-        // The correlation can reach past the kernel when strides leave a remainder.
+        let (xs, gs) = if group == 1 {
+            (vec![x.to_string()], vec![g.to_string()])
+        } else {
+            // `t` split along its channels, whose count `like` (a tensor of the forward
+            // graph, with a known shape) gives.
+            let split = |c: &mut Ctx<'_>, t: &str, like: &str, what: &str| {
+                let channels = match c.shape(like)?.get(1) {
+                    Some(Dim::Known(v)) if v % group == 0 => *v,
+                    _ => {
+                        return Err(format!(
+                            "{what} needs a static channel count divisible by the groups"
+                        ));
+                    }
+                };
+                let sizes = c.e.ints(&vec![channels / group; group as usize]);
+                Ok::<_, String>(c.e.node_n(
+                    "Split",
+                    &[t, &sizes],
+                    group as usize,
+                    vec![AttributeProto::int("axis", 1)],
+                ))
+            };
+            (
+                split(c, x, x, "the convolution input")?,
+                split(c, g, y, "the convolution output")?,
+            )
+        };
         let starts = vec![0i64; spatial];
         let axes: Vec<i64> = (2..spatial as i64 + 2).collect();
-        let (s, e, a) = (c.e.ints(&starts), c.e.ints(&kernel), c.e.ints(&axes));
-        let cut = c.e.node("Slice", &[&corr, &s, &e, &a], vec![]);
-        out[1] = Some(c.e.transpose(&cut, &swap));
+        let mut per_group = Vec::with_capacity(xs.len());
+        for (xp, gp) in xs.iter().zip(&gs) {
+            let xt = c.e.transpose(xp, &swap);
+            let gt = c.e.transpose(gp, &swap);
+            let (data, filter) = if transposed { (gt, xt) } else { (xt, gt) };
+            let corr = c.e.node(
+                "Conv",
+                &[&data, &filter],
+                vec![
+                    AttributeProto::ints("strides", &win.dilations),
+                    AttributeProto::ints("dilations", &win.strides),
+                    AttributeProto::ints("pads", &win.pads),
+                ],
+            );
+            // The correlation can reach past the kernel when strides leave a remainder.
+            let (s, e, a) = (c.e.ints(&starts), c.e.ints(&kernel), c.e.ints(&axes));
+            let cut = c.e.node("Slice", &[&corr, &s, &e, &a], vec![]);
+            per_group.push(c.e.transpose(&cut, &swap));
+        }
+        out[1] = Some(if per_group.len() == 1 {
+            per_group.remove(0)
+        } else {
+            let refs: Vec<&str> = per_group.iter().map(String::as_str).collect();
+            c.e.node("Concat", &refs, vec![AttributeProto::int("axis", 0)])
+        });
     }
     if need(2) {
         let axes: Vec<i64> = std::iter::once(0).chain(2..spatial as i64 + 2).collect();

@@ -3,10 +3,51 @@
 //! which axes were broadcast, how large a padded convolution input was, where a concatenation
 //! splits.
 
-use crate::onnx::{Dim, NodeProto};
+use crate::onnx::{Dim, NodeProto, TensorProto};
 use std::collections::HashMap;
 
 pub(crate) type Shape = Vec<Dim>;
+
+/// The values of constant tensors (initializers, `Constant` nodes, emitted constants) that
+/// shapes and rules read: int64 shapes, axes and sizes; float scales and ratios.
+#[derive(Debug, Default)]
+pub(crate) struct Consts {
+    pub ints: HashMap<String, Vec<i64>>,
+    pub floats: HashMap<String, Vec<f32>>,
+}
+
+impl Consts {
+    pub fn remember(&mut self, t: &TensorProto) {
+        self.remember_as(t.name(), t);
+    }
+
+    pub fn remember_as(&mut self, name: &str, t: &TensorProto) {
+        if let Some(v) = t.int_values() {
+            self.ints.insert(name.to_string(), v);
+        } else if let Some(v) = t.float_values() {
+            // Only small constants matter here (scales, ratios); weights are not copied.
+            if v.len() <= 16 {
+                self.floats.insert(name.to_string(), v);
+            }
+        }
+    }
+
+    /// The int64 values of input `i` of `node`, if it is given and constant.
+    pub fn ints_of(&self, node: &NodeProto, i: usize) -> Option<&Vec<i64>> {
+        node.input
+            .get(i)
+            .filter(|n| !n.is_empty())
+            .and_then(|n| self.ints.get(n))
+    }
+
+    /// The float values of input `i` of `node`, if it is given and constant.
+    pub fn floats_of(&self, node: &NodeProto, i: usize) -> Option<&Vec<f32>> {
+        node.input
+            .get(i)
+            .filter(|n| !n.is_empty())
+            .and_then(|n| self.floats.get(n))
+    }
+}
 
 /// Sizes, if every one is known.
 pub(crate) fn known(s: &[Dim]) -> Option<Vec<i64>> {
@@ -123,13 +164,11 @@ impl Window {
 pub(crate) fn infer(
     node: &NodeProto,
     inputs: &[Option<Shape>],
-    ints: &HashMap<String, Vec<i64>>,
+    consts: &Consts,
 ) -> Result<Option<Vec<Shape>>, String> {
-    infer_known(node, inputs, ints).map(Some).or_else(
-        |e| {
-            if e == NO_RULE { Ok(None) } else { Err(e) }
-        },
-    )
+    infer_known(node, inputs, consts)
+        .map(Some)
+        .or_else(|e| if e == NO_RULE { Ok(None) } else { Err(e) })
 }
 
 const NO_RULE: &str = "no shape rule";
@@ -137,7 +176,7 @@ const NO_RULE: &str = "no shape rule";
 fn infer_known(
     node: &NodeProto,
     inputs: &[Option<Shape>],
-    ints: &HashMap<String, Vec<i64>>,
+    consts: &Consts,
 ) -> Result<Vec<Shape>, String> {
     let input = |i: usize| -> Result<&Shape, String> {
         inputs
@@ -145,12 +184,7 @@ fn infer_known(
             .and_then(|s| s.as_ref())
             .ok_or_else(|| format!("input {i} has no known shape"))
     };
-    let const_input = |i: usize| -> Option<&Vec<i64>> {
-        node.input
-            .get(i)
-            .filter(|n| !n.is_empty())
-            .and_then(|n| ints.get(n))
-    };
+    let const_input = |i: usize| consts.ints_of(node, i);
     let op = node.op();
     let one_output = |s: Shape| Ok(vec![s]);
     match op {
@@ -366,7 +400,7 @@ fn infer_known(
         }
         "ReduceSum" | "ReduceMean" => {
             let x = input(0)?;
-            let axes = reduce_axes(node, x.len(), ints)?;
+            let axes = reduce_axes(node, x.len(), consts)?;
             let keep = node.attr_int("keepdims").unwrap_or(1) != 0;
             one_output(
                 x.iter()
@@ -378,6 +412,36 @@ fn infer_known(
                     })
                     .collect(),
             )
+        }
+        "Dropout" => {
+            let x = input(0)?.clone();
+            Ok(vec![x.clone(); node.output.len().max(1)])
+        }
+        "Split" => {
+            let x = input(0)?.clone();
+            let a = axis(node.attr_int("axis").unwrap_or(0), x.len())?;
+            let sizes = split_sizes(node, &x, consts)?;
+            Ok(sizes
+                .into_iter()
+                .map(|size| {
+                    let mut s = x.clone();
+                    s[a] = Dim::Known(size);
+                    s
+                })
+                .collect())
+        }
+        "Slice" => {
+            let x = input(0)?;
+            let mut out = x.clone();
+            for r in slice_ranges(node, x, consts)? {
+                out[r.axis] = Dim::Known(r.len());
+            }
+            one_output(out)
+        }
+        "Resize" => {
+            let x = input(0)?;
+            let sizes = crate::resize::output_sizes(node, x, consts)?;
+            one_output(sizes)
         }
         "Constant" => {
             let t = node
@@ -394,14 +458,16 @@ fn infer_known(
 pub(crate) fn reduce_axes(
     node: &NodeProto,
     rank: usize,
-    ints: &HashMap<String, Vec<i64>>,
+    consts: &Consts,
 ) -> Result<Vec<usize>, String> {
     let given = node
         .input
         .get(1)
         .filter(|n| !n.is_empty())
         .map(|n| {
-            ints.get(n)
+            consts
+                .ints
+                .get(n)
                 .cloned()
                 .ok_or("reduction axes must be constant")
         })
@@ -415,4 +481,134 @@ pub(crate) fn reduce_axes(
         return Ok((0..rank).collect());
     }
     given.iter().map(|&a| axis(a, rank)).collect()
+}
+
+/// The sizes a Split node cuts its input into along its axis: the `split` input (opset 13+)
+/// or attribute, else equal parts (one per output, or `num_outputs` from opset 18, the last
+/// part smaller).
+pub(crate) fn split_sizes(
+    node: &NodeProto,
+    x: &[Dim],
+    consts: &Consts,
+) -> Result<Vec<i64>, String> {
+    let a = axis(node.attr_int("axis").unwrap_or(0), x.len())?;
+    let given = if node.input.get(1).is_some_and(|n| !n.is_empty()) {
+        Some(
+            consts
+                .ints_of(node, 1)
+                .ok_or("Split sizes must be constant")?
+                .clone(),
+        )
+    } else {
+        node.attr_ints("split").map(<[i64]>::to_vec)
+    };
+    let Dim::Known(total) = x[a] else {
+        return Err("Split needs a static size along its axis".into());
+    };
+    let sizes = match given {
+        Some(v) => v,
+        None => {
+            let parts = node
+                .attr_int("num_outputs")
+                .unwrap_or(node.output.len() as i64);
+            if parts < 1 {
+                return Err("Split into no parts".into());
+            }
+            let chunk = (total + parts - 1) / parts;
+            (0..parts)
+                .map(|i| (total - i * chunk).clamp(0, chunk))
+                .collect()
+        }
+    };
+    if sizes.len() != node.output.len() || sizes.iter().any(|v| *v < 0) {
+        return Err(format!(
+            "Split sizes {sizes:?} do not match its {} outputs",
+            node.output.len()
+        ));
+    }
+    if sizes.iter().sum::<i64>() != total {
+        return Err(format!("Split sizes {sizes:?} do not add up to {total}"));
+    }
+    Ok(sizes)
+}
+
+/// One sliced axis of a Slice node, clamped as ONNX specifies.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SliceRange {
+    pub axis: usize,
+    pub start: i64,
+    pub end: i64,
+    pub step: i64,
+    /// The input's size along the axis.
+    pub size: i64,
+}
+
+impl SliceRange {
+    pub fn len(&self) -> i64 {
+        if self.step > 0 {
+            ((self.end - self.start).max(0) + self.step - 1) / self.step
+        } else {
+            ((self.start - self.end).max(0) + (-self.step) - 1) / (-self.step)
+        }
+    }
+}
+
+/// The ranges a Slice node (opset 10+: starts, ends, axes, steps as constant inputs) takes;
+/// every sliced axis needs a static size.
+pub(crate) fn slice_ranges(
+    node: &NodeProto,
+    x: &[Dim],
+    consts: &Consts,
+) -> Result<Vec<SliceRange>, String> {
+    let get = |i: usize, what: &str| -> Result<Option<Vec<i64>>, String> {
+        if node.input.get(i).is_none_or(|n| n.is_empty()) {
+            return Ok(None);
+        }
+        consts
+            .ints_of(node, i)
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| format!("Slice {what} must be constant"))
+    };
+    let starts = get(1, "starts")?.ok_or("Slice without starts")?;
+    let ends = get(2, "ends")?.ok_or("Slice without ends")?;
+    let axes = get(3, "axes")?.unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps = get(4, "steps")?.unwrap_or_else(|| vec![1; starts.len()]);
+    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        return Err("Slice starts, ends, axes and steps differ in length".into());
+    }
+    let mut ranges: Vec<SliceRange> = Vec::new();
+    for i in 0..starts.len() {
+        let a = axis(axes[i], x.len())?;
+        if ranges.iter().any(|r| r.axis == a) {
+            return Err(format!("Slice names axis {a} twice"));
+        }
+        let Dim::Known(size) = x[a] else {
+            return Err(format!("Slice needs a static size along axis {a}"));
+        };
+        let step = steps[i];
+        if step == 0 {
+            return Err("Slice step 0".into());
+        }
+        let resolve = |v: i64| if v < 0 { v.saturating_add(size) } else { v };
+        let (start, end) = if step > 0 {
+            (
+                resolve(starts[i]).clamp(0, size),
+                resolve(ends[i]).clamp(0, size),
+            )
+        } else {
+            (
+                resolve(starts[i]).clamp(0, size - 1),
+                resolve(ends[i]).clamp(-1, size - 1),
+            )
+        };
+        ranges.push(SliceRange {
+            axis: a,
+            start,
+            end,
+            step,
+            size,
+        });
+    }
+    Ok(ranges)
 }

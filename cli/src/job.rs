@@ -116,6 +116,7 @@ pub fn initial_weights(bundle: &Bundle, model: Option<&str>) -> Result<amicus_fl
             schedule: amicus_kernels::optim::Schedule::Constant,
             clip_norm: None,
             threads: 1,
+            seed: 0,
         },
     )?;
     Ok(amicus_fl::wire::Weights {

@@ -113,6 +113,7 @@ pub fn run(c: ModelCommand) -> Result<()> {
                 trainable,
                 prediction,
                 loss: amicus_autodiff::Loss::parse(&loss).map_err(|e| anyhow::anyhow!(e))?,
+                seed: 0,
             };
             let tg = amicus_autodiff::derive(&forward, &spec)
                 .with_context(|| format!("deriving the training graph of {}", model.display()))?;

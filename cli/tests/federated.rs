@@ -52,6 +52,7 @@ fn initial(bundle: &Path) -> Weights {
             schedule: amicus_kernels::optim::Schedule::Constant,
             clip_norm: None,
             threads: 1,
+            seed: 0,
         },
     )
     .unwrap();

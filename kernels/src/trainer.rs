@@ -21,6 +21,8 @@ pub struct TrainerOptions {
     pub clip_norm: Option<f32>,
     /// ONNX Runtime intra-op threads.
     pub threads: usize,
+    /// Seeds the Dropout masks (the same seed, the same masks step after step).
+    pub seed: u64,
 }
 
 /// A weight tensor by name.
@@ -60,6 +62,7 @@ impl Trainer {
             trainable: options.trainable.clone(),
             prediction: None,
             loss: options.loss.clone(),
+            seed: options.seed,
         };
         let graph = amicus_autodiff::derive(forward, &spec)
             .map_err(|e| KernelError::Model(e.to_string()))?;
@@ -199,6 +202,11 @@ impl Trainer {
         for (name, t) in &self.running {
             inputs.push((name.as_str(), t));
         }
+        // Dropout drops in training steps only.
+        let mode = Tensor::scalar(if with_grads { 1.0 } else { 0.0 });
+        if let Some(name) = &self.graph.training_mode {
+            inputs.push((name.as_str(), &mode));
+        }
         let mut wanted = vec![self.graph.loss.as_str(), self.graph.prediction.as_str()];
         if with_grads {
             wanted.extend(self.graph.weights.iter().map(|w| w.grad.as_str()));
@@ -259,7 +267,7 @@ impl Trainer {
     }
 
     /// The loss and the prediction on a batch, updating nothing (normalisation layers use the
-    /// batch's statistics, as in training).
+    /// batch's statistics, as in training; Dropout drops nothing).
     pub fn evaluate(&mut self, x: &Tensor, y: &Tensor) -> Result<(f32, Tensor), KernelError> {
         let mut out = self.run_training_graph(x, y, false)?;
         let prediction = out.remove(1).1;

@@ -125,6 +125,36 @@ impl Graph {
         out
     }
 
+    /// A float constant (scales, ratios): an initializer no gradient reaches, so not trained.
+    fn floats(&mut self, name: &str, dims: &[i64], values: &[f32]) -> String {
+        self.initializers
+            .push(TensorProto::floats(name, dims, values));
+        name.to_string()
+    }
+
+    /// A node with `n` outputs; the last becomes the graph's output.
+    fn node_n(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        n: usize,
+        attrs: Vec<AttributeProto>,
+    ) -> Vec<String> {
+        let outs: Vec<String> = (0..n)
+            .map(|i| format!("{op}_{}_{i}", self.nodes.len()))
+            .collect();
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outs.clone(),
+            name: Some(format!("n{}", self.nodes.len())),
+            op_type: Some(op.into()),
+            attribute: attrs,
+            ..Default::default()
+        });
+        self.output = outs[n - 1].clone();
+        outs
+    }
+
     fn model(&self) -> ModelProto {
         ModelProto {
             ir_version: Some(10),
@@ -157,6 +187,7 @@ fn check(what: &str, g: &Graph, loss: Loss, seed: u64) -> f64 {
         trainable: None,
         prediction: None,
         loss,
+        seed: 0,
     };
     let tg = derive(&model, &spec).unwrap_or_else(|e| panic!("{what}: {e}"));
     let bytes = tg.model.to_bytes();
@@ -677,6 +708,7 @@ fn normalisation_layers_in_training_mode() {
             trainable: Some(vec!["s".into(), "b".into()]),
             prediction: None,
             loss: Loss::Mse,
+            seed: 0,
         },
     )
     .unwrap();
@@ -718,4 +750,300 @@ fn normalisation_layers_in_training_mode() {
             "var {ch}"
         );
     }
+}
+
+#[test]
+fn split_slice_and_grouped_convolution_rules() {
+    if !ready() {
+        return;
+    }
+    let mut rng = Rng(100);
+    // Split by given sizes; one part unused (its gradient is zero), two combined.
+    let mut g = Graph::new();
+    let x = g.weight("x", &[2, 6, 3], rng.values(36));
+    let sizes = g.ints("sizes", &[1, 2, 3]);
+    let parts = g.node_n(
+        "Split",
+        &[&x, &sizes],
+        3,
+        vec![AttributeProto::int("axis", 1)],
+    );
+    g.node("Mul", &[&parts[0], &parts[2]], vec![]);
+    check(
+        "Split [1, 2, 3] axis 1, middle part unused",
+        &g,
+        Loss::Mse,
+        100,
+    );
+    // Split into equal parts (opset 18 num_outputs), the last one shorter, on a negative axis.
+    let mut g = Graph::new();
+    let x = g.weight("x", &[3, 7], rng.values(21));
+    let parts = g.node_n(
+        "Split",
+        &[&x],
+        2,
+        vec![
+            AttributeProto::int("axis", -1),
+            AttributeProto::int("num_outputs", 2),
+        ],
+    );
+    let t = g.node("Tanh", &[&parts[1]], vec![]);
+    let head = g.ints("head", &[0]);
+    let three = g.ints("three", &[3]);
+    let axis1 = g.ints("axis1", &[1]);
+    let cut = g.node("Slice", &[&parts[0], &head, &three, &axis1], vec![]);
+    g.node("Add", &[&cut, &t], vec![]);
+    check("Split num_outputs 2 of 7, then Slice", &g, Loss::Mse, 101);
+    // Slice with negative, clamped and omitted bounds on two axes.
+    for (starts, ends, axes) in [
+        (vec![1i64, -3], vec![3i64, 100], vec![0i64, 2]),
+        (vec![-100, 1], vec![-1, 4], vec![-1, 1]),
+    ] {
+        let mut g = Graph::new();
+        let x = g.weight("x", &[3, 5, 4], rng.values(60));
+        let (s, e, a) = (g.ints("s", &starts), g.ints("e", &ends), g.ints("a", &axes));
+        let sliced = g.node("Slice", &[&x, &s, &e, &a], vec![]);
+        g.node("Sigmoid", &[&sliced], vec![]);
+        check(
+            &format!("Slice {starts:?}..{ends:?} axes {axes:?}"),
+            &g,
+            Loss::Mse,
+            102,
+        );
+    }
+    // Grouped convolutions (weight gradients per group), including depthwise, and a grouped
+    // transposed convolution.
+    for (c, m, group) in [(4i64, 6i64, 2i64), (3, 3, 3)] {
+        let mut g = Graph::new();
+        let x = g.weight("x", &[2, c, 5, 5], rng.values(dims(&[2, c, 5, 5])));
+        let w = g.weight(
+            "w",
+            &[m, c / group, 3, 3],
+            rng.values(dims(&[m, c / group, 3, 3])),
+        );
+        let b = g.weight("b", &[m], rng.values(m as usize));
+        g.node(
+            "Conv",
+            &[&x, &w, &b],
+            vec![
+                AttributeProto::int("group", group),
+                AttributeProto::ints("strides", &[2, 1]),
+                AttributeProto::ints("pads", &[1, 0, 1, 1]),
+            ],
+        );
+        check(
+            &format!("Conv group {group} ({c} -> {m})"),
+            &g,
+            Loss::Mse,
+            103,
+        );
+    }
+    let mut g = Graph::new();
+    let x = g.weight("x", &[1, 4, 3, 3], rng.values(36));
+    let w = g.weight("w", &[4, 3, 2, 2], rng.values(48));
+    g.node(
+        "ConvTranspose",
+        &[&x, &w],
+        vec![
+            AttributeProto::int("group", 2),
+            AttributeProto::ints("strides", &[2, 2]),
+        ],
+    );
+    check("ConvTranspose group 2 (4 -> 6)", &g, Loss::Mse, 104);
+}
+
+/// What a Resize node is given: scales or output sizes.
+#[derive(Debug)]
+enum ResizeTo {
+    Scales(Vec<f32>),
+    Sizes(Vec<i64>),
+}
+
+#[test]
+fn resize_rules_for_every_mode_and_coordinate_transform() {
+    if !ready() {
+        return;
+    }
+    let mut rng = Rng(110);
+    // (mode, coordinate transform, nearest rounding, input, scales or sizes)
+    use ResizeTo::{Scales, Sizes};
+    let cases: Vec<(&str, &str, &str, Vec<i64>, ResizeTo)> = vec![
+        // torch nn.Upsample(scale_factor=2) as exported.
+        (
+            "nearest",
+            "asymmetric",
+            "floor",
+            vec![1, 2, 3, 4],
+            Scales(vec![1.0, 1.0, 2.0, 2.0]),
+        ),
+        (
+            "nearest",
+            "half_pixel",
+            "round_prefer_floor",
+            vec![2, 1, 3, 4],
+            Scales(vec![1.0, 1.0, 1.5, 2.5]),
+        ),
+        (
+            "nearest",
+            "align_corners",
+            "round_prefer_ceil",
+            vec![1, 2, 5, 3],
+            Sizes(vec![1, 2, 3, 7]),
+        ),
+        // Bilinear, as torch exports align_corners=False and True.
+        (
+            "linear",
+            "half_pixel",
+            "round_prefer_floor",
+            vec![1, 2, 3, 4],
+            Scales(vec![1.0, 1.0, 2.0, 2.0]),
+        ),
+        (
+            "linear",
+            "pytorch_half_pixel",
+            "round_prefer_floor",
+            vec![1, 2, 4, 6],
+            Scales(vec![1.0, 1.0, 0.5, 0.5]),
+        ),
+        (
+            "linear",
+            "align_corners",
+            "round_prefer_floor",
+            vec![2, 1, 3, 4],
+            Sizes(vec![2, 1, 5, 7]),
+        ),
+        (
+            "linear",
+            "asymmetric",
+            "round_prefer_floor",
+            vec![1, 1, 4, 3],
+            Scales(vec![1.0, 1.0, 1.75, 3.0]),
+        ),
+    ];
+    for (mode, transform, rounding, shape, target) in cases {
+        let mut g = Graph::new();
+        let x = g.weight("x", &shape, rng.values(dims(&shape)));
+        let (scales, sizes) = match &target {
+            Scales(s) => (g.floats("scales", &[4], s), String::new()),
+            Sizes(z) => (String::new(), g.ints("sizes", z)),
+        };
+        let attrs = vec![
+            AttributeProto::string("mode", mode),
+            AttributeProto::string("coordinate_transformation_mode", transform),
+            AttributeProto::string("nearest_mode", rounding),
+        ];
+        let r = g.node("Resize", &[&x, "", &scales, &sizes], attrs);
+        // A nonlinearity after, so the loss's gradient differs per output position.
+        g.node("Tanh", &[&r], vec![]);
+        check(
+            &format!("Resize {mode} {transform} {rounding} {shape:?} -> {target:?}"),
+            &g,
+            Loss::Mse,
+            110,
+        );
+    }
+}
+
+/// The loss of a training graph with Dropout, in a fresh session (ONNX Runtime seeds each
+/// Dropout once per session, so the first mask of every fresh session is the same).
+fn dropout_loss(bytes: &[u8], w: &Tensor, labels: &Tensor, training: bool) -> f64 {
+    let mut session = Session::from_bytes(bytes, 1).unwrap();
+    let mode = Tensor::scalar(if training { 1.0 } else { 0.0 });
+    let out = session
+        .run(
+            &[("w", w), ("labels", labels), ("training_mode", &mode)],
+            &["loss"],
+        )
+        .unwrap();
+    f64::from(out[0].1.data[0])
+}
+
+#[test]
+fn dropout_rule_is_seeded_and_off_in_evaluation() {
+    if !ready() {
+        return;
+    }
+    let mut rng = Rng(120);
+    let values = rng.values(40);
+    let mut g = Graph::new();
+    let w = g.weight("w", &[4, 10], values.clone());
+    let ratio = g.floats("ratio", &[], &[0.4]);
+    let dropped = g.node("Dropout", &[&w, &ratio], vec![]);
+    g.node("Tanh", &[&dropped], vec![]);
+    let model = g.model();
+    let derive_with = |seed: u64| {
+        derive(
+            &model,
+            &Spec {
+                trainable: None,
+                prediction: None,
+                loss: Loss::Mse,
+                seed,
+            },
+        )
+        .unwrap()
+    };
+    let tg = derive_with(7);
+    assert_eq!(tg.training_mode.as_deref(), Some("training_mode"));
+    let bytes = tg.model.to_bytes();
+    let w0 = Tensor::new(vec![4, 10], values.clone());
+    let labels = Tensor::new(vec![4, 10], rng.values(40));
+    let grads = |bytes: &[u8], runs: usize| -> Vec<Vec<f32>> {
+        let mut session = Session::from_bytes(bytes, 1).unwrap();
+        let one = Tensor::scalar(1.0);
+        (0..runs)
+            .map(|_| {
+                session
+                    .run(
+                        &[("w", &w0), ("labels", &labels), ("training_mode", &one)],
+                        &["w.grad"],
+                    )
+                    .unwrap()
+                    .remove(0)
+                    .1
+                    .data
+            })
+            .collect()
+    };
+    let first = grads(&bytes, 2);
+    // Dropped positions get no gradient; about 40% are dropped.
+    let zeros = first[0].iter().filter(|v| **v == 0.0).count();
+    assert!(
+        (6..=26).contains(&zeros),
+        "{zeros} of 40 dropped at ratio 0.4"
+    );
+    // The next step draws a new mask; a fresh session with the same seed repeats the
+    // sequence; another seed gives other masks.
+    assert_ne!(first[0], first[1]);
+    assert_eq!(grads(&bytes, 2), first);
+    assert_ne!(grads(&derive_with(8).model.to_bytes(), 1)[0], first[0]);
+    // The gradient against central differences of the same (first) mask.
+    let eps = 1e-2f32;
+    let numeric: Vec<f64> = (0..40)
+        .map(|i| {
+            let mut plus = w0.clone();
+            plus.data[i] += eps;
+            let mut minus = w0.clone();
+            minus.data[i] -= eps;
+            (dropout_loss(&bytes, &plus, &labels, true)
+                - dropout_loss(&bytes, &minus, &labels, true))
+                / (2.0 * f64::from(eps))
+        })
+        .collect();
+    let scale = numeric.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+    for (a, n) in first[0].iter().zip(&numeric) {
+        assert!(
+            (f64::from(*a) - n).abs() / scale < 2e-2,
+            "Dropout gradient {a} vs central difference {n}"
+        );
+    }
+    // Evaluation (training_mode 0) drops nothing: the loss of tanh(w) itself.
+    let want: f64 = values
+        .iter()
+        .zip(&labels.data)
+        .map(|(w, t)| (f64::from(w.tanh()) - f64::from(*t)).powi(2))
+        .sum::<f64>()
+        / 40.0;
+    let got = dropout_loss(&bytes, &w0, &labels, false);
+    assert!((got - want).abs() < 1e-5, "evaluation loss {got} vs {want}");
 }

@@ -97,6 +97,7 @@ fn options(loss: Loss, lr: f32) -> TrainerOptions {
         schedule: Schedule::Constant,
         clip_norm: Some(5.0),
         threads: 2,
+        seed: 0,
     }
 }
 

@@ -1527,6 +1527,7 @@ impl kernels::HostTrainer for HostState {
                     schedule: amicus_kernels::optim::Schedule::Constant,
                     clip_norm: options.clip_norm,
                     threads,
+                    seed: options.seed,
                 },
             )
         })();
