@@ -581,6 +581,35 @@ fn conv_backward(
                 &[g, w],
                 window_attrs(&win.strides, &win.dilations, &win.pads),
             ));
+        } else if group == 1
+            && win.strides.iter().all(|s| *s == 1)
+            && (0..spatial).all(|i| {
+                let reach = win.dilations[i] * (kernel[i] - 1);
+                win.pads[i] <= reach && win.pads[spatial + i] <= reach
+            })
+        {
+            // Stride 1: the adjoint is itself a convolution, with the kernel flipped and its
+            // channel axes swapped, padded by what the forward pass did not pad. ONNX Runtime
+            // runs Conv much faster than ConvTranspose.
+            let axes: Vec<i64> = (2..spatial as i64 + 2).collect();
+            let (st, en, ax, sp) = (
+                c.e.ints(&vec![-1; spatial]),
+                c.e.ints(&vec![i64::MIN; spatial]),
+                c.e.ints(&axes),
+                c.e.ints(&vec![-1; spatial]),
+            );
+            let flipped = c.e.node("Slice", &[w, &st, &en, &ax, &sp], vec![]);
+            let mut swap: Vec<i64> = vec![1, 0];
+            swap.extend(2..(spatial as i64 + 2));
+            let adjoint = c.e.transpose(&flipped, &swap);
+            let pads: Vec<i64> = (0..2 * spatial)
+                .map(|j| win.dilations[j % spatial] * (kernel[j % spatial] - 1) - win.pads[j])
+                .collect();
+            out[0] = Some(c.e.node(
+                "Conv",
+                &[g, &adjoint],
+                window_attrs(&win.strides, &win.dilations, &pads),
+            ));
         } else {
             // The adjoint of a convolution is the transposed convolution; output_padding
             // restores input positions the strided forward pass never reached.
@@ -601,59 +630,49 @@ fn conv_backward(
         }
     }
     if need(1) {
-        // Correlate the input with the output gradient, batch and channel axes swapped: the
-        // strides become dilations and the dilations strides. A grouped convolution does
-        // this per group (input and output channels split alike); the weight stacks the
-        // groups along its first axis.
-        let mut swap: Vec<i64> = vec![1, 0];
-        swap.extend(2..(spatial as i64 + 2));
-        let (xs, gs) = if group == 1 {
-            (vec![x.to_string()], vec![g.to_string()])
-        } else {
-            // `t` split along its channels, whose count `like` (a tensor of the forward
-            // graph, with a known shape) gives.
-            let split = |c: &mut Ctx<'_>, t: &str, like: &str, what: &str| {
-                let channels = match c.shape(like)?.get(1) {
-                    Some(Dim::Known(v)) if v % group == 0 => *v,
-                    _ => {
-                        return Err(format!(
-                            "{what} needs a static channel count divisible by the groups"
-                        ));
-                    }
-                };
-                let sizes = c.e.ints(&vec![channels / group; group as usize]);
-                Ok::<_, String>(c.e.node_n(
-                    "Split",
-                    &[t, &sizes],
-                    group as usize,
-                    vec![AttributeProto::int("axis", 1)],
-                ))
-            };
-            (
-                split(c, x, x, "the convolution input")?,
-                split(c, g, y, "the convolution output")?,
+        // The weight gradient as one batched matrix product per group (im2col): the windows
+        // of the convolution's input (of the output gradient, for a transposed convolution)
+        // at every kernel offset, against the other operand. ONNX Runtime runs it as GEMMs;
+        // the textbook alternative, a correlation with batch and channel axes swapped, has a
+        // kernel as large as the image and measured several times slower.
+        let xs_ = c.spatial(x, "the convolution input")?;
+        let ys_ = c.spatial(y, "the convolution output")?;
+        let channels = |c: &mut Ctx<'_>, t: &str, what: &str| match c.shape(t)?.get(1) {
+            Some(Dim::Known(v)) if v % group == 0 => Ok(*v / group),
+            _ => Err(format!(
+                "{what} needs a static channel count divisible by the groups"
+            )),
+        };
+        let (cx, cy) = (
+            channels(c, x, "the convolution input")?,
+            channels(c, y, "the convolution output")?,
+        );
+        let split = |c: &mut Ctx<'_>, t: &str, per_group: i64| {
+            if group == 1 {
+                return vec![t.to_string()];
+            }
+            let sizes = c.e.ints(&vec![per_group; group as usize]);
+            c.e.node_n(
+                "Split",
+                &[t, &sizes],
+                group as usize,
+                vec![AttributeProto::int("axis", 1)],
             )
         };
-        let starts = vec![0i64; spatial];
-        let axes: Vec<i64> = (2..spatial as i64 + 2).collect();
-        let mut per_group = Vec::with_capacity(xs.len());
-        for (xp, gp) in xs.iter().zip(&gs) {
-            let xt = c.e.transpose(xp, &swap);
-            let gt = c.e.transpose(gp, &swap);
-            let (data, filter) = if transposed { (gt, xt) } else { (xt, gt) };
-            let corr = c.e.node(
-                "Conv",
-                &[&data, &filter],
-                vec![
-                    AttributeProto::ints("strides", &win.dilations),
-                    AttributeProto::ints("dilations", &win.strides),
-                    AttributeProto::ints("pads", &win.pads),
-                ],
-            );
-            // The correlation can reach past the kernel when strides leave a remainder.
-            let (s, e, a) = (c.e.ints(&starts), c.e.ints(&kernel), c.e.ints(&axes));
-            let cut = c.e.node("Slice", &[&corr, &s, &e, &a], vec![]);
-            per_group.push(c.e.transpose(&cut, &swap));
+        let (xparts, gparts) = (split(c, x, cx), split(c, g, cy));
+        let mut per_group = Vec::with_capacity(xparts.len());
+        for (xp, gp) in xparts.iter().zip(&gparts) {
+            // Conv: w[o, i, k] = Σ g[n, o, p] · x_pad[n, i, s·p + d·k].
+            // ConvTranspose: w[i, o, k] = Σ x[n, i, p] · g_pad[n, o, s·p + d·k].
+            let (left, a, src, b, grid) = if transposed {
+                (xp, cx, gp, cy, &xs_)
+            } else {
+                (gp, cy, xp, cx, &ys_)
+            };
+            let prod = window_product(c, left, a, src, b, grid, &kernel, &win);
+            let mut dims = vec![a, b];
+            dims.extend(&kernel);
+            per_group.push(c.e.reshape(&prod, &dims));
         }
         out[1] = Some(if per_group.len() == 1 {
             per_group.remove(0)
@@ -667,4 +686,75 @@ fn conv_backward(
         out[2] = Some(c.e.reduce_sum(g, &axes, false));
     }
     Ok(())
+}
+
+/// `w[a, b, k] = Σ_n Σ_p left[n, a, p] · window_k(src)[n, b, p]` as `[a, b, K]`: `left` is
+/// `[N, a, grid…]`; the window of kernel offset k is the part of `src` (`[N, b, …]`, padded by
+/// the window's pads) that offset sees across the grid (start `d·k`, step `s`). One batched
+/// MatMul per offset straight on the strided slice (no im2col buffer), summed over samples.
+#[allow(clippy::too_many_arguments)]
+fn window_product(
+    c: &mut Ctx<'_>,
+    left: &str,
+    a: i64,
+    src: &str,
+    b: i64,
+    grid: &[i64],
+    kernel: &[i64],
+    win: &Window,
+) -> String {
+    let spatial = kernel.len();
+    let cells: i64 = grid.iter().product();
+    let offsets: Vec<Vec<i64>> = kernel.iter().fold(vec![vec![]], |acc, &k| {
+        acc.into_iter()
+            .flat_map(|prefix| {
+                (0..k).map(move |o| {
+                    let mut v = prefix.clone();
+                    v.push(o);
+                    v
+                })
+            })
+            .collect()
+    });
+    let padded = if win.pads.iter().any(|p| *p != 0) {
+        let mut pads = vec![0i64, 0];
+        pads.extend(&win.pads[..spatial]);
+        pads.extend([0, 0]);
+        pads.extend(&win.pads[spatial..]);
+        let p = c.e.ints(&pads);
+        c.e.node("Pad", &[src, &p], vec![])
+    } else {
+        src.to_string()
+    };
+    let l = c.e.reshape(left, &[0, a, cells]);
+    let axes: Vec<i64> = (2..spatial as i64 + 2).collect();
+    let (axes, steps) = (c.e.ints(&axes), c.e.ints(&win.strides));
+    let per_offset: Vec<String> = offsets
+        .iter()
+        .map(|off| {
+            let starts: Vec<i64> = (0..spatial).map(|i| win.dilations[i] * off[i]).collect();
+            let ends: Vec<i64> = (0..spatial)
+                .map(|i| starts[i] + win.strides[i] * (grid[i] - 1) + 1)
+                .collect();
+            let whole = (0..spatial).all(|i| starts[i] == 0 && win.strides[i] == 1)
+                && c.shape(src).ok().and_then(|s| known(&s[2..])).as_deref() == Some(grid);
+            let window = if whole && padded == src {
+                padded.clone()
+            } else {
+                let (st, en) = (c.e.ints(&starts), c.e.ints(&ends));
+                c.e.node("Slice", &[&padded, &st, &en, &axes, &steps], vec![])
+            };
+            let cols = c.e.reshape(&window, &[0, b, cells]);
+            let ct = c.e.transpose(&cols, &[0, 2, 1]);
+            let per_sample = c.e.node("MatMul", &[&l, &ct], vec![]);
+            // [a, b, 1]
+            let summed = c.e.reduce_sum(&per_sample, &[0], false);
+            c.e.reshape(&summed, &[a, b, 1])
+        })
+        .collect();
+    if per_offset.len() == 1 {
+        return per_offset[0].clone();
+    }
+    let refs: Vec<&str> = per_offset.iter().map(String::as_str).collect();
+    c.e.node("Concat", &refs, vec![AttributeProto::int("axis", 2)])
 }

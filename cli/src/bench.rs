@@ -30,6 +30,8 @@ pub enum BenchCommand {
     Registry(crate::bench_registry::RegistryArgs),
     /// Federated against centralised and local-only training: Dice, update bytes, time.
     Fl(crate::bench_fl::FlArgs),
+    /// Training and inference samples/s of the U-Net and CNN against PyTorch CPU.
+    Train(crate::bench_train::TrainArgs),
 }
 
 pub fn run(c: BenchCommand) -> Result<()> {
@@ -43,6 +45,7 @@ pub fn run(c: BenchCommand) -> Result<()> {
         BenchCommand::Imaging(args) => crate::bench_imaging::run(args),
         BenchCommand::Registry(args) => crate::bench_registry::run(args),
         BenchCommand::Fl(args) => crate::bench_fl::run(args),
+        BenchCommand::Train(args) => crate::bench_train::run(args),
     }
 }
 

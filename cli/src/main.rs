@@ -9,6 +9,7 @@ mod bench_fl;
 mod bench_imaging;
 mod bench_index;
 mod bench_registry;
+mod bench_train;
 mod demo;
 mod job;
 mod model;
