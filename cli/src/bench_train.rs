@@ -252,7 +252,7 @@ fn measure(job: &Job, args: &TrainArgs, python: Option<&PathBuf>) -> Result<Mode
     )
     .with_context(|| format!("loading the {} trainer", job.name))?;
     let open_s = started.elapsed().as_secs_f64();
-    let parameters: usize = trainer.weights().iter().map(|w| w.data.len()).sum();
+    let parameters = trainer.trained_parameters();
     let mut train = Vec::new();
     for i in 0..args.warmup + args.steps {
         let t = Instant::now();

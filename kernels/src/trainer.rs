@@ -289,8 +289,12 @@ impl Trainer {
         Ok(self.infer.run(&inputs, &[&prediction])?.remove(0).1)
     }
 
+    /// The trained weights, then the running statistics (BatchNormalization's mean and
+    /// variance): everything that makes up the model, so that a copy of these (a federated
+    /// average, a checkpoint) predicts as this trainer does.
     pub fn weights(&self) -> Vec<NamedWeights> {
-        self.weights
+        let mut all: Vec<NamedWeights> = self
+            .weights
             .iter()
             .zip(&self.shapes)
             .map(|((name, data), shape)| NamedWeights {
@@ -298,33 +302,49 @@ impl Trainer {
                 shape: shape.clone(),
                 data: data.clone(),
             })
-            .collect()
+            .collect();
+        all.extend(self.running_statistics());
+        all
     }
 
-    /// Replace weights by name (all or nothing): each must exist, have its shape, and be
-    /// finite.
+    /// How many values are trained (running statistics are not).
+    pub fn trained_parameters(&self) -> usize {
+        self.weights.iter().map(|(_, w)| w.len()).sum()
+    }
+
+    /// Replace weights or running statistics by name (all or nothing): each must exist, have
+    /// its shape, and be finite.
     pub fn set_weights(&mut self, new: &[NamedWeights]) -> Result<(), KernelError> {
         let mut staged = self.weights.clone();
+        let mut running = self.running.clone();
         for w in new {
-            let i = staged
-                .iter()
-                .position(|(n, _)| *n == w.name)
-                .ok_or_else(|| input_error(format!("no trained weight named {:?}", w.name)))?;
-            if w.shape != self.shapes[i] || w.data.len() != staged[i].1.len() {
+            let (shape, slot) = if let Some(i) = staged.iter().position(|(n, _)| *n == w.name) {
+                (&self.shapes[i], &mut staged[i].1)
+            } else if let Some(i) = running.iter().position(|(n, _)| *n == w.name) {
+                let t = &mut running[i].1;
+                (&t.shape, &mut t.data)
+            } else {
+                return Err(input_error(format!(
+                    "no trained weight or running statistic named {:?}",
+                    w.name
+                )));
+            };
+            if w.shape != *shape || w.data.len() != slot.len() {
                 return Err(input_error(format!(
                     "{}: shape {:?} with {} values, expected {:?}",
                     w.name,
                     w.shape,
                     w.data.len(),
-                    self.shapes[i]
+                    shape
                 )));
             }
             if w.data.iter().any(|v| !v.is_finite()) {
                 return Err(input_error(format!("{}: NaN or infinity", w.name)));
             }
-            staged[i].1 = w.data.clone();
+            *slot = w.data.clone();
         }
         self.weights = staged;
+        self.running = running;
         Ok(())
     }
 

@@ -266,7 +266,7 @@ fn a_unet_with_batch_and_instance_normalisation_learns_and_keeps_running_statist
         .build()
         .unwrap();
         let loss = Loss::Sum(vec![(0.5, Loss::BceWithLogits), (0.5, Loss::SoftDice)]);
-        let mut trainer = Trainer::new(&model, options(loss, 0.01)).unwrap();
+        let mut trainer = Trainer::new(&model, options(loss.clone(), 0.01)).unwrap();
         let before = trainer.running_statistics();
         assert_eq!(before.is_empty(), norm == Norm::Instance, "{norm:?}");
         let mut rng = Rng(12);
@@ -294,6 +294,32 @@ fn a_unet_with_batch_and_instance_normalisation_learns_and_keeps_running_statist
             let after = trainer.running_statistics();
             assert_eq!(after.len(), before.len());
             assert!(after.iter().zip(&before).all(|(a, b)| a.data != b.data));
+            // get-weights carries the running statistics (a federated average or a copy of
+            // the model needs them), and set-weights takes them back: a fresh trainer given
+            // these weights predicts exactly as this one.
+            let all = trainer.weights();
+            for st in &after {
+                assert!(all.iter().any(|w| w.name == st.name && w.data == st.data));
+            }
+            let mut copy = Trainer::new(&model, options(loss.clone(), 0.01)).unwrap();
+            copy.set_weights(&all).unwrap();
+            assert_eq!(copy.running_statistics(), after);
+            assert_eq!(
+                copy.infer(&test_x).unwrap(),
+                trainer.infer(&test_x).unwrap()
+            );
+            // Without the statistics the copy predicts differently.
+            let mut partial = Trainer::new(&model, options(loss.clone(), 0.01)).unwrap();
+            let trained: Vec<_> = all
+                .iter()
+                .filter(|w| !after.iter().any(|s| s.name == w.name))
+                .cloned()
+                .collect();
+            partial.set_weights(&trained).unwrap();
+            assert_ne!(
+                partial.infer(&test_x).unwrap(),
+                trainer.infer(&test_x).unwrap()
+            );
         }
     }
 }
