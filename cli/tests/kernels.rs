@@ -40,7 +40,10 @@ fn a_unet_and_a_cnn_learn_on_the_station() {
     }
     let f = kernels_station(true);
     let b = f.ready("lesion-models");
-    let out = f.run(&b, Some(r#"{"steps": 80, "batch": 16}"#));
+    let out = f.run(
+        &b,
+        Some(r#"{"steps": 80, "batch": 16, "cosine_floor": 0.1}"#),
+    );
     assert!(out.ok, "{}", out.text());
     let metrics: serde_json::Value = serde_json::from_slice(
         &std::fs::read(
@@ -86,6 +89,12 @@ fn a_unet_and_a_cnn_learn_on_the_station() {
         calls.iter().any(|c| c["call"] == "trainer.step"),
         "{calls:?}"
     );
+    // Both learning rates followed the cosine schedule the train set.
+    let scheduled = calls
+        .iter()
+        .filter(|c| c["call"] == "trainer.set-schedule" && c["outcome"] == "ok")
+        .count();
+    assert_eq!(scheduled, 2, "{calls:?}");
     f.audit_verifies();
 }
 
@@ -125,6 +134,15 @@ fn kernel_refusals_are_clear_and_audited() {
             .as_str()
             .unwrap()
             .contains("does not match the model"),
+        "{call}"
+    );
+    // A schedule that makes no sense: refused by name, audited, nothing trains.
+    let out = f.run(&b, Some(r#"{"cosine_floor": 2.0, "steps": 1}"#));
+    assert!(!out.ok);
+    let call = f.last_call_outcome("invalid-argument");
+    assert_eq!(call["call"], "trainer.set-schedule");
+    assert!(
+        call["outcome"].as_str().unwrap().contains("floor"),
         "{call}"
     );
     assert!(f.released().is_empty());

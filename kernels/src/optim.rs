@@ -46,6 +46,34 @@ pub enum Schedule {
 }
 
 impl Schedule {
+    /// Refuse schedules that would stall or blow up training.
+    pub fn validate(&self) -> Result<(), UpdateError> {
+        let bad = |why: &str| Err(UpdateError::Invalid(format!("schedule: {why}")));
+        match *self {
+            Schedule::Constant => Ok(()),
+            Schedule::Step { every, factor } => {
+                if every == 0 {
+                    bad("a step decay needs at least one step between decays")
+                } else if !(factor.is_finite() && factor > 0.0 && factor <= 1.0) {
+                    bad("a step decay's factor must be in (0, 1]")
+                } else {
+                    Ok(())
+                }
+            }
+            Schedule::Cosine { steps, floor } => {
+                if steps == 0 {
+                    bad("a cosine decay needs at least one step")
+                } else if !(0.0..=1.0).contains(&floor) {
+                    bad("a cosine decay's floor must be in [0, 1]")
+                } else {
+                    Ok(())
+                }
+            }
+            Schedule::Warmup { steps } if steps == 0 => bad("a warm-up needs at least one step"),
+            Schedule::Warmup { .. } => Ok(()),
+        }
+    }
+
     pub fn factor(&self, step: u64) -> f32 {
         match *self {
             Schedule::Constant => 1.0,
@@ -143,6 +171,7 @@ impl OptimizerState {
         sizes: &[usize],
     ) -> Result<OptimizerState, UpdateError> {
         optimizer.validate()?;
+        schedule.validate()?;
         if clip_norm.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
             return Err(UpdateError::Invalid("clip norm must be positive".into()));
         }
@@ -351,6 +380,36 @@ mod tests {
                 < 1e-6
         );
         assert_eq!(Schedule::Warmup { steps: 4 }.factor(1), 0.25);
+        // Schedules that would stall or blow up training are refused.
+        for bad in [
+            Schedule::Step {
+                every: 0,
+                factor: 0.5,
+            },
+            Schedule::Step {
+                every: 5,
+                factor: 1.5,
+            },
+            Schedule::Step {
+                every: 5,
+                factor: f32::NAN,
+            },
+            Schedule::Cosine {
+                steps: 0,
+                floor: 0.1,
+            },
+            Schedule::Cosine {
+                steps: 10,
+                floor: -0.1,
+            },
+            Schedule::Warmup { steps: 0 },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+            assert!(
+                OptimizerState::new(sgd, bad, None, &[1]).is_err(),
+                "{bad:?}"
+            );
+        }
         // A NaN gradient changes nothing, weights nor state.
         let before = w.clone();
         let e = s.update(&mut w, &[vec![f32::NAN, 0.0]]).unwrap_err();

@@ -361,6 +361,20 @@ impl Trainer {
         Ok(())
     }
 
+    /// Use `schedule` from the next step on; the step count and the optimizer's moments stay.
+    pub fn set_schedule(&mut self, schedule: Schedule) -> Result<(), KernelError> {
+        schedule
+            .validate()
+            .map_err(|e| input_error(e.to_string()))?;
+        self.state.schedule = schedule;
+        Ok(())
+    }
+
+    /// The learning-rate factor the next step will use.
+    pub fn next_rate_factor(&self) -> f32 {
+        self.state.schedule.factor(self.state.steps() + 1)
+    }
+
     pub fn steps(&self) -> u64 {
         self.state.steps()
     }

@@ -1603,6 +1603,34 @@ impl kernels::HostTrainer for HostState {
             .map_err(|e| types::Error::Failed(e.to_string()))
     }
 
+    fn set_schedule(
+        &mut self,
+        t: Resource<TrainerHandle>,
+        schedule: kernels::Schedule,
+    ) -> Result<(), types::Error> {
+        self.require(Capability::Kernels, "trainer.set-schedule")?;
+        use amicus_kernels::optim::Schedule;
+        let host = match schedule {
+            kernels::Schedule::Constant => Schedule::Constant,
+            kernels::Schedule::StepDecay(d) => Schedule::Step {
+                every: d.every,
+                factor: d.factor,
+            },
+            kernels::Schedule::CosineDecay(d) => Schedule::Cosine {
+                steps: d.steps,
+                floor: d.floor,
+            },
+            kernels::Schedule::Warmup(steps) => Schedule::Warmup { steps },
+        };
+        let handle = self
+            .table
+            .get_mut(&t)
+            .map_err(|e| types::Error::Failed(e.to_string()))?;
+        let detail = format!("{} {host:?}", handle.file);
+        let result = handle.trainer.set_schedule(host);
+        self.kernels_call("trainer.set-schedule", detail, result)
+    }
+
     fn get_weights(
         &mut self,
         t: Resource<TrainerHandle>,

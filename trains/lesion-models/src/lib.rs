@@ -8,13 +8,14 @@
 //! after training.
 //!
 //! Parameters (JSON, optional): `steps` (default 60), `batch` (default 8), `learning_rate`
-//! (default 0.01), `seed` (default 1); for tests of the station's refusals, `unet` (the
+//! (default 0.01), `seed` (default 1), `cosine_floor` (when given, both learning rates follow
+//! a cosine decay over the steps down to this fraction); for tests of the station's refusals, `unet` (the
 //! model file, default `models/unet.onnx`) and `patch` (patch side, default 32, which the
 //! models expect).
 
 use amicus_sdk::cohort::LDCM;
 use amicus_sdk::imaging::{LabelSource, LoadOptions, PatchRequest, Window};
-use amicus_sdk::kernels::{Adam, Optimizer, Trainer, TrainerOptions};
+use amicus_sdk::kernels::{Adam, CosineDecay, Optimizer, Schedule, Trainer, TrainerOptions};
 use amicus_sdk::tensors::Tensor;
 use amicus_sdk::{Params, Train};
 use serde::Serialize;
@@ -120,6 +121,7 @@ impl Train for LesionModels {
         let count: u32 = params.get("batch")?.unwrap_or(8);
         let learning_rate: f32 = params.get("learning_rate")?.unwrap_or(0.01);
         let seed: u64 = params.get("seed")?.unwrap_or(1);
+        let cosine_floor: Option<f32> = params.get("cosine_floor")?;
         let unet_file: String = params
             .get("unet")?
             .unwrap_or_else(|| "models/unet.onnx".into());
@@ -157,6 +159,11 @@ impl Train for LesionModels {
         };
         let unet = Trainer::open(&unet_file, optimizer(learning_rate))?;
         let cnn = Trainer::open("models/cnn.onnx", optimizer(learning_rate))?;
+        if let Some(floor) = cosine_floor {
+            for t in [&unet, &cnn] {
+                t.set_schedule(Schedule::CosineDecay(CosineDecay { steps, floor }))?;
+            }
+        }
         let test = batch(&held_out.0, &held_out.1, 32, seed ^ 0xFEED, side)?;
         let mut m = Metrics {
             train: "lesion-models",
