@@ -59,6 +59,8 @@ struct ModelFigures {
     parameters: usize,
     /// Deriving the training graph and loading both sessions (what `trainer.open` costs).
     open_s: f64,
+    /// Of which deriving the training graph (median of 5).
+    derive_s: f64,
     train_samples_per_s: f64,
     infer_samples_per_s: f64,
     torch: Option<TorchFigures>,
@@ -252,6 +254,19 @@ fn measure(job: &Job, args: &TrainArgs, python: Option<&PathBuf>) -> Result<Mode
     )
     .with_context(|| format!("loading the {} trainer", job.name))?;
     let open_s = started.elapsed().as_secs_f64();
+    let spec = amicus_autodiff::Spec {
+        trainable: None,
+        prediction: None,
+        loss: job.loss.clone(),
+        seed: 0,
+    };
+    let mut derive = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        amicus_autodiff::derive(&job.model, &spec)?;
+        derive.push(t.elapsed().as_secs_f64());
+    }
+    let derive_s = median(derive);
     let parameters = trainer.trained_parameters();
     let mut train = Vec::new();
     for i in 0..args.warmup + args.steps {
@@ -307,6 +322,7 @@ fn measure(job: &Job, args: &TrainArgs, python: Option<&PathBuf>) -> Result<Mode
         batch,
         parameters,
         open_s,
+        derive_s,
         train_samples_per_s,
         infer_samples_per_s,
         train_ratio: torch
@@ -322,8 +338,8 @@ fn measure(job: &Job, args: &TrainArgs, python: Option<&PathBuf>) -> Result<Mode
 fn markdown(r: &Report) -> String {
     let mut s = format!(
         "# amicus bench train\n\n{} threads, median of {} steps; ONNX Runtime {}; PyTorch: {}\n\n\
-         | model | batch | parameters | open (s) | train samples/s | PyTorch | ratio | infer samples/s | PyTorch | ratio |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+         | model | batch | parameters | open (s) | derive (ms) | train samples/s | PyTorch | ratio | infer samples/s | PyTorch | ratio |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
         r.threads,
         r.steps,
         r.onnxruntime,
@@ -333,11 +349,12 @@ fn markdown(r: &Report) -> String {
         |v: Option<f64>, digits: usize| v.map_or("–".to_string(), |v| format!("{v:.digits$}"));
     for m in &r.models {
         s += &format!(
-            "| {} | {} | {} | {:.2} | {:.1} | {} | {} | {:.1} | {} | {} |\n",
+            "| {} | {} | {} | {:.2} | {:.1} | {:.1} | {} | {} | {:.1} | {} | {} |\n",
             m.model,
             m.batch,
             m.parameters,
             m.open_s,
+            m.derive_s * 1000.0,
             m.train_samples_per_s,
             opt(m.torch.as_ref().map(|t| t.train_samples_per_s), 1),
             opt(m.train_ratio, 2),
