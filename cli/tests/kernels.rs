@@ -148,3 +148,40 @@ fn kernel_refusals_are_clear_and_audited() {
     assert!(f.released().is_empty());
     f.audit_verifies();
 }
+
+/// The run's time limit holds inside ONNX Runtime: `testing/kernel-hog` trains on large
+/// batches forever under a two-second limit (wasm's epoch checks never run while the station
+/// is inside ONNX Runtime). The station stops the call at the deadline, audits it, ends the
+/// run as over its limit, and releases nothing — not even what the train emitted after
+/// catching the error.
+#[test]
+fn the_time_limit_stops_a_train_inside_onnx_runtime() {
+    if !ready() {
+        return;
+    }
+    let f = kernels_station(true);
+    let b = f.ready("testing/kernel-hog");
+    let out = f.run(&b, None);
+    assert!(!out.ok, "{}", out.text());
+    assert!(out.text().contains("wall-clock"), "{}", out.text());
+    let stopped: Vec<serde_json::Value> = f
+        .events()
+        .into_iter()
+        .filter(|e| {
+            e["event"] == "capability-call"
+                && e["call"] == "trainer.step"
+                && e["outcome"]
+                    .as_str()
+                    .is_some_and(|o| o.contains("time limit passed during an ONNX Runtime call"))
+        })
+        .collect();
+    assert_eq!(stopped.len(), 1, "{:?}", f.events());
+    assert!(
+        stopped[0]["outcome"]
+            .as_str()
+            .unwrap()
+            .starts_with("limit-exceeded")
+    );
+    assert!(f.released().is_empty());
+    f.audit_verifies();
+}

@@ -16,6 +16,8 @@ pub mod trainer;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 /// The ONNX Runtime release the station is built and tested against.
 pub const ORT_VERSION: &str = "1.31.1";
@@ -36,6 +38,8 @@ pub enum KernelError {
     Tensor { name: String, reason: String },
     #[error("refused input: {0}")]
     Input(String),
+    #[error("stopped: the time limit passed during an ONNX Runtime call")]
+    Deadline,
 }
 
 /// Where the shared library is expected.
@@ -145,6 +149,57 @@ impl Session {
         inputs: &[(&str, &Tensor)],
         wanted: &[&str],
     ) -> Result<Vec<(String, Tensor)>, KernelError> {
+        self.run_until(inputs, wanted, None)
+    }
+
+    /// `run`, stopped by ONNX Runtime (between nodes) once `deadline` passes: the time limit
+    /// of a run must also hold inside host code, where wasm's epoch checks do not reach.
+    pub fn run_until(
+        &mut self,
+        inputs: &[(&str, &Tensor)],
+        wanted: &[&str],
+        deadline: Option<Instant>,
+    ) -> Result<Vec<(String, Tensor)>, KernelError> {
+        let Some(deadline) = deadline else {
+            return self.run_with(inputs, wanted, None);
+        };
+        if Instant::now() >= deadline {
+            return Err(KernelError::Deadline);
+        }
+        let options =
+            ort::session::RunOptions::new().map_err(|e| KernelError::Run(e.to_string()))?;
+        let finished = AtomicBool::new(false);
+        let result = std::thread::scope(|scope| {
+            let watchdog = scope.spawn(|| {
+                // Parked until the run ends (unpark) or the deadline passes.
+                while !finished.load(Ordering::Acquire) {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let _ = options.terminate();
+                        return true;
+                    }
+                    std::thread::park_timeout(deadline - now);
+                }
+                false
+            });
+            let result = self.run_with(inputs, wanted, Some(&options));
+            finished.store(true, Ordering::Release);
+            watchdog.thread().unpark();
+            let terminated = watchdog.join().unwrap_or(false);
+            (result, terminated)
+        });
+        match result {
+            (Err(_), true) => Err(KernelError::Deadline),
+            (result, _) => result,
+        }
+    }
+
+    fn run_with(
+        &mut self,
+        inputs: &[(&str, &Tensor)],
+        wanted: &[&str],
+        options: Option<&ort::session::RunOptions>,
+    ) -> Result<Vec<(String, Tensor)>, KernelError> {
         let mut feeds: Vec<(String, ort::session::SessionInputValue<'_>)> =
             Vec::with_capacity(inputs.len());
         for (name, t) in inputs {
@@ -172,10 +227,11 @@ impl Session {
         } else {
             wanted.iter().map(|s| s.to_string()).collect()
         };
-        let outputs = self
-            .inner
-            .run(feeds)
-            .map_err(|e| KernelError::Run(e.to_string()))?;
+        let outputs = match options {
+            Some(o) => self.inner.run_with_options(feeds, o),
+            None => self.inner.run(feeds),
+        }
+        .map_err(|e| KernelError::Run(e.to_string()))?;
         names
             .into_iter()
             .map(|name| {

@@ -69,7 +69,7 @@ impl Schedule {
                     Ok(())
                 }
             }
-            Schedule::Warmup { steps } if steps == 0 => bad("a warm-up needs at least one step"),
+            Schedule::Warmup { steps: 0 } => bad("a warm-up needs at least one step"),
             Schedule::Warmup { .. } => Ok(()),
         }
     }

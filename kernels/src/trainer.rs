@@ -49,6 +49,8 @@ pub struct Trainer {
     /// FedProx: `μ` and the anchor weights (same order as `weights`); each step adds
     /// `μ (w − anchor)` to the gradients.
     proximal: Option<(f32, Vec<Vec<f32>>)>,
+    /// ONNX Runtime calls stop (`KernelError::Deadline`) once this passes.
+    deadline: Option<std::time::Instant>,
 }
 
 fn input_error(reason: impl Into<String>) -> KernelError {
@@ -141,6 +143,7 @@ impl Trainer {
             running,
             state,
             proximal: None,
+            deadline: None,
         })
     }
 
@@ -212,7 +215,7 @@ impl Trainer {
             wanted.extend(self.graph.weights.iter().map(|w| w.grad.as_str()));
             wanted.extend(self.graph.state.iter().map(|s| s.updated.as_str()));
         }
-        self.train.run(&inputs, &wanted)
+        self.train.run_until(&inputs, &wanted, self.deadline)
     }
 
     /// The current weights as tensors, for a run's inputs.
@@ -286,7 +289,11 @@ impl Trainer {
             inputs.push((name.as_str(), t));
         }
         let prediction = self.graph.prediction.clone();
-        Ok(self.infer.run(&inputs, &[&prediction])?.remove(0).1)
+        Ok(self
+            .infer
+            .run_until(&inputs, &[&prediction], self.deadline)?
+            .remove(0)
+            .1)
     }
 
     /// The trained weights, then the running statistics (BatchNormalization's mean and
@@ -359,6 +366,12 @@ impl Trainer {
         self.proximal =
             (mu > 0.0).then(|| (mu, self.weights.iter().map(|(_, w)| w.clone()).collect()));
         Ok(())
+    }
+
+    /// Stop every ONNX Runtime call that is still running when `deadline` passes (the run's
+    /// time limit); `None`: no limit.
+    pub fn set_deadline(&mut self, deadline: Option<std::time::Instant>) {
+        self.deadline = deadline;
     }
 
     /// Use `schedule` from the next step on; the step count and the optimizer's moments stay.

@@ -386,3 +386,49 @@ fn the_proximal_term_pulls_towards_the_anchor() {
     assert!(sgd(0.0).anchor_proximal(f32::NAN).is_err());
     assert!(sgd(0.0).anchor_proximal(-1.0).is_err());
 }
+
+/// The run's time limit reaches into ONNX Runtime: a call still running at the deadline is
+/// stopped between nodes and reported as `Deadline`; nothing changes, and the trainer works
+/// again without the limit.
+#[test]
+fn a_deadline_stops_onnx_runtime_calls_and_changes_nothing() {
+    if !ready() {
+        return;
+    }
+    let model = Unet2d {
+        channels: 1,
+        height: 128,
+        width: 128,
+        classes: 1,
+        base: 16,
+        depth: 3,
+        norm: Norm::None,
+        seed: 2,
+    }
+    .build()
+    .unwrap();
+    let loss = Loss::Sum(vec![(0.5, Loss::BceWithLogits), (0.5, Loss::SoftDice)]);
+    let mut t = Trainer::new(&model, options(loss, 0.01)).unwrap();
+    let (x, _, y, _) = shapes(&mut Rng(30), 16, 128);
+    let before = t.weights();
+    // Already past: refused before ONNX Runtime starts.
+    t.set_deadline(Some(std::time::Instant::now()));
+    assert!(matches!(t.step(&x, &y), Err(KernelError::Deadline)));
+    // A few milliseconds ahead: a U-Net step on 16 images of 128 × 128 takes far longer on
+    // any CPU, so ONNX Runtime is stopped mid-graph.
+    t.set_deadline(Some(
+        std::time::Instant::now() + std::time::Duration::from_millis(5),
+    ));
+    assert!(matches!(t.step(&x, &y), Err(KernelError::Deadline)));
+    t.set_deadline(Some(
+        std::time::Instant::now() + std::time::Duration::from_millis(5),
+    ));
+    assert!(matches!(t.infer(&x), Err(KernelError::Deadline)));
+    assert_eq!(t.weights(), before);
+    assert_eq!(t.steps(), 0);
+    // Without the limit the same trainer steps as usual.
+    t.set_deadline(None);
+    t.step(&x, &y).unwrap();
+    assert_eq!(t.steps(), 1);
+    assert_ne!(t.weights(), before);
+}

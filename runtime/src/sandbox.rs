@@ -212,6 +212,8 @@ impl Sandbox {
             federated: req.federated,
             federated_trainer: None,
             submitted: None,
+            deadline: Instant::now() + req.wall,
+            deadline_hit: false,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
@@ -260,6 +262,13 @@ impl Sandbox {
                 Outcome::WallClockExceeded(_) => Outcome::WallClockExceeded(wall_limit),
                 other => other,
             },
+        };
+        // An ONNX Runtime call stopped by the time limit ends the run as the limit (nothing is
+        // released), whatever the train made of the error it got.
+        let outcome = if state.deadline_hit {
+            Outcome::WallClockExceeded(wall_limit)
+        } else {
+            outcome
         };
         let mut log = state.log;
         log.stdout = stdout.contents();
@@ -689,6 +698,10 @@ struct HostState {
     /// The trainer (its table index) that `load-global` set up.
     federated_trainer: Option<u32>,
     submitted: Option<SubmittedUpdate>,
+    /// The run's time limit as an instant: ONNX Runtime calls stop there.
+    deadline: Instant,
+    /// An ONNX Runtime call was stopped by the time limit.
+    deadline_hit: bool,
 }
 
 impl HostState {
@@ -1343,6 +1356,10 @@ impl HostState {
                     types::Error::InvalidArgument(reason)
                 }
                 K::Run(_) => types::Error::Failed(reason),
+                K::Deadline => {
+                    self.deadline_hit = true;
+                    types::Error::LimitExceeded(reason)
+                }
             }
         });
         let step = call == "trainer.step" && answer.is_ok();
@@ -1446,7 +1463,7 @@ impl kernels::HostModel for HostState {
         let detail = handle.file.clone();
         let feeds: Vec<(&str, &amicus_kernels::Tensor)> =
             tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let result = handle.session.run(&feeds, &[]);
+        let result = handle.session.run_until(&feeds, &[], Some(self.deadline));
         let outputs = self.kernels_call("model.infer", detail, result)?;
         let mut handles = Vec::with_capacity(outputs.len());
         for (name, t) in outputs {
@@ -1531,7 +1548,8 @@ impl kernels::HostTrainer for HostState {
                 },
             )
         })();
-        let trainer = self.kernels_call("trainer.open", detail, result)?;
+        let mut trainer = self.kernels_call("trainer.open", detail, result)?;
+        trainer.set_deadline(Some(self.deadline));
         self.table
             .push(TrainerHandle { file, trainer })
             .map_err(|e| types::Error::Failed(e.to_string()))
@@ -2172,6 +2190,8 @@ max_bytes = 100
             federated: None,
             federated_trainer: None,
             submitted: None,
+            deadline: Instant::now() + Duration::from_secs(1),
+            deadline_hit: false,
         };
         let e = cohort::Host::select(&mut s, "SELECT * {}".into()).unwrap_err();
         assert!(matches!(e, types::Error::Denied(_)));
