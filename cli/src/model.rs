@@ -26,6 +26,10 @@ pub enum ModelCommand {
         /// The graph output the loss applies to (default: the first).
         #[arg(long)]
         prediction: Option<String>,
+        /// The trainer's seed (it seeds Dropout; a train's `trainer-options.seed`), to
+        /// reproduce the graph a station ran.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Write a standard ONNX model (opset 17, He-initialised from a seed): a CNN classifier
     /// or a 2D U-Net. Input `image` [N, channels, height, width], output `logits`.
@@ -104,6 +108,7 @@ pub fn run(c: ModelCommand) -> Result<()> {
             loss,
             trainable,
             prediction,
+            seed,
         } => {
             let bytes =
                 std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
@@ -113,7 +118,7 @@ pub fn run(c: ModelCommand) -> Result<()> {
                 trainable,
                 prediction,
                 loss: amicus_autodiff::Loss::parse(&loss).map_err(|e| anyhow::anyhow!(e))?,
-                seed: 0,
+                seed,
             };
             let tg = amicus_autodiff::derive(&forward, &spec)
                 .with_context(|| format!("deriving the training graph of {}", model.display()))?;
@@ -150,6 +155,14 @@ pub fn run(c: ModelCommand) -> Result<()> {
             if loads {
                 println!("ONNX Runtime {} loads it", amicus_kernels::ORT_VERSION);
             }
+            // What a station's audit log names for the trainer it opened on this model.
+            println!("training-graph sha256:{}", {
+                use sha2::Digest;
+                sha2::Sha256::digest(&encoded)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            });
             Ok(())
         }
         ModelCommand::New(kind) => {

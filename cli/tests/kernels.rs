@@ -89,6 +89,48 @@ fn a_unet_and_a_cnn_learn_on_the_station() {
         calls.iter().any(|c| c["call"] == "trainer.step"),
         "{calls:?}"
     );
+    // The audit names each training graph by its digest, and anyone can re-derive it from the
+    // bundle's model: `amicus model grad` with the model's loss and the train's seed prints
+    // the same digest.
+    let unet_open = calls
+        .iter()
+        .find(|c| {
+            c["call"] == "trainer.open"
+                && c["detail"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("models/unet.onnx")
+        })
+        .unwrap();
+    let audited = unet_open["detail"]
+        .as_str()
+        .unwrap()
+        .split("training-graph ")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert!(
+        audited.starts_with("sha256:") && audited.len() == 7 + 64,
+        "{unet_open}"
+    );
+    let out_path = f.path("unet-train.onnx");
+    let model = common::repo_root().join("trains/lesion-models/models/unet.onnx");
+    let grad = ok(&[
+        "model",
+        "grad",
+        s(&model),
+        "--out",
+        s(&out_path),
+        "--loss",
+        "0.5*bce+0.5*dice",
+        "--seed",
+        "1",
+    ]);
+    assert!(
+        grad.stdout.contains(&format!("training-graph {audited}")),
+        "{}",
+        grad.stdout
+    );
     // Both learning rates followed the cosine schedule the train set.
     let scheduled = calls
         .iter()

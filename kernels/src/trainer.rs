@@ -51,6 +51,8 @@ pub struct Trainer {
     proximal: Option<(f32, Vec<Vec<f32>>)>,
     /// ONNX Runtime calls stop (`KernelError::Deadline`) once this passes.
     deadline: Option<std::time::Instant>,
+    /// SHA-256 (hex) of the training graph ONNX Runtime runs.
+    graph_digest: String,
 }
 
 fn input_error(reason: impl Into<String>) -> KernelError {
@@ -98,7 +100,15 @@ impl Trainer {
             .collect();
         let inference = amicus_autodiff::with_weight_inputs(forward, &names)
             .map_err(|e| KernelError::Model(e.to_string()))?;
-        let train = Session::from_bytes(&graph.model.to_bytes(), options.threads)?;
+        let graph_bytes = graph.model.to_bytes();
+        let graph_digest = {
+            use sha2::Digest;
+            sha2::Sha256::digest(&graph_bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        let train = Session::from_bytes(&graph_bytes, options.threads)?;
         let infer = Session::from_bytes(&inference.to_bytes(), options.threads)?;
         let weights: Vec<(String, Vec<f32>)> = graph
             .weights
@@ -144,6 +154,7 @@ impl Trainer {
             state,
             proximal: None,
             deadline: None,
+            graph_digest,
         })
     }
 
@@ -366,6 +377,12 @@ impl Trainer {
         self.proximal =
             (mu > 0.0).then(|| (mu, self.weights.iter().map(|(_, w)| w.clone()).collect()));
         Ok(())
+    }
+
+    /// SHA-256 (hex) of the derived training graph: the derivation is deterministic, so this
+    /// names exactly the gradient code that ran (`amicus model grad` writes the same bytes).
+    pub fn graph_digest(&self) -> &str {
+        &self.graph_digest
     }
 
     /// Stop every ONNX Runtime call that is still running when `deadline` passes (the run's

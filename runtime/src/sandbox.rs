@@ -1548,6 +1548,12 @@ impl kernels::HostTrainer for HostState {
                 },
             )
         })();
+        // The training graph's digest goes into the audit log: auditors can re-derive it with
+        // `amicus model grad` and know exactly which gradient code ran.
+        let detail = match &result {
+            Ok(t) => format!("{detail} training-graph sha256:{}", t.graph_digest()),
+            Err(_) => detail,
+        };
         let mut trainer = self.kernels_call("trainer.open", detail, result)?;
         trainer.set_deadline(Some(self.deadline));
         self.table
