@@ -250,6 +250,7 @@ fn measure(job: &Job, args: &TrainArgs, python: Option<&PathBuf>) -> Result<Mode
             clip_norm: None,
             threads: args.threads,
             seed: 0,
+            device: amicus_kernels::Device::Cpu,
         },
     )
     .with_context(|| format!("loading the {} trainer", job.name))?;

@@ -117,6 +117,7 @@ pub fn initial_weights(bundle: &Bundle, model: Option<&str>) -> Result<amicus_fl
             clip_norm: None,
             threads: 1,
             seed: 0,
+            device: amicus_kernels::Device::Cpu,
         },
     )?;
     Ok(amicus_fl::wire::Weights {

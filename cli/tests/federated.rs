@@ -53,6 +53,7 @@ fn initial(bundle: &Path) -> Weights {
             clip_norm: None,
             threads: 1,
             seed: 0,
+            device: amicus_kernels::Device::Cpu,
         },
     )
     .unwrap();

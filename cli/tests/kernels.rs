@@ -188,6 +188,36 @@ fn kernel_refusals_are_clear_and_audited() {
         "{call}"
     );
     assert!(f.released().is_empty());
+    // A station whose policy asks for CUDA while its ONNX Runtime library is the CPU build:
+    // every kernels call is refused as not available, saying what to install.
+    if !amicus_kernels::cuda_available().unwrap() {
+        f.policy_edit("device = \"cpu\"", "device = \"cuda\"");
+        let out = f.run(&b, Some(r#"{"steps": 1}"#));
+        assert!(!out.ok);
+        let call = f.last_call_outcome("not-available");
+        assert_eq!(call["call"], "trainer.open");
+        assert!(
+            call["outcome"]
+                .as_str()
+                .unwrap()
+                .contains("onnxruntime-gpu"),
+            "{call}"
+        );
+        f.policy_edit("device = \"cuda\"", "device = \"auto\"");
+        let out = f.run(&b, Some(r#"{"steps": 1}"#));
+        assert!(out.ok, "{}", out.text());
+        let opened = f
+            .events()
+            .into_iter()
+            .filter(|e| e["call"] == "trainer.open" && e["outcome"] == "ok")
+            .last()
+            .unwrap();
+        assert!(
+            opened["detail"].as_str().unwrap().ends_with("on Cpu"),
+            "{opened}"
+        );
+        f.policy_edit("device = \"auto\"", "device = \"cpu\"");
+    }
     f.audit_verifies();
 }
 

@@ -40,6 +40,29 @@ pub enum KernelError {
     Input(String),
     #[error("stopped: the time limit passed during an ONNX Runtime call")]
     Deadline,
+    #[error("{0}")]
+    DeviceUnavailable(String),
+}
+
+/// Where ONNX Runtime runs a model: the station's policy chooses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU execution provider (every ONNX Runtime build has it).
+    #[default]
+    Cpu,
+    /// NVIDIA GPUs through ONNX Runtime's CUDA execution provider; refused when the loaded
+    /// library has none.
+    Cuda,
+    /// CUDA when the library has it, else the CPU.
+    Auto,
+}
+
+/// Whether the loaded ONNX Runtime library has the CUDA execution provider (the
+/// `onnxruntime-gpu` build; the CPU build does not).
+pub fn cuda_available() -> Result<bool, KernelError> {
+    use ort::ep::ExecutionProvider;
+    environment()?;
+    ort::ep::CUDA::is_available().map_err(|e| KernelError::Model(e.to_string()))
 }
 
 /// Where the shared library is expected.
@@ -107,13 +130,39 @@ impl Tensor {
 /// A model loaded into ONNX Runtime.
 pub struct Session {
     inner: ort::session::Session,
+    /// Where it runs: `Cpu` or `Cuda` (never `Auto`).
+    device: Device,
 }
 
 impl Session {
     /// Load a model from its bytes, with `threads` intra-op threads and every graph
     /// optimisation on.
     pub fn from_bytes(model: &[u8], threads: usize) -> Result<Session, KernelError> {
+        Session::from_bytes_on(model, threads, Device::Cpu)
+    }
+
+    /// `from_bytes` on `device`: `Cuda` is refused (`DeviceUnavailable`) when the library has
+    /// no CUDA execution provider; `Auto` then uses the CPU. ONNX Runtime places each node on
+    /// the GPU when the CUDA provider has a kernel for it, on the CPU otherwise.
+    pub fn from_bytes_on(
+        model: &[u8],
+        threads: usize,
+        device: Device,
+    ) -> Result<Session, KernelError> {
         let env = environment()?;
+        let cuda = match device {
+            Device::Cpu => false,
+            Device::Auto => cuda_available()?,
+            Device::Cuda => {
+                if !cuda_available()? {
+                    return Err(KernelError::DeviceUnavailable(format!(
+                        "the station's policy asks for the CUDA execution provider, and the ONNX Runtime library at {} has none (it is the CPU build; install the library of the onnxruntime-gpu wheel {ORT_VERSION} and point AMICUS_ORT_LIB at it, or set the policy's kernels.device to \"cpu\" or \"auto\")",
+                        library_path().display()
+                    )));
+                }
+                true
+            }
+        };
         let model_error = |e: ort::Error| KernelError::Model(e.to_string());
         let mut builder = ort::session::Session::builder(env)
             .map_err(model_error)?
@@ -121,8 +170,21 @@ impl Session {
             .map_err(|e| KernelError::Model(e.to_string()))?
             .with_intra_threads(threads.max(1))
             .map_err(|e| KernelError::Model(e.to_string()))?;
+        if cuda {
+            builder = builder
+                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+                .map_err(|e| KernelError::DeviceUnavailable(format!("CUDA: {e}")))?;
+        }
         let inner = builder.commit_from_memory(model).map_err(model_error)?;
-        Ok(Session { inner })
+        Ok(Session {
+            inner,
+            device: if cuda { Device::Cuda } else { Device::Cpu },
+        })
+    }
+
+    /// Where the session runs (`Cpu` or `Cuda`).
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     /// Names of the model's inputs, in order.

@@ -6,7 +6,7 @@
 //! updates); it does not choose data or decide what may leave the station.
 
 use crate::optim::{Optimizer, OptimizerState, Schedule};
-use crate::{KernelError, Session, Tensor};
+use crate::{Device, KernelError, Session, Tensor};
 use amicus_autodiff::onnx::{Dim, ModelProto};
 use amicus_autodiff::{Loss, Spec, TrainingGraph};
 
@@ -23,6 +23,8 @@ pub struct TrainerOptions {
     pub threads: usize,
     /// Seeds the Dropout masks (the same seed, the same masks step after step).
     pub seed: u64,
+    /// Where ONNX Runtime runs the training and inference graphs.
+    pub device: Device,
 }
 
 /// A weight tensor by name.
@@ -108,8 +110,8 @@ impl Trainer {
                 .map(|b| format!("{b:02x}"))
                 .collect::<String>()
         };
-        let train = Session::from_bytes(&graph_bytes, options.threads)?;
-        let infer = Session::from_bytes(&inference.to_bytes(), options.threads)?;
+        let train = Session::from_bytes_on(&graph_bytes, options.threads, options.device)?;
+        let infer = Session::from_bytes_on(&inference.to_bytes(), options.threads, options.device)?;
         let weights: Vec<(String, Vec<f32>)> = graph
             .weights
             .iter()
@@ -377,6 +379,11 @@ impl Trainer {
         self.proximal =
             (mu > 0.0).then(|| (mu, self.weights.iter().map(|(_, w)| w.clone()).collect()));
         Ok(())
+    }
+
+    /// Where the training graph runs (`Cpu` or `Cuda`).
+    pub fn device(&self) -> Device {
+        self.train.device()
     }
 
     /// SHA-256 (hex) of the derived training graph: the derivation is deterministic, so this

@@ -98,6 +98,7 @@ fn options(loss: Loss, lr: f32) -> TrainerOptions {
         clip_norm: Some(5.0),
         threads: 2,
         seed: 0,
+        device: amicus_kernels::Device::Cpu,
     }
 }
 
@@ -431,4 +432,53 @@ fn a_deadline_stops_onnx_runtime_calls_and_changes_nothing() {
     t.step(&x, &y).unwrap();
     assert_eq!(t.steps(), 1);
     assert_ne!(t.weights(), before);
+}
+
+/// The station's policy picks the device. With the CPU build of ONNX Runtime (what setup
+/// installs) `Cuda` is refused with what to do about it and `Auto` falls back to the CPU;
+/// with the GPU build the CUDA session must give the CPU's answer.
+#[test]
+fn the_cuda_device_is_used_or_refused_clearly() {
+    if !ready() {
+        return;
+    }
+    use amicus_kernels::{Device, Session, cuda_available};
+    let bytes = Cnn {
+        channels: 1,
+        height: 16,
+        width: 16,
+        classes: 2,
+        widths: vec![4],
+        seed: 1,
+    }
+    .build()
+    .unwrap()
+    .to_bytes();
+    let x = Tensor::new(
+        vec![2, 1, 16, 16],
+        (0..512).map(|i| (i % 7) as f32 / 7.0).collect(),
+    );
+    let on_cpu = Session::from_bytes_on(&bytes, 1, Device::Cpu)
+        .unwrap()
+        .run(&[("image", &x)], &[])
+        .unwrap();
+    if cuda_available().unwrap() {
+        let mut s = Session::from_bytes_on(&bytes, 1, Device::Cuda).unwrap();
+        assert_eq!(s.device(), Device::Cuda);
+        let on_gpu = s.run(&[("image", &x)], &[]).unwrap();
+        for (a, b) in on_gpu[0].1.data.iter().zip(&on_cpu[0].1.data) {
+            assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+        }
+    } else {
+        let e = Session::from_bytes_on(&bytes, 1, Device::Cuda)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&e, KernelError::DeviceUnavailable(m) if m.contains("onnxruntime-gpu")),
+            "{e}"
+        );
+        let mut s = Session::from_bytes_on(&bytes, 1, Device::Auto).unwrap();
+        assert_eq!(s.device(), Device::Cpu);
+        assert_eq!(s.run(&[("image", &x)], &[]).unwrap(), on_cpu);
+    }
 }

@@ -43,6 +43,36 @@ pub struct Approval {
     pub train: Option<String>,
 }
 
+/// How trains' models run on this station (capability `kernels`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelsPolicy {
+    /// `cpu` (the default), `cuda` (ONNX Runtime's CUDA execution provider; kernels calls are
+    /// refused `not-available` when the station's ONNX Runtime library has none), or `auto`
+    /// (CUDA when the library has it, else the CPU).
+    #[serde(default)]
+    pub device: KernelDevice,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelDevice {
+    #[default]
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+impl KernelDevice {
+    pub fn kernels(self) -> amicus_kernels::Device {
+        match self {
+            KernelDevice::Cpu => amicus_kernels::Device::Cpu,
+            KernelDevice::Cuda => amicus_kernels::Device::Cuda,
+            KernelDevice::Auto => amicus_kernels::Device::Auto,
+        }
+    }
+}
+
 /// Upper bounds on what any train may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,6 +111,8 @@ pub struct Policy {
     #[serde(default)]
     pub privacy: PrivacyPolicy,
     #[serde(default)]
+    pub kernels: KernelsPolicy,
+    #[serde(default)]
     pub trusted_signers: Vec<Signer>,
     #[serde(default)]
     pub approved: Vec<Approval>,
@@ -105,6 +137,7 @@ impl Default for Policy {
             cohort: CohortPolicy::default(),
             catalog: CatalogPolicy::default(),
             privacy: PrivacyPolicy::default(),
+            kernels: KernelsPolicy::default(),
             trusted_signers: Vec::new(),
             approved: Vec::new(),
         }

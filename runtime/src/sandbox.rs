@@ -96,6 +96,8 @@ pub struct KernelAccess {
     pub models: std::collections::BTreeMap<String, DeclaredModel>,
     /// ONNX Runtime intra-op threads per session.
     pub threads: usize,
+    /// Where ONNX Runtime runs (the station's policy).
+    pub device: amicus_kernels::Device,
 }
 
 /// The station's wasmtime engine: deterministic, fuel- and epoch-instrumented.
@@ -1349,7 +1351,7 @@ impl HostState {
         let answer = result.map_err(|e| {
             let reason = e.to_string();
             match e {
-                K::LibraryMissing(_) | K::LibraryUnloadable { .. } => {
+                K::LibraryMissing(_) | K::LibraryUnloadable { .. } | K::DeviceUnavailable(_) => {
                     types::Error::NotAvailable(reason)
                 }
                 K::Model(_) | K::Input(_) | K::Tensor { .. } => {
@@ -1427,7 +1429,11 @@ impl kernels::HostModel for HostState {
         self.require(Capability::Kernels, "model.open")?;
         let model = self.declared_model("model.open", &file)?;
         let threads = self.kernels.as_ref().map_or(1, |k| k.threads);
-        let result = amicus_kernels::Session::from_bytes(&model.bytes, threads);
+        let device = self
+            .kernels
+            .as_ref()
+            .map_or_else(Default::default, |k| k.device);
+        let result = amicus_kernels::Session::from_bytes_on(&model.bytes, threads, device);
         let session = self.kernels_call("model.open", guest_text(&file), result)?;
         self.table
             .push(ModelHandle { file, session })
@@ -1521,6 +1527,10 @@ impl kernels::HostTrainer for HostState {
         self.require(Capability::Kernels, "trainer.open")?;
         let model = self.declared_model("trainer.open", &file)?;
         let threads = self.kernels.as_ref().map_or(1, |k| k.threads);
+        let device = self
+            .kernels
+            .as_ref()
+            .map_or_else(Default::default, |k| k.device);
         let detail = format!("{} {:?}", guest_text(&file), options.optimizer);
         let result = (|| {
             use amicus_kernels::KernelError as K;
@@ -1545,13 +1555,18 @@ impl kernels::HostTrainer for HostState {
                     clip_norm: options.clip_norm,
                     threads,
                     seed: options.seed,
+                    device,
                 },
             )
         })();
         // The training graph's digest goes into the audit log: auditors can re-derive it with
         // `amicus model grad` and know exactly which gradient code ran.
         let detail = match &result {
-            Ok(t) => format!("{detail} training-graph sha256:{}", t.graph_digest()),
+            Ok(t) => format!(
+                "{detail} training-graph sha256:{} on {:?}",
+                t.graph_digest(),
+                t.device()
+            ),
             Err(_) => detail,
         };
         let mut trainer = self.kernels_call("trainer.open", detail, result)?;

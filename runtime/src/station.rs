@@ -601,6 +601,7 @@ impl Station {
                 threads: std::thread::available_parallelism()
                     .map_or(1, |n| n.get())
                     .min(4),
+                device: policy.kernels.device.kernels(),
             });
         let run_id = new_run_id();
         let seed = run_seed(&digest, &params, &run_id);
