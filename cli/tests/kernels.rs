@@ -209,8 +209,8 @@ fn kernel_refusals_are_clear_and_audited() {
         let opened = f
             .events()
             .into_iter()
-            .filter(|e| e["call"] == "trainer.open" && e["outcome"] == "ok")
-            .last()
+            .rev()
+            .find(|e| e["call"] == "trainer.open" && e["outcome"] == "ok")
             .unwrap();
         assert!(
             opened["detail"].as_str().unwrap().ends_with("on Cpu"),
