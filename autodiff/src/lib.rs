@@ -181,7 +181,8 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
             "models with local functions or training info".into(),
         ));
     }
-    let graph = model.graph.as_ref().ok_or_else(|| invalid("no graph"))?;
+    let graph = untie_running_stats(model.graph.as_ref().ok_or_else(|| invalid("no graph"))?)?;
+    let graph = &graph;
     if !graph.sparse_initializer.is_empty() {
         return Err(AutodiffError::Unsupported("sparse initializers".into()));
     }
@@ -693,9 +694,61 @@ fn infer_shapes(
                 shapes.insert(name.clone(), s);
             }
         }
+        consts.fold(n, &inputs);
     }
 
     Ok(())
+}
+
+/// Exporters deduplicate equal initializers: a fresh BatchNormalization's running variance
+/// (ones) and mean (zeros) can come out of `torch.onnx.export` as Identity nodes of its scale
+/// and bias. Running statistics are state of their own, so such an Identity becomes a copy of
+/// the initializer under the statistic's name. An Identity output used elsewhere as well is
+/// refused: copying it would untie a weight the model shares.
+fn untie_running_stats(graph: &GraphProto) -> Result<GraphProto, AutodiffError> {
+    let mut graph = graph.clone();
+    let stats: HashSet<String> = graph
+        .node
+        .iter()
+        .filter(|n| n.op() == "BatchNormalization")
+        .flat_map(|n| n.input.iter().skip(3).take(2).cloned())
+        .collect();
+    let mut copies = Vec::new();
+    let mut kept = Vec::with_capacity(graph.node.len());
+    for n in std::mem::take(&mut graph.node) {
+        let source = (n.op() == "Identity" && n.output.len() == 1 && stats.contains(&n.output[0]))
+            .then(|| {
+                graph
+                    .initializer
+                    .iter()
+                    .find(|t| Some(t.name()) == n.input.first().map(String::as_str))
+            })
+            .flatten();
+        match source {
+            Some(t) => {
+                let mut copy = t.clone();
+                copy.name = Some(n.output[0].clone());
+                copies.push(copy);
+            }
+            None => kept.push(n),
+        }
+    }
+    for c in &copies {
+        let elsewhere = kept.iter().any(|n| {
+            n.input.iter().enumerate().any(|(i, x)| {
+                x == c.name() && !(n.op() == "BatchNormalization" && (i == 3 || i == 4))
+            })
+        }) || graph.output.iter().any(|o| o.name() == c.name());
+        if elsewhere {
+            return Err(AutodiffError::Unsupported(format!(
+                "{:?} is a BatchNormalization running statistic and also used elsewhere",
+                c.name()
+            )));
+        }
+    }
+    graph.node = kept;
+    graph.initializer.extend(copies);
+    Ok(graph)
 }
 
 /// Shapes and int values of the constants the emitter has made so far.
@@ -1049,6 +1102,54 @@ mod tests {
             derive(&model(nodes, 18), &spec()),
             Err(AutodiffError::Invalid(_))
         ));
+    }
+
+    /// torch.onnx.export deduplicates equal initializers: a fresh BatchNormalization's running
+    /// variance and mean come out as Identity nodes of its scale (ones) and bias (zeros).
+    #[test]
+    fn running_statistics_tied_to_weights_by_the_exporter_are_untied() {
+        let bn_model = |extra: Option<NodeProto>| {
+            let mut nodes = vec![
+                node("Identity", &["s"], "bn.running_var", vec![]),
+                node("Identity", &["b"], "bn.running_mean", vec![]),
+                node(
+                    "BatchNormalization",
+                    &["x", "s", "b", "bn.running_mean", "bn.running_var"],
+                    "y",
+                    vec![],
+                ),
+            ];
+            nodes.extend(extra);
+            let mut m = model(nodes, 17);
+            let g = m.graph.as_mut().unwrap();
+            g.initializer = vec![
+                TensorProto::floats("s", &[2], &[1.0, 1.0]),
+                TensorProto::floats("b", &[2], &[0.0, 0.0]),
+            ];
+            g.input[0] = ValueInfoProto::tensor(
+                "x",
+                FLOAT,
+                &[Dim::Named("N".into()), Dim::Known(2), Dim::Known(3)],
+            );
+            m
+        };
+        let mse = Spec {
+            loss: Loss::Mse,
+            ..spec()
+        };
+        let tg = derive(&bn_model(None), &mse).unwrap();
+        let state: Vec<&str> = tg.state.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(state, ["bn.running_mean", "bn.running_var"]);
+        assert_eq!(tg.state[1].initial, [1.0, 1.0]);
+        let weights: Vec<&str> = tg.weights.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(weights, ["b", "s"]);
+        // Used elsewhere too: untying would change the model, so it is refused.
+        let e = derive(
+            &bn_model(Some(node("Add", &["y", "bn.running_var"], "z", vec![]))),
+            &mse,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("also used elsewhere"), "{e}");
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub(crate) fn decompose(
     }
     if node.output.len() > 1 && node.output[1..].iter().any(|o| !o.is_empty()) {
         return Err(format!(
-            "{op} with training-mode outputs in the forward model"
+            "{op} with training-mode outputs in the forward model (export the model in evaluation mode, e.g. torch.onnx.export(..., training=torch.onnx.TrainingMode.EVAL), the default)"
         ));
     }
     let eps = node.attr_float("epsilon").unwrap_or(1e-5);

@@ -32,6 +32,47 @@ impl Consts {
         }
     }
 
+    /// Values computed from constants by the few ops exporters use to assemble them (torch
+    /// writes Resize's scales as a Concat of two Constants, Slice's bounds as Unsqueezed
+    /// scalars): ops that only reshape (the values stay as they are, flat), and Concat of 1-D
+    /// tensors (`inputs`: the input shapes).
+    pub fn fold(&mut self, node: &NodeProto, inputs: &[Option<Shape>]) {
+        let [out] = node.output.as_slice() else {
+            return;
+        };
+        let parts: &[String] = match node.op() {
+            "Identity" | "Unsqueeze" | "Squeeze" | "Reshape" | "Flatten" => {
+                &node.input[..node.input.len().min(1)]
+            }
+            "Concat"
+                if inputs
+                    .iter()
+                    .all(|s| s.as_ref().is_some_and(|s| s.len() == 1)) =>
+            {
+                &node.input
+            }
+            _ => return,
+        };
+        if parts.is_empty() {
+            return;
+        }
+        let ints: Option<Vec<i64>> = parts
+            .iter()
+            .map(|i| self.ints.get(i).cloned())
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.concat());
+        let floats: Option<Vec<f32>> = parts
+            .iter()
+            .map(|i| self.floats.get(i).cloned())
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.concat());
+        if let Some(v) = ints {
+            self.ints.insert(out.clone(), v);
+        } else if let Some(v) = floats.filter(|v| v.len() <= 16) {
+            self.floats.insert(out.clone(), v);
+        }
+    }
+
     /// The int64 values of input `i` of `node`, if it is given and constant.
     pub fn ints_of(&self, node: &NodeProto, i: usize) -> Option<&Vec<i64>> {
         node.input
