@@ -911,3 +911,144 @@ fn federated_job_learns_across_three_stations() {
     let trail = net.person_ok("audrey", &["registry", "audit"]).stdout;
     assert!(trail.contains("job-round"), "{trail}");
 }
+
+/// A station process killed in the middle of a federated round: its run never reports, the
+/// round ends at its deadline on the other two (the quorum), the dead station is recorded as
+/// missing, and the job still runs every round.
+#[test]
+fn a_station_killed_mid_round_is_missing_and_the_job_completes_on_the_quorum() {
+    let mut net = Net::new();
+    for (name, seed) in [("st1", 21), ("st2", 22), ("st3", 23)] {
+        net.add_station(name, "academic", seed);
+        let dir = net.station_dir(name);
+        edit_policy(
+            &dir,
+            "allowed_capabilities = [\"cohort\"]",
+            "allowed_capabilities = [\"cohort\", \"imaging\", \"kernels\"]",
+        );
+        edit_policy(&dir, "min_patients = 10", "min_patients = 3");
+    }
+    let fed = net.push("fed-seg");
+    for st in ["st1", "st2", "st3"] {
+        ok(&[
+            "station",
+            "approve",
+            "--dir",
+            s(&net.station_dir(st)),
+            s(&fed),
+        ]);
+        net.start_daemon(st);
+    }
+    let plan = net.path("plan.json");
+    std::fs::write(
+        &plan,
+        r#"{"rounds": 2, "min_stations": 2, "round_seconds": 45}"#,
+    )
+    .unwrap();
+    let params = net.path("fl-params.json");
+    // Enough local work that the round is still running when st3 is killed.
+    std::fs::write(
+        &params,
+        r#"{"local_steps": 40, "batch": 8, "test_series": 1}"#,
+    )
+    .unwrap();
+    let job: serde_json::Value = serde_json::from_str(
+        &net.person_ok(
+            "alice",
+            &[
+                "job",
+                "create",
+                "--train",
+                s(&fed),
+                "--station",
+                "st1",
+                "--station",
+                "st2",
+                "--station",
+                "st3",
+                "--plan",
+                s(&plan),
+                "--params",
+                s(&params),
+                "--json",
+            ],
+        )
+        .stdout,
+    )
+    .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    // Kill st3's daemon while its round-1 run is running.
+    let t0 = Instant::now();
+    loop {
+        let job: serde_json::Value = serde_json::from_str(
+            &net.person_ok("alice", &["job", "show", &id, "--json"])
+                .stdout,
+        )
+        .unwrap();
+        let running = job["rounds"][0]["runs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["station"] == "st3" && r["state"] == "running");
+        if running {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "st3 never started round 1: {job}\n{}",
+            net.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    net.kill_daemon("st3");
+    let out = net.person("alice", &["job", "show", &id, "--json", "--wait", "600s"]);
+    assert!(
+        out.ok,
+        "job did not finish:\n{}\n{}",
+        out.text(),
+        net.logs()
+    );
+    let job: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(job["state"], "done", "{job}\n{}", net.logs());
+    let rounds = job["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "every round ran: {job}");
+    for (i, r) in rounds.iter().enumerate() {
+        let status = |st: &str| {
+            r["summary"]["stations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["station"] == st)
+                .map(|x| x["status"].as_str().unwrap().to_string())
+        };
+        assert_eq!(
+            status("st1").as_deref(),
+            Some("used"),
+            "round {}: {r}",
+            i + 1
+        );
+        assert_eq!(
+            status("st2").as_deref(),
+            Some("used"),
+            "round {}: {r}",
+            i + 1
+        );
+        assert_eq!(
+            status("st3").as_deref(),
+            Some("missing"),
+            "round {}: {r}",
+            i + 1
+        );
+    }
+    // A checkpoint per round: the final weights are round 2's.
+    let weights = net.path("final.weights");
+    net.person_ok("alice", &["job", "weights", &id, "--out", s(&weights)]);
+    assert_eq!(
+        amicus_fl::wire::Weights::decode(&std::fs::read(&weights).unwrap())
+            .unwrap()
+            .len(),
+        29_321
+    );
+    // The killed station's audit log is intact up to where it stopped.
+    ok(&["audit", "verify", "--dir", s(&net.station_dir("st3"))]);
+}
