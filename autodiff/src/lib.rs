@@ -385,7 +385,16 @@ pub fn derive(model: &ModelProto, spec: &Spec) -> Result<TrainingGraph, Autodiff
                     flag
                 }
             };
-            n.input = vec![n.input[0].clone(), ratio, training];
+            let data = n
+                .input
+                .first()
+                .cloned()
+                .ok_or_else(|| AutodiffError::Node {
+                    op: "Dropout".into(),
+                    node: node_name(n, i),
+                    reason: "no data input".into(),
+                })?;
+            n.input = vec![data, ratio, training];
             if n.output.len() < 2 || n.output[1].is_empty() {
                 let mask = e.fresh("dropout_mask");
                 n.output.truncate(1);

@@ -108,6 +108,9 @@ fn a_unet_and_a_cnn_learn_on_the_station() {
         .split("training-graph ")
         .nth(1)
         .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
         .to_string();
     assert!(
         audited.starts_with("sha256:") && audited.len() == 7 + 64,
