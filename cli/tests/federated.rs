@@ -36,13 +36,17 @@ fn station() -> (Fixture, PathBuf) {
 
 /// The bundle model's trainable weights, as the station's trainer holds them.
 fn initial(bundle: &Path) -> Weights {
+    initial_of(bundle, "models/unet.onnx", "0.5*bce+0.5*dice")
+}
+
+/// The weights (and running statistics) a trainer on the bundle's `file` starts from.
+fn initial_of(bundle: &Path, file: &str, loss: &str) -> Weights {
     let b = amicus_bundle::Bundle::read(bundle).unwrap();
-    let model =
-        amicus_autodiff::onnx::ModelProto::from_bytes(b.file("models/unet.onnx").unwrap()).unwrap();
+    let model = amicus_autodiff::onnx::ModelProto::from_bytes(b.file(file).unwrap()).unwrap();
     let t = amicus_kernels::trainer::Trainer::new(
         &model,
         amicus_kernels::trainer::TrainerOptions {
-            loss: amicus_autodiff::Loss::parse("0.5*bce+0.5*dice").unwrap(),
+            loss: amicus_autodiff::Loss::parse(loss).unwrap(),
             trainable: None,
             optimizer: amicus_kernels::optim::Optimizer::Sgd {
                 learning_rate: 0.01,
@@ -276,39 +280,7 @@ fn fed_cls_learns_over_rounds() {
     );
     common::ok(&["station", "index", "--dir", common::s(&f.station())]);
     let bundle = f.ready("fed-cls");
-    let b = amicus_bundle::Bundle::read(&bundle).unwrap();
-    let model =
-        amicus_autodiff::onnx::ModelProto::from_bytes(b.file("models/cnn.onnx").unwrap()).unwrap();
-    let t = amicus_kernels::trainer::Trainer::new(
-        &model,
-        amicus_kernels::trainer::TrainerOptions {
-            loss: amicus_autodiff::Loss::CrossEntropy,
-            trainable: None,
-            optimizer: amicus_kernels::optim::Optimizer::Sgd {
-                learning_rate: 0.01,
-                momentum: 0.0,
-                nesterov: false,
-                weight_decay: 0.0,
-            },
-            schedule: amicus_kernels::optim::Schedule::Constant,
-            clip_norm: None,
-            threads: 1,
-            seed: 0,
-            device: amicus_kernels::Device::Cpu,
-        },
-    )
-    .unwrap();
-    let mut global = Weights {
-        tensors: t
-            .weights()
-            .into_iter()
-            .map(|w| amicus_fl::wire::Tensor {
-                name: w.name,
-                shape: w.shape,
-                data: w.data,
-            })
-            .collect(),
-    };
+    let mut global = initial_of(&bundle, "models/cnn.onnx", "ce");
     let rounds = 3;
     let mut accuracy = Vec::new();
     for number in 1..=rounds + 1 {

@@ -673,6 +673,67 @@ fn metrics(dir: &Path, round: u32, station: &str) -> serde_json::Value {
         .unwrap()
 }
 
+/// Three stations st1–st3 (academic profile, one synthetic seed each) whose policies allow
+/// fed-seg's capabilities, further edited by `policy(name, dir)`; fed-seg pushed and approved
+/// everywhere, daemons running. Returns the bundle.
+fn fl_stations(net: &mut Net, seeds: [u64; 3], policy: impl Fn(&str, &Path)) -> PathBuf {
+    for (name, seed) in ["st1", "st2", "st3"].into_iter().zip(seeds) {
+        net.add_station(name, "academic", seed);
+        let dir = net.station_dir(name);
+        edit_policy(
+            &dir,
+            "allowed_capabilities = [\"cohort\"]",
+            "allowed_capabilities = [\"cohort\", \"imaging\", \"kernels\"]",
+        );
+        edit_policy(&dir, "min_patients = 10", "min_patients = 3");
+        policy(name, &dir);
+    }
+    let fed = net.push("fed-seg");
+    for st in ["st1", "st2", "st3"] {
+        ok(&[
+            "station",
+            "approve",
+            "--dir",
+            s(&net.station_dir(st)),
+            s(&fed),
+        ]);
+        net.start_daemon(st);
+    }
+    fed
+}
+
+/// alice's fed-seg job over st1–st3 with this plan and these train parameters; its id.
+fn create_job(net: &Net, fed: &Path, plan: &str, params: &str) -> String {
+    let (plan_path, params_path) = (net.path("plan.json"), net.path("fl-params.json"));
+    std::fs::write(&plan_path, plan).unwrap();
+    std::fs::write(&params_path, params).unwrap();
+    let job: serde_json::Value = serde_json::from_str(
+        &net.person_ok(
+            "alice",
+            &[
+                "job",
+                "create",
+                "--train",
+                s(fed),
+                "--station",
+                "st1",
+                "--station",
+                "st2",
+                "--station",
+                "st3",
+                "--plan",
+                s(&plan_path),
+                "--params",
+                s(&params_path),
+                "--json",
+            ],
+        )
+        .stdout,
+    )
+    .unwrap();
+    job["id"].as_str().unwrap().to_string()
+}
+
 /// A federated job across three station processes: the U-Net of `trains/fed-seg` learns
 /// (Dice of the final global weights on each site's own test series), updates travel 8-bit,
 /// stations add noise and count privacy, one station's budget runs out (its later rounds are
@@ -686,71 +747,21 @@ fn federated_job_learns_across_three_stations() {
     let one = amicus_fl::rdp::Accountant::default()
         .epsilon_after(1.0, sigma, 1, 1e-5)
         .unwrap();
-    for (name, seed) in [("st1", 11), ("st2", 12), ("st3", 13)] {
-        net.add_station(name, "academic", seed);
-        let dir = net.station_dir(name);
-        edit_policy(
-            &dir,
-            "allowed_capabilities = [\"cohort\"]",
-            "allowed_capabilities = [\"cohort\", \"imaging\", \"kernels\"]",
-        );
-        edit_policy(&dir, "min_patients = 10", "min_patients = 3");
+    let fed = fl_stations(&mut net, [11, 12, 13], |name, dir| {
         let budget = if name == "st3" { 1.5 * one } else { 1e15 };
         edit_policy(
-            &dir,
+            dir,
             "default_epsilon = 10.0",
             &format!("default_epsilon = {budget:e}"),
         );
-    }
-    let fed = net.push("fed-seg");
-    for st in ["st1", "st2", "st3"] {
-        ok(&[
-            "station",
-            "approve",
-            "--dir",
-            s(&net.station_dir(st)),
-            s(&fed),
-        ]);
-        net.start_daemon(st);
-    }
-    let plan = net.path("plan.json");
-    std::fs::write(
-        &plan,
+    });
+    let id = create_job(
+        &net,
+        &fed,
         r#"{"rounds": 3, "min_stations": 2, "round_seconds": 120, "encoding": "q8",
             "dp": {"clip_norm": 20.0, "noise_multiplier": 0.0001}, "evaluate_final": true}"#,
-    )
-    .unwrap();
-    let params = net.path("fl-params.json");
-    std::fs::write(
-        &params,
         r#"{"local_steps": 12, "batch": 8, "test_series": 1}"#,
-    )
-    .unwrap();
-    let job: serde_json::Value = serde_json::from_str(
-        &net.person_ok(
-            "alice",
-            &[
-                "job",
-                "create",
-                "--train",
-                s(&fed),
-                "--station",
-                "st1",
-                "--station",
-                "st2",
-                "--station",
-                "st3",
-                "--plan",
-                s(&plan),
-                "--params",
-                s(&params),
-                "--json",
-            ],
-        )
-        .stdout,
-    )
-    .unwrap();
-    let id = job["id"].as_str().unwrap().to_string();
+    );
     let show = |net: &Net| -> serde_json::Value {
         serde_json::from_str(
             &net.person_ok("alice", &["job", "show", &id, "--json"])
@@ -918,65 +929,14 @@ fn federated_job_learns_across_three_stations() {
 #[test]
 fn a_station_killed_mid_round_is_missing_and_the_job_completes_on_the_quorum() {
     let mut net = Net::new();
-    for (name, seed) in [("st1", 21), ("st2", 22), ("st3", 23)] {
-        net.add_station(name, "academic", seed);
-        let dir = net.station_dir(name);
-        edit_policy(
-            &dir,
-            "allowed_capabilities = [\"cohort\"]",
-            "allowed_capabilities = [\"cohort\", \"imaging\", \"kernels\"]",
-        );
-        edit_policy(&dir, "min_patients = 10", "min_patients = 3");
-    }
-    let fed = net.push("fed-seg");
-    for st in ["st1", "st2", "st3"] {
-        ok(&[
-            "station",
-            "approve",
-            "--dir",
-            s(&net.station_dir(st)),
-            s(&fed),
-        ]);
-        net.start_daemon(st);
-    }
-    let plan = net.path("plan.json");
-    std::fs::write(
-        &plan,
-        r#"{"rounds": 2, "min_stations": 2, "round_seconds": 45}"#,
-    )
-    .unwrap();
-    let params = net.path("fl-params.json");
     // Enough local work that the round is still running when st3 is killed.
-    std::fs::write(
-        &params,
+    let fed = fl_stations(&mut net, [21, 22, 23], |_, _| {});
+    let id = create_job(
+        &net,
+        &fed,
+        r#"{"rounds": 2, "min_stations": 2, "round_seconds": 45}"#,
         r#"{"local_steps": 40, "batch": 8, "test_series": 1}"#,
-    )
-    .unwrap();
-    let job: serde_json::Value = serde_json::from_str(
-        &net.person_ok(
-            "alice",
-            &[
-                "job",
-                "create",
-                "--train",
-                s(&fed),
-                "--station",
-                "st1",
-                "--station",
-                "st2",
-                "--station",
-                "st3",
-                "--plan",
-                s(&plan),
-                "--params",
-                s(&params),
-                "--json",
-            ],
-        )
-        .stdout,
-    )
-    .unwrap();
-    let id = job["id"].as_str().unwrap().to_string();
+    );
     // Kill st3's daemon while its round-1 run is running.
     let t0 = Instant::now();
     loop {
