@@ -37,6 +37,11 @@ pub enum JobCommand {
         /// Train parameters: a JSON file.
         #[arg(long)]
         params: Option<PathBuf>,
+        /// Start from these global weights instead of the model's (a weights file from `job
+        /// weights`, e.g. the last checkpoint of a job that failed); names and shapes must be
+        /// the model's.
+        #[arg(long)]
+        initial_weights: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -197,10 +202,30 @@ pub fn job(cmd: JobCommand) -> Result<()> {
             stations,
             plan,
             params,
+            initial_weights: from,
             json,
         } => {
             let bundle = Bundle::read(&train)?;
-            let weights = initial_weights(&bundle, model.as_deref())?;
+            let mut weights = initial_weights(&bundle, model.as_deref())?;
+            if let Some(path) = from {
+                let given = amicus_fl::wire::Weights::decode(
+                    &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+                )
+                .with_context(|| format!("{} is not a weights file", path.display()))?;
+                let fits = given.tensors.len() == weights.tensors.len()
+                    && given
+                        .tensors
+                        .iter()
+                        .zip(&weights.tensors)
+                        .all(|(g, w)| g.name == w.name && g.shape == w.shape);
+                if !fits {
+                    bail!(
+                        "{} does not hold the model's weights (same names and shapes, in order)",
+                        path.display()
+                    );
+                }
+                weights = given;
+            }
             let plan: Plan = read_json(&plan)?;
             let params = params.map(|p| read_json(&p)).transpose()?;
             let j = rt.block_on(async {

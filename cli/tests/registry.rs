@@ -702,36 +702,37 @@ fn fl_stations(net: &mut Net, seeds: [u64; 3], policy: impl Fn(&str, &Path)) -> 
     fed
 }
 
-/// alice's fed-seg job over st1–st3 with this plan and these train parameters; its id.
-fn create_job(net: &Net, fed: &Path, plan: &str, params: &str) -> String {
+/// alice's fed-seg job over `stations` with this plan and these train parameters (and any
+/// `more` arguments); its id.
+fn create_job(
+    net: &Net,
+    fed: &Path,
+    stations: &[&str],
+    plan: &str,
+    params: &str,
+    more: &[&str],
+) -> Result<String, String> {
     let (plan_path, params_path) = (net.path("plan.json"), net.path("fl-params.json"));
     std::fs::write(&plan_path, plan).unwrap();
     std::fs::write(&params_path, params).unwrap();
-    let job: serde_json::Value = serde_json::from_str(
-        &net.person_ok(
-            "alice",
-            &[
-                "job",
-                "create",
-                "--train",
-                s(fed),
-                "--station",
-                "st1",
-                "--station",
-                "st2",
-                "--station",
-                "st3",
-                "--plan",
-                s(&plan_path),
-                "--params",
-                s(&params_path),
-                "--json",
-            ],
-        )
-        .stdout,
-    )
-    .unwrap();
-    job["id"].as_str().unwrap().to_string()
+    let mut args = vec!["job", "create", "--train", s(fed)];
+    for st in stations {
+        args.extend(["--station", st]);
+    }
+    args.extend([
+        "--plan",
+        s(&plan_path),
+        "--params",
+        s(&params_path),
+        "--json",
+    ]);
+    args.extend(more);
+    let out = net.person("alice", &args);
+    if !out.ok {
+        return Err(out.text());
+    }
+    let job: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    Ok(job["id"].as_str().unwrap().to_string())
 }
 
 /// A federated job across three station processes: the U-Net of `trains/fed-seg` learns
@@ -758,10 +759,13 @@ fn federated_job_learns_across_three_stations() {
     let id = create_job(
         &net,
         &fed,
+        &["st1", "st2", "st3"],
         r#"{"rounds": 3, "min_stations": 2, "round_seconds": 120, "encoding": "q8",
             "dp": {"clip_norm": 20.0, "noise_multiplier": 0.0001}, "evaluate_final": true}"#,
         r#"{"local_steps": 12, "batch": 8, "test_series": 1}"#,
-    );
+        &[],
+    )
+    .unwrap();
     let show = |net: &Net| -> serde_json::Value {
         serde_json::from_str(
             &net.person_ok("alice", &["job", "show", &id, "--json"])
@@ -934,9 +938,12 @@ fn a_station_killed_mid_round_is_missing_and_the_job_completes_on_the_quorum() {
     let id = create_job(
         &net,
         &fed,
+        &["st1", "st2", "st3"],
         r#"{"rounds": 2, "min_stations": 2, "round_seconds": 45}"#,
         r#"{"local_steps": 40, "batch": 8, "test_series": 1}"#,
-    );
+        &[],
+    )
+    .unwrap();
     // Kill st3's daemon while its round-1 run is running.
     let t0 = Instant::now();
     loop {
@@ -1003,12 +1010,49 @@ fn a_station_killed_mid_round_is_missing_and_the_job_completes_on_the_quorum() {
     // A checkpoint per round: the final weights are round 2's.
     let weights = net.path("final.weights");
     net.person_ok("alice", &["job", "weights", &id, "--out", s(&weights)]);
-    assert_eq!(
-        amicus_fl::wire::Weights::decode(&std::fs::read(&weights).unwrap())
-            .unwrap()
-            .len(),
-        29_321
+    let last = amicus_fl::wire::Weights::decode(&std::fs::read(&weights).unwrap()).unwrap();
+    assert_eq!(last.len(), 29_321);
+    // A new job goes on from there (as after a job that failed): its round-0 checkpoint is
+    // exactly these weights. Weights of another shape are refused before anything is created.
+    let plan = r#"{"rounds": 1, "min_stations": 2, "round_seconds": 120}"#;
+    let params = r#"{"local_steps": 4, "batch": 8, "test_series": 1}"#;
+    let wrong = net.path("wrong.weights");
+    let mut other = last.clone();
+    other.tensors.pop();
+    std::fs::write(&wrong, other.encode()).unwrap();
+    let refused = create_job(
+        &net,
+        &fed,
+        &["st1", "st2"],
+        plan,
+        params,
+        &["--initial-weights", s(&wrong)],
     );
+    assert!(
+        refused
+            .unwrap_err()
+            .contains("does not hold the model's weights")
+    );
+    let next = create_job(
+        &net,
+        &fed,
+        &["st1", "st2"],
+        plan,
+        params,
+        &["--initial-weights", s(&weights)],
+    )
+    .unwrap();
+    let start = net.path("next-start.weights");
+    net.person_ok(
+        "alice",
+        &["job", "weights", &next, "--round", "0", "--out", s(&start)],
+    );
+    assert_eq!(
+        amicus_fl::wire::Weights::decode(&std::fs::read(&start).unwrap()).unwrap(),
+        last
+    );
+    let out = net.person("alice", &["job", "show", &next, "--json", "--wait", "300s"]);
+    assert!(out.ok, "{}\n{}", out.text(), net.logs());
     // The killed station's audit log is intact up to where it stopped.
     ok(&["audit", "verify", "--dir", s(&net.station_dir("st3"))]);
 }
