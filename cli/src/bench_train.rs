@@ -211,11 +211,6 @@ struct Job {
     torch: serde_json::Value,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Deterministic pseudo-random values in [-1, 1) (the figures do not depend on them).
 fn noise(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed;
@@ -267,7 +262,7 @@ fn measure(job: &Job, args: &TrainArgs, python: Option<&PathBuf>) -> Result<Mode
         amicus_autodiff::derive(&job.model, &spec)?;
         derive.push(t.elapsed().as_secs_f64());
     }
-    let derive_s = median(derive);
+    let derive_s = crate::bench::median_secs(derive);
     let parameters = trainer.trained_parameters();
     let mut train = Vec::new();
     for i in 0..args.warmup + args.steps {
@@ -285,8 +280,8 @@ fn measure(job: &Job, args: &TrainArgs, python: Option<&PathBuf>) -> Result<Mode
             infer.push(t.elapsed().as_secs_f64());
         }
     }
-    let train_samples_per_s = batch as f64 / median(train);
-    let infer_samples_per_s = batch as f64 / median(infer);
+    let train_samples_per_s = batch as f64 / crate::bench::median_secs(train);
+    let infer_samples_per_s = batch as f64 / crate::bench::median_secs(infer);
     let torch = match python {
         None => None,
         Some(p) => {

@@ -156,13 +156,10 @@ pub fn run(c: ModelCommand) -> Result<()> {
                 println!("ONNX Runtime {} loads it", amicus_kernels::ORT_VERSION);
             }
             // What a station's audit log names for the trainer it opened on this model.
-            println!("training-graph sha256:{}", {
-                use sha2::Digest;
-                sha2::Sha256::digest(&encoded)
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<String>()
-            });
+            println!(
+                "training-graph sha256:{}",
+                amicus_bundle::sha256(&encoded).to_hex()
+            );
             Ok(())
         }
         ModelCommand::New(kind) => {

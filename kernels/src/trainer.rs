@@ -407,11 +407,6 @@ impl Trainer {
         Ok(())
     }
 
-    /// The learning-rate factor the next step will use.
-    pub fn next_rate_factor(&self) -> f32 {
-        self.state.schedule.factor(self.state.steps() + 1)
-    }
-
     pub fn steps(&self) -> u64 {
         self.state.steps()
     }
