@@ -49,6 +49,12 @@ pub enum SecAggError {
     Unknown(u32),
     #[error("masked update of station {0} has the wrong length")]
     Length(u32),
+    #[error("the sum carries no weight (no samples): nothing to average")]
+    NoWeight,
+    #[error("not a masked vector")]
+    NotMasked,
+    #[error("a share bundle does not parse")]
+    BadBundle,
 }
 
 /// Values → ring elements.
@@ -64,6 +70,62 @@ pub fn decode(sum: &[u64]) -> Vec<f32> {
         .map(|&v| (v as i64) as f64 / SCALE)
         .map(|v| v as f32)
         .collect()
+}
+
+/// A FedAvg contribution as ring elements: every coordinate of `delta` times `samples`, then
+/// `samples` itself as the last coordinate, so the sum of contributions carries both the
+/// weighted sum and the total weight (the weighted mean needs no individual sample count).
+pub fn encode_weighted(delta: &[f32], samples: u64) -> Vec<u64> {
+    let w = samples as f64;
+    delta
+        .iter()
+        .map(|&v| f64::from(v) * w)
+        .chain(std::iter::once(w))
+        .map(|v| ((v * SCALE).round() as i64) as u64)
+        .collect()
+}
+
+/// The weighted mean and the total weight from a sum of [`encode_weighted`] contributions.
+pub fn decode_weighted(sum: &[u64]) -> Result<(Vec<f32>, f64), SecAggError> {
+    let (&total, coords) = sum.split_last().ok_or(SecAggError::NoWeight)?;
+    let total = (total as i64) as f64 / SCALE;
+    if total < 0.5 {
+        return Err(SecAggError::NoWeight);
+    }
+    let mean = coords
+        .iter()
+        .map(|&v| ((v as i64) as f64 / SCALE / total) as f32)
+        .collect();
+    Ok((mean, total))
+}
+
+const MASKED_MAGIC: &[u8; 8] = b"AMSKv1\0\0";
+
+/// A masked vector on the wire: magic, count (u64 LE), elements (u64 LE).
+pub fn encode_masked(y: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + y.len() * 8);
+    out.extend_from_slice(MASKED_MAGIC);
+    out.extend_from_slice(&(y.len() as u64).to_le_bytes());
+    for v in y {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// The inverse of [`encode_masked`]; refuses anything else (a plain update, for one).
+pub fn decode_masked(bytes: &[u8]) -> Result<Vec<u64>, SecAggError> {
+    let rest = bytes
+        .strip_prefix(&MASKED_MAGIC[..])
+        .ok_or(SecAggError::NotMasked)?;
+    let (count, body) = rest.split_at_checked(8).ok_or(SecAggError::NotMasked)?;
+    let count = u64::from_le_bytes(count.try_into().expect("8 bytes"));
+    if body.len() as u64 != count.saturating_mul(8) {
+        return Err(SecAggError::NotMasked);
+    }
+    Ok(body
+        .chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+        .collect())
 }
 
 fn prg(seed: &[u8; 32], len: usize) -> Vec<u64> {
@@ -214,6 +276,37 @@ pub struct ShareBundle {
     pub to: u32,
     pub mask_key: Share,
     pub self_seed: Share,
+}
+
+impl ShareBundle {
+    /// `from`, `to` (u32 LE), then each share as its x and 32 bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(74);
+        out.extend_from_slice(&self.from.to_le_bytes());
+        out.extend_from_slice(&self.to.to_le_bytes());
+        for s in [&self.mask_key, &self.self_seed] {
+            out.push(s.x);
+            out.extend_from_slice(&s.y);
+        }
+        out
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Result<ShareBundle, SecAggError> {
+        if b.len() != 74 {
+            return Err(SecAggError::BadBundle);
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
+        let share_at = |i: usize| Share {
+            x: b[i],
+            y: b[i + 1..i + 33].to_vec(),
+        };
+        Ok(ShareBundle {
+            from: u32_at(0),
+            to: u32_at(4),
+            mask_key: share_at(8),
+            self_seed: share_at(41),
+        })
+    }
 }
 
 /// A station's secrets for one round.
@@ -562,6 +655,40 @@ mod tests {
             unmask(round, &masked, &r.publics, &revealed, 3),
             Err(SecAggError::BadShares(3))
         );
+    }
+
+    #[test]
+    fn weighted_contributions_sum_to_the_fedavg_mean() {
+        let a = encode_weighted(&[1.0, -2.0, 0.5], 30);
+        let b = encode_weighted(&[3.0, 2.0, -0.25], 10);
+        let mut sum = vec![0u64; 4];
+        add_into(&mut sum, &a, false);
+        add_into(&mut sum, &b, false);
+        let (mean, total) = decode_weighted(&sum).unwrap();
+        assert_eq!(total, 40.0);
+        let want = [1.5f32, -1.0, 0.3125];
+        for (m, w) in mean.iter().zip(want) {
+            assert!((m - w).abs() < 1e-6, "{m} vs {w}");
+        }
+        assert_eq!(decode_weighted(&[0, 0]), Err(SecAggError::NoWeight));
+        assert_eq!(decode_weighted(&[]), Err(SecAggError::NoWeight));
+    }
+
+    #[test]
+    fn bundles_and_masked_vectors_round_trip_and_refuse_other_bytes() {
+        let r = setup(3, 2);
+        let b = &r.held[&1][&2];
+        assert_eq!(&ShareBundle::from_bytes(&b.to_bytes()).unwrap(), b);
+        assert_eq!(
+            ShareBundle::from_bytes(&b.to_bytes()[1..]),
+            Err(SecAggError::BadBundle)
+        );
+        let y = vec![0, 1, u64::MAX, 42];
+        assert_eq!(decode_masked(&encode_masked(&y)).unwrap(), y);
+        let mut short = encode_masked(&y);
+        short.pop();
+        assert_eq!(decode_masked(&short), Err(SecAggError::NotMasked));
+        assert_eq!(decode_masked(b"AMUPv1..."), Err(SecAggError::NotMasked));
     }
 
     proptest! {

@@ -379,6 +379,32 @@ impl StationClient {
         )
         .await
     }
+    /// Where a securely aggregated round of `job` stands, as this station sees it.
+    pub async fn secagg_view(&self, job: &str, round: u32) -> Result<SecAggView, ClientError> {
+        decode(
+            &self
+                .send(
+                    Method::GET,
+                    &format!("/v1/station/jobs/{job}/rounds/{round}/secagg"),
+                    Vec::new(),
+                )
+                .await?,
+        )
+    }
+    /// Send keys, sealed shares or unmasking shares in a securely aggregated round.
+    pub async fn secagg_send(
+        &self,
+        job: &str,
+        round: u32,
+        message: &SecAggMessage,
+    ) -> Result<(), ClientError> {
+        self.post(
+            &format!("/v1/station/jobs/{job}/rounds/{round}/secagg"),
+            message,
+        )
+        .await
+        .map(drop)
+    }
     pub async fn audit_next(&self) -> Result<i64, ClientError> {
         let a: AuditAck = decode(
             &self

@@ -6,7 +6,8 @@
 //!
 //! Owns the daemon's journal (`<station>/registry/runs/<run>.json` while a run is open,
 //! `registry/done/<run>.json` once the registry has its outcome), the bundle cache
-//! (`<station>/registry/bundles/`) and the owner's refusals (`<station>/registry/refusals/`).
+//! (`<station>/registry/bundles/`), the owner's refusals (`<station>/registry/refusals/`) and
+//! the masked updates of securely aggregated rounds (`<station>/registry/masked/`).
 //! Must not check policy itself beyond asking whether a train awaits approval: admission is
 //! the runtime's.
 //!
@@ -17,6 +18,7 @@
 
 use crate::client::{ClientError, StationClient};
 use crate::sealed::{RecipientPublicKey, SealContext, seal};
+use crate::station_secagg;
 use crate::wire::{RunState, SealedOutput, WorkItem};
 use amicus_bundle::{Bundle, SecretKey, sha256};
 use amicus_runtime::sandbox::{FederatedRound, UPDATE_OUTPUT};
@@ -32,6 +34,7 @@ const JOURNAL_DIR: &str = "runs";
 const DONE_DIR: &str = "done";
 const BUNDLE_DIR: &str = "bundles";
 const REFUSAL_DIR: &str = "refusals";
+const MASKED_DIR: &str = "masked";
 /// Audit lines per upload.
 const AUDIT_BATCH: usize = 2000;
 
@@ -184,6 +187,11 @@ impl Journal {
         }
         out.sort_by(|a, b| a.item.run.cmp(&b.item.run));
         Ok(out)
+    }
+
+    /// A securely aggregated run's masked update, as it is sent.
+    fn masked_path(&self, run: &str) -> PathBuf {
+        self.dir.join(MASKED_DIR).join(format!("{run}.bin"))
     }
 
     fn bundle_path(&self, digest: &str) -> PathBuf {
@@ -591,6 +599,34 @@ impl Daemon {
             return Err(e.into());
         }
         say(&format!("run {}: running {name}", item.run));
+        // A securely aggregated round: keys and shares go out before training, so the masks
+        // are fixed before anyone's update exists.
+        let secagg = match item
+            .job
+            .as_ref()
+            .and_then(|j| j.secure_aggregation.map(|p| (j, p)))
+        {
+            None => None,
+            Some((job, plan)) => {
+                match station_secagg::join(&self.client, &job.job, job.round, plan, item.expires_ms)
+                    .await
+                {
+                    Ok(session) => {
+                        say(&format!(
+                            "run {}: secure aggregation: keys and shares exchanged",
+                            item.run
+                        ));
+                        Some((session, plan))
+                    }
+                    Err(e) => {
+                        let reason = e.to_string();
+                        return self
+                            .finish(item, Some(name), Report::Failed { reason })
+                            .await;
+                    }
+                }
+            }
+        };
         let dir = self.opts.dir.clone();
         let params = item.params.clone();
         let outcome = tokio::task::spawn_blocking(move || {
@@ -629,7 +665,61 @@ impl Daemon {
                 reason: format!("station error: {e}"),
             },
         };
-        self.finish(item, Some(name), report).await
+        let Some((session, plan)) = secagg else {
+            return self.finish(item, Some(name), report).await;
+        };
+        // Only the masked update leaves; the plain one stays in the run's outputs here.
+        let report = match report {
+            Report::Done { outputs } => self.mask_update(&item.run, &session, outputs)?,
+            other => other,
+        };
+        let masked = matches!(report, Report::Done { .. });
+        let run = item.run.clone();
+        let reveal_by = item.expires_ms + (plan.exchange_seconds as i64 + 30) * 1000;
+        self.finish(item, Some(name), report).await?;
+        if masked {
+            match session.reveal(&self.client, reveal_by).await {
+                Ok(0) => say(&format!(
+                    "run {run}: secure aggregation: nothing to reveal (the round was not unmasked with this station)"
+                )),
+                Ok(n) => say(&format!(
+                    "run {run}: secure aggregation: revealed {n} share(s) for unmasking the sum"
+                )),
+                Err(e) => say(&format!("run {run}: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Replace the run's update output by its masked form, written beside the journal.
+    fn mask_update(
+        &self,
+        run: &str,
+        session: &station_secagg::SecAggSession,
+        outputs: Vec<(String, PathBuf)>,
+    ) -> Result<Report, DaemonError> {
+        let mut masked_outputs = Vec::new();
+        for (name, path) in outputs {
+            if name != UPDATE_OUTPUT {
+                masked_outputs.push((name, path));
+                continue;
+            }
+            let plain = std::fs::read(&path).map_err(io(&path))?;
+            let masked = match session.mask(&plain) {
+                Ok(m) => m,
+                Err(e) => {
+                    return Ok(Report::Failed {
+                        reason: e.to_string(),
+                    });
+                }
+            };
+            let masked_path = self.journal.masked_path(run);
+            write_atomic(&masked_path, &masked)?;
+            masked_outputs.push((name, masked_path));
+        }
+        Ok(Report::Done {
+            outputs: masked_outputs,
+        })
     }
 
     async fn owner_refused(&mut self, e: JournalEntry, reason: &str) -> Result<(), DaemonError> {

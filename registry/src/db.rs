@@ -9,8 +9,8 @@
 //! are random text), times as BIGINT milliseconds.
 
 use crate::wire::{
-    JobState, Plan, RegistryAuditEntry, RoundWork, RunInfo, RunState, StationInfo, TrainInfo,
-    WorkItem,
+    JobState, Plan, RegistryAuditEntry, RoundWork, RunInfo, RunState, SecAggPhase, StationInfo,
+    TrainInfo, WorkItem,
 };
 use sha2::{Digest as _, Sha256};
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -25,6 +25,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/0001_registry.sql"),
     ),
     (2, "jobs", include_str!("../../migrations/0002_jobs.sql")),
+    (
+        3,
+        "secagg",
+        include_str!("../../migrations/0003_secagg.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +125,34 @@ pub struct Checkpoint {
     pub summary: String,
 }
 
+/// The station sets of a securely aggregated round (protocol ids), each fixed when the phase
+/// that uses it began.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SecAggSets {
+    pub participants: Vec<u32>,
+    pub sharers: Vec<u32>,
+    pub survivors: Vec<u32>,
+    pub dropped: Vec<u32>,
+}
+
+/// Where a securely aggregated round stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecAggRound {
+    pub phase: SecAggPhase,
+    pub sets: SecAggSets,
+    /// When the phase began.
+    pub phase_ms: i64,
+}
+
+/// A message a station sent in a securely aggregated round.
+#[derive(Debug, Clone)]
+pub struct SecAggStored {
+    pub station: String,
+    /// keys | shares | reveal
+    pub kind: String,
+    pub body: String,
+}
+
 /// How a round ends: the next round's task (or none: the job is over) and the checkpoint.
 pub struct RoundEnd<'a> {
     pub checkpoint: Option<&'a Checkpoint>,
@@ -163,6 +196,10 @@ fn round_work(r: &AnyRow) -> Result<Option<RoundWork>, DbError> {
         proximal_mu: plan.proximal_mu,
         encoding: plan.encoding,
         dp: plan.dp,
+        // The evaluation round sends no update, so it has nothing to mask.
+        secure_aggregation: plan
+            .secure_aggregation
+            .filter(|_| round as u32 <= plan.rounds),
     }))
 }
 
@@ -1037,6 +1074,108 @@ impl Db {
         }
         tx.commit().await?;
         Ok(true)
+    }
+
+    // ---- secure aggregation -------------------------------------------------------------
+
+    /// The protocol state of a round's task, created in the key phase (from `started_ms`) on
+    /// first use.
+    pub async fn secagg_round(&self, task: &str, started_ms: i64) -> Result<SecAggRound, DbError> {
+        sqlx::query(
+            "INSERT INTO secagg_rounds (task, phase, sets, phase_ms) VALUES ($1, 'keys', $2, $3)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(task)
+        .bind(serde_json::to_string(&SecAggSets::default()).expect("sets serialise"))
+        .bind(started_ms)
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT phase, sets, phase_ms FROM secagg_rounds WHERE task = $1")
+            .bind(task)
+            .fetch_one(&self.pool)
+            .await?;
+        let phase: String = row.try_get("phase")?;
+        let sets: String = row.try_get("sets")?;
+        Ok(SecAggRound {
+            phase: SecAggPhase::parse(&phase)
+                .ok_or_else(|| DbError::Corrupt(format!("secure aggregation phase {phase}")))?,
+            sets: serde_json::from_str(&sets)
+                .map_err(|e| DbError::Corrupt(format!("secure aggregation sets: {e}")))?,
+            phase_ms: row.try_get("phase_ms")?,
+        })
+    }
+
+    /// Move a round from phase `from` to `to` with `sets`; false when another caller moved it
+    /// first (nothing changed).
+    pub async fn secagg_move(
+        &self,
+        task: &str,
+        from: SecAggPhase,
+        to: SecAggPhase,
+        sets: &SecAggSets,
+    ) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE secagg_rounds SET phase = $1, sets = $2, phase_ms = $3
+             WHERE task = $4 AND phase = $5",
+        )
+        .bind(to.as_str())
+        .bind(serde_json::to_string(sets).expect("sets serialise"))
+        .bind(now_ms())
+        .bind(task)
+        .bind(from.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Store a station's message; a repeat of the same message is accepted, a different one
+    /// of the same kind is not (false).
+    pub async fn secagg_put(
+        &self,
+        task: &str,
+        station: &str,
+        kind: &str,
+        body: &str,
+    ) -> Result<bool, DbError> {
+        sqlx::query(
+            "INSERT INTO secagg_messages (task, station, kind, body, created_ms)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(task)
+        .bind(station)
+        .bind(kind)
+        .bind(body)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        let stored: String = sqlx::query_scalar(
+            "SELECT body FROM secagg_messages WHERE task = $1 AND station = $2 AND kind = $3",
+        )
+        .bind(task)
+        .bind(station)
+        .bind(kind)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(stored == body)
+    }
+
+    /// Every message of a round's task.
+    pub async fn secagg_messages(&self, task: &str) -> Result<Vec<SecAggStored>, DbError> {
+        let rows = sqlx::query(
+            "SELECT station, kind, body FROM secagg_messages WHERE task = $1 ORDER BY station, kind",
+        )
+        .bind(task)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SecAggStored {
+                    station: r.try_get("station")?,
+                    kind: r.try_get("kind")?,
+                    body: r.try_get("body")?,
+                })
+            })
+            .collect()
     }
 
     // ---- station audit copies -----------------------------------------------------------

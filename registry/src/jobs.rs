@@ -15,9 +15,14 @@
 //! restarted registry carries on from the last checkpoint by itself.
 
 use crate::db::{Checkpoint, Db, DbError, JobRow, RoundEnd, TaskRow, now_ms, random_id};
-use crate::wire::{JobState, Plan, RoundStation, RoundSummary, RunState, Strategy};
+use crate::wire::{
+    JobState, Plan, RoundStation, RoundSummary, RunInfo, RunState, SecAggMessage, SecAggPhase,
+    SecAggPlan, SecretKind, Strategy,
+};
 use amicus_fl::aggregate::{self, ServerState, Update};
+use amicus_fl::secagg;
 use amicus_fl::wire::{Update as WireUpdate, Weights};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Refuse a plan that cannot run.
 pub fn check_plan(plan: &Plan, stations: usize) -> Result<(), String> {
@@ -55,6 +60,42 @@ pub fn check_plan(plan: &Plan, stations: usize) -> Result<(), String> {
             && dp.noise_multiplier > 0.0)
     {
         return Err("dp needs a positive clip_norm and noise_multiplier".into());
+    }
+    if let Some(sa) = plan.secure_aggregation {
+        if sa.threshold < 2 || sa.threshold as usize > stations || stations > 254 {
+            return Err(format!(
+                "secure_aggregation.threshold must be 2 to the number of stations ({stations}, at most 254)"
+            ));
+        }
+        if sa.threshold < plan.min_stations {
+            return Err(
+                "secure_aggregation.threshold below min_stations: the quorum could never be checked on a masked sum".into(),
+            );
+        }
+        if sa.exchange_seconds == 0 || sa.exchange_seconds > 3600 {
+            return Err("secure_aggregation.exchange_seconds must be 1 s to 1 hour".into());
+        }
+        if plan.round_seconds <= 2 * sa.exchange_seconds {
+            return Err(
+                "round_seconds must exceed twice secure_aggregation.exchange_seconds (keys and shares are exchanged within the round)".into(),
+            );
+        }
+        // These need each station's update on its own, which masking hides from the registry.
+        if plan.strategy != Strategy::FedAvg {
+            return Err(
+                "secure aggregation sums updates: median and trimmed mean need individual updates; use fed-avg".into(),
+            );
+        }
+        if plan.clip_update_norm.is_some() {
+            return Err(
+                "secure aggregation hides individual updates, so the registry cannot clip them: clip at the stations with dp".into(),
+            );
+        }
+        if plan.encoding != amicus_fl::wire::Encoding::Fp32 {
+            return Err(
+                "secure aggregation masks fixed-point values: 8-bit quantised updates cannot be summed masked; use fp32".into(),
+            );
+        }
     }
     let ok = match plan.server {
         aggregate::ServerOptimizer::Sgd { lr } => lr.is_finite() && lr > 0.0,
@@ -152,7 +193,12 @@ pub async fn advance(db: &Db, job_id: &str) -> Result<Advanced, DbError> {
         )));
     };
     let runs = db.runs_of_task(&task).await?;
-    if runs.iter().any(|r| !r.state.is_final()) {
+    let secagg = job
+        .plan
+        .secure_aggregation
+        .filter(|_| evaluation_round(&job.plan) != Some(round));
+    // A masked round moves through its phases while runs are still open.
+    if secagg.is_none() && runs.iter().any(|r| !r.state.is_final()) {
         return Ok(Advanced::Waiting);
     }
 
@@ -179,8 +225,15 @@ pub async fn advance(db: &Db, job_id: &str) -> Result<Advanced, DbError> {
     })?;
     let global = Weights::decode(&previous.weights)
         .map_err(|e| DbError::Corrupt(format!("checkpoint {}: {e}", round - 1)))?;
-    let mut server_state: ServerState = serde_json::from_slice(&previous.server_state)
+    let server_state: ServerState = serde_json::from_slice(&previous.server_state)
         .map_err(|e| DbError::Corrupt(format!("server state {}: {e}", round - 1)))?;
+    if let Some(sa) = secagg {
+        let task = db
+            .task(&task)
+            .await?
+            .ok_or_else(|| DbError::Corrupt(format!("round task {task} missing")))?;
+        return advance_masked(db, &job, round, &task, &runs, global, server_state, sa).await;
+    }
     let updates = db.updates_of_task(&task).await?;
 
     let mut stations = Vec::new();
@@ -278,10 +331,36 @@ pub async fn advance(db: &Db, job_id: &str) -> Result<Advanced, DbError> {
             return fail(db, &job, round, reason).await;
         }
     };
+    apply_and_checkpoint(
+        db,
+        &job,
+        round,
+        global,
+        server_state,
+        &combined,
+        stations,
+        used,
+    )
+    .await
+}
+
+/// Apply a round's combined update with the server optimizer, store the checkpoint and start
+/// the next round (or finish the job), atomically.
+#[allow(clippy::too_many_arguments)]
+async fn apply_and_checkpoint(
+    db: &Db,
+    job: &JobRow,
+    round: u32,
+    global: Weights,
+    mut server_state: ServerState,
+    combined: &[f32],
+    stations: Vec<RoundStation>,
+    used: u32,
+) -> Result<Advanced, DbError> {
     let mut flat = global.flat();
     job.plan
         .server
-        .apply(&mut flat, &combined, &mut server_state);
+        .apply(&mut flat, combined, &mut server_state);
     let weights = global
         .with_flat(&flat)
         .map_err(|e| DbError::Corrupt(e.to_string()))?;
@@ -289,7 +368,7 @@ pub async fn advance(db: &Db, job_id: &str) -> Result<Advanced, DbError> {
         round,
         stations,
         used,
-        delta_norm: aggregate::l2_norm(&combined),
+        delta_norm: aggregate::l2_norm(combined),
         created_ms: now_ms(),
     };
     let checkpoint = Checkpoint {
@@ -299,7 +378,7 @@ pub async fn advance(db: &Db, job_id: &str) -> Result<Advanced, DbError> {
         summary: serde_json::to_string(&summary).expect("summary serialises"),
     };
     let last_training_round = round == job.plan.rounds;
-    let next = (!last_training_round || job.plan.evaluate_final).then(|| round_task(&job));
+    let next = (!last_training_round || job.plan.evaluate_final).then(|| round_task(job));
     let state = if next.is_some() {
         JobState::Running
     } else {
@@ -311,9 +390,264 @@ pub async fn advance(db: &Db, job_id: &str) -> Result<Advanced, DbError> {
         state,
         reason: None,
     };
-    Ok(if db.end_round(&job, round, end).await? {
+    Ok(if db.end_round(job, round, end).await? {
         Advanced::RoundEnded { round, state }
     } else {
         Advanced::Nothing
     })
+}
+
+/// The label a securely aggregated round's masks are derived under (stations and registry
+/// must agree on it; it ties every mask to one job and round).
+pub fn secagg_label(job: &str, round: u32) -> Vec<u8> {
+    format!("amicus-job {job} round {round}").into_bytes()
+}
+
+/// A station's protocol id in a securely aggregated job: its position in the job's list.
+pub fn secagg_id(job: &JobRow, station: &str) -> Option<u32> {
+    job.stations
+        .iter()
+        .position(|s| s == station)
+        .map(|i| i as u32)
+}
+
+/// The revealed shares a stored `reveal` message carries.
+fn revealed_of(body: &str) -> Option<Vec<secagg::Revealed>> {
+    let SecAggMessage::Reveal { shares } = serde_json::from_str(body).ok()? else {
+        return None;
+    };
+    shares
+        .into_iter()
+        .map(|r| {
+            let share = secagg::Share {
+                x: r.x,
+                y: hex::decode(&r.y).ok()?,
+            };
+            Some(match r.secret {
+                SecretKind::SelfSeed => secagg::Revealed::SelfSeed { of: r.of, share },
+                SecretKind::MaskKey => secagg::Revealed::MaskKey { of: r.of, share },
+            })
+        })
+        .collect()
+}
+
+/// A securely aggregated round, phase by phase (see `amicus_fl::secagg`): keys → shares →
+/// masked (the stations train) → reveal → the sum. Each phase ends when every station it
+/// waits for has answered (or its run ended), or `exchange_seconds` after it began (the
+/// masked phase: at the round's deadline, when open runs expire). Fewer than `threshold`
+/// stations at any phase fails the job with nothing unmasked.
+#[allow(clippy::too_many_arguments)]
+async fn advance_masked(
+    db: &Db,
+    job: &JobRow,
+    round: u32,
+    task: &TaskRow,
+    runs: &[RunInfo],
+    global: Weights,
+    server_state: ServerState,
+    sa: SecAggPlan,
+) -> Result<Advanced, DbError> {
+    let state = db.secagg_round(&task.id, task.created_ms).await?;
+    let messages = db.secagg_messages(&task.id).await?;
+    let sent = |kind: &str| -> BTreeSet<u32> {
+        messages
+            .iter()
+            .filter(|m| m.kind == kind)
+            .filter_map(|m| secagg_id(job, &m.station))
+            .collect()
+    };
+    let run_of = |id: u32| {
+        job.stations
+            .get(id as usize)
+            .and_then(|st| runs.iter().find(|r| &r.station == st))
+    };
+    let run_ended = |id: u32| run_of(id).is_none_or(|r| r.state.is_final());
+    let exchange_over = now_ms() >= state.phase_ms + sa.exchange_seconds as i64 * 1000;
+    let threshold = sa.threshold as usize;
+    let everyone: Vec<u32> = (0..job.stations.len() as u32).collect();
+    let below = |what: String| {
+        format!(
+            "round {round}: secure aggregation: {what}, the threshold is {threshold}; nothing was unmasked"
+        )
+    };
+    let mut sets = state.sets.clone();
+    match state.phase {
+        SecAggPhase::Keys => {
+            let keyed = sent("keys");
+            if !exchange_over && !everyone.iter().all(|&i| keyed.contains(&i) || run_ended(i)) {
+                return Ok(Advanced::Waiting);
+            }
+            sets.participants = keyed.into_iter().collect();
+            if sets.participants.len() < threshold {
+                let why = below(format!("keys from {} station(s)", sets.participants.len()));
+                return fail(db, job, round, why).await;
+            }
+            db.secagg_move(&task.id, SecAggPhase::Keys, SecAggPhase::Shares, &sets)
+                .await?;
+            Ok(Advanced::Waiting)
+        }
+        SecAggPhase::Shares => {
+            let shared = sent("shares");
+            if !exchange_over
+                && !sets
+                    .participants
+                    .iter()
+                    .all(|&i| shared.contains(&i) || run_ended(i))
+            {
+                return Ok(Advanced::Waiting);
+            }
+            sets.sharers = sets
+                .participants
+                .iter()
+                .copied()
+                .filter(|i| shared.contains(i))
+                .collect();
+            if sets.sharers.len() < threshold {
+                let why = below(format!("shares from {} station(s)", sets.sharers.len()));
+                return fail(db, job, round, why).await;
+            }
+            db.secagg_move(&task.id, SecAggPhase::Shares, SecAggPhase::Masked, &sets)
+                .await?;
+            Ok(Advanced::Waiting)
+        }
+        SecAggPhase::Masked => {
+            if sets.sharers.iter().any(|&i| !run_ended(i)) {
+                return Ok(Advanced::Waiting);
+            }
+            let updates = db.updates_of_task(&task.id).await?;
+            let arrived = |id: u32| {
+                run_of(id).is_some_and(|r| {
+                    r.state == RunState::Done && updates.iter().any(|u| u.run == r.id)
+                })
+            };
+            (sets.survivors, sets.dropped) = sets.sharers.iter().partition(|&&i| arrived(i));
+            if sets.survivors.len() < threshold {
+                let why = below(format!(
+                    "masked updates from {} station(s)",
+                    sets.survivors.len()
+                ));
+                return fail(db, job, round, why).await;
+            }
+            db.secagg_move(&task.id, SecAggPhase::Masked, SecAggPhase::Reveal, &sets)
+                .await?;
+            Ok(Advanced::Waiting)
+        }
+        SecAggPhase::Reveal => {
+            let revealed_by: BTreeSet<u32> = sent("reveal")
+                .into_iter()
+                .filter(|i| sets.survivors.contains(i))
+                .collect();
+            if !exchange_over && revealed_by.len() < sets.survivors.len() {
+                return Ok(Advanced::Waiting);
+            }
+            if revealed_by.len() < threshold {
+                let why = below(format!(
+                    "unmasking shares from {} station(s)",
+                    revealed_by.len()
+                ));
+                return fail(db, job, round, why).await;
+            }
+            let mut revealed = Vec::new();
+            let mut publics = BTreeMap::new();
+            for m in &messages {
+                let Some(id) = secagg_id(job, &m.station) else {
+                    continue;
+                };
+                if m.kind == "reveal" && revealed_by.contains(&id) {
+                    revealed.extend(revealed_of(&m.body).unwrap_or_default());
+                }
+                if m.kind == "keys"
+                    && sets.sharers.contains(&id)
+                    && let Ok(SecAggMessage::Keys { mask_public, .. }) =
+                        serde_json::from_str(&m.body)
+                    && let Some(pk) = hex::decode(mask_public)
+                        .ok()
+                        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                {
+                    publics.insert(id, pk);
+                }
+            }
+            let updates = db.updates_of_task(&task.id).await?;
+            let mut masked = BTreeMap::new();
+            let mut bytes = BTreeMap::new();
+            for &i in &sets.survivors {
+                let run = run_of(i).expect("a survivor has a run");
+                let u = updates.iter().find(|u| u.run == run.id);
+                let y = u.and_then(|u| secagg::decode_masked(&u.payload).ok());
+                match y {
+                    Some(y) if y.len() == global.len() + 1 => {
+                        bytes.insert(i, u.map_or(0, |u| u.payload.len() as u64));
+                        masked.insert(i, y);
+                    }
+                    _ => {
+                        // Checked on upload; a stored one that does not parse is a corrupt row.
+                        return Err(DbError::Corrupt(format!(
+                            "masked update of run {} does not parse",
+                            run.id
+                        )));
+                    }
+                }
+            }
+            let label = secagg_label(&job.id, round);
+            let mean = secagg::unmask(&label, &masked, &publics, &revealed, threshold)
+                .and_then(|sum| secagg::decode_weighted(&sum));
+            let (mean, total) = match mean {
+                Ok(m) if m.0.iter().all(|v| v.is_finite()) => m,
+                Ok(_) => {
+                    let why = format!("round {round}: the unmasked sum is not finite");
+                    return fail(db, job, round, why).await;
+                }
+                Err(e) => {
+                    let why = format!("round {round}: secure aggregation: {e}");
+                    return fail(db, job, round, why).await;
+                }
+            };
+            let stations = job
+                .stations
+                .iter()
+                .enumerate()
+                .map(|(i, st)| {
+                    let i = i as u32;
+                    let (status, reason) = if sets.survivors.contains(&i) {
+                        (
+                            "used",
+                            format!(
+                                "masked: only the sum of {} update(s) ({total:.0} samples) is known",
+                                sets.survivors.len()
+                            ),
+                        )
+                    } else if sets.dropped.contains(&i) {
+                        (
+                            "missing",
+                            "dropped after sharing its secrets; its masks were removed with the others' shares".into(),
+                        )
+                    } else if sets.participants.contains(&i) {
+                        ("missing", "sent keys but no shares in time".into())
+                    } else {
+                        ("missing", match run_of(i) {
+                            Some(r) if r.state.is_final() => format!(
+                                "run {}{}",
+                                r.state.as_str(),
+                                r.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+                            ),
+                            _ => "no round keys in time".into(),
+                        })
+                    };
+                    RoundStation {
+                        station: st.clone(),
+                        status: status.into(),
+                        samples: 0,
+                        bytes: bytes.get(&i).copied().unwrap_or(0),
+                        norm: None,
+                        reason: Some(reason),
+                    }
+                })
+                .collect();
+            let used = sets.survivors.len() as u32;
+            // `end_round` decides which concurrent caller ends the round.
+            apply_and_checkpoint(db, job, round, global, server_state, &mean, stations, used).await
+        }
+        // Never stored: the view says `ended` once the job has left the round.
+        SecAggPhase::Ended => Ok(Advanced::Nothing),
+    }
 }

@@ -9,9 +9,12 @@
 //! - `sealed`: HPKE-sealed results and the researcher's X25519 key files.
 //! - `client`: HTTP clients for people (bearer token) and stations (signing key).
 //! - `daemon`: `amicus station serve`, a station's pull-only loop around `amicus-runtime`.
+//! - `station_secagg`: a station's part in a securely aggregated round (keys, sealed shares,
+//!   masking, revealing).
 //!
 //! The registry never holds a private key of anyone, never sees a result's plaintext (a federated
-//! round's updates are not results: they come to it to be aggregated), and
+//! round's updates are not results: they come to it to be aggregated, masked when the plan asks
+//! for secure aggregation), and
 //! never runs a train; stations never listen on a socket.
 
 pub mod client;
@@ -21,4 +24,5 @@ pub mod httpsig;
 pub mod jobs;
 pub mod sealed;
 pub mod server;
+pub mod station_secagg;
 pub mod wire;

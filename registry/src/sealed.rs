@@ -206,6 +206,61 @@ pub fn seal(
     Ok(out)
 }
 
+// ---- shares of a securely aggregated round ----------------------------------------------
+
+const SHARE_INFO: &[u8] = b"amicus-secagg-share-v1";
+
+/// Associated data of a sealed share: it belongs to one job, round, sender and recipient.
+pub fn share_aad(job: &str, round: u32, from: u32, to: u32) -> Vec<u8> {
+    format!("amicus-secagg-share-v1\njob {job}\nround {round}\nfrom {from}\nto {to}").into_bytes()
+}
+
+/// A station's key for one securely aggregated round: the other stations seal the shares of
+/// their secrets to it, so the registry that relays them cannot read them. Lives in memory
+/// only, for one round.
+pub struct ShareKey(<Kem as hpke::Kem>::PrivateKey, [u8; 32]);
+
+impl ShareKey {
+    pub fn generate() -> ShareKey {
+        let (sk, pk) = Kem::gen_keypair();
+        let public = pk.to_bytes().into();
+        ShareKey(sk, public)
+    }
+
+    pub fn public(&self) -> [u8; 32] {
+        self.1
+    }
+
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
+        if sealed.len() < ENC_LEN {
+            return Err(SealError::Truncated);
+        }
+        let (enc, ciphertext) = sealed.split_at(ENC_LEN);
+        let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(enc).map_err(|_| SealError::Open)?;
+        hpke::single_shot_open::<Aead, Kdf, Kem>(
+            &OpModeR::Base,
+            &self.0,
+            &enc,
+            SHARE_INFO,
+            ciphertext,
+            aad,
+        )
+        .map_err(|_| SealError::Open)
+    }
+}
+
+/// Seal a share bundle to another station's share key.
+pub fn seal_share(to: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+    let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(to)
+        .map_err(|_| SealError::BadPublicKey("a station's share key".into()))?;
+    let (enc, ciphertext) =
+        hpke::single_shot_seal::<Aead, Kdf, Kem>(&OpModeS::Base, &pk, SHARE_INFO, plaintext, aad)
+            .map_err(|e| SealError::Seal(e.to_string()))?;
+    let mut out = enc.to_bytes().to_vec();
+    out.extend_from_slice(&ciphertext);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +272,27 @@ mod tests {
             station: "st1",
             output,
         }
+    }
+
+    #[test]
+    fn shares_open_only_for_their_recipient_job_round_and_pair() {
+        let key = ShareKey::generate();
+        let other = ShareKey::generate();
+        let aad = share_aad("job1", 2, 0, 1);
+        let sealed = seal_share(&key.public(), &aad, b"share bytes").unwrap();
+        assert_eq!(key.open(&aad, &sealed).unwrap(), b"share bytes");
+        assert!(matches!(other.open(&aad, &sealed), Err(SealError::Open)));
+        for moved in [
+            share_aad("job1", 3, 0, 1),
+            share_aad("job1", 2, 2, 1),
+            share_aad("job2", 2, 0, 1),
+        ] {
+            assert!(matches!(key.open(&moved, &sealed), Err(SealError::Open)));
+        }
+        assert!(matches!(
+            key.open(&aad, &sealed[..10]),
+            Err(SealError::Truncated)
+        ));
     }
 
     #[test]

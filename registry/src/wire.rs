@@ -205,6 +205,9 @@ pub struct RoundWork {
     pub proximal_mu: f32,
     pub encoding: Encoding,
     pub dp: Option<DpPlan>,
+    /// Set for the training rounds of a job with secure aggregation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<SecAggPlan>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -329,6 +332,149 @@ pub struct DpPlan {
     pub noise_multiplier: f64,
 }
 
+/// Secure aggregation of a job's training rounds (see `amicus_fl::secagg` and
+/// `docs/federated.md` for the protocol and its threat model).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecAggPlan {
+    /// Shares that reconstruct a station's secret; also the fewest stations a round may sum
+    /// (fewer, and the round fails with nothing revealed).
+    pub threshold: u32,
+    /// How long each exchange (keys, shares, unmasking) waits for stations that are slow.
+    #[serde(default = "default_exchange_seconds")]
+    pub exchange_seconds: u64,
+}
+
+fn default_exchange_seconds() -> u64 {
+    60
+}
+
+/// Where a securely aggregated round stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SecAggPhase {
+    /// Stations send their round keys.
+    Keys,
+    /// Stations send each other (through the registry) sealed shares of their secrets.
+    Shares,
+    /// Stations train and send masked updates.
+    Masked,
+    /// Surviving stations reveal the shares that unmask the sum.
+    Reveal,
+    /// The round is over (aggregated, or failed with nothing revealed).
+    Ended,
+}
+
+impl SecAggPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecAggPhase::Keys => "keys",
+            SecAggPhase::Shares => "shares",
+            SecAggPhase::Masked => "masked",
+            SecAggPhase::Reveal => "reveal",
+            SecAggPhase::Ended => "ended",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SecAggPhase> {
+        Some(match s {
+            "keys" => SecAggPhase::Keys,
+            "shares" => SecAggPhase::Shares,
+            "masked" => SecAggPhase::Masked,
+            "reveal" => SecAggPhase::Reveal,
+            "ended" => SecAggPhase::Ended,
+            _ => return None,
+        })
+    }
+}
+
+/// A station's round keys: X25519 public keys, hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecAggKeys {
+    /// Its pairwise-mask key.
+    pub mask_public: String,
+    /// The key the others seal its shares to.
+    pub share_public: String,
+}
+
+/// A participant as the registry announces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggParticipant {
+    /// The protocol id: the station's position in the job's station list.
+    pub id: u32,
+    pub station: String,
+    #[serde(flatten)]
+    pub keys: SecAggKeys,
+}
+
+/// One station's shares for another, sealed to the recipient's share key (HPKE).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealedShare {
+    pub from: u32,
+    pub to: u32,
+    /// base64 of `enc || ciphertext`.
+    pub sealed: String,
+}
+
+/// Which secret a revealed share belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SecretKind {
+    /// A survivor's self-mask seed.
+    SelfSeed,
+    /// A dropped station's pairwise-mask key.
+    MaskKey,
+}
+
+/// A share a surviving station reveals for unmasking.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevealedShare {
+    /// Whose secret.
+    pub of: u32,
+    pub secret: SecretKind,
+    pub x: u8,
+    /// hex
+    pub y: String,
+}
+
+/// What a station sends in a securely aggregated round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SecAggMessage {
+    Keys {
+        mask_public: String,
+        share_public: String,
+    },
+    Shares {
+        shares: Vec<SealedShare>,
+    },
+    Reveal {
+        shares: Vec<RevealedShare>,
+    },
+}
+
+/// A securely aggregated round as one of its stations sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecAggView {
+    pub phase: SecAggPhase,
+    pub threshold: u32,
+    /// The asking station's protocol id.
+    pub me: u32,
+    /// Stations whose keys arrived before the share exchange began.
+    pub participants: Vec<SecAggParticipant>,
+    /// Participants whose shares arrived before training began: the masks are among these.
+    pub sharers: Vec<u32>,
+    /// Shares sealed to the asking station, from the sharers.
+    pub shares: Vec<SealedShare>,
+    /// Sharers whose masked update arrived (set when unmasking begins).
+    pub survivors: Vec<u32>,
+    /// Sharers whose masked update did not arrive.
+    pub dropped: Vec<u32>,
+}
+
 fn default_min_stations() -> u32 {
     1
 }
@@ -376,6 +522,9 @@ pub struct Plan {
     /// weights (the train sees `round > rounds` and submits no update).
     #[serde(default)]
     pub evaluate_final: bool,
+    /// Pairwise masking so the registry learns only the sum of each round's updates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure_aggregation: Option<SecAggPlan>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

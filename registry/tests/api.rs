@@ -1136,6 +1136,280 @@ async fn federated_jobs(h: &Harness) {
     );
 }
 
+fn secagg_plan(rounds: u32, threshold: u32, exchange_seconds: u64) -> Plan {
+    Plan {
+        round_seconds: 120,
+        secure_aggregation: Some(SecAggPlan {
+            threshold,
+            exchange_seconds,
+        }),
+        ..plan(rounds, 2, Strategy::FedAvg)
+    }
+}
+
+/// A station takes its work for round 1 of `job` and says it runs; the run id.
+async fn start_round(st: &StationClient, job: &str) -> String {
+    let work = st.work(0).await.unwrap();
+    let item = work
+        .iter()
+        .find(|w| w.job.as_ref().is_some_and(|j| j.job == job))
+        .unwrap_or_else(|| panic!("no work for {job}: {work:?}"));
+    assert!(item.job.as_ref().unwrap().secure_aggregation.is_some());
+    st.report(&item.run, RunState::Running, None).await.unwrap();
+    item.run.clone()
+}
+
+/// Secure aggregation through the real protocol code of the stations
+/// (`amicus_registry::station_secagg`): the registry gets exactly the FedAvg sum, stores
+/// only masked updates, recovers a station that dropped after sharing, refuses plain
+/// updates and out-of-phase messages, and below the threshold fails with nothing unmasked.
+async fn secure_aggregation(h: &Harness) {
+    use amicus_registry::station_secagg::join;
+    let st4_key = SecretKey::generate().unwrap();
+    h.admin
+        .add_station(&NewStation {
+            name: "st4".into(),
+            public_key: st4_key.public().to_pem(),
+        })
+        .await
+        .unwrap();
+    let st4 = StationClient::new(&h.url, st4_key).unwrap();
+    let three = ["st1", "st2", "st4"];
+
+    // Plans that would need individual updates, or cannot keep the threshold, are refused.
+    let base = secagg_plan(1, 2, 30);
+    for bad in [
+        Plan {
+            strategy: Strategy::Median,
+            ..base.clone()
+        },
+        Plan {
+            encoding: Encoding::Q8,
+            ..base.clone()
+        },
+        Plan {
+            clip_update_norm: Some(1.0),
+            ..base.clone()
+        },
+        secagg_plan(1, 1, 30),
+        secagg_plan(1, 4, 30),
+        Plan {
+            round_seconds: 60,
+            ..base.clone()
+        },
+    ] {
+        let r = h
+            .alice
+            .create_job(&NewJob {
+                train: h.train.clone(),
+                stations: three.iter().map(|s| s.to_string()).collect(),
+                params: None,
+                plan: bad,
+                weights: B64.encode(weights(&[0.0; 4]).encode()),
+            })
+            .await;
+        refused(h, r, 400, "bad_request").await;
+    }
+
+    // Three stations share; st4 drops after sharing (its run fails before it masks).
+    let job = new_job(h, &three, base.clone(), &[0.0; 4]).await;
+    let runs = [
+        start_round(&h.st1, &job.id).await,
+        start_round(&h.st2, &job.id).await,
+        start_round(&st4, &job.id).await,
+    ];
+    // Out of phase, and plain updates, are refused before anything is stored.
+    refused(
+        h,
+        h.st1
+            .secagg_send(&job.id, 1, &SecAggMessage::Shares { shares: vec![] })
+            .await,
+        409,
+        "conflict",
+    )
+    .await;
+    refused(
+        h,
+        h.st1
+            .result_with_update(&runs[0], Vec::new(), Some(&update(&[1.0; 4], 1)))
+            .await,
+        400,
+        "bad_request",
+    )
+    .await;
+    refused(h, h.st1.secagg_view(&job.id, 2).await, 400, "bad_request").await;
+    let deadline = amicus_registry::db::now_ms() + 60_000;
+    let plan = base.secure_aggregation.unwrap();
+    let (s1, s2, s4) = tokio::join!(
+        join(&h.st1, &job.id, 1, plan, deadline),
+        join(&h.st2, &job.id, 1, plan, deadline),
+        join(&st4, &job.id, 1, plan, deadline),
+    );
+    let (s1, s2, _s4) = (s1.unwrap(), s2.unwrap(), s4.unwrap());
+    let view = h.st1.secagg_view(&job.id, 1).await.unwrap();
+    assert_eq!(
+        (view.phase, view.sharers.clone()),
+        (SecAggPhase::Masked, vec![0, 1, 2])
+    );
+    // The registry relays shares it cannot open; late keys are refused.
+    assert!(view.shares.iter().all(|s| s.to == view.me));
+    refused(
+        h,
+        st4.secagg_send(
+            &job.id,
+            1,
+            &SecAggMessage::Keys {
+                mask_public: hex::encode([9u8; 32]),
+                share_public: hex::encode([9u8; 32]),
+            },
+        )
+        .await,
+        409,
+        "conflict",
+    )
+    .await;
+    let plain1 = update(&[1.0, 0.0, 0.0, 2.0], 10);
+    let plain2 = update(&[4.0, 3.0, 0.0, -1.0], 20);
+    let masked1 = s1.mask(&plain1).unwrap();
+    // A masked vector of the wrong length is refused.
+    refused(
+        h,
+        h.st1
+            .result_with_update(
+                &runs[0],
+                Vec::new(),
+                Some(&amicus_fl::secagg::encode_masked(&[1, 2, 3])),
+            )
+            .await,
+        400,
+        "bad_request",
+    )
+    .await;
+    h.st1
+        .result_with_update(&runs[0], Vec::new(), Some(&masked1))
+        .await
+        .unwrap();
+    h.st2
+        .result_with_update(&runs[1], Vec::new(), Some(&s2.mask(&plain2).unwrap()))
+        .await
+        .unwrap();
+    st4.report(&runs[2], RunState::Failed, Some("station crashed".into()))
+        .await
+        .unwrap();
+    let view = h.st1.secagg_view(&job.id, 1).await.unwrap();
+    assert_eq!(view.phase, SecAggPhase::Reveal);
+    assert_eq!((view.survivors, view.dropped), (vec![0, 1], vec![2]));
+
+    // What the registry holds of each update is masked: no coordinate near the plain value.
+    let task = &h.alice.job(&job.id).await.unwrap().rounds[0].task;
+    let stored = h.db.updates_of_task(task).await.unwrap();
+    assert_eq!(stored.len(), 2);
+    for (u, plain) in stored.iter().zip([&plain1, &plain2]) {
+        assert!(amicus_fl::wire::Update::decode(&u.payload).is_err());
+        let (p, _) = amicus_fl::wire::Update::decode(plain).unwrap();
+        let x = amicus_fl::secagg::encode_weighted(&p.delta, p.samples);
+        let y = amicus_fl::secagg::decode_masked(&u.payload).unwrap();
+        assert!(y.iter().zip(&x).all(|(a, b)| a.abs_diff(*b) > 1 << 40));
+    }
+    // A reveal must not mix secrets: the mask key of a survivor is refused.
+    refused(
+        h,
+        h.st1
+            .secagg_send(
+                &job.id,
+                1,
+                &SecAggMessage::Reveal {
+                    shares: vec![RevealedShare {
+                        of: 1,
+                        secret: SecretKind::MaskKey,
+                        x: 1,
+                        y: hex::encode([0u8; 32]),
+                    }],
+                },
+            )
+            .await,
+        400,
+        "bad_request",
+    )
+    .await;
+    refused(
+        h,
+        st4.secagg_send(&job.id, 1, &SecAggMessage::Reveal { shares: vec![] })
+            .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    assert!(s1.reveal(&h.st1, deadline).await.unwrap() > 0);
+    assert!(s2.reveal(&h.st2, deadline).await.unwrap() > 0);
+    let info = h.alice.job(&job.id).await.unwrap();
+    assert_eq!(info.state, JobState::Done, "{:?}", info.reason);
+    // (10·[1,0,0,2] + 20·[4,3,0,−1]) / 30 = [3, 2, 0, 0], from masked updates only.
+    let got = checkpoint(h, &job.id, 1).await;
+    for (g, w) in got.iter().zip([3.0f32, 2.0, 0.0, 0.0]) {
+        assert!((g - w).abs() < 1e-6, "{got:?}");
+    }
+    let summary = info.rounds[0].summary.clone().unwrap();
+    assert_eq!(summary.used, 2);
+    let st4_part = summary
+        .stations
+        .iter()
+        .find(|s| s.station == "st4")
+        .unwrap();
+    assert_eq!(st4_part.status, "missing");
+    assert!(
+        st4_part
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("dropped after sharing")
+    );
+    assert!(summary.stations.iter().all(|s| s.norm.is_none()));
+
+    // Below the threshold: st4 never answers (the key exchange closes at its deadline
+    // without it), st2 drops after sharing, so one masked update is all there is. The job
+    // fails and nothing is unmasked: no reveal is asked for, none stored.
+    let job = new_job(h, &three, secagg_plan(1, 2, 1), &[0.0; 4]).await;
+    let r1 = start_round(&h.st1, &job.id).await;
+    let r2 = start_round(&h.st2, &job.id).await;
+    let plan = secagg_plan(1, 2, 1).secure_aggregation.unwrap();
+    let (s1, s2) = tokio::join!(
+        join(&h.st1, &job.id, 1, plan, deadline),
+        join(&h.st2, &job.id, 1, plan, deadline),
+    );
+    let (s1, _s2) = (s1.unwrap(), s2.unwrap());
+    let view = h.st1.secagg_view(&job.id, 1).await.unwrap();
+    assert_eq!(view.sharers, vec![0, 1]);
+    h.st1
+        .result_with_update(&r1, Vec::new(), Some(&s1.mask(&plain1).unwrap()))
+        .await
+        .unwrap();
+    h.st2
+        .report(&r2, RunState::Failed, Some("station crashed".into()))
+        .await
+        .unwrap();
+    let info = h.alice.job(&job.id).await.unwrap();
+    assert_eq!(info.state, JobState::Failed);
+    assert!(
+        info.reason
+            .as_deref()
+            .unwrap()
+            .contains("masked updates from 1 station(s), the threshold is 2; nothing was unmasked"),
+        "{:?}",
+        info.reason
+    );
+    assert_eq!(s1.reveal(&h.st1, deadline).await.unwrap(), 0);
+    assert!(h.alice.job_weights(&job.id, Some(1)).await.is_err());
+    let task = &info.rounds[0].task;
+    assert!(
+        h.db.secagg_messages(task)
+            .await
+            .unwrap()
+            .iter()
+            .all(|m| m.kind != "reveal")
+    );
+}
+
 async fn suite(db_url: &str) {
     let limits = Limits {
         json_bytes: 64 * 1024,
@@ -1149,6 +1423,7 @@ async fn suite(db_url: &str) {
     audit_copies(&h).await;
     long_poll_and_expiry(&h).await;
     federated_jobs(&h).await;
+    secure_aggregation(&h).await;
     trail_and_openapi(&h).await;
     // Reconnecting applies no migration twice.
     Db::connect(db_url).await.unwrap();
