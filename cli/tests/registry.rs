@@ -4,6 +4,8 @@
 
 mod common;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -1055,4 +1057,184 @@ fn a_station_killed_mid_round_is_missing_and_the_job_completes_on_the_quorum() {
     assert!(out.ok, "{}\n{}", out.text(), net.logs());
     // The killed station's audit log is intact up to where it stopped.
     ok(&["audit", "verify", "--dir", s(&net.station_dir("st3"))]);
+}
+
+/// Round `round`'s global update (checkpoint `round` − checkpoint `round − 1`).
+fn round_step(net: &Net, job: &str, round: u32) -> Vec<f32> {
+    let at = |r: u32| {
+        let p = net.path(&format!("{job}-{r}.weights"));
+        net.person_ok(
+            "alice",
+            &[
+                "job",
+                "weights",
+                job,
+                "--round",
+                &r.to_string(),
+                "--out",
+                s(&p),
+            ],
+        );
+        amicus_fl::wire::Weights::decode(&std::fs::read(&p).unwrap())
+            .unwrap()
+            .flat()
+    };
+    let (before, after) = (at(round - 1), at(round));
+    after.iter().zip(&before).map(|(a, b)| a - b).collect()
+}
+
+/// Secure aggregation with three station processes training fed-seg: st3's daemon is
+/// killed mid-training after it shared its secrets, so its pairwise masks are in the others'
+/// updates and must be removed with their shares. The registry's aggregate equals the plain
+/// FedAvg of the updates the stations kept, the registry database and every log hold none
+/// of those updates, the next round goes on without st3 (its keys never come), and a job
+/// whose threshold the survivors cannot meet fails with nothing unmasked.
+#[test]
+fn secure_aggregation_sums_masked_updates_and_survives_a_station_killed_after_sharing() {
+    let mut net = Net::new();
+    let fed = fl_stations(&mut net, [31, 32, 33], |_, _| {});
+    let plan = |threshold: u32, rounds: u32| {
+        format!(
+            r#"{{"rounds": {rounds}, "min_stations": 2, "round_seconds": 60,
+                "secure_aggregation": {{"threshold": {threshold}, "exchange_seconds": 10}}}}"#
+        )
+    };
+    let params = r#"{"local_steps": 30, "batch": 8, "test_series": 1}"#;
+    let stations = ["st1", "st2", "st3"];
+    let shared_count = |net: &Net| {
+        std::fs::read_to_string(net.path("st3.log"))
+            .unwrap_or_default()
+            .matches("keys and shares exchanged")
+            .count()
+    };
+    let kill_st3_after_sharing = |net: &mut Net, before: usize| {
+        let t0 = Instant::now();
+        while shared_count(net) == before {
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "st3 never shared\n{}",
+                net.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        net.kill_daemon("st3");
+    };
+
+    let id = create_job(&net, &fed, &stations, &plan(2, 2), params, &[]).unwrap();
+    kill_st3_after_sharing(&mut net, 0);
+    let out = net.person("alice", &["job", "show", &id, "--json", "--wait", "600s"]);
+    assert!(out.ok, "{}\n{}", out.text(), net.logs());
+    let job: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(job["state"], "done", "{job}\n{}", net.logs());
+    let part = |round: usize, st: &str| {
+        job["rounds"][round]["summary"]["stations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["station"] == st)
+            .cloned()
+            .unwrap()
+    };
+    for round in [0, 1] {
+        for st in ["st1", "st2"] {
+            assert_eq!(part(round, st)["status"], "used", "{job}");
+            assert!(part(round, st)["norm"].is_null(), "no individual norm");
+        }
+        assert_eq!(part(round, "st3")["status"], "missing", "{job}");
+    }
+    assert!(
+        part(0, "st3")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("dropped after sharing"),
+        "{job}"
+    );
+    assert!(
+        part(1, "st3")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no round keys"),
+        "{job}"
+    );
+
+    // Each round's global step is the samples-weighted mean of one plain update each of
+    // st1 and st2, as the stations kept them.
+    let updates = |st: &str| -> Vec<amicus_fl::wire::Update> {
+        released_file(&net.station_dir(st), "update")
+            .iter()
+            .map(|b| amicus_fl::wire::Update::decode(b).unwrap().0)
+            .collect()
+    };
+    let (u1, u2) = (updates("st1"), updates("st2"));
+    assert_eq!((u1.len(), u2.len()), (2, 2));
+    for round in [1, 2] {
+        let step = round_step(&net, &id, round);
+        let matches = u1.iter().any(|a| {
+            u2.iter().any(|b| {
+                let n = (a.samples + b.samples) as f32;
+                step.iter().enumerate().all(|(k, g)| {
+                    let want = (a.delta[k] * a.samples as f32 + b.delta[k] * b.samples as f32) / n;
+                    (g - want).abs() <= 1e-5 + 1e-4 * want.abs()
+                })
+            })
+        });
+        assert!(
+            matches,
+            "round {round}: the aggregate is not the plain FedAvg"
+        );
+    }
+    // No plain update, nor any slice of one, in the registry's database or any log.
+    let mut stored = Vec::new();
+    for e in std::fs::read_dir(net.tmp.path()).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("registry.db") || name.ends_with(".log") {
+            stored.extend(std::fs::read(e.path()).unwrap());
+        }
+    }
+    for st in ["st1", "st2"] {
+        for plain in released_file(&net.station_dir(st), "update") {
+            // Slices that say something (zero runs of untouched parameters are everywhere).
+            let telling: Vec<&[u8]> = plain[64..]
+                .chunks(48)
+                .step_by(97)
+                .filter(|c| {
+                    c.len() == 48 && c.iter().collect::<std::collections::BTreeSet<_>>().len() > 32
+                })
+                .take(12)
+                .collect();
+            assert!(telling.len() >= 8, "{st}: the update is mostly constant");
+            for slice in telling {
+                let at = stored.windows(48).position(|w| w == slice);
+                assert!(at.is_none(), "{st}: plain update bytes {slice:?} stored");
+                let b64 = B64.encode(slice);
+                assert!(!stored.windows(40).any(|w| w == &b64.as_bytes()[..40]));
+            }
+        }
+    }
+
+    // Threshold 3 of 3 and st3 dies again after sharing: two masked updates arrive, fewer
+    // than the threshold, so the job fails and nothing is revealed.
+    net.start_daemon("st3");
+    let before = shared_count(&net);
+    let id = create_job(&net, &fed, &stations, &plan(3, 1), params, &[]).unwrap();
+    kill_st3_after_sharing(&mut net, before);
+    let out = net.person("alice", &["job", "show", &id, "--json", "--wait", "300s"]);
+    let job: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(job["state"], "failed", "{job}\n{}", net.logs());
+    assert!(
+        job["reason"]
+            .as_str()
+            .unwrap()
+            .contains("masked updates from 2 station(s), the threshold is 3; nothing was unmasked"),
+        "{job}"
+    );
+    let none = net.path("none.weights");
+    let fetched = net.person(
+        "alice",
+        &["job", "weights", &id, "--round", "1", "--out", s(&none)],
+    );
+    assert!(!fetched.ok, "no checkpoint after a failed masked round");
+    for st in ["st1", "st2", "st3"] {
+        ok(&["audit", "verify", "--dir", s(&net.station_dir(st))]);
+    }
 }
