@@ -51,6 +51,42 @@ fn the_quick_demo_learns_and_every_audit_chain_verifies() {
             .unwrap()
             .contains("job-round")
     );
+    // With secure aggregation the stations mask their updates; the model still learns.
+    let masked = tmp.path().join("demo-masked");
+    let run = amicus(&[
+        "demo",
+        "--quick",
+        "--secure-aggregation",
+        "--rounds",
+        "2",
+        "--out",
+        s(&masked),
+        "--train",
+        s(&train),
+    ]);
+    assert!(run.ok, "{}", run.text());
+    assert_eq!(run.stdout.matches("audit log OK").count(), 3);
+    assert!(run.stdout.contains("unmasked only each round's sum"));
+    let trail = std::fs::read_to_string(masked.join("registry-trail.txt")).unwrap();
+    for kind in ["ok keys", "ok shares", "ok reveal"] {
+        assert_eq!(trail.matches(kind).count(), 6, "{kind}: {trail}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(masked.join("report/report.json")).unwrap()).unwrap();
+    let mean_dice = |round: u64| {
+        report["per_round"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["round"] == round)
+            .filter_map(|p| p["metrics"]["test_dice_global"].as_f64())
+            .sum::<f64>()
+            / 3.0
+    };
+    let (b, a) = (mean_dice(1), mean_dice(3));
+    eprintln!("masked: mean test Dice {b:.3} → {a:.3}");
+    assert!(a > b + 0.05, "masked demo did not learn: {b} → {a}");
+
     // A second run replaces the demo's own directory, but never someone else's.
     let other = tmp.path().join("not-a-demo");
     std::fs::create_dir(&other).unwrap();
