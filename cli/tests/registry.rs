@@ -1212,6 +1212,22 @@ fn secure_aggregation_sums_masked_updates_and_survives_a_station_killed_after_sh
         }
     }
 
+    // Each station's own log says what left masked and what it revealed.
+    let logs: Vec<PathBuf> = ["st1", "st2"]
+        .iter()
+        .map(|st| net.station_dir(st).join("audit.log"))
+        .collect();
+    let events = |st: &str, kind: &str| {
+        std::fs::read_to_string(&logs[if st == "st1" { 0 } else { 1 }])
+            .unwrap()
+            .matches(&format!("\"event\":\"{kind}\""))
+            .count()
+    };
+    for st in ["st1", "st2"] {
+        assert_eq!(events(st, "update-masked"), 2, "{st}");
+        assert_eq!(events(st, "shares-revealed"), 2, "{st}");
+    }
+
     // Threshold 3 of 3 and st3 dies again after sharing: two masked updates arrive, fewer
     // than the threshold, so the job fails and nothing is revealed.
     net.start_daemon("st3");
@@ -1234,6 +1250,14 @@ fn secure_aggregation_sums_masked_updates_and_survives_a_station_killed_after_sh
         &["job", "weights", &id, "--round", "1", "--out", s(&none)],
     );
     assert!(!fetched.ok, "no checkpoint after a failed masked round");
+    for st in ["st1", "st2"] {
+        assert_eq!(events(st, "update-masked"), 3, "{st}");
+        assert_eq!(
+            events(st, "shares-revealed"),
+            2,
+            "{st}: revealed nothing this time"
+        );
+    }
     for st in ["st1", "st2", "st3"] {
         ok(&["audit", "verify", "--dir", s(&net.station_dir(st))]);
     }

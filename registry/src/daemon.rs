@@ -644,6 +644,7 @@ impl Daemon {
                 reason: e.to_string(),
             })
         });
+        let local_run = outcome.as_ref().map(|r| r.run_id.clone()).ok();
         let report = match outcome {
             Ok(record) => Report::Done {
                 outputs: record
@@ -670,7 +671,10 @@ impl Daemon {
         };
         // Only the masked update leaves; the plain one stays in the run's outputs here.
         let report = match report {
-            Report::Done { outputs } => self.mask_update(&item.run, &session, outputs)?,
+            Report::Done { outputs } => {
+                let local_run = local_run.unwrap_or_default();
+                self.mask_update(&item.run, &local_run, &session, outputs)?
+            }
             other => other,
         };
         let masked = matches!(report, Report::Done { .. });
@@ -678,15 +682,25 @@ impl Daemon {
         let reveal_by = item.expires_ms + (plan.exchange_seconds as i64 + 30) * 1000;
         self.finish(item, Some(name), report).await?;
         if masked {
+            let (job, round) = (session.job().to_string(), session.round());
             match session.reveal(&self.client, reveal_by).await {
-                Ok(0) => say(&format!(
+                Ok(None) => say(&format!(
                     "run {run}: secure aggregation: nothing to reveal (the round was not unmasked with this station)"
                 )),
-                Ok(n) => say(&format!(
-                    "run {run}: secure aggregation: revealed {n} share(s) for unmasking the sum"
-                )),
+                Ok(Some((survivors, dropped))) => {
+                    Station::open(&self.opts.dir)?.record_shares_revealed(
+                        &job,
+                        round,
+                        survivors as u32,
+                        dropped as u32,
+                    )?;
+                    say(&format!(
+                        "run {run}: secure aggregation: revealed shares of {survivors} survivor(s) and {dropped} dropped station(s)"
+                    ))
+                }
                 Err(e) => say(&format!("run {run}: {e}")),
             }
+            self.upload_audit().await?;
         }
         Ok(())
     }
@@ -695,6 +709,7 @@ impl Daemon {
     fn mask_update(
         &self,
         run: &str,
+        local_run: &str,
         session: &station_secagg::SecAggSession,
         outputs: Vec<(String, PathBuf)>,
     ) -> Result<Report, DaemonError> {
@@ -715,6 +730,14 @@ impl Daemon {
             };
             let masked_path = self.journal.masked_path(run);
             write_atomic(&masked_path, &masked)?;
+            Station::open(&self.opts.dir)?.record_masked_update(
+                local_run,
+                session.job(),
+                session.round(),
+                session.sharers() as u32,
+                session.threshold() as u32,
+                &masked,
+            )?;
             masked_outputs.push((name, masked_path));
         }
         Ok(Report::Done {

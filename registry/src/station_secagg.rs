@@ -247,21 +247,39 @@ impl SecAggSession {
         Ok(secagg::encode_masked(&y))
     }
 
+    pub fn job(&self) -> &str {
+        &self.job
+    }
+
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
+    /// Stations whose pairwise masks are in this station's masked update (itself included).
+    pub fn sharers(&self) -> usize {
+        self.publics.len()
+    }
+
+    pub fn threshold(&self) -> usize {
+        self.threshold
+    }
+
     /// Wait for the registry to name survivors and dropped, then reveal this station's
     /// shares of the survivors' self-mask seeds and the dropped stations' mask keys (never
-    /// both secrets of one station). Returns how many shares were revealed (0 when the round
-    /// ended without unmasking or this station's update was not among the survivors).
+    /// both secrets of one station). Returns (survivors, dropped) whose shares were revealed,
+    /// or `None` when the round ended without unmasking or this station's update was not
+    /// among the survivors.
     pub async fn reveal(
         self,
         client: &StationClient,
         deadline_ms: i64,
-    ) -> Result<usize, SecAggLeft> {
+    ) -> Result<Option<(usize, usize)>, SecAggLeft> {
         let v = wait_for(client, &self.job, self.round, deadline_ms, |v| {
             v.phase == SecAggPhase::Reveal
         })
         .await?;
         if v.phase != SecAggPhase::Reveal || !v.survivors.contains(&self.me) {
-            return Ok(0);
+            return Ok(None);
         }
         let survivors: BTreeSet<u32> = v.survivors.iter().copied().collect();
         let dropped: BTreeSet<u32> = v.dropped.iter().copied().collect();
@@ -293,10 +311,9 @@ impl SecAggSession {
                 }
             })
             .collect();
-        let n = shares.len();
         client
             .secagg_send(&self.job, self.round, &SecAggMessage::Reveal { shares })
             .await?;
-        Ok(n)
+        Ok(Some((survivors.len(), dropped.len())))
     }
 }

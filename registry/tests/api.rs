@@ -1340,8 +1340,8 @@ async fn secure_aggregation(h: &Harness) {
         "forbidden",
     )
     .await;
-    assert!(s1.reveal(&h.st1, deadline).await.unwrap() > 0);
-    assert!(s2.reveal(&h.st2, deadline).await.unwrap() > 0);
+    assert_eq!(s1.reveal(&h.st1, deadline).await.unwrap(), Some((2, 1)));
+    assert_eq!(s2.reveal(&h.st2, deadline).await.unwrap(), Some((2, 1)));
     let info = h.alice.job(&job.id).await.unwrap();
     assert_eq!(info.state, JobState::Done, "{:?}", info.reason);
     // (10·[1,0,0,2] + 20·[4,3,0,−1]) / 30 = [3, 2, 0, 0], from masked updates only.
@@ -1398,7 +1398,7 @@ async fn secure_aggregation(h: &Harness) {
         "{:?}",
         info.reason
     );
-    assert_eq!(s1.reveal(&h.st1, deadline).await.unwrap(), 0);
+    assert_eq!(s1.reveal(&h.st1, deadline).await.unwrap(), None);
     assert!(h.alice.job_weights(&job.id, Some(1)).await.is_err());
     let task = &info.rounds[0].task;
     assert!(

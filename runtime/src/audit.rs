@@ -119,6 +119,26 @@ pub enum Event {
         epsilon: Option<f64>,
         delta: Option<f64>,
     },
+    /// A securely aggregated round's update left the station masked; the plain `update`
+    /// output stayed here. `sha256` and `bytes` are of what was sent.
+    UpdateMasked {
+        run_id: String,
+        job: String,
+        round: u32,
+        /// Stations whose pairwise masks are in it (this one included).
+        sharers: u32,
+        threshold: u32,
+        bytes: u64,
+        sha256: Digest,
+    },
+    /// The station revealed shares for unmasking a round's sum: self-seed shares of the
+    /// `survivors`, mask-key shares of the `dropped` (never both for one station).
+    SharesRevealed {
+        job: String,
+        round: u32,
+        survivors: u32,
+        dropped: u32,
+    },
     RunFinished {
         run_id: String,
         outcome: String,
@@ -175,7 +195,9 @@ impl Event {
                 reason: Some(r), ..
             } => cut(r),
             Event::StationInitialised { archive, .. } => cut(archive),
-            Event::UpdateSubmitted { job, .. } => cut(job),
+            Event::UpdateSubmitted { job, .. }
+            | Event::UpdateMasked { job, .. }
+            | Event::SharesRevealed { job, .. } => cut(job),
             Event::IndexQueried { outcome, .. } => cut(outcome),
             _ => {}
         }

@@ -340,6 +340,46 @@ impl Station {
         Ok(true)
     }
 
+    /// Record that a securely aggregated round's update left masked (the daemon masks it
+    /// after the run; see `amicus_registry::station_secagg`).
+    pub fn record_masked_update(
+        &self,
+        run_id: &str,
+        job: &str,
+        round: u32,
+        sharers: u32,
+        threshold: u32,
+        masked: &[u8],
+    ) -> Result<(), StationError> {
+        self.audit()?.append(Event::UpdateMasked {
+            run_id: run_id.to_string(),
+            job: job.to_string(),
+            round,
+            sharers,
+            threshold,
+            bytes: masked.len() as u64,
+            sha256: sha256(masked),
+        })?;
+        Ok(())
+    }
+
+    /// Record the shares revealed for unmasking a securely aggregated round's sum.
+    pub fn record_shares_revealed(
+        &self,
+        job: &str,
+        round: u32,
+        survivors: u32,
+        dropped: u32,
+    ) -> Result<(), StationError> {
+        self.audit()?.append(Event::SharesRevealed {
+            job: job.to_string(),
+            round,
+            survivors,
+            dropped,
+        })?;
+        Ok(())
+    }
+
     /// Record a refusal decided outside `run` (the data owner refused a train the registry
     /// delivered, or the registry sent a bundle other than the one it named).
     pub fn record_refusal(
