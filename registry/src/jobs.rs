@@ -571,7 +571,8 @@ async fn advance_masked(
             let mut masked = BTreeMap::new();
             let mut bytes = BTreeMap::new();
             for &i in &sets.survivors {
-                let run = run_of(i).expect("a survivor has a run");
+                let run = run_of(i)
+                    .ok_or_else(|| DbError::Corrupt(format!("survivor {i} has no run")))?;
                 let u = updates.iter().find(|u| u.run == run.id);
                 let y = u.and_then(|u| secagg::decode_masked(&u.payload).ok());
                 match y {

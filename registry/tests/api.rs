@@ -1238,6 +1238,17 @@ async fn secure_aggregation(h: &Harness) {
     )
     .await;
     refused(h, h.st1.secagg_view(&job.id, 2).await, 400, "bad_request").await;
+    // A station outside the job sees nothing of it.
+    let st5_key = SecretKey::generate().unwrap();
+    h.admin
+        .add_station(&NewStation {
+            name: "st5".into(),
+            public_key: st5_key.public().to_pem(),
+        })
+        .await
+        .unwrap();
+    let st5 = StationClient::new(&h.url, st5_key).unwrap();
+    refused(h, st5.secagg_view(&job.id, 1).await, 403, "forbidden").await;
     let deadline = amicus_registry::db::now_ms() + 60_000;
     let plan = base.secure_aggregation.unwrap();
     let (s1, s2, s4) = tokio::join!(
