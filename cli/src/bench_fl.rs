@@ -45,6 +45,10 @@ pub struct FlArgs {
     /// FedProx μ in the stations' optimizers (federated runs only).
     #[arg(long, default_value_t = 0.0)]
     proximal_mu: f32,
+    /// Train every model this many times with training seeds 1..=N (the test patches stay
+    /// the same): figures are means over the repeats, with each repeat's value beside them.
+    #[arg(long, default_value_t = 1)]
+    repeats: u32,
     /// The fed-seg bundle (default: built from trains/fed-seg).
     #[arg(long)]
     train: Option<PathBuf>,
@@ -64,10 +68,13 @@ const UNSEEN: (&str, &str, u64) = ("unseen", "community", 34);
 #[derive(Serialize, Clone)]
 struct ModelFigures {
     model: String,
-    /// Test Dice on each training site's own test series, in `SITES` order.
+    /// Test Dice on each training site's own test series, in `SITES` order (mean over repeats).
     site_dice: Vec<f64>,
     mean_site_dice: f64,
     unseen_dice: f64,
+    /// `mean_site_dice` and `unseen_dice` of each repeat.
+    mean_site_dice_per_repeat: Vec<f64>,
+    unseen_dice_per_repeat: Vec<f64>,
     /// Update bytes one station sent per round (federated only).
     update_bytes: Option<u64>,
     wall_s: f64,
@@ -83,11 +90,15 @@ struct Figures {
     local_steps: u32,
     patients_per_site: usize,
     values: usize,
+    repeats: u32,
     models: Vec<ModelFigures>,
     federated_over_centralised: f64,
+    federated_over_centralised_per_repeat: Vec<f64>,
     federated_beats_every_local_on_unseen: bool,
     q8_bytes_over_fp32: f64,
+    /// Mean over repeats of fp32 − q8 (paired: the same seed), in Dice points.
     q8_dice_points_lost: f64,
+    q8_dice_points_lost_per_repeat: Vec<f64>,
     station_peak_memory_bytes: u64,
 }
 
@@ -100,10 +111,16 @@ struct Bench {
     /// station: the server step just applies its update).
     server: ServerOptimizer,
     proximal_mu: f32,
+    /// The training seed of the current repeat (evaluation always uses the train's default,
+    /// so every repeat is tested on the same patches).
+    seed: u64,
 }
 
-fn params(steps: u32) -> String {
-    format!("{{\"local_steps\": {steps}, \"batch\": 8}}")
+fn params(steps: u32, seed: Option<u64>) -> String {
+    match seed {
+        Some(seed) => format!("{{\"local_steps\": {steps}, \"batch\": 8, \"seed\": {seed}}}"),
+        None => format!("{{\"local_steps\": {steps}, \"batch\": 8}}"),
+    }
 }
 
 impl Bench {
@@ -128,10 +145,11 @@ impl Bench {
             clip_norm: None,
             noise_multiplier: None,
         };
+        let evaluation = number > self.rounds;
         let record = st
             .run_round(
                 &self.bundle,
-                Some(&params(steps)),
+                Some(&params(steps, (!evaluation).then_some(self.seed))),
                 round,
                 Box::new(|_, _| {}),
             )
@@ -311,56 +329,89 @@ pub fn run(args: FlArgs) -> Result<()> {
         peak: 0,
         server,
         proximal_mu: args.proximal_mu,
+        seed: 1,
     };
+    if args.repeats == 0 {
+        bail!("repeats must be at least 1");
+    }
     let site_refs: Vec<&Station> = sites.iter().collect();
-    let mut trained: Vec<(String, Weights, Option<u64>, f64)> = Vec::new();
-    let (w, bytes, wall) = b.train(
-        "federated fp32",
-        &site_refs,
-        args.local_steps,
-        Encoding::Fp32,
-    )?;
-    trained.push(("federated (fp32 updates)".into(), w, Some(bytes), wall));
-    let (w, bytes, wall) = b.train("federated q8", &site_refs, args.local_steps, Encoding::Q8)?;
-    trained.push(("federated (8-bit updates)".into(), w, Some(bytes), wall));
-    let (w, _, wall) = b.train(
-        "centralised",
-        &[&central],
-        3 * args.local_steps,
-        Encoding::Fp32,
-    )?;
-    trained.push(("centralised (pooled data)".into(), w, None, wall));
-    for (i, (name, _, _)) in SITES.iter().enumerate() {
-        let (w, _, wall) = b.train(
-            &format!("local {name}"),
-            &[&sites[i]],
+    // Per repeat, per model: (name, site Dice, unseen Dice, update bytes, wall).
+    let mut runs: Vec<Vec<(String, Vec<f64>, f64, Option<u64>, f64)>> = Vec::new();
+    for repeat in 1..=args.repeats {
+        b.seed = u64::from(repeat);
+        if args.repeats > 1 {
+            eprintln!(
+                "bench fl: repeat {repeat}/{} (training seed {repeat})",
+                args.repeats
+            );
+        }
+        let mut trained: Vec<(String, Weights, Option<u64>, f64)> = Vec::new();
+        let (w, bytes, wall) = b.train(
+            "federated fp32",
+            &site_refs,
             args.local_steps,
             Encoding::Fp32,
         )?;
-        trained.push((format!("local only: {name}"), w, None, wall));
-    }
-
-    eprintln!(
-        "bench fl: evaluating {} models at four hospitals",
-        trained.len()
-    );
-    let mut models = Vec::new();
-    for (model, weights, update_bytes, wall) in &trained {
-        let mut site_dice = Vec::new();
-        for st in sites {
-            site_dice.push(b.test_dice(st, weights)?);
+        trained.push(("federated (fp32 updates)".into(), w, Some(bytes), wall));
+        let (w, bytes, wall) =
+            b.train("federated q8", &site_refs, args.local_steps, Encoding::Q8)?;
+        trained.push(("federated (8-bit updates)".into(), w, Some(bytes), wall));
+        let (w, _, wall) = b.train(
+            "centralised",
+            &[&central],
+            3 * args.local_steps,
+            Encoding::Fp32,
+        )?;
+        trained.push(("centralised (pooled data)".into(), w, None, wall));
+        for (i, (name, _, _)) in SITES.iter().enumerate() {
+            let (w, _, wall) = b.train(
+                &format!("local {name}"),
+                &[&sites[i]],
+                args.local_steps,
+                Encoding::Fp32,
+            )?;
+            trained.push((format!("local only: {name}"), w, None, wall));
         }
-        let unseen_dice = b.test_dice(unseen, weights)?;
-        models.push(ModelFigures {
-            model: model.clone(),
-            mean_site_dice: site_dice.iter().sum::<f64>() / site_dice.len() as f64,
-            site_dice,
-            unseen_dice,
-            update_bytes: *update_bytes,
-            wall_s: *wall,
-            wall_per_round_s: wall / f64::from(args.rounds),
-        });
+        eprintln!(
+            "bench fl: evaluating {} models at four hospitals",
+            trained.len()
+        );
+        let mut evaluated = Vec::new();
+        for (model, weights, update_bytes, wall) in trained {
+            let mut site_dice = Vec::new();
+            for st in sites {
+                site_dice.push(b.test_dice(st, &weights)?);
+            }
+            let unseen_dice = b.test_dice(unseen, &weights)?;
+            evaluated.push((model, site_dice, unseen_dice, update_bytes, wall));
+        }
+        runs.push(evaluated);
     }
+    let n = f64::from(args.repeats);
+    let mean_of = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let models: Vec<ModelFigures> = (0..runs[0].len())
+        .map(|m| {
+            let per: Vec<&(String, Vec<f64>, f64, Option<u64>, f64)> =
+                runs.iter().map(|r| &r[m]).collect();
+            let site_dice: Vec<f64> = (0..SITES.len())
+                .map(|k| per.iter().map(|p| p.1[k]).sum::<f64>() / n)
+                .collect();
+            let mean_site_dice_per_repeat: Vec<f64> = per.iter().map(|p| mean_of(&p.1)).collect();
+            let unseen_dice_per_repeat: Vec<f64> = per.iter().map(|p| p.2).collect();
+            let wall = per.iter().map(|p| p.4).sum::<f64>() / n;
+            ModelFigures {
+                model: per[0].0.clone(),
+                mean_site_dice: mean_of(&mean_site_dice_per_repeat),
+                unseen_dice: mean_of(&unseen_dice_per_repeat),
+                site_dice,
+                mean_site_dice_per_repeat,
+                unseen_dice_per_repeat,
+                update_bytes: per[0].3,
+                wall_s: wall,
+                wall_per_round_s: wall / f64::from(args.rounds),
+            }
+        })
+        .collect();
     let fed = &models[0];
     let q8 = &models[1];
     let central = &models[2];
@@ -373,13 +424,26 @@ pub fn run(args: FlArgs) -> Result<()> {
         local_steps: args.local_steps,
         patients_per_site: args.patients,
         values: b.initial.len(),
+        repeats: args.repeats,
         federated_over_centralised: fed.mean_site_dice / central.mean_site_dice,
+        federated_over_centralised_per_repeat: fed
+            .mean_site_dice_per_repeat
+            .iter()
+            .zip(&central.mean_site_dice_per_repeat)
+            .map(|(f, c)| f / c)
+            .collect(),
         federated_beats_every_local_on_unseen: locals
             .iter()
             .all(|l| fed.unseen_dice > l.unseen_dice),
         q8_bytes_over_fp32: q8.update_bytes.unwrap_or(0) as f64
             / fed.update_bytes.unwrap_or(1) as f64,
         q8_dice_points_lost: 100.0 * (fed.mean_site_dice - q8.mean_site_dice),
+        q8_dice_points_lost_per_repeat: fed
+            .mean_site_dice_per_repeat
+            .iter()
+            .zip(&q8.mean_site_dice_per_repeat)
+            .map(|(f, q)| 100.0 * (f - q))
+            .collect(),
         station_peak_memory_bytes: b.peak,
         models: models.clone(),
     };
@@ -415,6 +479,23 @@ pub fn run(args: FlArgs) -> Result<()> {
         figures.q8_dice_points_lost,
         b.peak as f64 / (1 << 20) as f64
     ));
+    if args.repeats > 1 {
+        let list = |v: &[f64], digits: usize| {
+            v.iter()
+                .map(|x| format!("{x:.digits$}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        md.push_str(&format!(
+            "\nMeans over {} repeats (training seeds 1–{}); per repeat: federated / centralised {}; q8 Dice points lost {}; federated fp32 mean Dice {}; centralised {}.\n",
+            args.repeats,
+            args.repeats,
+            list(&figures.federated_over_centralised_per_repeat, 3),
+            list(&figures.q8_dice_points_lost_per_repeat, 1),
+            list(&fed.mean_site_dice_per_repeat, 3),
+            list(&central.mean_site_dice_per_repeat, 3),
+        ));
+    }
     std::fs::write(&args.markdown, &md)?;
     print!("{md}");
     eprintln!(
@@ -422,8 +503,16 @@ pub fn run(args: FlArgs) -> Result<()> {
         args.json.display(),
         args.markdown.display()
     );
+    let per = &figures.federated_over_centralised_per_repeat;
+    let spread = if per.len() > 1 {
+        let lo = per.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = per.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("; {} repeats: {lo:.3}–{hi:.3}", per.len())
+    } else {
+        String::new()
+    };
     println!(
-        "fl: {:.3}x centralised Dice (goal 0.99x)",
+        "fl: {:.3}x centralised Dice (goal 0.99x{spread})",
         figures.federated_over_centralised
     );
     Ok(())
