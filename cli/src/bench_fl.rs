@@ -102,6 +102,15 @@ struct Figures {
     station_peak_memory_bytes: u64,
 }
 
+/// One trained model of one repeat, evaluated.
+struct Evaluated {
+    model: String,
+    site_dice: Vec<f64>,
+    unseen_dice: f64,
+    update_bytes: Option<u64>,
+    wall: f64,
+}
+
 struct Bench {
     bundle: PathBuf,
     initial: Weights,
@@ -335,8 +344,8 @@ pub fn run(args: FlArgs) -> Result<()> {
         bail!("repeats must be at least 1");
     }
     let site_refs: Vec<&Station> = sites.iter().collect();
-    // Per repeat, per model: (name, site Dice, unseen Dice, update bytes, wall).
-    let mut runs: Vec<Vec<(String, Vec<f64>, f64, Option<u64>, f64)>> = Vec::new();
+    // Per repeat, per model.
+    let mut runs: Vec<Vec<Evaluated>> = Vec::new();
     for repeat in 1..=args.repeats {
         b.seed = u64::from(repeat);
         if args.repeats > 1 {
@@ -383,7 +392,13 @@ pub fn run(args: FlArgs) -> Result<()> {
                 site_dice.push(b.test_dice(st, &weights)?);
             }
             let unseen_dice = b.test_dice(unseen, &weights)?;
-            evaluated.push((model, site_dice, unseen_dice, update_bytes, wall));
+            evaluated.push(Evaluated {
+                model,
+                site_dice,
+                unseen_dice,
+                update_bytes,
+                wall,
+            });
         }
         runs.push(evaluated);
     }
@@ -391,22 +406,22 @@ pub fn run(args: FlArgs) -> Result<()> {
     let mean_of = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let models: Vec<ModelFigures> = (0..runs[0].len())
         .map(|m| {
-            let per: Vec<&(String, Vec<f64>, f64, Option<u64>, f64)> =
-                runs.iter().map(|r| &r[m]).collect();
+            let per: Vec<&Evaluated> = runs.iter().map(|r| &r[m]).collect();
             let site_dice: Vec<f64> = (0..SITES.len())
-                .map(|k| per.iter().map(|p| p.1[k]).sum::<f64>() / n)
+                .map(|k| per.iter().map(|p| p.site_dice[k]).sum::<f64>() / n)
                 .collect();
-            let mean_site_dice_per_repeat: Vec<f64> = per.iter().map(|p| mean_of(&p.1)).collect();
-            let unseen_dice_per_repeat: Vec<f64> = per.iter().map(|p| p.2).collect();
-            let wall = per.iter().map(|p| p.4).sum::<f64>() / n;
+            let mean_site_dice_per_repeat: Vec<f64> =
+                per.iter().map(|p| mean_of(&p.site_dice)).collect();
+            let unseen_dice_per_repeat: Vec<f64> = per.iter().map(|p| p.unseen_dice).collect();
+            let wall = per.iter().map(|p| p.wall).sum::<f64>() / n;
             ModelFigures {
-                model: per[0].0.clone(),
+                model: per[0].model.clone(),
                 mean_site_dice: mean_of(&mean_site_dice_per_repeat),
                 unseen_dice: mean_of(&unseen_dice_per_repeat),
                 site_dice,
                 mean_site_dice_per_repeat,
                 unseen_dice_per_repeat,
-                update_bytes: per[0].3,
+                update_bytes: per[0].update_bytes,
                 wall_s: wall,
                 wall_per_round_s: wall / f64::from(args.rounds),
             }
