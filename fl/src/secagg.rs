@@ -43,7 +43,9 @@ pub enum SecAggError {
     BothSecrets(u32),
     #[error("not enough shares for station {0}")]
     MissingShares(u32),
-    #[error("station {0}'s reconstructed mask key does not match its public key (bad shares)")]
+    #[error(
+        "station {0}'s reconstructed secret does not match its public key or commitment (bad shares)"
+    )]
     BadShares(u32),
     #[error("station {0} is not a participant")]
     Unknown(u32),
@@ -341,6 +343,12 @@ impl StationSecrets {
         PublicKey::from(&StaticSecret::from(self.mask_key)).to_bytes()
     }
 
+    /// A commitment to this round's self-mask seed, sent with the public key: lets the
+    /// registry tell a wrongly reconstructed seed (bad shares) from a right one.
+    pub fn self_commitment(&self, round: &[u8]) -> [u8; 32] {
+        kdf("commit", round, &[&self.self_seed])
+    }
+
     /// Shares of this station's secrets for every participant (itself included).
     pub fn shares(
         &self,
@@ -421,11 +429,13 @@ pub fn reveal(
 }
 
 /// The registry's side: the sum of the survivors' updates from their masked updates, the
-/// participants' mask public keys and the revealed shares.
+/// participants' mask public keys and self-seed commitments, and the revealed shares. A
+/// reconstructed secret that does not match its public key or commitment is refused.
 pub fn unmask(
     round: &[u8],
     masked: &BTreeMap<u32, Vec<u64>>,
     publics: &BTreeMap<u32, [u8; 32]>,
+    commitments: &BTreeMap<u32, [u8; 32]>,
     revealed: &[Revealed],
     threshold: usize,
 ) -> Result<Vec<u64>, SecAggError> {
@@ -460,6 +470,9 @@ pub fn unmask(
         let seed: [u8; 32] = combine(&shares_of(i, true), threshold)
             .and_then(|s| s.try_into().ok())
             .ok_or(SecAggError::MissingShares(i))?;
+        if commitments.get(&i) != Some(&kdf("commit", round, &[&seed])) {
+            return Err(SecAggError::BadShares(i));
+        }
         add_into(&mut sum, &prg(&kdf("self", round, &[&seed]), len), true);
     }
     for (&j, pk_j) in publics {
@@ -505,6 +518,7 @@ mod tests {
     struct Round {
         stations: Vec<StationSecrets>,
         publics: BTreeMap<u32, [u8; 32]>,
+        commitments: BTreeMap<u32, [u8; 32]>,
         /// held[to][from]
         held: BTreeMap<u32, BTreeMap<u32, ShareBundle>>,
         updates: BTreeMap<u32, Vec<f32>>,
@@ -518,6 +532,10 @@ mod tests {
             .map(|&i| StationSecrets::new(i, &mut fill))
             .collect();
         let publics = stations.iter().map(|s| (s.id, s.mask_public())).collect();
+        let commitments = stations
+            .iter()
+            .map(|s| (s.id, s.self_commitment(ROUND)))
+            .collect();
         let mut held: BTreeMap<u32, BTreeMap<u32, ShareBundle>> = BTreeMap::new();
         for s in &stations {
             for b in s.shares(&ids, threshold, &mut fill).unwrap() {
@@ -538,13 +556,16 @@ mod tests {
         Round {
             stations,
             publics,
+            commitments,
             held,
             updates,
         }
     }
 
+    const ROUND: &[u8] = b"task-1/round-3";
+
     fn run(r: &Round, arrived: &[u32], threshold: usize) -> Result<Vec<u64>, SecAggError> {
-        let round = b"task-1/round-3";
+        let round = ROUND;
         let masked: BTreeMap<u32, Vec<u64>> = arrived
             .iter()
             .map(|&i| {
@@ -565,7 +586,14 @@ mod tests {
         for &s in &survivors {
             revealed.extend(reveal(&r.held[&s], &survivors, &dropped)?);
         }
-        unmask(round, &masked, &r.publics, &revealed, threshold)
+        unmask(
+            round,
+            &masked,
+            &r.publics,
+            &r.commitments,
+            &revealed,
+            threshold,
+        )
     }
 
     fn plain_sum(r: &Round, ids: &[u32]) -> Vec<u64> {
@@ -589,7 +617,7 @@ mod tests {
             assert!((a - b).abs() < 1e-5);
         }
         // A masked update alone looks nothing like the update.
-        let y = r.stations[0].mask(b"task-1/round-3", &encode(&r.updates[&0]), &r.publics);
+        let y = r.stations[0].mask(ROUND, &encode(&r.updates[&0]), &r.publics);
         let close = y
             .iter()
             .zip(encode(&r.updates[&0]))
@@ -628,7 +656,7 @@ mod tests {
     #[test]
     fn bad_shares_are_detected() {
         let r = setup(4, 3);
-        let round = b"r";
+        let round = ROUND;
         let masked: BTreeMap<u32, Vec<u64>> = [0u32, 1, 2]
             .iter()
             .map(|&i| {
@@ -644,6 +672,8 @@ mod tests {
         for s in &surv {
             revealed.extend(reveal(&r.held[s], &surv, &drop).unwrap());
         }
+        let good = revealed.clone();
+        assert!(unmask(round, &masked, &r.publics, &r.commitments, &good, 3).is_ok());
         for v in revealed.iter_mut() {
             if let Revealed::MaskKey { share, .. } = v {
                 // Not byte 0: X25519 ignores its low three bits (clamping).
@@ -652,8 +682,20 @@ mod tests {
             }
         }
         assert_eq!(
-            unmask(round, &masked, &r.publics, &revealed, 3),
+            unmask(round, &masked, &r.publics, &r.commitments, &revealed, 3),
             Err(SecAggError::BadShares(3))
+        );
+        // A wrong self-seed share would spoil the sum silently; the commitment catches it.
+        let mut revealed = good;
+        for v in revealed.iter_mut() {
+            if let Revealed::SelfSeed { of: 1, share } = v {
+                share.y[0] ^= 1;
+                break;
+            }
+        }
+        assert_eq!(
+            unmask(round, &masked, &r.publics, &r.commitments, &revealed, 3),
+            Err(SecAggError::BadShares(1))
         );
     }
 

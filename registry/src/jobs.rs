@@ -549,6 +549,7 @@ async fn advance_masked(
             }
             let mut revealed = Vec::new();
             let mut publics = BTreeMap::new();
+            let mut commitments = BTreeMap::new();
             for m in &messages {
                 let Some(id) = secagg_id(job, &m.station) else {
                     continue;
@@ -558,13 +559,21 @@ async fn advance_masked(
                 }
                 if m.kind == "keys"
                     && sets.sharers.contains(&id)
-                    && let Ok(SecAggMessage::Keys { mask_public, .. }) =
-                        serde_json::from_str(&m.body)
-                    && let Some(pk) = hex::decode(mask_public)
-                        .ok()
-                        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                    && let Ok(SecAggMessage::Keys {
+                        mask_public,
+                        self_commitment,
+                        ..
+                    }) = serde_json::from_str(&m.body)
                 {
-                    publics.insert(id, pk);
+                    let hex32 = |s: &str| {
+                        hex::decode(s)
+                            .ok()
+                            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+                    };
+                    if let (Some(pk), Some(c)) = (hex32(&mask_public), hex32(&self_commitment)) {
+                        publics.insert(id, pk);
+                        commitments.insert(id, c);
+                    }
                 }
             }
             let updates = db.updates_of_task(&task.id).await?;
@@ -590,8 +599,15 @@ async fn advance_masked(
                 }
             }
             let label = secagg_label(&job.id, round);
-            let mean = secagg::unmask(&label, &masked, &publics, &revealed, threshold)
-                .and_then(|sum| secagg::decode_weighted(&sum));
+            let mean = secagg::unmask(
+                &label,
+                &masked,
+                &publics,
+                &commitments,
+                &revealed,
+                threshold,
+            )
+            .and_then(|sum| secagg::decode_weighted(&sum));
             let (mean, total) = match mean {
                 Ok(m) if m.0.iter().all(|v| v.is_finite()) => m,
                 Ok(_) => {

@@ -1434,6 +1434,7 @@ async fn station_secagg_view(
                     Ok(SecAggMessage::Keys {
                         mask_public,
                         share_public,
+                        self_commitment,
                     }) if state.sets.participants.contains(&i) => {
                         view.participants.push(SecAggParticipant {
                             id: i,
@@ -1441,6 +1442,7 @@ async fn station_secagg_view(
                             keys: SecAggKeys {
                                 mask_public,
                                 share_public,
+                                self_commitment,
                             },
                         })
                     }
@@ -1491,7 +1493,11 @@ async fn station_secagg_send(
         }
         let sets = &state.sets;
         match &msg {
-            SecAggMessage::Keys { mask_public, share_public } => {
+            SecAggMessage::Keys {
+                mask_public,
+                share_public,
+                self_commitment,
+            } => {
                 let open = app
                     .db
                     .runs_of_task(&r.task.id)
@@ -1504,8 +1510,11 @@ async fn station_secagg_send(
                 if !open {
                     return Err(forbidden("this station has no open run in that round"));
                 }
-                if hex32(mask_public).is_none() || hex32(share_public).is_none() {
-                    return Err(bad_request("keys are 32-byte X25519 public keys in hex"));
+                if [mask_public, share_public, self_commitment]
+                    .iter()
+                    .any(|k| hex32(k).is_none())
+                {
+                    return Err(bad_request("keys and the commitment are 32 bytes in hex"));
                 }
             }
             SecAggMessage::Shares { shares } => {

@@ -107,6 +107,7 @@ pub async fn join(
     let threshold = plan.threshold as usize;
     let secrets = StationSecrets::new(me, &mut operating_system_randomness);
     let share_key = ShareKey::generate();
+    let commitment = hex::encode(secrets.self_commitment(&secagg_label(job, round)));
     client
         .secagg_send(
             job,
@@ -114,6 +115,7 @@ pub async fn join(
             &SecAggMessage::Keys {
                 mask_public: hex::encode(secrets.mask_public()),
                 share_public: hex::encode(share_key.public()),
+                self_commitment: commitment.clone(),
             },
         )
         .await?;
@@ -138,6 +140,15 @@ pub async fn join(
     }
     let mut share_keys = BTreeMap::new();
     let mut mask_keys = BTreeMap::new();
+    if !v
+        .participants
+        .iter()
+        .any(|p| p.id == me && p.keys.self_commitment == commitment)
+    {
+        return Err(out(
+            "the registry announced another commitment for this station",
+        ));
+    }
     for p in &v.participants {
         let (Some(m), Some(s)) = (hex32(&p.keys.mask_public), hex32(&p.keys.share_public)) else {
             return Err(out(format!("station {}'s keys do not parse", p.station)));

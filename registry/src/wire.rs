@@ -396,6 +396,9 @@ pub struct SecAggKeys {
     pub mask_public: String,
     /// The key the others seal its shares to.
     pub share_public: String,
+    /// A commitment to its self-mask seed (`amicus_fl::secagg`), so a wrongly reconstructed
+    /// seed is detected.
+    pub self_commitment: String,
 }
 
 /// A participant as the registry announces it.
@@ -447,6 +450,7 @@ pub enum SecAggMessage {
     Keys {
         mask_public: String,
         share_public: String,
+        self_commitment: String,
     },
     Shares {
         shares: Vec<SealedShare>,

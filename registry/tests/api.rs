@@ -1272,6 +1272,7 @@ async fn secure_aggregation(h: &Harness) {
             &SecAggMessage::Keys {
                 mask_public: hex::encode([9u8; 32]),
                 share_public: hex::encode([9u8; 32]),
+                self_commitment: hex::encode([9u8; 32]),
             },
         )
         .await,
