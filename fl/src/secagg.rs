@@ -362,6 +362,9 @@ impl StationSecrets {
                 n: participants.len(),
             });
         }
+        if let Some(&p) = participants.iter().find(|&&p| p >= 255) {
+            return Err(SecAggError::Unknown(p));
+        }
         let xs: Vec<u8> = participants.iter().map(|&p| share_x(p)).collect();
         let a = split(&self.mask_key, threshold, &xs, fill);
         let b = split(&self.self_seed, threshold, &xs, fill);

@@ -104,6 +104,12 @@ pub async fn join(
         )));
     }
     let me = first.me;
+    // Protocol ids are share x-coordinates minus one: at most 254 of them.
+    if me >= 255 {
+        return Err(out(format!(
+            "the registry gave this station protocol id {me}"
+        )));
+    }
     let threshold = plan.threshold as usize;
     let secrets = StationSecrets::new(me, &mut operating_system_randomness);
     let share_key = ShareKey::generate();
@@ -137,6 +143,9 @@ pub async fn join(
             "the registry named {} participants, below the threshold {threshold}",
             v.participants.len()
         )));
+    }
+    if let Some(p) = v.participants.iter().find(|p| p.id >= 255) {
+        return Err(out(format!("the registry named participant id {}", p.id)));
     }
     let mut share_keys = BTreeMap::new();
     let mut mask_keys = BTreeMap::new();
