@@ -1,9 +1,10 @@
 //! Results sealed to the researcher who asked for them: HPKE (RFC 9180) base mode with
 //! DHKEM(X25519, HKDF-SHA256), HKDF-SHA256 and ChaCha20-Poly1305, and the X25519 key files.
 //!
-//! Owns the sealed-output format and the researcher's encryption keys. Must not know where
-//! sealed bytes travel: stations seal, the registry stores ciphertext it cannot read, the
-//! researcher opens.
+//! Owns the sealed-output format and the researcher's encryption keys, and the sealing of
+//! secure-aggregation shares from station to station (round share keys, in memory only).
+//! Must not know where sealed bytes travel: stations seal, the registry stores ciphertext it
+//! cannot read, the researcher (or the recipient station) opens.
 //!
 //! A sealed output is `enc (32 bytes) || ciphertext`. The AEAD's associated data binds it to
 //! its task, run, station and output name, so the registry cannot swap one station's result
@@ -170,21 +171,39 @@ impl RecipientKey {
 
     /// Open a sealed output.
     pub fn open(&self, ctx: &SealContext, sealed: &[u8]) -> Result<Vec<u8>, SealError> {
-        if sealed.len() < ENC_LEN {
-            return Err(SealError::Truncated);
-        }
-        let (enc, ciphertext) = sealed.split_at(ENC_LEN);
-        let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(enc).map_err(|_| SealError::Open)?;
-        hpke::single_shot_open::<Aead, Kdf, Kem>(
-            &OpModeR::Base,
-            &self.0,
-            &enc,
-            INFO,
-            ciphertext,
-            &ctx.aad(),
-        )
-        .map_err(|_| SealError::Open)
+        open_with(&self.0, INFO, &ctx.aad(), sealed)
     }
+}
+
+/// HPKE base-mode open of `enc || ciphertext`.
+fn open_with(
+    sk: &<Kem as hpke::Kem>::PrivateKey,
+    info: &[u8],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    if sealed.len() < ENC_LEN {
+        return Err(SealError::Truncated);
+    }
+    let (enc, ciphertext) = sealed.split_at(ENC_LEN);
+    let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(enc).map_err(|_| SealError::Open)?;
+    hpke::single_shot_open::<Aead, Kdf, Kem>(&OpModeR::Base, sk, &enc, info, ciphertext, aad)
+        .map_err(|_| SealError::Open)
+}
+
+/// HPKE base-mode seal; returns `enc || ciphertext`.
+fn seal_with(
+    pk: &<Kem as hpke::Kem>::PublicKey,
+    info: &[u8],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SealError> {
+    let (enc, ciphertext) =
+        hpke::single_shot_seal::<Aead, Kdf, Kem>(&OpModeS::Base, pk, info, plaintext, aad)
+            .map_err(|e| SealError::Seal(e.to_string()))?;
+    let mut out = enc.to_bytes().to_vec();
+    out.extend_from_slice(&ciphertext);
+    Ok(out)
 }
 
 /// Seal `plaintext` to `recipient` for `ctx`.
@@ -193,17 +212,7 @@ pub fn seal(
     ctx: &SealContext,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, SealError> {
-    let (enc, ciphertext) = hpke::single_shot_seal::<Aead, Kdf, Kem>(
-        &OpModeS::Base,
-        &recipient.0,
-        INFO,
-        plaintext,
-        &ctx.aad(),
-    )
-    .map_err(|e| SealError::Seal(e.to_string()))?;
-    let mut out = enc.to_bytes().to_vec();
-    out.extend_from_slice(&ciphertext);
-    Ok(out)
+    seal_with(&recipient.0, INFO, &ctx.aad(), plaintext)
 }
 
 // ---- shares of a securely aggregated round ----------------------------------------------
@@ -232,20 +241,7 @@ impl ShareKey {
     }
 
     pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
-        if sealed.len() < ENC_LEN {
-            return Err(SealError::Truncated);
-        }
-        let (enc, ciphertext) = sealed.split_at(ENC_LEN);
-        let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(enc).map_err(|_| SealError::Open)?;
-        hpke::single_shot_open::<Aead, Kdf, Kem>(
-            &OpModeR::Base,
-            &self.0,
-            &enc,
-            SHARE_INFO,
-            ciphertext,
-            aad,
-        )
-        .map_err(|_| SealError::Open)
+        open_with(&self.0, SHARE_INFO, aad, sealed)
     }
 }
 
@@ -253,12 +249,7 @@ impl ShareKey {
 pub fn seal_share(to: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
     let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(to)
         .map_err(|_| SealError::BadPublicKey("a station's share key".into()))?;
-    let (enc, ciphertext) =
-        hpke::single_shot_seal::<Aead, Kdf, Kem>(&OpModeS::Base, &pk, SHARE_INFO, plaintext, aad)
-            .map_err(|e| SealError::Seal(e.to_string()))?;
-    let mut out = enc.to_bytes().to_vec();
-    out.extend_from_slice(&ciphertext);
-    Ok(out)
+    seal_with(&pk, SHARE_INFO, aad, plaintext)
 }
 
 #[cfg(test)]
