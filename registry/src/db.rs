@@ -1079,21 +1079,28 @@ impl Db {
     // ---- secure aggregation -------------------------------------------------------------
 
     /// The protocol state of a round's task, created in the key phase (from `started_ms`) on
-    /// first use.
+    /// first use. Stations poll it: a write happens only the first time.
     pub async fn secagg_round(&self, task: &str, started_ms: i64) -> Result<SecAggRound, DbError> {
-        sqlx::query(
-            "INSERT INTO secagg_rounds (task, phase, sets, phase_ms) VALUES ($1, 'keys', $2, $3)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(task)
-        .bind(serde_json::to_string(&SecAggSets::default()).expect("sets serialise"))
-        .bind(started_ms)
-        .execute(&self.pool)
-        .await?;
-        let row = sqlx::query("SELECT phase, sets, phase_ms FROM secagg_rounds WHERE task = $1")
+        let select = "SELECT phase, sets, phase_ms FROM secagg_rounds WHERE task = $1";
+        let row = match sqlx::query(select)
             .bind(task)
-            .fetch_one(&self.pool)
-            .await?;
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            Some(row) => row,
+            None => {
+                sqlx::query(
+                    "INSERT INTO secagg_rounds (task, phase, sets, phase_ms)
+                     VALUES ($1, 'keys', $2, $3) ON CONFLICT DO NOTHING",
+                )
+                .bind(task)
+                .bind(serde_json::to_string(&SecAggSets::default()).expect("sets serialise"))
+                .bind(started_ms)
+                .execute(&self.pool)
+                .await?;
+                sqlx::query(select).bind(task).fetch_one(&self.pool).await?
+            }
+        };
         let phase: String = row.try_get("phase")?;
         let sets: String = row.try_get("sets")?;
         Ok(SecAggRound {

@@ -220,20 +220,15 @@ pub async fn advance(db: &Db, job_id: &str) -> Result<Advanced, DbError> {
         });
     }
 
-    let previous = db.checkpoint(&job.id, round - 1).await?.ok_or_else(|| {
-        DbError::Corrupt(format!("job {} lacks checkpoint {}", job.id, round - 1))
-    })?;
-    let global = Weights::decode(&previous.weights)
-        .map_err(|e| DbError::Corrupt(format!("checkpoint {}: {e}", round - 1)))?;
-    let server_state: ServerState = serde_json::from_slice(&previous.server_state)
-        .map_err(|e| DbError::Corrupt(format!("server state {}: {e}", round - 1)))?;
+    // A masked round's phases need no weights: they are read when the sum is unmasked.
     if let Some(sa) = secagg {
         let task = db
             .task(&task)
             .await?
             .ok_or_else(|| DbError::Corrupt(format!("round task {task} missing")))?;
-        return advance_masked(db, &job, round, &task, &runs, global, server_state, sa).await;
+        return advance_masked(db, &job, round, &task, &runs, sa).await;
     }
+    let (global, server_state) = round_start(db, &job, round).await?;
     let updates = db.updates_of_task(&task).await?;
 
     let mut stations = Vec::new();
@@ -344,6 +339,18 @@ pub async fn advance(db: &Db, job_id: &str) -> Result<Advanced, DbError> {
     .await
 }
 
+/// The global weights and server-optimizer state round `round` starts from.
+async fn round_start(db: &Db, job: &JobRow, round: u32) -> Result<(Weights, ServerState), DbError> {
+    let previous = db.checkpoint(&job.id, round - 1).await?.ok_or_else(|| {
+        DbError::Corrupt(format!("job {} lacks checkpoint {}", job.id, round - 1))
+    })?;
+    let global = Weights::decode(&previous.weights)
+        .map_err(|e| DbError::Corrupt(format!("checkpoint {}: {e}", round - 1)))?;
+    let server_state: ServerState = serde_json::from_slice(&previous.server_state)
+        .map_err(|e| DbError::Corrupt(format!("server state {}: {e}", round - 1)))?;
+    Ok((global, server_state))
+}
+
 /// Apply a round's combined update with the server optimizer, store the checkpoint and start
 /// the next round (or finish the job), atomically.
 #[allow(clippy::too_many_arguments)]
@@ -403,6 +410,11 @@ pub fn secagg_label(job: &str, round: u32) -> Vec<u8> {
     format!("amicus-job {job} round {round}").into_bytes()
 }
 
+/// A 32-byte key or commitment of the secure-aggregation messages, from hex.
+pub fn hex32(s: &str) -> Option<[u8; 32]> {
+    hex::decode(s).ok()?.try_into().ok()
+}
+
 /// A station's protocol id in a securely aggregated job: its position in the job's list.
 pub fn secagg_id(job: &JobRow, station: &str) -> Option<u32> {
     job.stations
@@ -436,15 +448,12 @@ fn revealed_of(body: &str) -> Option<Vec<secagg::Revealed>> {
 /// waits for has answered (or its run ended), or `exchange_seconds` after it began (the
 /// masked phase: at the round's deadline, when open runs expire). Fewer than `threshold`
 /// stations at any phase fails the job with nothing unmasked.
-#[allow(clippy::too_many_arguments)]
 async fn advance_masked(
     db: &Db,
     job: &JobRow,
     round: u32,
     task: &TaskRow,
     runs: &[RunInfo],
-    global: Weights,
-    server_state: ServerState,
     sa: SecAggPlan,
 ) -> Result<Advanced, DbError> {
     let state = db.secagg_round(&task.id, task.created_ms).await?;
@@ -564,18 +573,13 @@ async fn advance_masked(
                         self_commitment,
                         ..
                     }) = serde_json::from_str(&m.body)
+                    && let (Some(pk), Some(c)) = (hex32(&mask_public), hex32(&self_commitment))
                 {
-                    let hex32 = |s: &str| {
-                        hex::decode(s)
-                            .ok()
-                            .and_then(|k| <[u8; 32]>::try_from(k).ok())
-                    };
-                    if let (Some(pk), Some(c)) = (hex32(&mask_public), hex32(&self_commitment)) {
-                        publics.insert(id, pk);
-                        commitments.insert(id, c);
-                    }
+                    publics.insert(id, pk);
+                    commitments.insert(id, c);
                 }
             }
+            let (global, server_state) = round_start(db, job, round).await?;
             let updates = db.updates_of_task(&task.id).await?;
             let mut masked = BTreeMap::new();
             let mut bytes = BTreeMap::new();

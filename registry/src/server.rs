@@ -1392,9 +1392,7 @@ async fn secagg_phase(
     Ok(state)
 }
 
-fn hex32(s: &str) -> Option<[u8; 32]> {
-    hex::decode(s).ok()?.try_into().ok()
-}
+use crate::jobs::hex32;
 
 /// A station reads where its securely aggregated round stands.
 async fn station_secagg_view(

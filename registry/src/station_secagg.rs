@@ -9,7 +9,8 @@
 //! `amicus_fl::secagg`'s, the sealing `sealed`'s.
 
 use crate::client::{ClientError, StationClient};
-use crate::jobs::secagg_label;
+use crate::db::now_ms;
+use crate::jobs::{hex32, secagg_label};
 use crate::sealed::{ShareKey, seal_share, share_aad};
 use crate::wire::{
     RevealedShare, SealedShare, SecAggMessage, SecAggPhase, SecAggPlan, SecAggView, SecretKind,
@@ -39,10 +40,6 @@ fn out(s: impl Into<String>) -> SecAggLeft {
 
 fn operating_system_randomness(buf: &mut [u8]) {
     getrandom::fill(buf).expect("operating-system randomness");
-}
-
-fn now_ms() -> i64 {
-    crate::db::now_ms()
 }
 
 /// The station's state in one securely aggregated round, from the share exchange on.
@@ -81,10 +78,6 @@ async fn wait_for(
         }
         tokio::time::sleep(POLL).await;
     }
-}
-
-fn hex32(s: &str) -> Option<[u8; 32]> {
-    hex::decode(s).ok()?.try_into().ok()
 }
 
 /// Join round `round` of `job`: keys, then shares; returns once training may begin (the
