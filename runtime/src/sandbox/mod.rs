@@ -1,0 +1,619 @@
+//! The wasmtime sandbox a train runs in.
+//!
+//! This module owns the engine configuration, the check of a component's imports against the
+//! contract and the WASI allow-list, the compiled-module cache, the three limits (fuel, memory,
+//! wall clock: [`limits`]), the locked-down WASI ([`wasi`]) and the output rules at the moment
+//! of `emit` ([`gate`]). The host side of the contract is [`crate::host`], one file per
+//! interface. The sandbox does not read policy files or bundles, and does not write the audit
+//! log or any output: it returns a [`RunReport`] and the station decides what to keep. On a
+//! station it runs inside the run worker process ([`crate::worker`]), whose limits the operating
+//! system enforces.
+//!
+//! Defence in depth: a component is refused before instantiation if it imports anything outside
+//! the contract and the WASI allow-list, or a capability interface that was not granted; WASI is
+//! linked all the same with no preopened directories, sockets denied, no environment or
+//! arguments, a fixed clock and seeded randomness; the host implementation of each capability
+//! checks the grant again on every call.
+
+pub mod gate;
+pub mod limits;
+pub mod wasi;
+
+use crate::host::{HostState, bindings};
+use amicus_bundle::{Capability, Digest, Manifest, sha256};
+use gate::OutputGate;
+use limits::MemoryBudget;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use wasi::{CappedPipe, locked_down_wasi};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, Trap};
+
+pub use crate::host::{DeclaredModel, KernelAccess};
+pub use gate::UPDATE_OUTPUT;
+
+/// The contract package and version this station implements.
+pub const CONTRACT_PACKAGE: &str = "amicus:train";
+pub const CONTRACT_VERSION: &str = "0.1.0";
+
+/// WASI interfaces a train may import (package/interface prefixes, any 0.2.x version).
+/// Filesystem, sockets, HTTP and everything else are refused.
+const WASI_ALLOWED: &[&str] = &["wasi:io/", "wasi:clocks/", "wasi:random/", "wasi:cli/"];
+
+/// Epoch tick used for the wall-clock deadline.
+const TICK: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("component is not valid WebAssembly: {0}")]
+    InvalidComponent(String),
+    #[error("component imports {import}: {reason}")]
+    ForbiddenImport { import: String, reason: String },
+    #[error("component does not implement {CONTRACT_PACKAGE}@{CONTRACT_VERSION}: {0}")]
+    NotATrain(String),
+    #[error("sandbox set-up failed: {0}")]
+    Setup(String),
+}
+
+/// The station's wasmtime engine: deterministic, fuel- and epoch-instrumented.
+#[derive(Clone)]
+pub struct Sandbox {
+    engine: Engine,
+    cache_dir: Option<PathBuf>,
+}
+
+impl Sandbox {
+    /// An engine; compiled components are cached under `cache_dir` when given.
+    pub fn new(cache_dir: Option<&Path>) -> Result<Sandbox, SandboxError> {
+        let mut c = Config::new();
+        c.consume_fuel(true);
+        c.epoch_interruption(true);
+        c.cranelift_nan_canonicalization(true);
+        c.wasm_relaxed_simd(false);
+        c.relaxed_simd_deterministic(true);
+        c.parallel_compilation(true);
+        let engine = Engine::new(&c).map_err(|e| SandboxError::Setup(e.to_string()))?;
+        Ok(Sandbox {
+            engine,
+            cache_dir: cache_dir.map(Path::to_path_buf),
+        })
+    }
+
+    /// Compile `wasm` (or load the station's own cached compilation of it).
+    pub fn compile(&self, wasm: &[u8]) -> Result<(Component, CompileSource), SandboxError> {
+        let Some(dir) = &self.cache_dir else {
+            let c = Component::new(&self.engine, wasm)
+                .map_err(|e| SandboxError::InvalidComponent(format!("{e:#}")))?;
+            return Ok((c, CompileSource::Compiled));
+        };
+        let path = dir.join(format!(
+            "{}-{}.cwasm",
+            sha256(wasm),
+            self.engine_fingerprint()
+        ));
+        if path.is_file() {
+            // SAFETY: the cache directory belongs to the station and only ever receives files
+            // this function wrote from `Engine::precompile_component`; the file name binds the
+            // source hash and the engine's compatibility hash.
+            if let Ok(c) = unsafe { Component::deserialize_file(&self.engine, &path) } {
+                return Ok((c, CompileSource::Cache));
+            }
+        }
+        let bytes = self
+            .engine
+            .precompile_component(wasm)
+            .map_err(|e| SandboxError::InvalidComponent(format!("{e:#}")))?;
+        std::fs::create_dir_all(dir).map_err(|e| SandboxError::Setup(e.to_string()))?;
+        amicus_bundle::bundle::write_atomic(&path, &bytes)
+            .map_err(|e| SandboxError::Setup(format!("{}: {e}", path.display())))?;
+        // SAFETY: as above; these are the bytes just produced by this engine.
+        let c = unsafe { Component::deserialize(&self.engine, &bytes) }
+            .map_err(|e| SandboxError::Setup(e.to_string()))?;
+        Ok((c, CompileSource::Compiled))
+    }
+
+    fn engine_fingerprint(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        format!("{:016x}", h.finish())
+    }
+
+    /// Every import of `component`, as `package/interface@version` (or a bare function name).
+    pub fn imports(&self, component: &Component) -> Vec<String> {
+        component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect()
+    }
+
+    /// Refuse a component that imports anything but the contract's granted interfaces and the
+    /// WASI allow-list.
+    pub fn check_imports(
+        &self,
+        component: &Component,
+        granted: &BTreeSet<Capability>,
+    ) -> Result<(), SandboxError> {
+        for import in self.imports(component) {
+            check_import(&import, granted)?;
+        }
+        Ok(())
+    }
+
+    /// Run a train. Refusals before the guest starts are errors; everything that happens once
+    /// it started (including traps and limit hits) is in the report.
+    pub fn run(&self, component: &Component, req: RunRequest) -> Result<RunReport, SandboxError> {
+        self.check_imports(component, &req.granted)?;
+        let mut linker: Linker<HostState> = Linker::new(&self.engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| SandboxError::Setup(e.to_string()))?;
+        bindings::Train::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| SandboxError::Setup(e.to_string()))?;
+
+        let memory_cap = req.memory_bytes;
+        let wall_limit = req.wall;
+        let stdout = CappedPipe::new(req.log_cap);
+        let state = HostState {
+            wasi: locked_down_wasi(&req.seed, &stdout),
+            table: ResourceTable::new(),
+            memory: MemoryBudget::new(memory_cap),
+            outputs: OutputGate::new(req.manifest, req.output_max_bytes, req.output_max_total),
+            log: RunLog::new(req.log_cap),
+            granted: req.granted,
+            calls: Vec::new(),
+            progress: req.progress,
+            cohort: req.cohort,
+            imaging: req.imaging,
+            kernels: req.kernels,
+            federated: req.federated,
+            federated_trainer: None,
+            submitted: None,
+            deadline: Instant::now() + req.wall,
+            deadline_hit: false,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.memory);
+        store
+            .set_fuel(req.fuel)
+            .map_err(|e| SandboxError::Setup(e.to_string()))?;
+        let ticks = (req.wall.as_millis() / TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+
+        let started = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let engine = self.engine.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // park_timeout, not sleep: the run's end unparks the ticker so it exits at once.
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::park_timeout(TICK);
+                    engine.increment_epoch();
+                }
+            })
+        };
+
+        let result = (|| {
+            let train = bindings::Train::instantiate(&mut store, component, &linker)
+                .map_err(|e| Err(SandboxError::NotATrain(format!("{e:#}"))))?;
+            train.call_run(&mut store, &req.params).map_err(Ok)
+        })();
+        stop.store(true, Ordering::Release);
+        ticker.thread().unpark();
+        let _ = ticker.join();
+        let wall = started.elapsed();
+
+        let fuel_used = req.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        let state = store.into_data();
+        let outcome = match result {
+            Err(Err(refusal)) => return Err(refusal),
+            Ok(Ok(())) => match &state.outputs.violation {
+                // Cannot happen (a violation traps), but never release on a violation.
+                Some(v) => Outcome::PolicyViolation(v.clone()),
+                None => Outcome::Succeeded,
+            },
+            Ok(Err(msg)) => Outcome::Failed(guest_text(&msg)),
+            Err(Ok(trap)) => match classify_trap(&trap, &state) {
+                Outcome::WallClockExceeded(_) => Outcome::WallClockExceeded(wall_limit),
+                other => other,
+            },
+        };
+        // An ONNX Runtime call stopped by the time limit ends the run as the limit (nothing is
+        // released), whatever the train made of the error it got.
+        let outcome = if state.deadline_hit {
+            Outcome::WallClockExceeded(wall_limit)
+        } else {
+            outcome
+        };
+        let mut log = state.log;
+        log.stdout = stdout.contents();
+        let (outputs, update) = if outcome == Outcome::Succeeded {
+            (state.outputs.emitted, state.submitted)
+        } else {
+            (Vec::new(), None)
+        };
+        Ok(RunReport {
+            outcome,
+            fuel_used,
+            peak_memory_bytes: state.memory.peak as u64,
+            wall,
+            outputs,
+            log,
+            calls: state.calls,
+            update,
+        })
+    }
+}
+
+/// Whether [`Sandbox::compile`] compiled or loaded from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompileSource {
+    Compiled,
+    Cache,
+}
+
+/// Check one import name against the contract and the WASI allow-list.
+pub fn check_import(import: &str, granted: &BTreeSet<Capability>) -> Result<(), SandboxError> {
+    let refuse = |reason: String| {
+        Err(SandboxError::ForbiddenImport {
+            import: import.to_string(),
+            reason,
+        })
+    };
+    let (path, version) = import.split_once('@').unwrap_or((import, ""));
+    if let Some(interface) = path
+        .strip_prefix(CONTRACT_PACKAGE)
+        .and_then(|r| r.strip_prefix('/'))
+    {
+        if version != CONTRACT_VERSION {
+            return refuse(format!(
+                "contract version {version:?} is not implemented (this station implements {CONTRACT_VERSION})"
+            ));
+        }
+        return match interface {
+            "output" | "types" => Ok(()),
+            other => {
+                let needed: Vec<Capability> = Capability::ALL
+                    .into_iter()
+                    .filter(|c| c.interfaces().contains(&other))
+                    .collect();
+                if needed.is_empty() {
+                    return refuse("not an interface of the contract".into());
+                }
+                if needed.iter().any(|c| granted.contains(c)) {
+                    Ok(())
+                } else {
+                    let names: Vec<&str> = needed.iter().map(|c| c.name()).collect();
+                    refuse(format!(
+                        "needs capability {}, which the manifest does not declare or the station does not grant",
+                        names.join(" or ")
+                    ))
+                }
+            }
+        };
+    }
+    if import.starts_with("wasi:") {
+        if WASI_ALLOWED.iter().any(|p| import.starts_with(p)) && version.starts_with("0.2.") {
+            return Ok(());
+        }
+        return refuse("WASI interface outside the allow-list (io, clocks, random, cli)".into());
+    }
+    refuse("neither the amicus:train contract nor allowed WASI".into())
+}
+
+/// One round of a federated job, as the station runs it.
+#[derive(Clone)]
+pub struct FederatedRound {
+    pub job: String,
+    /// 1 for the first round.
+    pub number: u32,
+    pub rounds: u32,
+    pub proximal_mu: f32,
+    /// The round's global weights.
+    pub global: Arc<amicus_fl::wire::Weights>,
+    pub encoding: amicus_fl::wire::Encoding,
+    /// Clip the update to this L2 norm (required when `noise_multiplier` is set).
+    pub clip_norm: Option<f64>,
+    /// Add Gaussian noise of standard deviation `noise_multiplier · clip_norm` to every value,
+    /// drawn from the operating system's randomness (never from the run's recorded seed: whoever
+    /// knows the seed could subtract the noise).
+    pub noise_multiplier: Option<f64>,
+}
+
+/// What `federated.submit` released, for the audit log and the run record.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SubmittedUpdate {
+    pub samples: u64,
+    pub values: u64,
+    /// L2 norm of the update before clipping.
+    pub norm: f64,
+    pub clipped: bool,
+    pub noised: bool,
+    pub bytes: u64,
+}
+
+/// Receives the train's progress reports: fraction in [0, 1] and a short message.
+pub type ProgressSink = Box<dyn FnMut(f32, &str) + Send>;
+
+/// What a run may use and emit.
+pub struct RunRequest<'a> {
+    pub manifest: &'a Manifest,
+    /// Capabilities the manifest declares and the policy grants.
+    pub granted: BTreeSet<Capability>,
+    pub params: String,
+    pub fuel: u64,
+    pub memory_bytes: usize,
+    pub wall: Duration,
+    pub output_max_bytes: u64,
+    pub output_max_total: u64,
+    pub log_cap: usize,
+    /// Seeds the guest's WASI randomness (recorded in the audit log).
+    pub seed: [u8; 32],
+    pub progress: ProgressSink,
+    /// The station's FAIR index and query limits; `None` when the archive is not indexed.
+    pub cohort: Option<CohortAccess>,
+    /// The indexed archive, for `imaging`; `None` when the archive is not indexed.
+    pub imaging: Option<Arc<amicus_index::scan::ArchiveState>>,
+    /// The bundle's models, for `kernels`; `None` when the capability is not granted.
+    pub kernels: Option<KernelAccess>,
+    /// The round, when this run is part of a federated job.
+    pub federated: Option<FederatedRound>,
+}
+
+/// What the `cohort` capability queries, under which limits.
+#[derive(Clone)]
+pub struct CohortAccess {
+    pub index: Arc<amicus_index::Index>,
+    pub limits: amicus_index::QueryLimits,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    /// The train returned an error.
+    Failed(String),
+    /// The train broke an output rule (undeclared name, too large, emitted twice).
+    PolicyViolation(String),
+    OutOfFuel,
+    WallClockExceeded(Duration),
+    MemoryLimit(String),
+    /// Any other trap, e.g. a panic (`unreachable`).
+    Trapped(String),
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed(_) => "failed",
+            Outcome::PolicyViolation(_) => "policy-violation",
+            Outcome::OutOfFuel => "out-of-fuel",
+            Outcome::WallClockExceeded(_) => "wall-clock-exceeded",
+            Outcome::MemoryLimit(_) => "memory-limit",
+            Outcome::Trapped(_) => "trapped",
+        }
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Outcome::Succeeded => None,
+            Outcome::Failed(m) => Some(format!("train returned an error: {m}")),
+            Outcome::PolicyViolation(m) => Some(format!("output policy violated: {m}")),
+            Outcome::OutOfFuel => Some("stopped: fuel exhausted (CPU limit)".into()),
+            Outcome::WallClockExceeded(d) => Some(format!(
+                "stopped: wall-clock limit of {} s exceeded",
+                d.as_secs()
+            )),
+            Outcome::MemoryLimit(m) => Some(format!("stopped: memory limit: {m}")),
+            Outcome::Trapped(m) => Some(format!("train trapped: {m}")),
+        }
+    }
+}
+
+/// Everything a run produced. `outputs` is empty unless the run succeeded.
+#[derive(Debug)]
+pub struct RunReport {
+    pub outcome: Outcome,
+    pub fuel_used: u64,
+    pub peak_memory_bytes: u64,
+    pub wall: Duration,
+    /// Declared name → bytes, in emit order.
+    pub outputs: Vec<(String, Vec<u8>)>,
+    pub log: RunLog,
+    pub calls: Vec<CallRecord>,
+    /// The update `federated.submit` released (only when the run succeeded).
+    pub update: Option<SubmittedUpdate>,
+}
+
+/// One capability call, for the audit log.
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    pub capability: String,
+    pub call: String,
+    pub detail: String,
+    pub rows: Option<u64>,
+    pub outcome: String,
+}
+
+/// The train's log lines and captured stdout/stderr, capped.
+#[derive(Debug, Default)]
+pub struct RunLog {
+    pub lines: Vec<(String, String)>,
+    pub stdout: Vec<u8>,
+    pub dropped_lines: u64,
+    bytes: usize,
+    cap: usize,
+}
+
+impl RunLog {
+    pub(crate) fn new(cap: usize) -> RunLog {
+        RunLog {
+            cap,
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn push(&mut self, level: &str, message: &str) {
+        let m = guest_text(message);
+        if self.bytes + m.len() > self.cap {
+            self.dropped_lines += 1;
+            return;
+        }
+        self.bytes += m.len();
+        self.lines.push((level.to_string(), m));
+    }
+
+    pub fn last_error(&self) -> Option<&str> {
+        self.lines
+            .iter()
+            .rev()
+            .find(|(l, _)| l == "error")
+            .map(|(_, m)| m.as_str())
+    }
+}
+
+fn classify_trap(err: &wasmtime::Error, state: &HostState) -> Outcome {
+    if let Some(v) = &state.outputs.violation {
+        return Outcome::PolicyViolation(v.clone());
+    }
+    if let Some(m) = &state.memory.refused {
+        return Outcome::MemoryLimit(m.clone());
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => Outcome::OutOfFuel,
+        Some(Trap::Interrupt) => Outcome::WallClockExceeded(Duration::ZERO),
+        Some(t) => {
+            let mut m = t.to_string();
+            if let Some(panic) = state.log.last_error() {
+                m = format!("{m} ({panic})");
+            }
+            Outcome::Trapped(m)
+        }
+        None => Outcome::Trapped(format!("{err:#}")),
+    }
+}
+
+/// Clip `delta` to `clip_norm` and add Gaussian noise of standard deviation
+/// `noise_multiplier · clip_norm` (from OS randomness). Returns the norm before clipping and
+/// whether it was clipped.
+pub fn privatise(
+    delta: &mut [f32],
+    clip_norm: Option<f64>,
+    noise_multiplier: Option<f64>,
+) -> Result<(f64, bool), String> {
+    let norm = amicus_fl::aggregate::l2_norm(delta);
+    if !norm.is_finite() {
+        return Err("the update is not finite".into());
+    }
+    let clipped = match clip_norm {
+        Some(c) if c.is_finite() && c > 0.0 => {
+            amicus_fl::aggregate::clip_norm(delta, c);
+            norm > c
+        }
+        Some(c) => return Err(format!("clip norm {c} is not a positive number")),
+        None => false,
+    };
+    if let Some(sigma) = noise_multiplier {
+        let Some(c) = clip_norm else {
+            return Err("noise needs a clip norm (the sensitivity)".into());
+        };
+        if !(sigma.is_finite() && sigma > 0.0) {
+            return Err(format!("noise multiplier {sigma} is not a positive number"));
+        }
+        let mut rng = os_rng().map_err(|e| format!("operating system randomness: {e}"))?;
+        let std = sigma * c;
+        for x in delta.iter_mut() {
+            *x = (f64::from(*x) + std * gaussian(&mut rng)) as f32;
+        }
+    }
+    Ok((norm, clipped))
+}
+
+fn os_rng() -> Result<rand::rngs::StdRng, getrandom::Error> {
+    use rand::SeedableRng;
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed)?;
+    Ok(rand::rngs::StdRng::from_seed(seed))
+}
+
+/// A standard normal draw (Box–Muller).
+fn gaussian(rng: &mut rand::rngs::StdRng) -> f64 {
+    use rand::Rng;
+    let unit = |rng: &mut rand::rngs::StdRng| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let u1 = 1.0 - unit(rng); // (0, 1]
+    let u2 = unit(rng);
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// Text that came from a guest, made safe to show and store: control characters (terminal
+/// escape sequences among them) are escaped, except newline and tab, and the length is capped.
+pub fn guest_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(crate::audit::MAX_TEXT));
+    for c in s.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+        if out.len() >= crate::audit::MAX_TEXT {
+            break;
+        }
+    }
+    crate::audit::cut(&mut out);
+    out
+}
+
+/// A seed for a run's randomness: SHA-256 over the bundle digest, the parameters and the run id.
+pub fn run_seed(digest: &Digest, params: &str, run_id: &str) -> [u8; 32] {
+    let mut m = Vec::new();
+    m.extend_from_slice(digest.as_bytes());
+    m.extend_from_slice(&sha256(params.as_bytes()).0);
+    m.extend_from_slice(run_id.as_bytes());
+    sha256(&m).0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(c: &[Capability]) -> BTreeSet<Capability> {
+        c.iter().copied().collect()
+    }
+
+    #[test]
+    fn import_allow_list() {
+        let none = caps(&[]);
+        assert!(check_import("amicus:train/output@0.1.0", &none).is_ok());
+        assert!(check_import("wasi:io/streams@0.2.6", &none).is_ok());
+        assert!(check_import("wasi:cli/environment@0.2.3", &none).is_ok());
+        for bad in [
+            "wasi:filesystem/preopens@0.2.6",
+            "wasi:sockets/tcp@0.2.6",
+            "wasi:http/outgoing-handler@0.2.6",
+            "wasi:io/streams@0.3.0",
+            "amicus:train/output@0.2.0",
+            "amicus:train/backdoor@0.1.0",
+            "evil:exfil/upload@1.0.0",
+            "upload",
+        ] {
+            assert!(check_import(bad, &none).is_err(), "allowed {bad}");
+        }
+        assert!(check_import("amicus:train/cohort@0.1.0", &none).is_err());
+        assert!(check_import("amicus:train/cohort@0.1.0", &caps(&[Capability::Cohort])).is_ok());
+        assert!(check_import("amicus:train/tensors@0.1.0", &caps(&[Capability::Cohort])).is_err());
+        assert!(check_import("amicus:train/tensors@0.1.0", &caps(&[Capability::Kernels])).is_ok());
+    }
+
+    #[test]
+    fn guest_text_escapes_control_characters() {
+        assert_eq!(guest_text("ok\nline\ttab"), "ok\nline\ttab");
+        assert_eq!(guest_text("\u{1b}[2J"), "\\u{1b}[2J");
+        assert!(guest_text(&"x".repeat(10_000)).len() <= crate::audit::MAX_TEXT + 3);
+    }
+}
