@@ -7,10 +7,12 @@
 //! same model and spec give the same bytes), so the gradient code is the station's, not the
 //! train's. An op on the gradient path without a rule is refused by name.
 //!
-//! Owns the derivation (`derive`) and the ONNX file format (`onnx`); does not run graphs
+//! Owns the derivation (`derive`), the ONNX file format (`onnx`) and the check of what a model
+//! must be before ONNX Runtime may load it (`loadable`); does not run graphs
 //! (`amicus-kernels` does) and does not update weights.
 
 mod emit;
+pub mod loadable;
 mod norm;
 pub mod onnx;
 mod resize;

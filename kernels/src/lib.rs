@@ -149,6 +149,26 @@ impl Session {
         threads: usize,
         device: Device,
     ) -> Result<Session, KernelError> {
+        Session::from_bytes_capped(
+            model,
+            threads,
+            device,
+            &amicus_autodiff::loadable::Caps::CEILING,
+        )
+    }
+
+    /// `from_bytes_on` under the station's `caps`. Every model reaches ONNX Runtime through
+    /// here, and only as bytes: it is first checked to be self-contained (no external data, no
+    /// field that makes ONNX Runtime open a file; see `amicus_autodiff::loadable`) and within
+    /// the caps.
+    pub fn from_bytes_capped(
+        model: &[u8],
+        threads: usize,
+        device: Device,
+        caps: &amicus_autodiff::loadable::Caps,
+    ) -> Result<Session, KernelError> {
+        amicus_autodiff::loadable::check(model, caps)
+            .map_err(|e| KernelError::Model(e.to_string()))?;
         let env = environment()?;
         let cuda = match device {
             Device::Cpu => false,
