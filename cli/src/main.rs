@@ -9,6 +9,7 @@ mod bench_fl;
 mod bench_imaging;
 mod bench_index;
 mod bench_registry;
+mod bench_start;
 mod bench_train;
 mod demo;
 mod job;
@@ -280,6 +281,11 @@ enum AuditCommand {
 }
 
 fn main() -> ExitCode {
+    // A station's run worker (`amicus __run-worker`): hidden, started only by the station
+    // itself, before any argument parsing or output.
+    if std::env::args_os().nth(1).as_deref() == Some(amicus_runtime::worker::SUBCOMMAND.as_ref()) {
+        amicus_runtime::worker::child::main();
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,7 @@ mod common;
 
 use amicus_fl::wire::{Encoding, Update, Weights};
 use amicus_runtime::sandbox::{FederatedRound, UPDATE_OUTPUT};
-use amicus_runtime::station::{Station, StationError};
+use amicus_runtime::station::StationError;
 use common::Fixture;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -94,7 +94,7 @@ fn run(
     what: &str,
     round: FederatedRound,
 ) -> Result<amicus_runtime::station::RunRecord, StationError> {
-    Station::open(&f.station()).unwrap().run_round(
+    common::station(&f.station()).run_round(
         bundle,
         Some(&format!("{{\"do\": \"{what}\"}}")),
         round,
@@ -294,8 +294,7 @@ fn fed_cls_learns_over_rounds() {
             clip_norm: None,
             noise_multiplier: None,
         };
-        let record = Station::open(&f.station())
-            .unwrap()
+        let record = common::station(&f.station())
             .run_round(
                 &bundle,
                 Some(r#"{"local_steps": 25, "batch": 16, "learning_rate": 0.01}"#),

@@ -25,6 +25,7 @@ fn run(sandbox: &Sandbox, bundle: &Bundle, params: &str, fuel: u64, wall: Durati
                 log_cap: 1 << 20,
                 seed: [7; 32],
                 progress: Box::new(|_, _| {}),
+                on_call: None,
                 cohort: None,
                 imaging: None,
                 kernels: None,

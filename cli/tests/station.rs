@@ -357,11 +357,31 @@ fn memory_bomb_is_stopped_by_the_limiter() {
     let (f, b) = misbehaving();
     let out = f.run(&b, Some(r#"{"do":"alloc"}"#));
     assert_run_failed(&f, &out, "memory-limit", "refused (limit 33554432 bytes)");
+    // The audited peak is the worker's resident set: the 32 MiB of linear memory the budget
+    // allowed, and the runtime around it, under the worker's operating-system limit.
+    let peak = f.last_event("run-finished")["peak_memory_bytes"]
+        .as_u64()
+        .unwrap();
+    let limit = f.last_event("worker-started")["memory_limit_bytes"]
+        .as_u64()
+        .unwrap();
     assert!(
-        f.last_event("run-finished")["peak_memory_bytes"]
-            .as_u64()
-            .unwrap()
-            <= 32 << 20
+        peak >= 32 << 20 && peak <= limit,
+        "peak {peak}, limit {limit}"
+    );
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            f.station()
+                .join("runs")
+                .join(f.last_event("run-finished")["run_id"].as_str().unwrap())
+                .join("run.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        record["budget_peak_bytes"].as_u64().unwrap() <= 32 << 20,
+        "{record}"
     );
 }
 

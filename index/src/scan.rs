@@ -352,7 +352,13 @@ impl ArchiveState {
 /// The state the last scan left in `index_dir`, if any (and readable).
 pub fn archive_state(index_dir: &Path) -> Option<ArchiveState> {
     let file = std::fs::File::open(index_dir.join(STATE_FILE)).ok()?;
-    let mut lines = std::io::BufReader::new(file).lines();
+    archive_state_from(std::io::BufReader::new(file))
+}
+
+/// [`archive_state`] from an open `files.jsonl` (the run worker opens it before it confines
+/// itself, and reads it after).
+pub fn archive_state_from(reader: impl BufRead) -> Option<ArchiveState> {
+    let mut lines = reader.lines();
     let header: StateHeader = serde_json::from_str(&lines.next()?.ok()?).ok()?;
     let mut entries = Vec::new();
     for line in lines {
@@ -362,6 +368,83 @@ pub fn archive_state(index_dir: &Path) -> Option<ArchiveState> {
         archive: PathBuf::from(header.archive),
         entries,
     })
+}
+
+/// Where the station notes that `graph.nq` was checked against the last report (its size,
+/// modification time and SHA-256), so a check costs a `stat` until the file changes.
+const GRAPH_CHECKED_FILE: &str = "graph.checked";
+
+#[derive(Serialize, Deserialize, PartialEq)]
+struct GraphChecked {
+    len: u64,
+    modified_ns: u128,
+    sha256: String,
+}
+
+/// Check that `graph.nq` is the graph the last scan wrote (its SHA-256 is in `report.json`):
+/// a run only ever queries an index the station made. The hash is computed again only when the
+/// file's size or modification time changed since the last check.
+pub fn check_graph(index_dir: &Path) -> Result<(), crate::LoadError> {
+    use crate::LoadError;
+    let graph = index_dir.join(GRAPH_FILE);
+    let report = last_report(index_dir).ok_or_else(|| {
+        LoadError::Damaged(format!(
+            "{} has no readable {REPORT_FILE}; run amicus station index",
+            index_dir.display()
+        ))
+    })?;
+    let meta = std::fs::metadata(&graph).map_err(|source| LoadError::Io {
+        path: graph.clone(),
+        source,
+    })?;
+    let stamp = GraphChecked {
+        len: meta.len(),
+        modified_ns: meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos()),
+        sha256: report.graph_sha256.clone(),
+    };
+    let checked = index_dir.join(GRAPH_CHECKED_FILE);
+    if let Ok(text) = std::fs::read(&checked)
+        && serde_json::from_slice::<GraphChecked>(&text).ok().as_ref() == Some(&stamp)
+    {
+        return Ok(());
+    }
+    let mut file = std::fs::File::open(&graph).map_err(|source| LoadError::Io {
+        path: graph.clone(),
+        source,
+    })?;
+    let mut hash = Sha256::new();
+    std::io::copy(&mut file, &mut HashOnly(&mut hash)).map_err(|source| LoadError::Io {
+        path: graph.clone(),
+        source,
+    })?;
+    if hex::encode(hash.finalize()) != report.graph_sha256 {
+        return Err(LoadError::Damaged(format!(
+            "{} is not the graph the last scan wrote (its SHA-256 differs from {REPORT_FILE}); run amicus station index",
+            graph.display()
+        )));
+    }
+    // Best effort: without the note the next check hashes again.
+    if let Ok(text) = serde_json::to_vec(&stamp) {
+        let _ = replace_file(&checked, |w| w.write_all(&text));
+    }
+    Ok(())
+}
+
+/// A writer that only hashes.
+struct HashOnly<'a>(&'a mut Sha256);
+
+impl Write for HashOnly<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The last scan's report, if any.

@@ -97,6 +97,21 @@ pub enum Event {
         detail: String,
         rows: Option<u64>,
         outcome: String,
+        /// Consecutive identical calls this entry stands for (absent: one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        count: Option<u64>,
+    },
+    /// The run's worker process is set up and confined as described; the train starts.
+    WorkerStarted {
+        run_id: String,
+        /// `enforced (ABI N)`, `partially enforced (ABI N)` or `not enforced: why`.
+        landlock: String,
+        seccomp: String,
+        memory_limit_bytes: u64,
+        cpu_limit_seconds: u64,
+        capabilities_dropped: bool,
+        /// Where the confinement falls short (empty when complete).
+        gaps: Vec<String>,
     },
     OutputReleased {
         run_id: String,

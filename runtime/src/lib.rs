@@ -12,8 +12,10 @@
 
 pub mod audit;
 pub mod host;
+pub mod noise;
 pub mod policy;
 pub mod privacy;
 pub mod prov;
 pub mod sandbox;
 pub mod station;
+pub mod worker;

@@ -44,7 +44,7 @@ pub struct Approval {
 }
 
 /// How trains' models run on this station (capability `kernels`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KernelsPolicy {
     /// `cpu` (the default), `cuda` (ONNX Runtime's CUDA execution provider; kernels calls are
@@ -52,6 +52,75 @@ pub struct KernelsPolicy {
     /// (CUDA when the library has it, else the CPU).
     #[serde(default)]
     pub device: KernelDevice,
+    /// Largest model file a bundle may declare.
+    #[serde(default = "default_max_model_bytes")]
+    pub max_model_bytes: u64,
+    /// Most nodes a model may have, counted over all its graphs and functions.
+    #[serde(default = "default_max_nodes")]
+    pub max_nodes: u64,
+}
+
+fn default_max_model_bytes() -> u64 {
+    256 << 20
+}
+
+fn default_max_nodes() -> u64 {
+    100_000
+}
+
+impl Default for KernelsPolicy {
+    fn default() -> Self {
+        KernelsPolicy {
+            device: KernelDevice::default(),
+            max_model_bytes: default_max_model_bytes(),
+            max_nodes: default_max_nodes(),
+        }
+    }
+}
+
+impl KernelsPolicy {
+    pub fn model_caps(&self) -> amicus_autodiff::loadable::Caps {
+        amicus_autodiff::loadable::Caps {
+            max_bytes: self.max_model_bytes,
+            max_nodes: self.max_nodes,
+        }
+    }
+}
+
+/// The run worker each train runs in (`[worker]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerPolicy {
+    /// Refuse to run trains when the kernel cannot fully confine the worker (Landlock with
+    /// network and signal rules, seccomp); otherwise they run best effort and the audit log
+    /// says what held.
+    #[serde(default)]
+    pub require_confinement: bool,
+    /// Memory the worker may use beyond its baseline and the train's `memory_mib` (thread
+    /// stacks, allocator arenas, the engine's bookkeeping).
+    #[serde(default = "default_slack")]
+    pub memory_slack_mib: u32,
+    /// Longest the worker may take to start and load the index before the train runs.
+    #[serde(default = "default_setup_seconds")]
+    pub setup_seconds: u32,
+}
+
+fn default_slack() -> u32 {
+    64
+}
+
+fn default_setup_seconds() -> u32 {
+    120
+}
+
+impl Default for WorkerPolicy {
+    fn default() -> Self {
+        WorkerPolicy {
+            require_confinement: false,
+            memory_slack_mib: default_slack(),
+            setup_seconds: default_setup_seconds(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +160,14 @@ pub struct OutputCaps {
     pub max_total_bytes: u64,
     /// Largest run log (train log lines plus captured stdout/stderr) kept at the station.
     pub max_log_bytes: u64,
+    /// Most bytes of audit entries (capability calls) one run may cause; a run that goes
+    /// over is stopped `limit-exceeded`.
+    #[serde(default = "default_max_audit_bytes")]
+    pub max_audit_bytes: u64,
+}
+
+fn default_max_audit_bytes() -> u64 {
+    1 << 20
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +190,8 @@ pub struct Policy {
     #[serde(default)]
     pub kernels: KernelsPolicy,
     #[serde(default)]
+    pub worker: WorkerPolicy,
+    #[serde(default)]
     pub trusted_signers: Vec<Signer>,
     #[serde(default)]
     pub approved: Vec<Approval>,
@@ -133,11 +212,13 @@ impl Default for Policy {
                 max_bytes: 16 << 20,
                 max_total_bytes: 64 << 20,
                 max_log_bytes: 1 << 20,
+                max_audit_bytes: default_max_audit_bytes(),
             },
             cohort: CohortPolicy::default(),
             catalog: CatalogPolicy::default(),
             privacy: PrivacyPolicy::default(),
             kernels: KernelsPolicy::default(),
+            worker: WorkerPolicy::default(),
             trusted_signers: Vec::new(),
             approved: Vec::new(),
         }
@@ -288,6 +369,12 @@ impl Policy {
         if self.outputs.max_bytes == 0 || self.outputs.max_total_bytes == 0 {
             return Err("output caps must be positive".into());
         }
+        if self.kernels.max_model_bytes == 0 || self.kernels.max_nodes == 0 {
+            return Err("kernels.max_model_bytes and kernels.max_nodes must be positive".into());
+        }
+        if self.worker.setup_seconds == 0 {
+            return Err("worker.setup_seconds must be positive".into());
+        }
         let c = &self.cohort;
         if c.min_patients == 0 {
             return Err("cohort.min_patients must be at least 1".into());
@@ -386,6 +473,15 @@ impl Policy {
             }
         }
         let limits = self.check_limits(&m.limits)?;
+        let caps = self.kernels.model_caps();
+        for model in &m.models {
+            let Some(bytes) = bundle.file(&model.file) else {
+                continue;
+            };
+            if let Err(e) = amicus_autodiff::loadable::check(bytes, &caps) {
+                return Err(Refusal::new("models", format!("{}: {e}", model.file)));
+            }
+        }
         for o in &m.outputs {
             if o.max_bytes > self.outputs.max_bytes {
                 return Err(Refusal::new(

@@ -230,6 +230,17 @@ impl Fixture {
     }
 }
 
+/// The station in `dir`, opened in this (test) process, whose run workers are the real
+/// `amicus __run-worker` (not this test binary).
+pub fn station(dir: &Path) -> amicus_runtime::station::Station {
+    amicus_runtime::station::Station::open(dir)
+        .expect("a station")
+        .with_worker(amicus_runtime::worker::WorkerCommand {
+            program: PathBuf::from(env!("CARGO_BIN_EXE_amicus")),
+            args: vec![amicus_runtime::worker::SUBCOMMAND.into()],
+        })
+}
+
 /// The Python of the venv `scripts/setup.sh` makes (pydicom, numpy, rdflib), or `AMICUS_PYTHON`.
 pub fn python() -> Option<PathBuf> {
     let p = std::env::var_os("AMICUS_PYTHON")

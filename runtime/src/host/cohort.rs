@@ -31,6 +31,7 @@ impl HostState {
                 "this station has not indexed its archive (amicus station index)",
             ));
         };
+        self.begin(Capability::Cohort, call, &detail);
         let result = query(&access.index, &sparql, &access.limits);
         let rows_seen = result.as_ref().ok().map(rows);
         let answer = result.map_err(|e| {

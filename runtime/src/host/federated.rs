@@ -3,7 +3,7 @@
 
 use super::bindings::amicus::train::{federated, types};
 use super::{HostState, TrainerHandle};
-use crate::sandbox::{FederatedRound, SubmittedUpdate, UPDATE_OUTPUT, guest_text, privatise};
+use crate::sandbox::{FederatedRound, RawUpdate, UPDATE_OUTPUT, guest_text};
 use amicus_bundle::Capability;
 use wasmtime::component::Resource;
 
@@ -134,39 +134,34 @@ impl federated::Host for HostState {
                 }
             }
         }
-        let privatised = match privatise(&mut delta, round.clip_norm, round.noise_multiplier) {
-            Ok(p) => p,
-            Err(e) => return refuse(self, types::Error::Failed(e)),
-        };
+        if delta.iter().any(|v| !v.is_finite()) {
+            return refuse(
+                self,
+                types::Error::Failed("the update is not finite".into()),
+            );
+        }
+        // The station clips, noises and encodes the update after the run; its size does not
+        // depend on the noise, so the output rules are applied to it here, at once.
         let update = amicus_fl::wire::Update {
             samples: u64::from(samples),
             delta,
         };
         let bytes = match update.encode(round.encoding) {
-            Ok(b) => b,
+            Ok(b) => b.len() as u64,
             Err(e) => return refuse(self, types::Error::Failed(format!("update: {e}"))),
         };
-        let submitted = SubmittedUpdate {
-            samples: u64::from(samples),
-            values: update.delta.len() as u64,
-            norm: privatised.0,
-            clipped: privatised.1,
-            noised: round.noise_multiplier.is_some(),
-            bytes: bytes.len() as u64,
-        };
-        if let Err(violation) = self.outputs.emit_checked(UPDATE_OUTPUT, bytes) {
+        if let Err(violation) = self.outputs.reserve(UPDATE_OUTPUT, bytes) {
             return refuse(self, types::Error::LimitExceeded(violation));
         }
         let detail = format!(
-            "samples {samples}, {} values, norm {:.4}{}{}, {} bytes ({:?})",
-            submitted.values,
-            submitted.norm,
-            if submitted.clipped { ", clipped" } else { "" },
-            if submitted.noised { ", noised" } else { "" },
-            submitted.bytes,
+            "samples {samples}, {} values, {bytes} bytes ({:?})",
+            update.delta.len(),
             round.encoding
         );
-        self.submitted = Some(submitted);
+        self.submitted = Some(RawUpdate {
+            samples: update.samples,
+            delta: update.delta,
+        });
         self.record(Capability::Kernels, CALL, detail, None, Ok(()))
     }
 }

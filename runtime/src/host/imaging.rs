@@ -248,6 +248,7 @@ impl imaging::Host for HostState {
                 "this station has not indexed its archive (amicus station index)",
             ));
         }
+        self.begin(Capability::Imaging, "load-series", &detail);
         let result = self
             .series_files(&series_uid)
             .and_then(|files| amicus_imaging::load_series(&files, self.memory_left()))
@@ -276,6 +277,7 @@ impl imaging::Host for HostState {
                 "this station has not indexed its archive (amicus station index)",
             ));
         }
+        self.begin(Capability::Imaging, "load-mask", &detail);
         let result = self
             .series_files(&series_uid)
             .and_then(|files| amicus_imaging::series_geometry(&files))
@@ -311,6 +313,7 @@ impl imaging::Host for HostState {
                 "this station has not indexed its archive (amicus station index)",
             ));
         }
+        self.begin(Capability::Imaging, "sample-patches", &detail);
         let result = (|| {
             if options.slices.is_some() || options.size.is_some() || options.centre.is_some() {
                 return Err(E::InvalidRequest(

@@ -18,8 +18,7 @@ fn kernel_tensor(t: &HostTensor) -> amicus_kernels::Tensor {
 }
 
 impl HostState {
-    /// Record a kernels call for the audit log (consecutive successful steps of one trainer
-    /// as one entry with their count) and turn a kernel error into the contract's.
+    /// Record a kernels call for the audit log and turn a kernel error into the contract's.
     pub(super) fn kernels_call<T>(
         &mut self,
         call: &str,
@@ -33,6 +32,15 @@ impl HostState {
                 K::LibraryMissing(_) | K::LibraryUnloadable { .. } | K::DeviceUnavailable(_) => {
                     types::Error::NotAvailable(reason)
                 }
+                // An allocation the worker's memory limit refused inside ONNX Runtime: the
+                // run ends at its memory limit, whatever the train does with the error.
+                K::Run(m) | K::Model(m) if allocation_failed(&m) => {
+                    self.memory_hit = Some(format!(
+                        "ONNX Runtime could not allocate within the run's memory: {}",
+                        m.chars().take(300).collect::<String>()
+                    ));
+                    types::Error::LimitExceeded(reason)
+                }
                 K::Model(_) | K::Input(_) | K::Tensor { .. } => {
                     types::Error::InvalidArgument(reason)
                 }
@@ -43,17 +51,9 @@ impl HostState {
                 }
             }
         });
-        let step = call == "trainer.step" && answer.is_ok();
-        if step
-            && let Some(last) = self.calls.last_mut()
-            && last.call == call
-            && last.detail == detail
-            && last.outcome == "ok"
-        {
-            last.rows = Some(last.rows.unwrap_or(1) + 1);
-            return answer;
-        }
-        self.record(Capability::Kernels, call, detail, step.then_some(1), answer)
+        // Consecutive identical calls (a training loop's steps) become one record with their
+        // count (`CallLog`).
+        self.record(Capability::Kernels, call, detail, None, answer)
     }
 
     /// The declared model `file`, or why it cannot be opened.
@@ -112,7 +112,14 @@ impl kernels::HostModel for HostState {
             .kernels
             .as_ref()
             .map_or_else(Default::default, |k| k.device);
-        let result = amicus_kernels::Session::from_bytes_on(&model.bytes, threads, device);
+        let caps = self
+            .kernels
+            .as_ref()
+            .map_or(amicus_autodiff::loadable::Caps::CEILING, |k| k.caps);
+        // Loaded from bytes only, after the check that it names no file (external data).
+        self.begin(Capability::Kernels, "model.open", &guest_text(&file));
+        let result =
+            amicus_kernels::Session::from_bytes_capped(&model.bytes, threads, device, &caps);
         let session = self.kernels_call("model.open", guest_text(&file), result)?;
         self.table
             .push(ModelHandle { file, session })
@@ -146,6 +153,12 @@ impl kernels::HostModel for HostState {
             .get_mut(&m)
             .map_err(|e| types::Error::Failed(e.to_string()))?;
         let detail = handle.file.clone();
+        self.calls
+            .begin(Capability::Kernels.name(), "model.infer", &detail);
+        let handle = self
+            .table
+            .get_mut(&m)
+            .map_err(|e| types::Error::Failed(e.to_string()))?;
         let feeds: Vec<(&str, &amicus_kernels::Tensor)> =
             tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let result = handle.session.run_until(&feeds, &[], Some(self.deadline));
@@ -205,12 +218,17 @@ impl kernels::HostTrainer for HostState {
     ) -> Result<Resource<TrainerHandle>, types::Error> {
         self.require(Capability::Kernels, "trainer.open")?;
         let model = self.declared_model("trainer.open", &file)?;
+        let caps = self
+            .kernels
+            .as_ref()
+            .map_or(amicus_autodiff::loadable::Caps::CEILING, |k| k.caps);
         let threads = self.kernels.as_ref().map_or(1, |k| k.threads);
         let device = self
             .kernels
             .as_ref()
             .map_or_else(Default::default, |k| k.device);
         let detail = format!("{} {:?}", guest_text(&file), options.optimizer);
+        self.begin(Capability::Kernels, "trainer.open", &detail);
         let result = (|| {
             use amicus_kernels::KernelError as K;
             if !model.trainable {
@@ -223,6 +241,10 @@ impl kernels::HostTrainer for HostState {
                 .as_deref()
                 .ok_or_else(|| K::Model(format!("{file:?} declares no loss")))
                 .and_then(|l| amicus_autodiff::Loss::parse(l).map_err(K::Model))?;
+            // The bundle's bytes pass the same check as a model opened for inference (the
+            // derived graph is checked again when it is loaded).
+            amicus_autodiff::loadable::check(&model.bytes, &caps)
+                .map_err(|e| K::Model(e.to_string()))?;
             let forward = parse_model(&model.bytes)?;
             amicus_kernels::trainer::Trainer::new(
                 &forward,
@@ -270,6 +292,8 @@ impl kernels::HostTrainer for HostState {
             .get_mut(&t)
             .map_err(|e| types::Error::Failed(e.to_string()))?;
         let detail = handle.file.clone();
+        self.calls
+            .begin(Capability::Kernels.name(), "trainer.step", &detail);
         let result = batch.and_then(|(x, y)| handle.trainer.step(&x, &y));
         self.kernels_call("trainer.step", detail, result)
     }
@@ -289,6 +313,8 @@ impl kernels::HostTrainer for HostState {
             .get_mut(&t)
             .map_err(|e| types::Error::Failed(e.to_string()))?;
         let detail = handle.file.clone();
+        self.calls
+            .begin(Capability::Kernels.name(), "trainer.evaluate", &detail);
         let result = batch.and_then(|(x, y)| handle.trainer.evaluate(&x, &y).map(|(l, _)| l));
         self.kernels_call("trainer.evaluate", detail, result)
     }
@@ -305,6 +331,8 @@ impl kernels::HostTrainer for HostState {
             .get_mut(&t)
             .map_err(|e| types::Error::Failed(e.to_string()))?;
         let detail = handle.file.clone();
+        self.calls
+            .begin(Capability::Kernels.name(), "trainer.predict", &detail);
         let result = x.and_then(|x| handle.trainer.infer(&x));
         let out = self.kernels_call("trainer.predict", detail, result)?;
         let bytes = out.data.len() * 4;
@@ -399,4 +427,11 @@ impl kernels::HostTrainer for HostState {
         self.table.delete(t)?;
         Ok(())
     }
+}
+
+/// Whether ONNX Runtime's error says an allocation failed (its allocator's and the C++
+/// library's wording).
+fn allocation_failed(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("failed to allocate") || m.contains("bad_alloc") || m.contains("bad allocation")
 }

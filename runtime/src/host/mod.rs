@@ -14,7 +14,7 @@ mod tensors;
 use crate::sandbox::gate::OutputGate;
 use crate::sandbox::limits::MemoryBudget;
 use crate::sandbox::{
-    CallRecord, CohortAccess, FederatedRound, ProgressSink, RunLog, SubmittedUpdate,
+    CallLog, CallRecord, CohortAccess, FederatedRound, ProgressSink, RawUpdate, RunLog,
 };
 use amicus_bundle::Capability;
 use std::collections::BTreeSet;
@@ -76,6 +76,8 @@ pub struct KernelAccess {
     pub threads: usize,
     /// Where ONNX Runtime runs (the station's policy).
     pub device: amicus_kernels::Device,
+    /// The station's caps on a model's size and node count (policy `[kernels]`).
+    pub caps: amicus_autodiff::loadable::Caps,
 }
 
 pub(crate) struct HostState {
@@ -85,7 +87,7 @@ pub(crate) struct HostState {
     pub(crate) outputs: OutputGate,
     pub(crate) log: RunLog,
     pub(crate) granted: BTreeSet<Capability>,
-    pub(crate) calls: Vec<CallRecord>,
+    pub(crate) calls: CallLog,
     pub(crate) progress: ProgressSink,
     pub(crate) cohort: Option<CohortAccess>,
     pub(crate) imaging: Option<Arc<amicus_index::scan::ArchiveState>>,
@@ -93,11 +95,13 @@ pub(crate) struct HostState {
     pub(crate) federated: Option<FederatedRound>,
     /// The trainer (its table index) that `load-global` set up.
     pub(crate) federated_trainer: Option<u32>,
-    pub(crate) submitted: Option<SubmittedUpdate>,
+    pub(crate) submitted: Option<RawUpdate>,
     /// The run's time limit as an instant: ONNX Runtime calls stop there.
     pub(crate) deadline: Instant,
     /// An ONNX Runtime call was stopped by the time limit.
     pub(crate) deadline_hit: bool,
+    /// An allocation inside host code (ONNX Runtime) failed at the worker's memory limit.
+    pub(crate) memory_hit: Option<String>,
 }
 
 impl HostState {
@@ -111,6 +115,7 @@ impl HostState {
             detail: String::new(),
             rows: None,
             outcome: "denied".into(),
+            count: 1,
         });
         Err(types::Error::Denied(format!(
             "capability {cap} is not granted"
@@ -130,10 +135,16 @@ impl HostState {
             detail,
             rows: None,
             outcome: "not-available".into(),
+            count: 1,
         });
         types::Error::NotAvailable(format!(
             "capability {cap} is not available on this station: {what}"
         ))
+    }
+
+    /// A capability call that may take time starts (see [`crate::sandbox::CallEvent`]).
+    pub(crate) fn begin(&mut self, cap: Capability, call: &str, detail: &str) {
+        self.calls.begin(cap.name(), call, detail);
     }
 
     /// Record a capability call for the audit log: `ok`, or the error's kind and message.
@@ -164,6 +175,7 @@ impl HostState {
             detail,
             rows,
             outcome,
+            count: 1,
         });
         answer
     }
@@ -202,7 +214,7 @@ mod tests {
             outputs: OutputGate::new(&manifest, 1, 1),
             log: RunLog::new(100),
             granted: BTreeSet::new(),
-            calls: Vec::new(),
+            calls: CallLog::new(None),
             progress: Box::new(|_, _| {}),
             cohort: None,
             imaging: None,
@@ -212,13 +224,15 @@ mod tests {
             submitted: None,
             deadline: Instant::now() + Duration::from_secs(1),
             deadline_hit: false,
+            memory_hit: None,
         };
         let e = cohort::Host::select(&mut s, "SELECT * {}".into()).unwrap_err();
         assert!(matches!(e, types::Error::Denied(_)));
         let e = tensors::HostTensor::create(&mut s, vec![1], vec![0.0]).unwrap_err();
         assert!(matches!(e, types::Error::Denied(_)));
-        assert_eq!(s.calls.len(), 1);
-        assert_eq!(s.calls[0].outcome, "denied");
+        s.calls.flush();
+        assert_eq!(s.calls.done.len(), 1);
+        assert_eq!(s.calls.done[0].outcome, "denied");
 
         s.granted.insert(Capability::Cohort);
         let e = cohort::Host::select(&mut s, "SELECT * {}".into()).unwrap_err();

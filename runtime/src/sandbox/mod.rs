@@ -82,18 +82,36 @@ impl Sandbox {
         })
     }
 
+    /// Where the compilation of `wasm` is cached (`None` without a cache directory).
+    pub fn cache_path(&self, wasm: &[u8]) -> Option<PathBuf> {
+        let dir = self.cache_dir.as_ref()?;
+        Some(dir.join(format!(
+            "{}-{}.cwasm",
+            sha256(wasm),
+            self.engine_fingerprint()
+        )))
+    }
+
+    /// A component from the bytes of a compilation this station cached ([`Sandbox::compile`]).
+    ///
+    /// # Safety
+    /// `bytes` must come from this station's cache directory, which only ever receives the
+    /// output of `Engine::precompile_component` of this same binary (the run worker reads the
+    /// file the station names, before it runs anything a train controls).
+    pub unsafe fn load_compiled(&self, bytes: &[u8]) -> Result<Component, SandboxError> {
+        // SAFETY: the caller guarantees the bytes are this engine's own compilation.
+        unsafe { Component::deserialize(&self.engine, bytes) }
+            .map_err(|e| SandboxError::Setup(format!("the compiled component: {e:#}")))
+    }
+
     /// Compile `wasm` (or load the station's own cached compilation of it).
     pub fn compile(&self, wasm: &[u8]) -> Result<(Component, CompileSource), SandboxError> {
-        let Some(dir) = &self.cache_dir else {
+        let Some(path) = self.cache_path(wasm) else {
             let c = Component::new(&self.engine, wasm)
                 .map_err(|e| SandboxError::InvalidComponent(format!("{e:#}")))?;
             return Ok((c, CompileSource::Compiled));
         };
-        let path = dir.join(format!(
-            "{}-{}.cwasm",
-            sha256(wasm),
-            self.engine_fingerprint()
-        ));
+        let dir = path.parent().unwrap_or(Path::new("."));
         if path.is_file() {
             // SAFETY: the cache directory belongs to the station and only ever receives files
             // this function wrote from `Engine::precompile_component`; the file name binds the
@@ -164,7 +182,7 @@ impl Sandbox {
             outputs: OutputGate::new(req.manifest, req.output_max_bytes, req.output_max_total),
             log: RunLog::new(req.log_cap),
             granted: req.granted,
-            calls: Vec::new(),
+            calls: CallLog::new(req.on_call),
             progress: req.progress,
             cohort: req.cohort,
             imaging: req.imaging,
@@ -174,6 +192,7 @@ impl Sandbox {
             submitted: None,
             deadline: Instant::now() + req.wall,
             deadline_hit: false,
+            memory_hit: None,
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.memory);
@@ -209,7 +228,8 @@ impl Sandbox {
         let wall = started.elapsed();
 
         let fuel_used = req.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
-        let state = store.into_data();
+        let mut state = store.into_data();
+        state.calls.flush();
         let outcome = match result {
             Err(Err(refusal)) => return Err(refusal),
             Ok(Ok(())) => match &state.outputs.violation {
@@ -227,6 +247,8 @@ impl Sandbox {
         // released), whatever the train made of the error it got.
         let outcome = if state.deadline_hit {
             Outcome::WallClockExceeded(wall_limit)
+        } else if let Some(m) = &state.memory_hit {
+            Outcome::MemoryLimit(m.clone())
         } else {
             outcome
         };
@@ -237,6 +259,7 @@ impl Sandbox {
         } else {
             (Vec::new(), None)
         };
+        let calls = std::mem::take(&mut state.calls.done);
         Ok(RunReport {
             outcome,
             fuel_used,
@@ -244,7 +267,7 @@ impl Sandbox {
             wall,
             outputs,
             log,
-            calls: state.calls,
+            calls,
             update,
         })
     }
@@ -325,16 +348,14 @@ pub struct FederatedRound {
     pub noise_multiplier: Option<f64>,
 }
 
-/// What `federated.submit` released, for the audit log and the run record.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct SubmittedUpdate {
+/// What `federated.submit` handed over: the round's raw update. The station clips it, adds
+/// noise and encodes it (`crate::release`) before anything can leave; the sandbox never
+/// releases it itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawUpdate {
     pub samples: u64,
-    pub values: u64,
-    /// L2 norm of the update before clipping.
-    pub norm: f64,
-    pub clipped: bool,
-    pub noised: bool,
-    pub bytes: u64,
+    /// Local weights minus the round's global weights, in the global weights' order.
+    pub delta: Vec<f32>,
 }
 
 /// Receives the train's progress reports: fraction in [0, 1] and a short message.
@@ -355,6 +376,9 @@ pub struct RunRequest<'a> {
     /// Seeds the guest's WASI randomness (recorded in the audit log).
     pub seed: [u8; 32],
     pub progress: ProgressSink,
+    /// Receives each capability call as it starts and ends; without it the calls are returned,
+    /// repeats coalesced, in [`RunReport::calls`].
+    pub on_call: Option<CallSink>,
     /// The station's FAIR index and query limits; `None` when the archive is not indexed.
     pub cohort: Option<CohortAccess>,
     /// The indexed archive, for `imaging`; `None` when the archive is not indexed.
@@ -373,7 +397,8 @@ pub struct CohortAccess {
 }
 
 /// How a run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "outcome", content = "detail", rename_all = "kebab-case")]
 pub enum Outcome {
     Succeeded,
     /// The train returned an error.
@@ -385,6 +410,15 @@ pub enum Outcome {
     MemoryLimit(String),
     /// Any other trap, e.g. a panic (`unreachable`).
     Trapped(String),
+    /// The run's worker process died or misbehaved (crash, abort, a signal, the
+    /// out-of-memory killer, a broken protocol): the reason, for the station's log.
+    Crashed(String),
+    /// The kernel stopped the worker at its CPU-time limit.
+    CpuTimeExceeded,
+    /// The station stopped the run at one of its own limits (the audit volume of a run).
+    LimitExceeded(String),
+    /// The component does not implement the contract (nothing of the train ran).
+    NotATrain(String),
 }
 
 impl Outcome {
@@ -397,6 +431,10 @@ impl Outcome {
             Outcome::WallClockExceeded(_) => "wall-clock-exceeded",
             Outcome::MemoryLimit(_) => "memory-limit",
             Outcome::Trapped(_) => "trapped",
+            Outcome::Crashed(_) => "failed",
+            Outcome::CpuTimeExceeded => "cpu-time-exceeded",
+            Outcome::LimitExceeded(_) => "limit-exceeded",
+            Outcome::NotATrain(_) => "not-a-train",
         }
     }
 
@@ -412,6 +450,10 @@ impl Outcome {
             )),
             Outcome::MemoryLimit(m) => Some(format!("stopped: memory limit: {m}")),
             Outcome::Trapped(m) => Some(format!("train trapped: {m}")),
+            Outcome::Crashed(m) => Some(format!("the run's worker process failed: {m}")),
+            Outcome::CpuTimeExceeded => Some("stopped: CPU time limit exceeded".into()),
+            Outcome::LimitExceeded(m) => Some(format!("stopped: {m}")),
+            Outcome::NotATrain(m) => Some(m.clone()),
         }
     }
 }
@@ -427,18 +469,102 @@ pub struct RunReport {
     pub outputs: Vec<(String, Vec<u8>)>,
     pub log: RunLog,
     pub calls: Vec<CallRecord>,
-    /// The update `federated.submit` released (only when the run succeeded).
-    pub update: Option<SubmittedUpdate>,
+    /// The update `federated.submit` handed over (only when the run succeeded).
+    pub update: Option<RawUpdate>,
 }
 
-/// One capability call, for the audit log.
-#[derive(Debug, Clone)]
+/// One capability call, for the audit log: `count` consecutive identical calls (same
+/// capability, call, detail and outcome) are one record.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CallRecord {
     pub capability: String,
     pub call: String,
     pub detail: String,
     pub rows: Option<u64>,
     pub outcome: String,
+    #[serde(default = "one")]
+    pub count: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// What a call sink hears: a capability call starting (the host code it runs may not return:
+/// a station that loses the worker then knows what it was doing), and each call's record.
+#[derive(Debug, Clone, Copy)]
+pub enum CallEvent<'a> {
+    Begin {
+        capability: &'a str,
+        call: &'a str,
+        detail: &'a str,
+    },
+    Done(&'a CallRecord),
+}
+
+/// Receives capability calls as they start and end.
+pub type CallSink = Box<dyn FnMut(CallEvent<'_>) + Send>;
+
+/// The calls of a run. With a sink, every event goes to it at once (the station coalesces);
+/// without one, a repeat of the last call (same capability, call, detail, outcome and rows)
+/// only raises its count, and the records are kept in `done`.
+pub(crate) struct CallLog {
+    pending: Option<CallRecord>,
+    pub(crate) done: Vec<CallRecord>,
+    sink: Option<CallSink>,
+}
+
+impl CallLog {
+    pub(crate) fn new(sink: Option<CallSink>) -> CallLog {
+        CallLog {
+            pending: None,
+            done: Vec::new(),
+            sink,
+        }
+    }
+
+    pub(crate) fn begin(&mut self, capability: &str, call: &str, detail: &str) {
+        if let Some(sink) = &mut self.sink {
+            sink(CallEvent::Begin {
+                capability,
+                call,
+                detail,
+            });
+        }
+    }
+
+    pub(crate) fn push(&mut self, record: CallRecord) {
+        if let Some(sink) = &mut self.sink {
+            sink(CallEvent::Done(&record));
+            return;
+        }
+        if let Some(p) = &mut self.pending
+            && p.same_call(&record)
+        {
+            p.count = p.count.saturating_add(record.count);
+            return;
+        }
+        self.flush();
+        self.pending = Some(record);
+    }
+
+    /// Make the pending call final.
+    pub(crate) fn flush(&mut self) {
+        if let Some(p) = self.pending.take() {
+            self.done.push(p);
+        }
+    }
+}
+
+impl CallRecord {
+    /// Whether `other` repeats this call (it would be coalesced with it).
+    pub fn same_call(&self, other: &CallRecord) -> bool {
+        self.capability == other.capability
+            && self.call == other.call
+            && self.detail == other.detail
+            && self.outcome == other.outcome
+            && self.rows == other.rows
+    }
 }
 
 /// The train's log lines and captured stdout/stderr, capped.
@@ -497,58 +623,6 @@ fn classify_trap(err: &wasmtime::Error, state: &HostState) -> Outcome {
         }
         None => Outcome::Trapped(format!("{err:#}")),
     }
-}
-
-/// Clip `delta` to `clip_norm` and add Gaussian noise of standard deviation
-/// `noise_multiplier · clip_norm` (from OS randomness). Returns the norm before clipping and
-/// whether it was clipped.
-pub fn privatise(
-    delta: &mut [f32],
-    clip_norm: Option<f64>,
-    noise_multiplier: Option<f64>,
-) -> Result<(f64, bool), String> {
-    let norm = amicus_fl::aggregate::l2_norm(delta);
-    if !norm.is_finite() {
-        return Err("the update is not finite".into());
-    }
-    let clipped = match clip_norm {
-        Some(c) if c.is_finite() && c > 0.0 => {
-            amicus_fl::aggregate::clip_norm(delta, c);
-            norm > c
-        }
-        Some(c) => return Err(format!("clip norm {c} is not a positive number")),
-        None => false,
-    };
-    if let Some(sigma) = noise_multiplier {
-        let Some(c) = clip_norm else {
-            return Err("noise needs a clip norm (the sensitivity)".into());
-        };
-        if !(sigma.is_finite() && sigma > 0.0) {
-            return Err(format!("noise multiplier {sigma} is not a positive number"));
-        }
-        let mut rng = os_rng().map_err(|e| format!("operating system randomness: {e}"))?;
-        let std = sigma * c;
-        for x in delta.iter_mut() {
-            *x = (f64::from(*x) + std * gaussian(&mut rng)) as f32;
-        }
-    }
-    Ok((norm, clipped))
-}
-
-fn os_rng() -> Result<rand::rngs::StdRng, getrandom::Error> {
-    use rand::SeedableRng;
-    let mut seed = [0u8; 32];
-    getrandom::fill(&mut seed)?;
-    Ok(rand::rngs::StdRng::from_seed(seed))
-}
-
-/// A standard normal draw (Box–Muller).
-fn gaussian(rng: &mut rand::rngs::StdRng) -> f64 {
-    use rand::Rng;
-    let unit = |rng: &mut rand::rngs::StdRng| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    let u1 = 1.0 - unit(rng); // (0, 1]
-    let u2 = unit(rng);
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 /// Text that came from a guest, made safe to show and store: control characters (terminal
