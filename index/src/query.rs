@@ -23,7 +23,13 @@ pub struct QueryLimits {
     pub timeout: Duration,
     /// Smallest number of distinct patients a train's result may cover.
     pub min_patients: u32,
+    /// Most solutions any part of a train's query that oxigraph materialises (sorts, groups,
+    /// distinct sets, the built side of joins, MINUS, OPTIONAL, property paths) may produce.
+    pub max_intermediate: usize,
 }
+
+/// The default of [`QueryLimits::max_intermediate`].
+pub const DEFAULT_MAX_INTERMEDIATE: usize = 1_000_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueryError {
@@ -41,6 +47,11 @@ pub enum QueryError {
     TooManyRows(usize),
     #[error("the query ran longer than {0} ms (station limit)")]
     Timeout(u128),
+    #[error(
+        "part of the query ({0}) would hold more than {1} solutions in memory (station limit); \
+         narrow it before sorting, grouping or joining"
+    )]
+    TooManyIntermediate(&'static str, usize),
     #[error(
         "row {0} cannot be attributed to a patient: select the series, study or patient IRIs \
          the rows are about, so the station can check the minimum cohort"
@@ -193,11 +204,14 @@ impl Drop for Watchdog {
     }
 }
 
-/// Evaluate a parsed query with the time limit; `each` sees results as they come.
+/// Evaluate a parsed query with the time limit; `each` sees results as they come. With
+/// `max_intermediate`, every part of the query that oxigraph materialises is first counted,
+/// streaming and under the same deadline, and the query is refused when one would exceed it.
 fn evaluate<T>(
     index: &Index,
     query: spargebra::Query,
     timeout: Duration,
+    max_intermediate: Option<usize>,
     each: impl FnOnce(QueryResults<'_>) -> Result<T, QueryError>,
 ) -> Result<T, QueryError> {
     let token = CancellationToken::new();
@@ -210,6 +224,12 @@ fn evaluate<T>(
             QueryError::Evaluation(e)
         }
     };
+    if let (Some(cap), spargebra::Query::Select { pattern, .. }) = (max_intermediate, &query) {
+        match bound_materialisation(index, pattern, cap, &token) {
+            Err(QueryError::Evaluation(e)) => return Err(timed_out(e)),
+            other => other?,
+        }
+    }
     // oxigraph is built without `http-client`: it has no SERVICE handler at all, so even a
     // SERVICE that slipped past `parse` could not reach the network.
     let results = SparqlEvaluator::new()
@@ -224,37 +244,133 @@ fn evaluate<T>(
     }
 }
 
+/// oxigraph (spareval 0.2) collects some parts of a query before it yields anything: the input
+/// of ORDER BY, GROUP BY and DISTINCT, the side of a hash join it builds, the right side of
+/// OPTIONAL and MINUS, the closure of a property path. While collecting it records each error
+/// and goes on, so a cancelled query can go on for minutes and gigabytes. Each such part is
+/// therefore evaluated first on its own, streaming (where cancellation stops it at once), up
+/// to `cap + 1` solutions, innermost first, so the real evaluation never materialises more than
+/// `cap` solutions in one place.
+fn bound_materialisation(
+    index: &Index,
+    pattern: &spargebra::algebra::GraphPattern,
+    cap: usize,
+    token: &CancellationToken,
+) -> Result<(), QueryError> {
+    use spargebra::algebra::GraphPattern as P;
+    let (children, materialised): (Vec<&P>, Vec<(&P, &'static str)>) = match pattern {
+        P::Bgp { .. } | P::Values { .. } => (vec![], vec![]),
+        P::Path { path, .. } => {
+            let closure = matches!(
+                path,
+                spargebra::algebra::PropertyPathExpression::ZeroOrMore(_)
+                    | spargebra::algebra::PropertyPathExpression::OneOrMore(_)
+                    | spargebra::algebra::PropertyPathExpression::ZeroOrOne(_)
+            ) || format!("{path}").contains(['*', '+', '?']);
+            (
+                vec![],
+                if closure {
+                    vec![(pattern, "a property path")]
+                } else {
+                    vec![]
+                },
+            )
+        }
+        P::Join { left, right } | P::Lateral { left, right } => (
+            vec![left, right],
+            vec![(left.as_ref(), "a join"), (right.as_ref(), "a join")],
+        ),
+        P::LeftJoin { left, right, .. } => (vec![left, right], vec![(right.as_ref(), "OPTIONAL")]),
+        P::Minus { left, right } => (vec![left, right], vec![(right.as_ref(), "MINUS")]),
+        P::Union { left, right } => (vec![left, right], vec![]),
+        P::OrderBy { inner, .. } => (vec![inner], vec![(inner.as_ref(), "ORDER BY")]),
+        P::Group { inner, .. } => (vec![inner], vec![(inner.as_ref(), "GROUP BY")]),
+        P::Distinct { inner } | P::Reduced { inner } => {
+            (vec![inner], vec![(inner.as_ref(), "DISTINCT")])
+        }
+        P::Filter { inner, .. }
+        | P::Graph { inner, .. }
+        | P::Extend { inner, .. }
+        | P::Project { inner, .. }
+        | P::Slice { inner, .. }
+        | P::Service { inner, .. } => (vec![inner], vec![]),
+    };
+    for child in children {
+        bound_materialisation(index, child, cap, token)?;
+    }
+    for (part, what) in materialised {
+        let count = spargebra::Query::Select {
+            dataset: None,
+            pattern: P::Slice {
+                inner: Box::new(part.clone()),
+                start: 0,
+                length: Some(cap.saturating_add(1)),
+            },
+            base_iri: None,
+        };
+        let results = SparqlEvaluator::new()
+            .with_cancellation_token(token.clone())
+            .for_query(count)
+            .on_store(&index.store)
+            .execute()
+            .map_err(|e| QueryError::Evaluation(e.to_string()))?;
+        let QueryResults::Solutions(solutions) = results else {
+            continue;
+        };
+        let mut n = 0usize;
+        for solution in solutions {
+            // oxigraph checks the token only when it reads the store; a product of parts it
+            // already holds yields rows without reading, so the count checks it too.
+            if token.is_cancelled() {
+                return Err(QueryError::Evaluation("cancelled".into()));
+            }
+            solution.map_err(|e| QueryError::Evaluation(e.to_string()))?;
+            n += 1;
+            if n > cap {
+                return Err(QueryError::TooManyIntermediate(what, cap));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Run a train's SELECT and collect at most `max_rows` rows.
 fn select_rows(index: &Index, sparql: &str, limits: &QueryLimits) -> Result<Solutions, QueryError> {
     let query = parse(sparql, limits.max_query_bytes)?;
     if !matches!(query, spargebra::Query::Select { .. }) {
         return Err(QueryError::NotSelect(kind(&query)));
     }
-    evaluate(index, query, limits.timeout, |results| {
-        let QueryResults::Solutions(solutions) = results else {
-            return Err(QueryError::NotSelect("a non-SELECT form"));
-        };
-        let variables: Vec<String> = solutions
-            .variables()
-            .iter()
-            .map(|v| v.as_str().to_string())
-            .collect();
-        let mut rows = Vec::new();
-        for solution in solutions {
-            let solution = solution.map_err(|e| QueryError::Evaluation(e.to_string()))?;
-            if rows.len() == limits.max_rows {
-                return Err(QueryError::TooManyRows(limits.max_rows));
+    evaluate(
+        index,
+        query,
+        limits.timeout,
+        Some(limits.max_intermediate),
+        |results| {
+            let QueryResults::Solutions(solutions) = results else {
+                return Err(QueryError::NotSelect("a non-SELECT form"));
+            };
+            let variables: Vec<String> = solutions
+                .variables()
+                .iter()
+                .map(|v| v.as_str().to_string())
+                .collect();
+            let mut rows = Vec::new();
+            for solution in solutions {
+                let solution = solution.map_err(|e| QueryError::Evaluation(e.to_string()))?;
+                if rows.len() == limits.max_rows {
+                    return Err(QueryError::TooManyRows(limits.max_rows));
+                }
+                rows.push(
+                    solution
+                        .values()
+                        .iter()
+                        .map(|t| t.as_ref().map(Cell::of))
+                        .collect(),
+                );
             }
-            rows.push(
-                solution
-                    .values()
-                    .iter()
-                    .map(|t| t.as_ref().map(Cell::of))
-                    .collect(),
-            );
-        }
-        Ok(Solutions { variables, rows })
-    })
+            Ok(Solutions { variables, rows })
+        },
+    )
 }
 
 fn row_patients(index: &Index, row: &[Option<Cell>]) -> BTreeSet<u32> {
@@ -364,7 +480,7 @@ pub fn owner_query(
     use oxigraph::sparql::results::{QueryResultsFormat, QueryResultsSerializer};
     let query = parse(sparql, 1 << 20)?;
     let io = |e: std::io::Error| QueryError::Evaluation(e.to_string());
-    evaluate(index, query, timeout, |results| {
+    evaluate(index, query, timeout, None, |results| {
         let mut out = Vec::new();
         let results_format = match format {
             OwnerFormat::Json => QueryResultsFormat::Json,

@@ -24,6 +24,7 @@ fn limits(min_patients: u32) -> QueryLimits {
         max_rows: 10_000,
         timeout: Duration::from_secs(10),
         min_patients,
+        max_intermediate: 100_000,
     }
 }
 
@@ -331,6 +332,7 @@ fn train_queries_are_guarded() {
     let mut quick = limits(1);
     quick.timeout = Duration::from_millis(50);
     quick.max_rows = usize::MAX;
+    quick.max_intermediate = usize::MAX;
     let heavy = "SELECT (COUNT(*) AS ?n) WHERE { ?a ?b ?c . ?d ?e ?f . ?g ?h ?i . ?j ?k ?l }";
     let started = std::time::Instant::now();
     assert_eq!(
@@ -338,6 +340,64 @@ fn train_queries_are_guarded() {
         QueryError::Timeout(50)
     );
     assert!(started.elapsed() < Duration::from_secs(20));
+
+    // What oxigraph would hold in memory to sort, group, join, OPTIONAL or MINUS is counted
+    // first, streaming, and refused beyond the limit: quickly, however large the product.
+    let sorted = format!(
+        "{PREFIX}SELECT ?s ?t WHERE {{ ?s ldcm:T00080060 \"CT\" ; ldcm:T00180050 ?t }} ORDER BY ?t"
+    );
+    assert_eq!(
+        query::select(&index, &sorted, &limits(4))
+            .unwrap()
+            .rows
+            .len(),
+        4
+    );
+    let mut tight = limits(1);
+    tight.max_intermediate = 3;
+    assert_eq!(
+        query::select(&index, &sorted, &tight).unwrap_err(),
+        QueryError::TooManyIntermediate("ORDER BY", 3)
+    );
+    let product = "{ ?a ?p1 ?x . ?b ?p2 ?y . ?c ?p3 ?z . ?d ?p4 ?w . ?e ?p5 ?v }";
+    for (q, what) in [
+        (
+            format!("SELECT ?a ?b WHERE {product} ORDER BY ?x ?y ?z ?w ?v"),
+            "ORDER BY",
+        ),
+        (
+            format!("SELECT ?a (COUNT(*) AS ?n) WHERE {product} GROUP BY ?a"),
+            "GROUP BY",
+        ),
+        (
+            format!("SELECT DISTINCT ?a ?x ?y WHERE {product}"),
+            "DISTINCT",
+        ),
+        (
+            format!("SELECT ?s WHERE {{ ?s ?p ?o OPTIONAL {product} }}"),
+            "OPTIONAL",
+        ),
+        (
+            format!("SELECT ?s WHERE {{ ?s ?p ?o MINUS {product} }}"),
+            "MINUS",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let err = query::select(&index, &q, &limits(1)).unwrap_err();
+        assert_eq!(err, QueryError::TooManyIntermediate(what, 100_000), "{q}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{q}: {:?}",
+            started.elapsed()
+        );
+    }
+    let mut paths = limits(1);
+    paths.max_intermediate = 5;
+    let closure = "SELECT ?a ?b WHERE { ?a (<urn:x>|!<urn:y>)* ?b }";
+    assert_eq!(
+        query::select(&index, closure, &paths).unwrap_err(),
+        QueryError::TooManyIntermediate("a property path", 5)
+    );
 }
 
 #[test]

@@ -237,6 +237,14 @@ pub struct CohortPolicy {
     pub timeout_ms: u64,
     /// Longest query text.
     pub max_query_bytes: u64,
+    /// Most solutions one part of a query may hold in memory while it is evaluated (what is
+    /// sorted, grouped, made distinct, or built for a join).
+    #[serde(default = "default_max_intermediate_rows")]
+    pub max_intermediate_rows: u64,
+}
+
+fn default_max_intermediate_rows() -> u64 {
+    amicus_index::query::DEFAULT_MAX_INTERMEDIATE as u64
 }
 
 impl Default for CohortPolicy {
@@ -246,6 +254,7 @@ impl Default for CohortPolicy {
             max_rows: 100_000,
             timeout_ms: 10_000,
             max_query_bytes: 16 << 10,
+            max_intermediate_rows: default_max_intermediate_rows(),
         }
     }
 }
@@ -379,7 +388,11 @@ impl Policy {
         if c.min_patients == 0 {
             return Err("cohort.min_patients must be at least 1".into());
         }
-        if c.max_rows == 0 || c.timeout_ms == 0 || c.max_query_bytes == 0 {
+        if c.max_rows == 0
+            || c.timeout_ms == 0
+            || c.max_query_bytes == 0
+            || c.max_intermediate_rows == 0
+        {
             return Err("cohort limits must be positive".into());
         }
         if !self.catalog.license.contains(':') || self.catalog.license.contains(char::is_whitespace)

@@ -38,9 +38,10 @@ impl HostState {
             use amicus_index::QueryError as Q;
             let reason = e.to_string();
             match e {
-                Q::TooLong { .. } | Q::TooManyRows(_) | Q::Timeout(_) => {
-                    types::Error::LimitExceeded(reason)
-                }
+                Q::TooLong { .. }
+                | Q::TooManyRows(_)
+                | Q::Timeout(_)
+                | Q::TooManyIntermediate(..) => types::Error::LimitExceeded(reason),
                 Q::Syntax(_) => types::Error::InvalidArgument(reason),
                 Q::Evaluation(_) => types::Error::Failed(reason),
                 Q::Update

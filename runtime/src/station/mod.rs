@@ -87,6 +87,7 @@ pub fn query_limits(c: &crate::policy::CohortPolicy) -> amicus_index::QueryLimit
         max_rows: usize::try_from(c.max_rows).unwrap_or(usize::MAX),
         timeout: Duration::from_millis(c.timeout_ms),
         min_patients: c.min_patients,
+        max_intermediate: usize::try_from(c.max_intermediate_rows).unwrap_or(usize::MAX),
     }
 }
 

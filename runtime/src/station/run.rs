@@ -382,6 +382,7 @@ impl Station {
                     max_rows: limits.max_rows as u64,
                     timeout_ms: policy.cohort.timeout_ms,
                     min_patients: limits.min_patients,
+                    max_intermediate: limits.max_intermediate as u64,
                 }
             })
         } else {

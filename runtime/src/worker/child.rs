@@ -171,6 +171,7 @@ fn run(events: &Events) -> Result<(), String> {
                 max_rows: usize::try_from(c.max_rows).unwrap_or(usize::MAX),
                 timeout: Duration::from_millis(c.timeout_ms),
                 min_patients: c.min_patients,
+                max_intermediate: usize::try_from(c.max_intermediate).unwrap_or(usize::MAX),
             },
         }),
         _ => None,

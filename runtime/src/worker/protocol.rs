@@ -71,6 +71,7 @@ pub struct CohortJob {
     pub max_rows: u64,
     pub timeout_ms: u64,
     pub min_patients: u32,
+    pub max_intermediate: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
