@@ -107,7 +107,7 @@ impl SignatureCheck {
             .filter_map(|s| {
                 s.problem
                     .as_ref()
-                    .map(|p| format!("{}: {p}", &s.keyid[..s.keyid.len().min(12)]))
+                    .map(|p| format!("{}: {p}", crate::text::short(&s.keyid, 12)))
             })
             .collect();
         Some(format!(

@@ -14,6 +14,7 @@ pub mod digest;
 pub mod dsse;
 pub mod keys;
 pub mod manifest;
+pub mod text;
 
 pub use bundle::{Bundle, BundleError, SignatureCheck, SignerReport, TrustedKey};
 pub use digest::{Digest, sha256};

@@ -142,7 +142,7 @@ fn print_job(j: &JobInfo) {
     println!(
         "job {}  train {}  by {}  {} (round {}/{}){}",
         j.id,
-        &j.train[..16],
+        amicus_bundle::text::short(&j.train, 16),
         j.researcher,
         j.state.as_str(),
         j.round.min(j.plan.rounds),

@@ -651,7 +651,7 @@ fn verify(bundle_path: &Path, trust: &[PathBuf], require: usize, json: bool) -> 
             println!(
                 "  {} {} {} {}",
                 if s.valid { "ok " } else { "BAD" },
-                &s.keyid[..16],
+                amicus_bundle::text::short(&s.keyid, 16),
                 s.trusted_as.as_deref().unwrap_or("(untrusted)"),
                 s.problem
                     .as_deref()

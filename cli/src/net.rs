@@ -274,7 +274,7 @@ pub fn registry(cmd: RegistryCommand) -> Result<()> {
                     .last_seen_ms
                     .map(|ms| format!("last seen {}", humantime_ms(ms)))
                     .unwrap_or_else(|| "never seen".into());
-                println!("{:<20} {}  {seen}", s.name, &s.key_id[..16]);
+                println!("{:<20} {}  {seen}", s.name, amicus_bundle::text::short(&s.key_id, 16));
             }
             Ok(())
         }),
@@ -377,7 +377,7 @@ pub fn list_trains(conn: &Conn, json: bool) -> Result<()> {
         let signers: Vec<String> = t
             .signers
             .iter()
-            .map(|s| format!("{} ({})", &s.keyid[..16.min(s.keyid.len())], s.role))
+            .map(|s| format!("{} ({})", amicus_bundle::text::short(&s.keyid, 16), s.role))
             .collect();
         println!(
             "{}  {}@{}  {} bytes  by {}  capabilities [{}]  signed by {}",
@@ -401,7 +401,7 @@ fn print_task(t: &TaskInfo) {
     println!(
         "task {}  train {}  by {}",
         t.id,
-        &t.train[..16],
+        amicus_bundle::text::short(&t.train, 16),
         t.researcher
     );
     println!("expires {}", humantime_ms(t.expires_ms));
@@ -475,7 +475,7 @@ pub fn task(cmd: TaskCommand) -> Result<()> {
                 println!(
                     "{}  train {}  {}/{} runs finished",
                     t.id,
-                    &t.train[..16],
+                    amicus_bundle::text::short(&t.train, 16),
                     done,
                     t.runs.len()
                 );
@@ -593,7 +593,7 @@ pub fn station_pending(dir: &Path, json: bool) -> Result<()> {
             "run {}  train {} {}  task {}  params {}",
             e.item.run,
             e.train_name.as_deref().unwrap_or("?"),
-            &e.item.train[..16],
+            amicus_bundle::text::short(&e.item.train, 16),
             e.item.task,
             e.item.params
         );

@@ -431,7 +431,7 @@ impl Daemon {
                 "run {}: received (task {}, train {})",
                 item.run,
                 item.task,
-                &item.train[..12]
+                amicus_bundle::text::short(&item.train, 12)
             ));
             self.journal.put(&JournalEntry {
                 item: item.clone(),
