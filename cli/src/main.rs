@@ -420,14 +420,33 @@ fn run(cli: Cli) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
+                let kernel = amicus_runtime::worker::confine::describe_kernel();
+                println!(
+                    "worker    each run in its own process; Landlock {}; seccomp {}; memory and CPU limits by the kernel{}",
+                    kernel.landlock,
+                    kernel.seccomp,
+                    if policy.worker.require_confinement {
+                        "; the policy refuses runs without full confinement"
+                    } else if kernel.landlock.starts_with("available")
+                        && kernel.seccomp == "available"
+                    {
+                        ""
+                    } else {
+                        "; runs go ahead without what is missing (best effort), and their audit entries say so"
+                    }
+                );
                 for s in policy.trusted_keys() {
-                    println!("trusted   {} {}", s.name, s.key.id());
+                    println!(
+                        "trusted   {} {}",
+                        amicus_bundle::text::shown(&s.name, 64),
+                        s.key.id()
+                    );
                 }
                 for a in &policy.approved {
                     println!(
                         "approved  {} {}",
                         a.digest,
-                        a.train.as_deref().unwrap_or("")
+                        amicus_bundle::text::shown(a.train.as_deref().unwrap_or(""), 128)
                     );
                 }
                 Ok(())

@@ -274,7 +274,11 @@ pub fn registry(cmd: RegistryCommand) -> Result<()> {
                     .last_seen_ms
                     .map(|ms| format!("last seen {}", humantime_ms(ms)))
                     .unwrap_or_else(|| "never seen".into());
-                println!("{:<20} {}  {seen}", s.name, amicus_bundle::text::short(&s.key_id, 16));
+                println!(
+                    "{:<20} {}  {seen}",
+                    s.name,
+                    amicus_bundle::text::short(&s.key_id, 16)
+                );
             }
             Ok(())
         }),

@@ -53,6 +53,8 @@ struct Prepared {
     job: Job,
     blobs: Vec<Arc<Vec<u8>>>,
     run_id: String,
+    /// Largest update the worker may hand back: fp32 of every value of the round's weights.
+    update_max: u64,
 }
 
 /// What the worker did, as the station will record it.
@@ -464,12 +466,16 @@ impl Station {
                 u64::from(policy.worker.setup_seconds),
             ),
         };
+        let update_max = federated.map_or(0, |r| {
+            (r.global.len() as u64).saturating_mul(4).saturating_add(64)
+        });
         Ok(Prepared {
             admitted,
             source,
             job,
             blobs,
             run_id,
+            update_max,
         })
     }
 
@@ -507,13 +513,7 @@ impl Station {
             .worker
             .clone()
             .map_or_else(WorkerCommand::current, Ok)?;
-        let update_max = policy.outputs.max_bytes.max(
-            // fp32 of every value of the round's weights, and the encoding's header
-            prepared
-                .blobs
-                .last()
-                .map_or(0, |b| (b.len() as u64).saturating_add(64)),
-        );
+        let update_max = prepared.update_max;
         let mut recorder = Recorder {
             audit,
             run_id: &run_id,

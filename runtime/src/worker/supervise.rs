@@ -42,10 +42,18 @@ pub struct WorkerCommand {
 }
 
 impl WorkerCommand {
-    /// This executable, with the hidden subcommand (the `amicus` binary dispatches it).
+    /// This executable, with the hidden subcommand (the `amicus` binary dispatches it). On
+    /// Linux the running binary itself (`/proc/self/exe`): a daemon whose file was replaced by
+    /// an upgrade still starts workers of its own version, whose engine matches its cache.
     pub fn current() -> Result<WorkerCommand, WorkerError> {
+        let own = Path::new("/proc/self/exe");
+        let program = if cfg!(target_os = "linux") && own.exists() {
+            own.to_path_buf()
+        } else {
+            std::env::current_exe().map_err(WorkerError::Program)?
+        };
         Ok(WorkerCommand {
-            program: std::env::current_exe().map_err(WorkerError::Program)?,
+            program,
             args: vec![SUBCOMMAND.into()],
         })
     }
