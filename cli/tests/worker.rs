@@ -154,11 +154,8 @@ fn what_a_worker_hands_back_passes_the_output_rules_again() {
         ("undeclared-output", "policy-violation", "not declared"),
         ("oversized-output", "policy-violation", "limit"),
         ("update-output", "policy-violation", "update"),
-        (
-            "update-outside-a-round",
-            "policy-violation",
-            "federated round",
-        ),
+        // No room is read for an update outside a round: a broken protocol.
+        ("update-outside-a-round", "failed", "protocol"),
         ("station-outcome", "failed", "only the station decides"),
     ] {
         let (got, reason, _) = run_fake(&f, &b, mode);
