@@ -14,6 +14,7 @@ pub mod digest;
 pub mod dsse;
 pub mod keys;
 pub mod manifest;
+pub mod params;
 pub mod text;
 
 pub use bundle::{Bundle, BundleError, SignatureCheck, SignerReport, TrustedKey};
@@ -21,5 +22,5 @@ pub use digest::{Digest, sha256};
 pub use keys::{KeyError, KeyId, PublicKey, SecretKey};
 pub use manifest::{
     CONTRACT, Capability, FileEntry, Limits, Manifest, ManifestError, ModelDecl, ModelRole,
-    OutputDecl, OutputKind, TrainInfo,
+    OutputDecl, OutputKind, ParamsDecl, TrainInfo,
 };

@@ -152,6 +152,28 @@ pub struct ModelDecl {
     pub loss: Option<String>,
 }
 
+/// The parameters the train takes (`[params]`): a JSON Schema (see `crate::params` for the
+/// subset), shown to the data owner at review; an approval can bind runs to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamsDecl {
+    /// The schema, as JSON text.
+    pub schema: String,
+}
+
+impl ParamsDecl {
+    /// The schema as JSON (it was checked when the manifest was validated).
+    pub fn schema_json(&self) -> Result<serde_json::Value, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.schema).map_err(|e| format!("not JSON: {e}"))?;
+        crate::params::check_schema(&v)?;
+        Ok(v)
+    }
+}
+
+/// Longest params schema a manifest may carry.
+pub const MAX_PARAMS_SCHEMA_BYTES: usize = 16 << 10;
+
 /// A file of the bundle with its size and SHA-256.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -173,6 +195,10 @@ pub struct Manifest {
     pub outputs: Vec<OutputDecl>,
     #[serde(default)]
     pub models: Vec<ModelDecl>,
+    /// The parameters the train takes (optional; without it, an approval scoped to the
+    /// train's schema admits no run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<ParamsDecl>,
     /// Filled in by `amicus train build`; absent from an author's source `train.toml`.
     #[serde(default)]
     pub files: Vec<FileEntry>,
@@ -284,6 +310,17 @@ impl Manifest {
                 "train.version",
                 "1-64 characters of letters, digits, '.', '-', '_', '+'",
             ));
+        }
+        if let Some(p) = &self.params {
+            if p.schema.len() > MAX_PARAMS_SCHEMA_BYTES {
+                return Err(invalid("params.schema", "longer than 16 KiB"));
+            }
+            if let Err(e) = p.schema_json() {
+                return Err(ManifestError::Invalid {
+                    field: "params.schema".into(),
+                    reason: e,
+                });
+            }
         }
         if t.description.len() > 4096 || t.authors.iter().any(|a| a.len() > 256) {
             return Err(invalid("train", "description or author too long"));

@@ -172,6 +172,14 @@ enum StationCommand {
         dir: PathBuf,
         /// A bundle digest (64 hex digits), a bundle file, or a pending run id (32 hex digits).
         digest_or_bundle: String,
+        /// What the approval admits: `schema` (parameters that match the schema the train
+        /// declares; the default for a digest or bundle), `exact` (exactly the parameters of
+        /// `--params`, or of the pending run; the default for a run), or `any`.
+        #[arg(long)]
+        scope: Option<String>,
+        /// With `--scope exact`: the parameter document (JSON file) to approve.
+        #[arg(long)]
+        params: Option<PathBuf>,
     },
     /// Run the station daemon: poll the registry for work (outbound connections only), run
     /// what policy admits, return sealed results and the audit log.
@@ -290,7 +298,11 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // An error may quote a bundle, an envelope or a registry answer: escaped.
+            eprintln!(
+                "error: {}",
+                amicus_runtime::sandbox::guest_text(&format!("{e:#}"))
+            );
             ExitCode::FAILURE
         }
     }
@@ -350,14 +362,26 @@ fn run(cli: Cli) -> Result<()> {
             StationCommand::Approve {
                 dir,
                 digest_or_bundle,
+                scope,
+                params,
             } => {
+                let scope = scope
+                    .map(|s| {
+                        amicus_runtime::policy::ApprovalScope::parse(&s).ok_or_else(|| {
+                            anyhow::anyhow!("unknown scope {s:?} (schema, exact, any)")
+                        })
+                    })
+                    .transpose()?;
                 let is_run = digest_or_bundle.len() == 32
                     && digest_or_bundle.bytes().all(|b| b.is_ascii_hexdigit())
                     && !Path::new(&digest_or_bundle).exists();
                 if is_run {
-                    net::station_approve_run(&dir, &digest_or_bundle)
+                    if params.is_some() {
+                        bail!("a pending run's approval takes that run's parameters, not --params");
+                    }
+                    net::station_approve_run(&dir, &digest_or_bundle, scope)
                 } else {
-                    approve(&dir, &digest_or_bundle)
+                    approve(&dir, &digest_or_bundle, scope, params.as_deref())
                 }
             }
             StationCommand::Serve {
@@ -661,7 +685,12 @@ fn verify(bundle_path: &Path, trust: &[PathBuf], require: usize, json: bool) -> 
             }))?
         );
     } else {
-        println!("bundle   {} ({})", bundle.subject_name(), bundle.digest());
+        use amicus_bundle::text::{short, shown};
+        println!(
+            "bundle   {} ({})",
+            shown(&bundle.subject_name(), 200),
+            bundle.digest()
+        );
         println!(
             "files    all {} hashes match",
             bundle.manifest().files.len()
@@ -670,12 +699,12 @@ fn verify(bundle_path: &Path, trust: &[PathBuf], require: usize, json: bool) -> 
             println!(
                 "  {} {} {} {}",
                 if s.valid { "ok " } else { "BAD" },
-                amicus_bundle::text::short(&s.keyid, 16),
-                s.trusted_as.as_deref().unwrap_or("(untrusted)"),
+                short(&s.keyid, 16),
+                shown(s.trusted_as.as_deref().unwrap_or("(untrusted)"), 128),
                 s.problem
                     .as_deref()
-                    .map(|p| format!("— {p}"))
-                    .unwrap_or_else(|| format!("as {}", s.role)),
+                    .map(|p| format!("— {}", shown(p, 512)))
+                    .unwrap_or_else(|| format!("as {}", shown(&s.role, 64))),
             );
         }
     }
@@ -722,15 +751,15 @@ fn inspect(bundle_path: &Path, json: bool) -> Result<()> {
         );
         return Ok(());
     }
-    println!("train         {} {}", m.train.name, m.train.version);
+    // What decides the review comes first, and every text from the bundle is escaped: a
+    // description cannot forge or hide a line above or below it.
+    use amicus_bundle::text::{short, shown};
+    println!(
+        "train         {} {}",
+        shown(&m.train.name, 128),
+        shown(&m.train.version, 64)
+    );
     println!("digest        {}", bundle.digest());
-    println!("contract      {}", m.train.contract);
-    if !m.train.authors.is_empty() {
-        println!("authors       {}", m.train.authors.join(", "));
-    }
-    if !m.train.description.is_empty() {
-        println!("description   {}", m.train.description);
-    }
     let caps: Vec<&str> = m.capabilities.iter().map(|c| c.name()).collect();
     println!(
         "capabilities  {}",
@@ -747,49 +776,114 @@ fn inspect(bundle_path: &Path, json: bool) -> Result<()> {
     for o in &m.outputs {
         println!(
             "output        {} ({:?}, at most {} bytes)",
-            o.name, o.kind, o.max_bytes
+            shown(&o.name, 128),
+            o.kind,
+            o.max_bytes
         );
     }
-    for f in &m.files {
+    for model in &m.models {
         println!(
-            "file          {} {} bytes sha256 {}",
-            f.path, f.size, f.sha256
+            "model         {} ({:?}{})",
+            shown(&model.file, 256),
+            model.role,
+            model
+                .loss
+                .as_deref()
+                .map(|l| format!(", loss {}", shown(l, 64)))
+                .unwrap_or_default()
         );
     }
     if signatures.is_empty() {
         println!("signatures    (unsigned)");
     }
-    for s in &signatures {
+    for sig in &signatures {
         println!(
             "signature     {} as {}",
-            s["keyid"].as_str().unwrap_or(""),
-            s["role"].as_str().unwrap_or("")
+            short(sig["keyid"].as_str().unwrap_or(""), 64),
+            shown(sig["role"].as_str().unwrap_or(""), 64)
         );
+    }
+    println!("contract      {}", shown(&m.train.contract, 64));
+    for f in &m.files {
+        println!(
+            "file          {} {} bytes sha256 {}",
+            shown(&f.path, 256),
+            f.size,
+            f.sha256
+        );
+    }
+    // Free text last, escaped, on one line each.
+    if !m.train.authors.is_empty() {
+        let authors: Vec<String> = m.train.authors.iter().map(|a| shown(a, 256)).collect();
+        println!("authors       {}", authors.join(", "));
+    }
+    if !m.train.description.is_empty() {
+        println!("description   {}", shown(&m.train.description, 4096));
     }
     println!("bundle size   {size} bytes");
     Ok(())
 }
 
-fn approve(dir: &Path, arg: &str) -> Result<()> {
+fn approve(
+    dir: &Path,
+    arg: &str,
+    scope: Option<amicus_runtime::policy::ApprovalScope>,
+    params: Option<&Path>,
+) -> Result<()> {
+    use amicus_runtime::policy::ApprovalScope;
     let st = Station::open(dir)?;
-    let (digest, train) = match arg.parse::<Digest>() {
-        Ok(d) => (d, None),
+    let (digest, train, bundle) = match arg.parse::<Digest>() {
+        Ok(d) => (d, None, None),
         Err(parse_err) => {
             let path = Path::new(arg);
             if !path.is_file() {
                 bail!("{parse_err}, and not a bundle file");
             }
             let b = Bundle::read(path)?;
-            (b.digest(), Some(b.subject_name()))
+            (b.digest(), Some(b.subject_name()), Some(b))
         }
     };
-    if st.approve(digest, train.clone())? {
+    let scope = scope.unwrap_or(if params.is_some() {
+        ApprovalScope::Exact
+    } else {
+        ApprovalScope::Schema
+    });
+    let params_sha256 = match (scope, params) {
+        (ApprovalScope::Exact, Some(p)) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str::<serde_json::Value>(&text)
+                .with_context(|| format!("{} is not JSON", p.display()))?;
+            Some(amicus_bundle::sha256(text.as_bytes()))
+        }
+        (ApprovalScope::Exact, None) => bail!("--scope exact needs --params FILE"),
+        (_, Some(_)) => bail!("--params goes with --scope exact"),
+        (_, None) => None,
+    };
+    if scope == ApprovalScope::Schema
+        && let Some(b) = &bundle
+        && b.manifest().params.is_none()
+    {
+        eprintln!(
+            "note: this train declares no parameter schema, so a schema-scoped approval admits none of its runs; approve with --scope exact --params FILE, or --scope any"
+        );
+    }
+    let shown = train
+        .as_deref()
+        .map(|t| format!(" ({})", amicus_bundle::text::shown(t, 128)))
+        .unwrap_or_default();
+    if st.approve_scoped(digest, train, scope, params_sha256)? {
         println!(
-            "approved {digest}{}",
-            train.map(|t| format!(" ({t})")).unwrap_or_default()
+            "approved {digest}{shown} for {}",
+            match (scope, params_sha256) {
+                (ApprovalScope::Any, _) => "any parameters".to_string(),
+                (ApprovalScope::Schema, _) => "parameters that match the train's schema".into(),
+                (ApprovalScope::Exact, Some(h)) => format!("the parameters with sha256 {h}"),
+                (ApprovalScope::Exact, None) => "exact parameters".into(),
+            }
         );
     } else {
-        println!("{digest} was already approved");
+        println!("{digest} was already approved so");
     }
     Ok(())
 }
@@ -915,6 +1009,20 @@ pub(crate) fn report_verification(
         println!("{}", serde_json::to_string_pretty(report)?);
     } else {
         println!("{label}{} entries verified", report.valid_entries);
+        if report.public_entries > 0 || report.public_lags > 0 {
+            println!(
+                "{label}the public copy (what leaves the station): {} entries verified, the projection of the log{}",
+                report.public_entries,
+                if report.public_lags > 0 {
+                    format!(
+                        "; {} still to be written (the next entry writes them)",
+                        report.public_lags
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
         if let Some(n) = report.torn_tail_bytes {
             println!(
                 "note: torn last line of {n} bytes (a crash mid-write); earlier entries are intact"

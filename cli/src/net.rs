@@ -592,22 +592,34 @@ pub fn station_pending(dir: &Path, json: bool) -> Result<()> {
     if held.is_empty() {
         println!("no trains await approval");
     }
+    use amicus_bundle::text::{short, shown};
     for e in held {
         println!(
             "run {}  train {} {}  task {}  params {}",
-            e.item.run,
-            e.train_name.as_deref().unwrap_or("?"),
-            amicus_bundle::text::short(&e.item.train, 16),
-            e.item.task,
-            e.item.params
+            short(&e.item.run, 32),
+            shown(e.train_name.as_deref().unwrap_or("?"), 128),
+            short(&e.item.train, 16),
+            short(&e.item.task, 32),
+            shown(&e.item.params, 2048)
         );
+    }
+    for (run, reason) in daemon::Journal::new(dir).parked() {
+        println!("parked run {}: {}", short(&run, 32), shown(&reason, 1024));
     }
     Ok(())
 }
 
-pub fn station_approve_run(dir: &Path, run: &str) -> Result<()> {
-    let digest = daemon::approve(dir, run)?;
-    println!("approved {digest} for run {run}; the station daemon runs it on its next pass");
+pub fn station_approve_run(
+    dir: &Path,
+    run: &str,
+    scope: Option<amicus_runtime::policy::ApprovalScope>,
+) -> Result<()> {
+    let scope = scope.unwrap_or(amicus_runtime::policy::ApprovalScope::Exact);
+    let digest = daemon::approve(dir, run, scope)?;
+    println!(
+        "approved {digest} for run {run} ({} parameters); the station daemon runs it on its next pass",
+        scope.name()
+    );
     Ok(())
 }
 
@@ -652,7 +664,9 @@ pub fn audit_verify_remote(
         Some(h) => amicus_runtime::audit::HeadFile::Bytes(h.as_bytes().to_vec()),
         None => amicus_runtime::audit::HeadFile::Missing,
     };
-    let report = amicus_runtime::audit::verify_lines(&lines, head, &key);
+    // Stations upload the public chain: the copy of their log that may leave them.
+    let report =
+        amicus_runtime::audit::verify_lines(&lines, head, &key, amicus_runtime::audit::PUBLIC);
     crate::report_verification(
         &report,
         json,

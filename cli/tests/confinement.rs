@@ -589,3 +589,100 @@ fn series_that_are_paths_reach_no_file() {
     }
     f.audit_verifies();
 }
+
+fn leb(mut n: u64, out: &mut Vec<u8>) {
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+fn section(id: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![id];
+    leb(content.len() as u64, &mut out);
+    out.extend_from_slice(content);
+    out
+}
+
+/// A core module of one function that pushes `n` constants and adds them up: valid, unused,
+/// and slow and large to compile.
+fn heavy_module(n: usize) -> Vec<u8> {
+    let mut body = vec![0u8]; // no locals
+    for i in 0..n {
+        body.push(0x41); // i32.const
+        body.push((i % 64) as u8);
+    }
+    body.extend(std::iter::repeat_n(0x6a, n - 1)); // i32.add
+    body.push(0x0b);
+    let mut code = Vec::new();
+    leb(1, &mut code);
+    leb(body.len() as u64, &mut code);
+    code.extend_from_slice(&body);
+    [
+        b"\0asm\x01\0\0\0".to_vec(),
+        section(1, &[1, 0x60, 0, 1, 0x7f]),
+        section(3, &[1, 0]),
+        section(10, &code),
+    ]
+    .concat()
+}
+
+#[test]
+fn compiling_a_component_is_confined_and_bounded() {
+    let f = station();
+    let built = Bundle::read(&common::bundle("testing/host-hog")).unwrap();
+    // The train's component with an unused core module appended (component section 1).
+    let mut component = built.component().to_vec();
+    component.extend(section(1, &heavy_module(1_000_000)));
+    let mut files = vec![(COMPONENT_PATH.to_string(), component)];
+    for m in &built.manifest().models {
+        files.push((m.file.clone(), built.file(&m.file).unwrap().to_vec()));
+    }
+    let b = Bundle::create(built.manifest().clone(), files).unwrap();
+    let path = f.path("heavy.train");
+    b.write(&path).unwrap();
+    ok(&["train", "sign", s(&path), "--key", s(&f.path("alice.key"))]);
+    f.approve(&path);
+    // Time: the compile worker is stopped at the policy's compile time.
+    f.policy_edit("compile_seconds = 60", "compile_seconds = 1");
+    let (out, elapsed) = timed(&f, &path, r#"{"do": "sleep", "seconds": 0}"#);
+    assert!(!out.ok, "{}", out.text());
+    let e = f.last_event("train-refused");
+    assert_eq!(e["stage"], "component", "{e}");
+    assert!(
+        e["reason"].as_str().unwrap().contains("compile_seconds"),
+        "{e}"
+    );
+    assert!(elapsed < Duration::from_secs(4), "busy for {elapsed:?}");
+    assert!(!f.events().iter().any(|e| e["event"] == "run-started"));
+    // Memory: the compiler's allocations count against the policy's compile memory.
+    f.policy_edit("compile_seconds = 1", "compile_seconds = 60");
+    f.policy_edit("compile_memory_mib = 1024", "compile_memory_mib = 64");
+    let (out, elapsed) = timed(&f, &path, r#"{"do": "sleep", "seconds": 0}"#);
+    assert!(!out.ok, "{}", out.text());
+    let e = f.last_event("train-refused");
+    assert_eq!(e["stage"], "component", "{e}");
+    assert!(
+        e["reason"].as_str().unwrap().contains("compile_memory_mib"),
+        "{e}"
+    );
+    assert!(elapsed < Duration::from_secs(10), "busy for {elapsed:?}");
+    // Size: a component over the policy's cap is refused before anything compiles it.
+    f.policy_edit("max_component_mib = 64", "max_component_mib = 1");
+    let (out, _) = timed(&f, &path, r#"{"do": "sleep", "seconds": 0}"#);
+    assert!(!out.ok, "{}", out.text());
+    let e = f.last_event("train-refused");
+    assert!(
+        e["reason"].as_str().unwrap().contains("max_component_mib"),
+        "{e}"
+    );
+    f.policy_edit("compile_memory_mib = 64", "compile_memory_mib = 1024");
+    f.policy_edit("max_component_mib = 1", "max_component_mib = 64");
+    f.audit_verifies();
+    still_serves(&f);
+}

@@ -659,6 +659,76 @@ fn registry_restart_and_station_crash_lose_nothing() {
     }
 }
 
+#[test]
+fn nothing_a_run_influenced_reaches_the_registry() {
+    let mut net = Net::new();
+    net.add_station("st1", "academic", 1);
+    let dir = net.station_dir("st1");
+    edit_policy(
+        &dir,
+        "allowed_capabilities = [\"cohort\"]",
+        "allowed_capabilities = [\"cohort\", \"imaging\", \"kernels\"]",
+    );
+    edit_policy(&dir, "min_patients = 10", "min_patients = 1");
+    let hog = net.push("testing/host-hog");
+    ok(&["station", "approve", "--dir", s(&dir), s(&hog)]);
+    net.start_daemon("st1");
+    let marker = "MARKER-7c1e-pseudonym-sex-F-age-63";
+    // Text the train makes at run time (it decodes it from hex parameters: the parameters are
+    // the researcher's and the registry holds them; the decoded text must not get there), in
+    // every place a run can put it: a query's comment and literal, a "series" that comes back
+    // in the error the train returns, a model name it asks for.
+    let hex = |t: &str| t.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    let cases = [
+        serde_json::json!({"do": "select", "query_hex": hex(&format!("# {marker}\nSELECT ?s WHERE {{ ?s ?p \"{marker}\" }}"))}),
+        serde_json::json!({"do": "load-series", "series_hex": hex(marker)}),
+        serde_json::json!({"do": "open", "model_hex": hex(&format!("models/{marker}.onnx"))}),
+    ];
+    for params in &cases {
+        let task = net.task(&hog, &["st1"], &params.to_string());
+        let t = net.wait_finished(task["id"].as_str().unwrap(), Duration::from_secs(60));
+        let run = run_of(&t, "st1");
+        assert_eq!(run["state"], "failed", "{t}");
+        let reason = run["reason"].as_str().unwrap();
+        assert!(
+            reason.starts_with("failed: "),
+            "the researcher sees a class: {reason}"
+        );
+        assert!(!reason.contains(marker), "{reason}");
+    }
+    // The station keeps the text; its uploaded copy does not have it.
+    let local = std::fs::read_to_string(dir.join("audit.log")).unwrap();
+    assert!(local.contains(marker));
+    let public = std::fs::read_to_string(dir.join("audit-public.log")).unwrap();
+    assert!(!public.contains(marker));
+    assert!(!public.contains("capability-call"));
+    // Wait until the registry holds the whole public copy, then search everything it keeps.
+    let t0 = Instant::now();
+    loop {
+        let out = net.person_ok("audrey", &["audit", "verify", "--station", "st1", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        if v["valid_entries"].as_u64() == Some(public.lines().count() as u64) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the copy never caught up: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for e in std::fs::read_dir(net.tmp.path()).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("registry.db") || name == "registry.log" {
+            let bytes = std::fs::read(e.path()).unwrap_or_default();
+            assert!(
+                !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+                "{name} holds the marker"
+            );
+        }
+    }
+    ok(&["audit", "verify", "--dir", s(&dir)]);
+}
+
 fn edit_policy(dir: &Path, from: &str, to: &str) {
     let path = dir.join("policy.toml");
     let text = std::fs::read_to_string(&path).unwrap();

@@ -546,10 +546,7 @@ fn audit_export_is_prov_o_that_rdflib_can_query() {
         .as_str()
         .unwrap()
         .to_string();
-    let out_sha = f.last_event("output-released")["sha256"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let out_bytes = f.last_event("output-released")["bytes"].as_u64().unwrap();
     let ttl = f.path("audit.ttl");
     ok(&[
         "audit",
@@ -564,6 +561,14 @@ fn audit_export_is_prov_o_that_rdflib_can_query() {
         !text.contains("SELECT"),
         "train-supplied query text must not be exported"
     );
+    // No capability call and no output hash leaves (the output is the researcher's; a hash
+    // would let whoever holds the export confirm a guess of it).
+    assert!(!text.contains("CapabilityCall"), "{text}");
+    let out_sha = f.last_event("output-released")["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!text.contains(&out_sha), "{text}");
 
     let Some(py) = python() else {
         assert!(
@@ -580,14 +585,14 @@ g = rdflib.Graph(); g.parse(sys.argv[1], format="turtle")
 q = '''
 PREFIX prov: <http://www.w3.org/ns/prov#>
 PREFIX au: <urn:amicus:audit:>
-SELECT ?outcome ?sha WHERE {{
+SELECT ?outcome ?bytes WHERE {{
   ?run a au:Run ; prov:used <urn:amicus:train:{digest}> ; au:outcome ?outcome .
-  ?out prov:wasGeneratedBy ?run ; au:sha256 ?sha .
+  ?out prov:wasGeneratedBy ?run ; au:bytes ?bytes .
 }}'''
 rows = [(str(a), str(b)) for a, b in g.query(q)]
 refusals = list(g.query('PREFIX au: <urn:amicus:audit:> SELECT ?s WHERE {{ ?r a au:Refusal ; au:stage ?s }}'))
 print(rows, [str(r[0]) for r in refusals])
-assert rows == [("succeeded", "{out_sha}")], rows
+assert rows == [("succeeded", "{out_bytes}")], rows
 assert [str(r[0]) for r in refusals] == ["signatures"], refusals
 "#
     );
@@ -649,4 +654,136 @@ fn an_oversized_bundle_is_refused_and_audited_without_reading_it_into_memory() {
     let out = f.run(&big, None);
     assert_refused(&f, &out, "bundle", "larger than 1073741824 bytes");
     assert!(f.last_event("train-refused")["bundle_sha256"].is_string());
+}
+
+#[test]
+fn train_inspect_escapes_bundle_text_and_shows_what_matters_first() {
+    let f = Fixture::new();
+    let built = amicus_bundle::Bundle::read(&common::bundle("testing/host-hog")).unwrap();
+    let mut m = built.manifest().clone();
+    // A description that tries to forge a line, hide the next ones and reorder text.
+    m.train.description = "harmless\ncapabilities  (none)\u{1b}[8m\u{202e}".into();
+    m.train.authors = vec!["Eve \u{1b}]0;title\u{7}".into()];
+    let mut files = vec![(
+        amicus_bundle::manifest::COMPONENT_PATH.to_string(),
+        built.component().to_vec(),
+    )];
+    for model in &m.models {
+        files.push((
+            model.file.clone(),
+            built.file(&model.file).unwrap().to_vec(),
+        ));
+    }
+    let b = amicus_bundle::Bundle::create(m, files).unwrap();
+    let path = f.path("forged.train");
+    b.write(&path).unwrap();
+    let out = ok(&["train", "inspect", s(&path)]);
+    assert!(!out.stdout.contains('\u{1b}'), "{}", out.stdout);
+    assert!(!out.stdout.contains('\u{202e}'), "{}", out.stdout);
+    assert!(!out.stdout.contains('\u{7}'), "{}", out.stdout);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    let caps: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with("capabilities"))
+        .collect();
+    assert_eq!(caps.len(), 1, "{}", out.stdout);
+    assert!(
+        caps[0].contains("cohort, imaging, kernels"),
+        "{}",
+        out.stdout
+    );
+    let at = |p: &str| lines.iter().position(|l| l.starts_with(p)).unwrap();
+    assert!(at("capabilities") < at("description"), "{}", out.stdout);
+    assert!(at("output") < at("description"), "{}", out.stdout);
+    // The station's review of a held run and the errors it prints are escaped too.
+    let out = f.run(&path, None);
+    assert!(!out.stderr.contains('\u{1b}'), "{}", out.stderr);
+}
+
+#[test]
+fn an_approval_binds_the_parameters_runs_may_take() {
+    let f = Fixture::new();
+    let b = f.signed("cohort-stats", &["alice"]);
+    let digest = f.run(&b, None);
+    assert!(!digest.ok);
+    let dir = f.station();
+    // The default scope: parameters that match the schema the train declares.
+    ok(&["station", "approve", "--dir", s(&dir), s(&b)]);
+    assert_eq!(f.last_event("digest-approved")["scope"], "schema");
+    let admitted = |params: &str| {
+        let out = f.run(&b, Some(params));
+        let refused = f
+            .events()
+            .last()
+            .is_some_and(|e| e["event"] == "train-refused");
+        (out, !refused)
+    };
+    let (_, yes) = admitted(r#"{"tables": ["modality"]}"#);
+    assert!(yes);
+    assert_eq!(f.last_event("run-started")["approval"], "schema");
+    for bad in [
+        r#"{"tables": ["age"]}"#,
+        r#"{"patient": "4f2a"}"#,
+        r#"{"tables": "modality"}"#,
+    ] {
+        let (out, yes) = admitted(bad);
+        assert!(!yes, "{bad} ran:\n{}", out.text());
+        let e = f.last_event("train-refused");
+        assert_eq!(e["stage"], "params", "{e}");
+        assert!(e["reason"].as_str().unwrap().contains("schema"), "{e}");
+    }
+    // Exactly these parameters.
+    let p1 = f.path("p1.json");
+    std::fs::write(&p1, r#"{"tables": ["roi"]}"#).unwrap();
+    ok(&[
+        "station",
+        "approve",
+        "--dir",
+        s(&dir),
+        s(&b),
+        "--scope",
+        "exact",
+        "--params",
+        s(&p1),
+    ]);
+    assert_eq!(f.last_event("digest-approved")["scope"], "exact");
+    let (_, yes) = admitted(r#"{"tables": ["roi"]}"#);
+    assert!(yes);
+    assert_eq!(f.last_event("run-started")["approval"], "exact");
+    let (_, yes) = admitted(r#"{"tables": ["modality"]}"#);
+    assert!(!yes, "other parameters than the approved ones ran");
+    assert_eq!(f.last_event("train-refused")["stage"], "approval");
+    // Any parameters, when the data owner says so.
+    ok(&[
+        "station",
+        "approve",
+        "--dir",
+        s(&dir),
+        s(&b),
+        "--scope",
+        "any",
+    ]);
+    let (_, yes) = admitted(r#"{"anything": true}"#);
+    assert!(yes);
+    assert_eq!(f.last_event("run-started")["approval"], "any");
+    // Bad requests of the command itself.
+    fails(&[
+        "station",
+        "approve",
+        "--dir",
+        s(&dir),
+        s(&b),
+        "--scope",
+        "exact",
+    ]);
+    fails(&[
+        "station",
+        "approve",
+        "--dir",
+        s(&dir),
+        s(&b),
+        "--scope",
+        "maybe",
+    ]);
+    f.audit_verifies();
 }

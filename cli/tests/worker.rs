@@ -41,7 +41,23 @@ fn station() -> (Fixture, PathBuf) {
     f.policy_edit("max_audit_bytes = 1048576", "max_audit_bytes = 65536");
     f.policy_edit("setup_seconds = 120", "setup_seconds = 2");
     let b = f.ready("cohort-stats");
+    warm(&f, &b, None);
     (f, b)
+}
+
+/// One run with the real worker, so the station's cache holds the compilation and the fake
+/// worker is only ever asked to run.
+fn warm(f: &Fixture, bundle: &Path, params: Option<&str>) {
+    let _ = f.run(bundle, params);
+    for p in f.released() {
+        std::fs::remove_file(p).unwrap();
+    }
+    assert!(
+        std::fs::read_dir(f.station().join("cache"))
+            .map(|d| d.count() > 0)
+            .unwrap_or(false),
+        "the compilation was not cached"
+    );
 }
 
 /// Run `bundle` with the fake worker in `mode`; returns the error's outcome and reason.
@@ -63,8 +79,11 @@ fn nothing_released(f: &Fixture, mode: &str) {
     assert!(f.released().is_empty(), "{mode}: something was released");
     let e = f.last_event("run-finished");
     assert_eq!(e["outputs_released"], 0, "{mode}: {e}");
+    let run = e["run_id"].clone();
     assert!(
-        !f.events().iter().any(|e| e["event"] == "output-released"),
+        !f.events()
+            .iter()
+            .any(|e| e["event"] == "output-released" && e["run_id"] == run),
         "{mode}: an output-released entry"
     );
     f.audit_verifies();
@@ -112,6 +131,7 @@ fn a_worker_past_the_deadline_is_killed() {
         "allowed_capabilities = [\"cohort\", \"imaging\", \"kernels\"]",
     );
     let b = f.ready("testing/host-hog");
+    warm(&f, &b, Some(r#"{"do": "sleep", "seconds": 0}"#));
     let built = amicus_bundle::Bundle::read(&b).unwrap();
     assert_eq!(built.manifest().limits.wall_seconds, 2);
     let (outcome, reason, elapsed) = run_fake(&f, &b, "hang");

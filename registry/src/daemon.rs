@@ -35,8 +35,14 @@ const DONE_DIR: &str = "done";
 const BUNDLE_DIR: &str = "bundles";
 const REFUSAL_DIR: &str = "refusals";
 const MASKED_DIR: &str = "masked";
-/// Audit lines per upload.
+/// Runs the daemon gave up on (`<run>.json` as it was, `<run>.reason`).
+const PARKED_DIR: &str = "parked";
+/// How often one run's processing may fail (not counting the registry being unreachable)
+/// before the daemon parks it.
+const MAX_ATTEMPTS: u32 = 3;
+/// Audit lines per upload, and bytes of them (well under the registry's body limit).
 const AUDIT_BATCH: usize = 2000;
+const AUDIT_BATCH_BYTES: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -170,6 +176,8 @@ impl Journal {
         write_atomic(&self.entry_path(&e.item.run), &bytes)
     }
 
+    /// Every open entry. One that cannot be read is parked (with the reason), not fatal: one
+    /// damaged entry must not stop the daemon, at every restart, from serving the others.
     pub fn all(&self) -> Result<Vec<JournalEntry>, DaemonError> {
         let dir = self.dir.join(JOURNAL_DIR);
         let Ok(rd) = std::fs::read_dir(&dir) else {
@@ -178,15 +186,65 @@ impl Journal {
         let mut out = Vec::new();
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(run) = name.strip_suffix(".json")
-                && plain_id(run)
-                && let Some(entry) = self.get(run)?
-            {
-                out.push(entry);
+            let Some(run) = name.strip_suffix(".json").filter(|r| plain_id(r)) else {
+                continue;
+            };
+            match self.get(run) {
+                Ok(Some(entry)) => out.push(entry),
+                Ok(None) => {}
+                Err(err) => {
+                    say(&format!("run {run}: {err}; parked"));
+                    self.park(run, &format!("unreadable journal entry: {err}"))?;
+                }
             }
         }
         out.sort_by(|a, b| a.item.run.cmp(&b.item.run));
         Ok(out)
+    }
+
+    /// Count one failed attempt at `run`; returns how many there were.
+    pub fn failed_attempt(&self, run: &str) -> Result<u32, DaemonError> {
+        let path = self.dir.join(JOURNAL_DIR).join(format!("{run}.attempts"));
+        let n = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+            .saturating_add(1);
+        write_atomic(&path, n.to_string().as_bytes())?;
+        Ok(n)
+    }
+
+    /// Give up on `run`: its entry moves to `parked/` with the reason; the daemon leaves it.
+    pub fn park(&self, run: &str, reason: &str) -> Result<(), DaemonError> {
+        let dir = self.dir.join(PARKED_DIR);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let open = self.entry_path(run);
+        let parked = dir.join(format!("{run}.json"));
+        if open.exists() {
+            std::fs::rename(&open, &parked).map_err(io(&parked))?;
+        }
+        let attempts = self.dir.join(JOURNAL_DIR).join(format!("{run}.attempts"));
+        let _ = std::fs::remove_file(attempts);
+        write_atomic(&dir.join(format!("{run}.reason")), reason.as_bytes())
+    }
+
+    /// Runs the daemon parked, with their reasons.
+    pub fn parked(&self) -> Vec<(String, String)> {
+        let dir = self.dir.join(PARKED_DIR);
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, String)> = rd
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let run = name.strip_suffix(".reason")?.to_string();
+                let reason = std::fs::read_to_string(e.path()).unwrap_or_default();
+                Some((run, reason))
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     /// A securely aggregated run's masked update, as it is sent.
@@ -208,6 +266,23 @@ impl Journal {
     }
 }
 
+/// The next lines to upload: at most `AUDIT_BATCH` lines and `AUDIT_BATCH_BYTES` bytes (at
+/// least one line).
+fn audit_batch(lines: &[&str]) -> Vec<String> {
+    let mut bytes = 0usize;
+    let mut out = Vec::new();
+    for line in lines.iter().take(AUDIT_BATCH) {
+        // A line goes out JSON-escaped: count it twice to be safe.
+        let cost = line.len().saturating_mul(2).saturating_add(4);
+        if !out.is_empty() && bytes.saturating_add(cost) > AUDIT_BATCH_BYTES {
+            break;
+        }
+        bytes = bytes.saturating_add(cost);
+        out.push(line.to_string());
+    }
+    out
+}
+
 /// Held runs, for `amicus station pending`.
 pub fn pending(station_dir: &Path) -> Result<Vec<JournalEntry>, DaemonError> {
     Ok(Journal::new(station_dir)
@@ -226,7 +301,11 @@ fn held(journal: &Journal, run: &str) -> Result<JournalEntry, DaemonError> {
 
 /// `amicus station approve RUN`: approve the held run's bundle digest in the policy (audited
 /// by the runtime). The daemon runs it on its next pass. Returns the digest.
-pub fn approve(station_dir: &Path, run: &str) -> Result<String, DaemonError> {
+pub fn approve(
+    station_dir: &Path,
+    run: &str,
+    scope: amicus_runtime::policy::ApprovalScope,
+) -> Result<String, DaemonError> {
     let entry = held(&Journal::new(station_dir), run)?;
     let st = Station::open(station_dir)?;
     let digest: amicus_bundle::Digest = entry
@@ -234,7 +313,10 @@ pub fn approve(station_dir: &Path, run: &str) -> Result<String, DaemonError> {
         .train
         .parse()
         .map_err(|_| DaemonError::Journal(Journal::new(station_dir).entry_path(run)))?;
-    st.approve(digest, entry.train_name.clone())?;
+    // `exact`: this run's parameters, as the registry delivered them.
+    let params = (scope == amicus_runtime::policy::ApprovalScope::Exact)
+        .then(|| sha256(entry.item.params.as_bytes()));
+    st.approve_scoped(digest, entry.train_name.clone(), scope, params)?;
     Ok(entry.item.train)
 }
 
@@ -395,22 +477,33 @@ impl Daemon {
         self.upload_audit().await?;
         let mut any_held = false;
         for e in self.journal.all()? {
-            match e.progress {
+            let item = e.item.clone();
+            let result = match e.progress {
                 Progress::Finished { report } => {
-                    self.send_report(e.item, e.train_name, report).await?
+                    self.send_report(e.item, e.train_name, report).await
                 }
-                Progress::Received => self.process(e.item).await?,
+                Progress::Received => self.process(e.item).await,
                 Progress::Held => {
                     if let Some(reason) = self.journal.refusal(&e.item.run) {
-                        self.owner_refused(e, &reason).await?;
-                    } else if self.approved(&e.item.train)? {
-                        say(&format!("run {}: approved by the data owner", e.item.run));
-                        self.process(e.item).await?;
+                        self.owner_refused(e, &reason).await
                     } else {
-                        any_held = true;
+                        match self.approved(&e.item) {
+                            Ok(true) => {
+                                say(&format!("run {}: approved by the data owner", e.item.run));
+                                self.process(e.item).await
+                            }
+                            Ok(false) => {
+                                any_held = true;
+                                Ok(())
+                            }
+                            Err(err) => Err(err),
+                        }
                     }
                 }
-                Progress::Started | Progress::Reported { .. } => {}
+                Progress::Started | Progress::Reported { .. } => Ok(()),
+            };
+            if let Err(err) = result {
+                self.attempt_failed(item, err).await?;
             }
         }
         let wait = if any_held {
@@ -438,18 +531,65 @@ impl Daemon {
                 progress: Progress::Received,
                 train_name: None,
             })?;
-            self.process(item).await?;
+            if let Err(err) = self.process(item.clone()).await {
+                self.attempt_failed(item, err).await?;
+            }
             self.upload_audit().await?;
         }
         Ok(())
     }
 
-    fn approved(&self, digest: &str) -> Result<bool, DaemonError> {
+    /// One run's processing failed. The registry being unreachable is everyone's problem (the
+    /// caller backs off); anything else is this run's: it is tried again on the next passes,
+    /// and after `MAX_ATTEMPTS` failures parked, reported failed if the registry takes it,
+    /// and left alone. The daemon goes on either way.
+    async fn attempt_failed(
+        &mut self,
+        item: WorkItem,
+        err: DaemonError,
+    ) -> Result<(), DaemonError> {
+        if let DaemonError::Client(e) = &err
+            && e.is_transient()
+        {
+            return Err(err);
+        }
+        let run = item.run.clone();
+        let n = self.journal.failed_attempt(&run)?;
+        say(&format!("run {run}: attempt {n} failed: {err}"));
+        if n < MAX_ATTEMPTS {
+            return Ok(());
+        }
+        let reason = format!("the station gave up on this run after {n} attempts: {err}");
+        self.journal.park(&run, &reason)?;
+        say(&format!("run {run}: parked ({reason})"));
+        let class =
+            "failed: the station could not process this run; its data owner has the details";
+        match self
+            .client
+            .report(&run, RunState::Failed, Some(class.into()))
+            .await
+        {
+            Err(e) if e.is_transient() => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the data owner's approval now covers this run (its digest, and its parameters
+    /// under the approval's scope).
+    fn approved(&self, item: &WorkItem) -> Result<bool, DaemonError> {
         let st = Station::open(&self.opts.dir)?;
-        Ok(digest
-            .parse::<amicus_bundle::Digest>()
-            .map(|d| st.policy().map(|p| p.is_approved(&d)))
-            .unwrap_or(Ok(false))?)
+        let policy = st.policy()?;
+        let Ok(digest) = item.train.parse::<amicus_bundle::Digest>() else {
+            return Ok(false);
+        };
+        if !policy.is_approved(&digest) {
+            return Ok(false);
+        }
+        Ok(match Bundle::read(&self.journal.bundle_path(&item.train)) {
+            Ok(b) => policy.admit_params(&b, &item.params).is_ok(),
+            // Not cached: processing fetches it and decides.
+            Err(_) => true,
+        })
     }
 
     /// The bundle for `digest`, from the cache or the registry; verified to be that digest.
@@ -503,7 +643,15 @@ impl Daemon {
         );
         let st = Station::open(&self.opts.dir)?;
         let policy = st.policy()?;
-        if let Err(r) = policy.admit(&bundle)
+        // Held for the data owner: a digest not approved, or approved for other parameters
+        // than this run's (the owner can approve these exactly: `station approve RUN`).
+        let admitted = policy.admit(&bundle).and_then(|_| {
+            policy
+                .admit_params(&bundle, &item.params)
+                .map(|_| ())
+                .map_err(|r| amicus_runtime::policy::Refusal::new("approval", r.reason))
+        });
+        if let Err(r) = admitted
             && r.stage == "approval"
         {
             let entry = JournalEntry {
@@ -656,12 +804,17 @@ impl Daemon {
             Err(StationError::Refused(r)) => Report::Refused {
                 reason: format!("{}: {}", r.stage, r.reason),
             },
-            Err(StationError::RunFailed { outcome, .. }) => Report::Failed {
-                // The train's own error message stays at the station (see the audit log).
-                reason: format!(
-                    "the run ended: {outcome}; the station's audit log has the details"
-                ),
-            },
+            Err(StationError::RunFailed { outcome, .. }) => {
+                // Only the outcome's class leaves: the train's own text, the exact outcome and
+                // figures stay at the station (amicus_runtime::disclosure).
+                let class = amicus_runtime::disclosure::outcome_class(&outcome);
+                Report::Failed {
+                    reason: format!(
+                        "{class}: {}",
+                        amicus_runtime::disclosure::class_reason(class).unwrap_or_default()
+                    ),
+                }
+            }
             Err(e) => Report::Failed {
                 reason: format!("station error: {e}"),
             },
@@ -866,7 +1019,7 @@ impl Daemon {
             None => self.client.audit_next().await?,
         };
         let dir = &self.opts.dir;
-        let log = dir.join(amicus_runtime::audit::LOG_FILE);
+        let log = dir.join(amicus_runtime::audit::PUBLIC_LOG_FILE);
         // Each pass calls this; read the log only when it grew since the last full upload.
         let len = std::fs::metadata(&log).map(|m| m.len()).ok();
         if self.audit_next.is_some() && len.is_some() && len == self.audit_uploaded_len {
@@ -891,14 +1044,11 @@ impl Daemon {
             return Ok(());
         }
         while next < lines.len() {
-            let batch: Vec<String> = lines[next..(next + AUDIT_BATCH).min(lines.len())]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+            let batch = audit_batch(&lines[next..]);
             let last_seq = (next + batch.len()) as u64 - 1;
             // The signed head goes with the batch it describes (an entry appended since the
             // log was read would make it run ahead of the lines).
-            let head_path = dir.join(amicus_runtime::audit::HEAD_FILE);
+            let head_path = dir.join(amicus_runtime::audit::PUBLIC_HEAD_FILE);
             let head = std::fs::read_to_string(&head_path).ok().filter(|h| {
                 serde_json::from_str::<serde_json::Value>(h)
                     .ok()
@@ -910,11 +1060,56 @@ impl Daemon {
                 Err(e) if e.code() == Some("conflict") => {
                     next = self.client.audit_next().await? as usize;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) if e.is_transient() => return Err(e.into()),
+                Err(e) => {
+                    // The registry will not take these lines (it says why): not a reason to
+                    // stop serving. Try again when the log has grown.
+                    say(&format!("the registry did not take the audit log: {e}"));
+                    self.audit_next = None;
+                    self.audit_uploaded_len = Some(complete as u64);
+                    return Ok(());
+                }
             }
         }
         self.audit_next = Some(next as i64);
         self.audit_uploaded_len = Some(complete as u64);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_batches_stay_under_the_body_limit() {
+        let long = "x".repeat(4096);
+        let lines: Vec<&str> = (0..2000).map(|_| long.as_str()).collect();
+        let batch = audit_batch(&lines);
+        assert!(!batch.is_empty());
+        let bytes: usize = batch.iter().map(|l| l.len() * 2 + 4).sum();
+        assert!(bytes <= AUDIT_BATCH_BYTES, "{bytes}");
+        // A single line over the budget still goes (alone): progress is always made.
+        let huge = "y".repeat(AUDIT_BATCH_BYTES);
+        assert_eq!(audit_batch(&[huge.as_str(), "z"]).len(), 1);
+        assert!(audit_batch(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_damaged_journal_entry_is_parked_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path());
+        let run = "0123456789abcdef0123456789abcdef";
+        let path = journal.entry_path(run);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"{ not json").unwrap();
+        assert!(journal.all().unwrap().is_empty());
+        assert!(!path.exists());
+        let parked = journal.parked();
+        assert_eq!(parked.len(), 1);
+        assert_eq!(parked[0].0, run);
+        assert!(parked[0].1.contains("unreadable"), "{parked:?}");
+        assert_eq!(journal.failed_attempt(run).unwrap(), 1);
+        assert_eq!(journal.failed_attempt(run).unwrap(), 2);
     }
 }

@@ -1895,15 +1895,20 @@ async fn station_audit_upload(State(app): State<App>, req: Request) -> Response 
             };
             let mut rows = Vec::new();
             for line in &upload.lines {
-                let hash =
-                    amicus_runtime::audit::check_line(line.as_bytes(), &key, seq as u64, &prev)
-                        .map_err(|why| {
-                            err(
-                                StatusCode::BAD_REQUEST,
-                                "bad_audit",
-                                format!("entry {seq}: {why}"),
-                            )
-                        })?;
+                let hash = amicus_runtime::audit::check_line(
+                    line.as_bytes(),
+                    &key,
+                    seq as u64,
+                    &prev,
+                    amicus_runtime::audit::PUBLIC,
+                )
+                .map_err(|why| {
+                    err(
+                        StatusCode::BAD_REQUEST,
+                        "bad_audit",
+                        format!("entry {seq}: {why}"),
+                    )
+                })?;
                 rows.push((seq, line.clone(), hash.to_hex()));
                 prev = hash;
                 seq += 1;

@@ -685,12 +685,15 @@ async fn audit_copies(h: &Harness) {
         log.append(amicus_runtime::audit::Event::DigestApproved {
             digest: amicus_bundle::sha256(&[i]),
             train: None,
+            scope: None,
+            params_sha256: None,
         })
         .unwrap();
     }
-    let text = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    // What a station uploads: the public chain.
+    let text = std::fs::read_to_string(dir.path().join("audit-public.log")).unwrap();
     let lines: Vec<String> = text.lines().map(str::to_string).collect();
-    let head = std::fs::read_to_string(dir.path().join("audit.head")).unwrap();
+    let head = std::fs::read_to_string(dir.path().join("audit-public.head")).unwrap();
     assert_eq!(h.st1.audit_next().await.unwrap(), 0);
     assert_eq!(
         h.st1.upload_audit(lines[..3].to_vec(), None).await.unwrap(),
@@ -733,6 +736,7 @@ async fn audit_copies(h: &Harness) {
         &raw,
         amicus_runtime::audit::HeadFile::Bytes(copy.head.clone().unwrap().into_bytes()),
         &h.st1_key.public(),
+        amicus_runtime::audit::PUBLIC,
     );
     assert!(report.ok(), "{report:?}");
     assert_eq!(report.valid_entries, 5);
@@ -741,6 +745,7 @@ async fn audit_copies(h: &Harness) {
         &raw[..4],
         amicus_runtime::audit::HeadFile::Bytes(copy.head.unwrap().into_bytes()),
         &h.st1_key.public(),
+        amicus_runtime::audit::PUBLIC,
     );
     assert!(!report.ok());
 }

@@ -14,8 +14,17 @@
 //! tail without failing the entries before it. Appends from several processes are serialised
 //! with an exclusive lock on `audit.lock`.
 //!
-//! This module owns those three files and nothing else; it never decides *what* to log.
+//! **What leaves.** Every entry is also projected (see [`crate::disclosure`]) onto a second chain,
+//! `audit-public.log` with `audit-public.head`, signed by the same key under its own domain:
+//! the copy that leaves the station (uploaded to the registry, exported as PROV-O). It carries
+//! no text a run influenced and no capability call (their order alone would be a channel), run
+//! figures coarsened, times to the second; each public entry names the local entry it projects
+//! (`local_seq`). `verify` checks both chains and that the public one is exactly the projection
+//! of the local one. A crash between the two appends is repaired by the next append.
+//!
+//! This module owns those files and nothing else; it never decides *what* to log.
 
+use crate::disclosure::{PublicEvent, public};
 use amicus_bundle::{Digest, PublicKey, SecretKey, sha256};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -27,6 +36,8 @@ use std::path::{Path, PathBuf};
 
 const DOMAIN: &[u8] = b"amicus-audit-v1\n";
 const HEAD_DOMAIN: &[u8] = b"amicus-audit-head-v1\n";
+const PUBLIC_DOMAIN: &[u8] = b"amicus-audit-public-v1\n";
+const PUBLIC_HEAD_DOMAIN: &[u8] = b"amicus-audit-public-head-v1\n";
 /// Longest line an append may write; events truncate their free-text fields well below this.
 const MAX_LINE: usize = 256 * 1024;
 /// Longest free-text field (reasons, queries) kept in an event.
@@ -34,6 +45,33 @@ pub const MAX_TEXT: usize = 4096;
 
 pub const LOG_FILE: &str = "audit.log";
 pub const HEAD_FILE: &str = "audit.head";
+pub const PUBLIC_LOG_FILE: &str = "audit-public.log";
+pub const PUBLIC_HEAD_FILE: &str = "audit-public.head";
+
+/// One of the two hash chains: its files and signing domains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chain {
+    pub log: &'static str,
+    pub head: &'static str,
+    domain: &'static [u8],
+    head_domain: &'static [u8],
+}
+
+/// The station's full log (stays at the station).
+pub const LOCAL: Chain = Chain {
+    log: LOG_FILE,
+    head: HEAD_FILE,
+    domain: DOMAIN,
+    head_domain: HEAD_DOMAIN,
+};
+
+/// The copy that leaves the station.
+pub const PUBLIC: Chain = Chain {
+    log: PUBLIC_LOG_FILE,
+    head: PUBLIC_HEAD_FILE,
+    domain: PUBLIC_DOMAIN,
+    head_domain: PUBLIC_HEAD_DOMAIN,
+};
 const LOCK_FILE: &str = "audit.lock";
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +103,12 @@ pub enum Event {
     DigestApproved {
         digest: Digest,
         train: Option<String>,
+        /// What the approval admits (`any`, `schema`, `exact`); absent: any (before scopes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scope: Option<String>,
+        /// With scope `exact`: the parameters approved by this entry.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        params_sha256: Option<Digest>,
     },
     TrainReceived {
         digest: Digest,
@@ -89,6 +133,9 @@ pub enum Event {
         memory_bytes: u64,
         wall_ms: u64,
         seed: String,
+        /// The approval scope that admitted the run (`any`, `schema`, `exact`, `not required`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        approval: Option<String>,
     },
     CapabilityCall {
         run_id: String,
@@ -258,6 +305,20 @@ struct LineIn<'a> {
 struct EntryHeader {
     seq: u64,
     prev: Digest,
+    /// Public entries: the local entry they project.
+    #[serde(default)]
+    local_seq: Option<u64>,
+}
+
+/// A public entry: the projection of local entry `local_seq`.
+#[derive(Serialize)]
+struct PublicEntry<'a> {
+    seq: u64,
+    time: &'a str,
+    prev: Digest,
+    local_seq: u64,
+    #[serde(flatten)]
+    event: &'a PublicEvent,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -321,7 +382,9 @@ impl AuditLog {
             .append(true)
             .open(&path)
             .map_err(io(&path))?;
-        let (mut tail, torn) = read_tail(&mut file, &path)?;
+        let (tail, torn) = read_tail(&mut file, &path)?;
+        let mut tail = tail.map(|t| (t.seq, t.hash));
+        let mut written: Vec<(u64, String, Event)> = Vec::new();
         if let Some((offset, bytes)) = torn {
             let moved = self.dir.join(format!("audit.torn-{offset}"));
             std::fs::write(&moved, &bytes).map_err(io(&moved))?;
@@ -335,40 +398,141 @@ impl AuditLog {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default(),
             };
-            tail = Some(self.write_entry(&mut file, &path, tail, recovered)?);
+            let (seq, hash, time) = self.write_entry(&mut file, &path, tail, &recovered)?;
+            tail = Some((seq, hash));
+            written.push((seq, time, recovered));
         }
-        let written = self.write_entry(&mut file, &path, tail, event.bounded())?;
-        self.write_head(written.0, written.1)?;
+        let event = event.bounded();
+        let (seq, hash, time) = self.write_entry(&mut file, &path, tail, &event)?;
+        self.write_head(LOCAL, seq, hash)?;
+        written.push((seq, time, event));
+        self.sync_public(&written)?;
         drop(lock);
-        Ok(written.0)
+        Ok(seq)
     }
 
+    /// Bring the public chain up to the local entries just `written` (and any a crash left
+    /// out before them): append the projection of each that has one.
+    fn sync_public(&self, written: &[(u64, String, Event)]) -> Result<(), AuditError> {
+        let Some(first) = written.first().map(|(seq, _, _)| *seq) else {
+            return Ok(());
+        };
+        let path = self.dir.join(PUBLIC_LOG_FILE);
+        let exists = path.exists();
+        if exists && written.iter().all(|(_, _, e)| public(e).is_none()) {
+            return Ok(());
+        }
+        let io = |source| AuditError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io)?;
+        let (tail, torn) = read_tail(&mut file, &path)?;
+        if let Some((offset, bytes)) = torn {
+            let moved = self.dir.join(format!("audit-public.torn-{offset}"));
+            std::fs::write(&moved, &bytes).map_err(|source| AuditError::Io {
+                path: moved.clone(),
+                source,
+            })?;
+            file.set_len(offset).map_err(io)?;
+        }
+        let seen = tail.as_ref().and_then(|t| t.local_seq);
+        // Local entries the public chain has not seen yet, before the ones just written: a
+        // crash between the two appends (or a log from before the public chain).
+        let mut pending: Vec<(u64, String, Event)> = if seen.map_or(first > 0, |s| s + 1 < first) {
+            read_local_after(&self.dir, seen)?
+                .into_iter()
+                .filter(|(seq, _, _)| *seq < first)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        pending.extend(written.iter().cloned());
+        let mut chain = tail.map(|t| (t.seq, t.hash));
+        let mut last = None;
+        for (local_seq, time, event) in &pending {
+            if seen.is_some_and(|s| *local_seq <= s) {
+                continue;
+            }
+            let Some(projected) = public(event) else {
+                continue;
+            };
+            let (seq, prev) = match chain {
+                Some((seq, hash)) => (seq + 1, hash),
+                None => (0, GENESIS),
+            };
+            let entry = PublicEntry {
+                seq,
+                time: &coarse_time(time),
+                prev,
+                local_seq: *local_seq,
+                event: &projected,
+            };
+            let hash = self.write_signed(&mut file, &path, PUBLIC, &entry)?;
+            chain = Some((seq, hash));
+            last = chain;
+        }
+        if let Some((seq, hash)) = last {
+            self.write_head(PUBLIC, seq, hash)?;
+        }
+        Ok(())
+    }
+
+    /// Write a local entry; returns its seq, hash and time.
     fn write_entry(
         &self,
         file: &mut File,
         path: &Path,
         tail: Option<(u64, Digest)>,
-        event: Event,
-    ) -> Result<(u64, Digest), AuditError> {
+        event: &Event,
+    ) -> Result<(u64, Digest, String), AuditError> {
         let (seq, prev) = match tail {
             Some((seq, hash)) => (seq + 1, hash),
             None => (0, GENESIS),
         };
+        let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
         let entry = Entry {
             seq,
-            time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            time: time.clone(),
             prev,
             event,
         };
-        let entry_json = serde_json::to_string(&entry).expect("an audit entry always serialises");
-        let raw = RawValue::from_string(entry_json).expect("serde_json output is valid JSON");
-        let mut signed = DOMAIN.to_vec();
+        let hash = self.write_signed(file, path, LOCAL, &entry)?;
+        Ok((seq, hash, time))
+    }
+
+    /// Sign `entry` under `chain`'s domain and append it as one line, durably; returns the
+    /// entry's hash.
+    fn write_signed(
+        &self,
+        file: &mut File,
+        path: &Path,
+        chain: Chain,
+        entry: &impl Serialize,
+    ) -> Result<Digest, AuditError> {
+        let entry_json = serde_json::to_string(entry).map_err(|e| AuditError::Damaged {
+            path: path.into(),
+            reason: format!("an entry did not serialise: {e}"),
+        })?;
+        let raw = RawValue::from_string(entry_json).map_err(|e| AuditError::Damaged {
+            path: path.into(),
+            reason: format!("an entry did not serialise: {e}"),
+        })?;
+        let mut signed = chain.domain.to_vec();
         signed.extend_from_slice(raw.get().as_bytes());
         let line = LineOut {
             entry: &raw,
             sig: B64.encode(self.key.sign(&signed)),
         };
-        let mut bytes = serde_json::to_vec(&line).expect("an audit line always serialises");
+        let mut bytes = serde_json::to_vec(&line).map_err(|e| AuditError::Damaged {
+            path: path.into(),
+            reason: format!("a line did not serialise: {e}"),
+        })?;
         bytes.push(b'\n');
         if bytes.len() > MAX_LINE {
             return Err(AuditError::Damaged {
@@ -382,36 +546,47 @@ impl AuditLog {
         };
         file.write_all(&bytes).map_err(io)?;
         file.sync_data().map_err(io)?;
-        Ok((seq, sha256(raw.get().as_bytes())))
+        Ok(sha256(raw.get().as_bytes()))
     }
 
-    fn write_head(&self, seq: u64, hash: Digest) -> Result<(), AuditError> {
+    fn write_head(&self, chain: Chain, seq: u64, hash: Digest) -> Result<(), AuditError> {
         let head = Head {
             seq,
             hash,
-            sig: B64.encode(self.key.sign(&head_message(seq, &hash))),
+            sig: B64.encode(self.key.sign(&head_message(chain, seq, &hash))),
         };
-        let path = self.dir.join(HEAD_FILE);
-        let bytes = serde_json::to_vec(&head).expect("a head always serialises");
+        let path = self.dir.join(chain.head);
+        let bytes = serde_json::to_vec(&head).map_err(|e| AuditError::Damaged {
+            path: path.clone(),
+            reason: format!("the head did not serialise: {e}"),
+        })?;
         amicus_bundle::bundle::write_atomic(&path, &bytes)
             .map_err(|source| AuditError::Io { path, source })
     }
 }
 
-fn head_message(seq: u64, hash: &Digest) -> Vec<u8> {
-    let mut m = HEAD_DOMAIN.to_vec();
+fn head_message(chain: Chain, seq: u64, hash: &Digest) -> Vec<u8> {
+    let mut m = chain.head_domain.to_vec();
     m.extend_from_slice(&seq.to_be_bytes());
     m.extend_from_slice(hash.as_bytes());
     m
 }
 
-/// The last complete entry's (seq, hash), and a torn tail (offset, bytes) if the file does not
-/// end with a newline.
+/// The last complete entry of a chain.
+struct Tail {
+    seq: u64,
+    hash: Digest,
+    /// Public entries: the local entry it projects.
+    local_seq: Option<u64>,
+}
+
+/// The last complete entry, and a torn tail (offset, bytes) if the file does not end with a
+/// newline.
 #[allow(clippy::type_complexity)]
 fn read_tail(
     file: &mut File,
     path: &Path,
-) -> Result<(Option<(u64, Digest)>, Option<(u64, Vec<u8>)>), AuditError> {
+) -> Result<(Option<Tail>, Option<(u64, Vec<u8>)>), AuditError> {
     let io = |source| AuditError::Io {
         path: path.into(),
         source,
@@ -462,9 +637,73 @@ fn read_tail(
     let header: EntryHeader = serde_json::from_str(line.entry.get())
         .map_err(|_| damaged("last entry has no sequence number"))?;
     Ok((
-        Some((header.seq, sha256(line.entry.get().as_bytes()))),
+        Some(Tail {
+            seq: header.seq,
+            hash: sha256(line.entry.get().as_bytes()),
+            local_seq: header.local_seq,
+        }),
         torn,
     ))
+}
+
+/// The local entries after `after` (all of them for `None`), reading the log from its end
+/// back only as far as needed.
+fn read_local_after(
+    dir: &Path,
+    after: Option<u64>,
+) -> Result<Vec<(u64, String, Event)>, AuditError> {
+    let path = dir.join(LOG_FILE);
+    let io = |source| AuditError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = File::open(&path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut out = Vec::new();
+    let mut end = len;
+    let mut carry: Vec<u8> = Vec::new();
+    const CHUNK: u64 = 1 << 20;
+    'read: while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        file.seek(SeekFrom::Start(start)).map_err(io)?;
+        let mut chunk = vec![0u8; (end - start) as usize];
+        file.read_exact(&mut chunk).map_err(io)?;
+        chunk.extend_from_slice(&carry);
+        // Lines complete in this window (the first may be cut unless the window starts the file).
+        let mut lines: Vec<&[u8]> = chunk.split(|&b| b == b'\n').collect();
+        let first_partial = if start > 0 && !lines.is_empty() {
+            Some(lines.remove(0).to_vec())
+        } else {
+            None
+        };
+        for line in lines.iter().rev() {
+            if line.is_empty() {
+                continue;
+            }
+            let Ok(parsed) = serde_json::from_slice::<LineIn>(line) else {
+                continue;
+            };
+            let Ok(entry) = serde_json::from_str::<Entry<Event>>(parsed.entry.get()) else {
+                continue;
+            };
+            if after.is_some_and(|a| entry.seq <= a) {
+                break 'read;
+            }
+            out.push((entry.seq, entry.time, entry.event));
+        }
+        carry = first_partial.unwrap_or_default();
+        end = start;
+    }
+    out.reverse();
+    Ok(out)
+}
+
+/// A local time (RFC 3339 with milliseconds) cut to the second for the public chain.
+fn coarse_time(time: &str) -> String {
+    match time.split_once('.') {
+        Some((seconds, rest)) if rest.ends_with('Z') => format!("{seconds}Z"),
+        _ => time.to_string(),
+    }
 }
 
 /// The outcome of verifying a log.
@@ -478,6 +717,11 @@ pub struct VerifyReport {
     pub torn_tail_bytes: Option<u64>,
     /// The head file lags one entry behind (crash between append and head update).
     pub head_lags: bool,
+    /// Entries of the public chain (the copy that leaves the station) that verified.
+    pub public_entries: u64,
+    /// Projections the public chain does not have yet at its end (a crash between the two
+    /// appends, or a log from before the public chain); the next append writes them.
+    pub public_lags: u64,
 }
 
 impl VerifyReport {
@@ -486,32 +730,119 @@ impl VerifyReport {
     }
 }
 
-/// Verify the log in station directory `dir` against the station's public key.
+/// Verify the log in station directory `dir` against the station's public key: the local
+/// chain, the public chain, and that the public chain is exactly the projection of the local
+/// one (a public chain one or more entries behind at its end is what a crash between the two
+/// appends leaves; the next append repairs it).
 pub fn verify(dir: &Path, key: &PublicKey) -> Result<VerifyReport, AuditError> {
-    let path = dir.join(LOG_FILE);
-    let data = std::fs::read(&path).map_err(|source| AuditError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let complete_end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let body = &data[..complete_end];
-    let body = body.strip_suffix(b"\n").unwrap_or(body);
-    let lines: Vec<&[u8]> = if body.is_empty() {
-        Vec::new()
-    } else {
-        body.split(|&b| b == b'\n').collect()
-    };
-    let head_path = dir.join(HEAD_FILE);
-    let head = match std::fs::read(&head_path) {
-        Ok(bytes) => HeadFile::Bytes(bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => HeadFile::Missing,
-        Err(e) => HeadFile::Unreadable(e.to_string()),
-    };
-    let mut report = verify_lines(&lines, head, key);
+    let (data, complete_end) = read_log(&dir.join(LOG_FILE))?;
+    let lines = split_lines(&data[..complete_end]);
+    let mut report = verify_lines(&lines, read_head(&dir.join(HEAD_FILE)), key, LOCAL);
     if complete_end < data.len() {
         report.torn_tail_bytes = Some((data.len() - complete_end) as u64);
     }
+    if report.problem.is_some() {
+        return Ok(report);
+    }
+    let public_path = dir.join(PUBLIC_LOG_FILE);
+    if !public_path.exists() {
+        // A log from before the public chain: the next append writes it.
+        report.public_lags = lines.iter().filter(|l| project_line(l).is_some()).count() as u64;
+        return Ok(report);
+    }
+    let (public_data, public_end) = read_log(&public_path)?;
+    let public_lines = split_lines(&public_data[..public_end]);
+    let public_report = verify_lines(
+        &public_lines,
+        read_head(&dir.join(PUBLIC_HEAD_FILE)),
+        key,
+        PUBLIC,
+    );
+    report.public_entries = public_report.valid_entries;
+    if let Some(p) = public_report.problem {
+        report.problem = Some(format!("{PUBLIC_LOG_FILE}: {p}"));
+        return Ok(report);
+    }
+    // The projection of every local entry, in order, against the public entries.
+    let mut public_iter = public_lines.iter().enumerate();
+    for line in &lines {
+        let Some((local_seq, time, projected)) = project_line(line) else {
+            continue;
+        };
+        let Some((i, public_line)) = public_iter.next() else {
+            report.public_lags += 1;
+            continue;
+        };
+        if report.public_lags > 0 {
+            report.problem = Some(format!(
+                "{PUBLIC_LOG_FILE}: a projection is missing before line {}",
+                i + 1
+            ));
+            return Ok(report);
+        }
+        let entry: serde_json::Value = serde_json::from_slice::<LineIn>(public_line)
+            .ok()
+            .and_then(|l| serde_json::from_str(l.entry.get()).ok())
+            .unwrap_or_default();
+        let mut event = entry.clone();
+        if let Some(o) = event.as_object_mut() {
+            for k in ["seq", "time", "prev", "local_seq"] {
+                o.remove(k);
+            }
+        }
+        let expected = serde_json::to_value(&projected).unwrap_or_default();
+        if entry["local_seq"].as_u64() != Some(local_seq)
+            || entry["time"].as_str() != Some(coarse_time(&time).as_str())
+            || event != expected
+        {
+            report.problem = Some(format!(
+                "{PUBLIC_LOG_FILE} line {} is not the projection of local entry seq {local_seq}",
+                i + 1
+            ));
+            return Ok(report);
+        }
+    }
+    if let Some((i, _)) = public_iter.next() {
+        report.problem = Some(format!(
+            "{PUBLIC_LOG_FILE} line {} projects no local entry",
+            i + 1
+        ));
+    }
     Ok(report)
+}
+
+/// A log file's bytes and where its complete lines end.
+fn read_log(path: &Path) -> Result<(Vec<u8>, usize), AuditError> {
+    let data = std::fs::read(path).map_err(|source| AuditError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let complete_end = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    Ok((data, complete_end))
+}
+
+fn split_lines(body: &[u8]) -> Vec<&[u8]> {
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    if body.is_empty() {
+        Vec::new()
+    } else {
+        body.split(|&b| b == b'\n').collect()
+    }
+}
+
+fn read_head(path: &Path) -> HeadFile {
+    match std::fs::read(path) {
+        Ok(bytes) => HeadFile::Bytes(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => HeadFile::Missing,
+        Err(e) => HeadFile::Unreadable(e.to_string()),
+    }
+}
+
+/// A local line's seq, time and public projection (`None`: not projected, or unreadable).
+fn project_line(line: &[u8]) -> Option<(u64, String, PublicEvent)> {
+    let parsed = serde_json::from_slice::<LineIn>(line).ok()?;
+    let entry = serde_json::from_str::<Entry<Event>>(parsed.entry.get()).ok()?;
+    Some((entry.seq, entry.time, public(&entry.event)?))
 }
 
 /// A station's signed head, as the verifier found it.
@@ -529,12 +860,13 @@ pub fn check_line(
     key: &PublicKey,
     expect_seq: u64,
     prev: &Digest,
+    chain: Chain,
 ) -> Result<Digest, String> {
     let Ok(parsed) = serde_json::from_slice::<LineIn>(line) else {
         return Err("not an audit entry (edited or corrupted)".into());
     };
     let raw = parsed.entry.get().as_bytes();
-    let mut signed = DOMAIN.to_vec();
+    let mut signed = chain.domain.to_vec();
     signed.extend_from_slice(raw);
     let sig_ok = B64
         .decode(&parsed.sig)
@@ -562,17 +894,24 @@ pub fn check_line(
 
 /// Verify complete log lines (from the station's file or from the registry's copy) and the
 /// station's signed head against the station's public key.
-pub fn verify_lines(lines: &[&[u8]], head: HeadFile, key: &PublicKey) -> VerifyReport {
+pub fn verify_lines(
+    lines: &[&[u8]],
+    head: HeadFile,
+    key: &PublicKey,
+    chain: Chain,
+) -> VerifyReport {
     let mut report = VerifyReport {
         valid_entries: 0,
         problem: None,
         torn_tail_bytes: None,
         head_lags: false,
+        public_entries: 0,
+        public_lags: 0,
     };
     let mut prev = GENESIS;
     let mut expect_seq = 0u64;
     for (i, line) in lines.iter().enumerate() {
-        match check_line(line, key, expect_seq, &prev) {
+        match check_line(line, key, expect_seq, &prev, chain) {
             Ok(hash) => {
                 prev = hash;
                 expect_seq += 1;
@@ -587,7 +926,7 @@ pub fn verify_lines(lines: &[&[u8]], head: HeadFile, key: &PublicKey) -> VerifyR
             }
         }
     }
-    finish_head(head, key, report, expect_seq, prev)
+    finish_head(head, key, report, expect_seq, prev, chain)
 }
 
 /// Compare the verified chain with the signed head to detect truncation.
@@ -597,7 +936,9 @@ fn finish_head(
     mut report: VerifyReport,
     next_seq: u64,
     last_hash: Digest,
+    chain: Chain,
 ) -> VerifyReport {
+    let head_file = chain.head;
     if report.problem.is_some() {
         return report;
     }
@@ -605,26 +946,26 @@ fn finish_head(
         HeadFile::Bytes(bytes) => match serde_json::from_slice(&bytes) {
             Ok(h) => h,
             Err(_) => {
-                report.problem = Some(format!("{HEAD_FILE} is not valid (edited or corrupted)"));
+                report.problem = Some(format!("{head_file} is not valid (edited or corrupted)"));
                 return report;
             }
         },
         HeadFile::Missing if next_seq == 0 => return report,
         HeadFile::Missing => {
-            report.problem = Some(format!("{HEAD_FILE} is missing"));
+            report.problem = Some(format!("{head_file} is missing"));
             return report;
         }
         HeadFile::Unreadable(e) => {
-            report.problem = Some(format!("{HEAD_FILE}: {e}"));
+            report.problem = Some(format!("{head_file}: {e}"));
             return report;
         }
     };
     let sig_ok = B64
         .decode(&head.sig)
-        .map(|s| key.verify(&head_message(head.seq, &head.hash), &s))
+        .map(|s| key.verify(&head_message(chain, head.seq, &head.hash), &s))
         .unwrap_or(false);
     if !sig_ok {
-        report.problem = Some(format!("{HEAD_FILE} signature does not verify"));
+        report.problem = Some(format!("{head_file} signature does not verify"));
         return report;
     }
     let last_seq = next_seq.checked_sub(1);
@@ -632,7 +973,7 @@ fn finish_head(
         Some(last) if head.seq == last => {
             if head.hash != last_hash {
                 report.problem = Some(format!(
-                    "entry seq {last} differs from the one {HEAD_FILE} recorded (last entry replaced)"
+                    "entry seq {last} differs from the one {head_file} recorded (last entry replaced)"
                 ));
             }
         }
@@ -640,13 +981,13 @@ fn finish_head(
         Some(last) if head.seq + 1 == last => report.head_lags = true,
         Some(last) if head.seq + 1 < last => {
             report.problem = Some(format!(
-                "{HEAD_FILE} records entry seq {} but the log goes on to seq {last}: the head was replaced by an old copy",
+                "{head_file} records entry seq {} but the log goes on to seq {last}: the head was replaced by an old copy",
                 head.seq
             ));
         }
         _ => {
             report.problem = Some(format!(
-                "log truncated: {HEAD_FILE} records entry seq {} but the log's last valid entry is {}",
+                "log truncated: {head_file} records entry seq {} but the log's last valid entry is {}",
                 head.seq,
                 last_seq.map_or("none".to_string(), |s| format!("seq {s}"))
             ));
@@ -664,7 +1005,16 @@ pub struct ShownEntry {
 
 /// Read every complete entry (unverified; use [`verify`] for proof).
 pub fn read_entries(dir: &Path) -> Result<Vec<ShownEntry>, AuditError> {
-    let path = dir.join(LOG_FILE);
+    read_chain_entries(dir, LOCAL)
+}
+
+/// Read every complete entry of the public chain: what leaves the station.
+pub fn read_public_entries(dir: &Path) -> Result<Vec<ShownEntry>, AuditError> {
+    read_chain_entries(dir, PUBLIC)
+}
+
+fn read_chain_entries(dir: &Path, chain: Chain) -> Result<Vec<ShownEntry>, AuditError> {
+    let path = dir.join(chain.log);
     let data = std::fs::read(&path).map_err(|source| AuditError::Io {
         path: path.clone(),
         source,
@@ -885,6 +1235,118 @@ mod tests {
             }),
             Err(AuditError::Damaged { .. })
         ));
+    }
+
+    fn call(detail: &str) -> Event {
+        Event::CapabilityCall {
+            run_id: "r1".into(),
+            capability: "cohort".into(),
+            call: "select".into(),
+            detail: detail.into(),
+            rows: Some(3),
+            outcome: "ok".into(),
+            count: None,
+        }
+    }
+
+    fn finished(reason: &str) -> Event {
+        Event::RunFinished {
+            run_id: "r1".into(),
+            outcome: "failed".into(),
+            reason: Some(reason.into()),
+            fuel_used: 1000,
+            peak_memory_bytes: 5_000_000,
+            wall_us: 1_234,
+            outputs_released: 0,
+        }
+    }
+
+    #[test]
+    fn the_public_chain_is_the_projection_and_holds_no_run_text() {
+        let secret = "SECRET-pseudonym-4f2a sex F age 63";
+        let signer = SecretKey::generate().unwrap();
+        let public_key = signer.public();
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::new(dir.path(), signer);
+        log.create().unwrap();
+        log.append(Event::SignerTrusted {
+            name: "a".into(),
+            keyid: "k".into(),
+        })
+        .unwrap();
+        for i in 0..5 {
+            log.append(call(&format!("{secret} {i}"))).unwrap();
+        }
+        log.append(finished(&format!("train returned an error: {secret}")))
+            .unwrap();
+        let r = verify(dir.path(), &public_key).unwrap();
+        assert!(r.ok(), "{r:?}");
+        assert_eq!(
+            (r.valid_entries, r.public_entries, r.public_lags),
+            (7, 2, 0)
+        );
+        let public_text = std::fs::read_to_string(dir.path().join(PUBLIC_LOG_FILE)).unwrap();
+        assert!(!public_text.contains("SECRET"), "{public_text}");
+        assert!(public_text.contains("\"local_seq\":6"), "{public_text}");
+        // The registry's check of uploaded lines: the public domain, not the local one.
+        let lines: Vec<&[u8]> = public_text.lines().map(str::as_bytes).collect();
+        let head = std::fs::read(dir.path().join(PUBLIC_HEAD_FILE)).unwrap();
+        let r = verify_lines(&lines, HeadFile::Bytes(head.clone()), &public_key, PUBLIC);
+        assert!(r.ok(), "{r:?}");
+        assert!(!verify_lines(&lines, HeadFile::Bytes(head), &public_key, LOCAL).ok());
+    }
+
+    #[test]
+    fn a_public_chain_behind_is_repaired_and_a_forged_one_is_caught() {
+        let signer = SecretKey::generate().unwrap();
+        let public_key = signer.public();
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::new(dir.path(), signer);
+        log.create().unwrap();
+        let path = dir.path().join(PUBLIC_LOG_FILE);
+        let head_path = dir.path().join(PUBLIC_HEAD_FILE);
+        let mut saved = None;
+        for n in ["a", "b", "c"] {
+            if n == "c" {
+                saved = Some((
+                    std::fs::read(&path).unwrap(),
+                    std::fs::read(&head_path).unwrap(),
+                ));
+            }
+            log.append(Event::SignerTrusted {
+                name: n.into(),
+                keyid: "k".into(),
+            })
+            .unwrap();
+        }
+        // A crash between the two appends: the public chain lacks the last projection.
+        let (old_log, old_head) = saved.unwrap();
+        std::fs::write(&path, old_log).unwrap();
+        std::fs::write(&head_path, old_head).unwrap();
+        let r = verify(dir.path(), &public_key).unwrap();
+        assert_eq!(r.public_lags, 1, "{r:?}");
+        log.append(call("x")).unwrap();
+        log.append(Event::SignerTrusted {
+            name: "d".into(),
+            keyid: "k".into(),
+        })
+        .unwrap();
+        let r = verify(dir.path(), &public_key).unwrap();
+        assert!(
+            r.ok() && r.public_lags == 0 && r.public_entries == 4,
+            "{r:?}"
+        );
+        // A public line that does not project its local entry: caught, even signed right.
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replacen("\"name\":\"a\"", "\"name\":\"z\"", 1)).unwrap();
+        assert!(problem(dir.path(), &public_key).contains(PUBLIC_LOG_FILE));
+        // A log from before the public chain gets one at its next append.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_file(&head_path).unwrap();
+        assert_eq!(verify(dir.path(), &public_key).unwrap().public_lags, 4);
+        log.append(call("y")).unwrap();
+        let r = verify(dir.path(), &public_key).unwrap();
+        assert!(r.ok() && r.public_entries == 4, "{r:?}");
     }
 
     #[test]

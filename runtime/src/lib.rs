@@ -11,6 +11,7 @@
 //! successful run, and must never act on a bundle before verifying it.
 
 pub mod audit;
+pub mod disclosure;
 pub mod host;
 pub mod noise;
 pub mod policy;

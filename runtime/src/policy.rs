@@ -41,6 +41,46 @@ pub struct Approval {
     pub digest: Digest,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train: Option<String>,
+    /// Which runs of the digest the approval admits. Approvals written before scopes existed
+    /// admit any parameters (what the data owner approved then).
+    #[serde(default)]
+    pub scope: ApprovalScope,
+    /// With scope `exact`: the SHA-256 of each parameter document approved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub params: Vec<Digest>,
+}
+
+/// What an approval of a digest admits: parameters change what a train does at run time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApprovalScope {
+    /// Any parameters.
+    #[default]
+    Any,
+    /// Parameters that match the JSON Schema the train declares (`[params] schema`), which the
+    /// data owner saw at review. The default for new approvals.
+    Schema,
+    /// Exactly the parameter documents approved (by SHA-256).
+    Exact,
+}
+
+impl ApprovalScope {
+    pub fn name(self) -> &'static str {
+        match self {
+            ApprovalScope::Any => "any",
+            ApprovalScope::Schema => "schema",
+            ApprovalScope::Exact => "exact",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ApprovalScope> {
+        match s {
+            "any" => Some(ApprovalScope::Any),
+            "schema" => Some(ApprovalScope::Schema),
+            "exact" => Some(ApprovalScope::Exact),
+            _ => None,
+        }
+    }
 }
 
 /// How trains' models run on this station (capability `kernels`).
@@ -103,6 +143,27 @@ pub struct WorkerPolicy {
     /// Longest the worker may take to start and load the index before the train runs.
     #[serde(default = "default_setup_seconds")]
     pub setup_seconds: u32,
+    /// Largest WebAssembly component the station compiles.
+    #[serde(default = "default_max_component_mib")]
+    pub max_component_mib: u32,
+    /// Longest a component's compilation may take (in a compile worker, before the run).
+    #[serde(default = "default_compile_seconds")]
+    pub compile_seconds: u32,
+    /// Memory a component's compilation may use.
+    #[serde(default = "default_compile_memory_mib")]
+    pub compile_memory_mib: u32,
+}
+
+fn default_max_component_mib() -> u32 {
+    64
+}
+
+fn default_compile_seconds() -> u32 {
+    60
+}
+
+fn default_compile_memory_mib() -> u32 {
+    1024
 }
 
 fn default_slack() -> u32 {
@@ -119,6 +180,9 @@ impl Default for WorkerPolicy {
             require_confinement: false,
             memory_slack_mib: default_slack(),
             setup_seconds: default_setup_seconds(),
+            max_component_mib: default_max_component_mib(),
+            compile_seconds: default_compile_seconds(),
+            compile_memory_mib: default_compile_memory_mib(),
         }
     }
 }
@@ -381,8 +445,16 @@ impl Policy {
         if self.kernels.max_model_bytes == 0 || self.kernels.max_nodes == 0 {
             return Err("kernels.max_model_bytes and kernels.max_nodes must be positive".into());
         }
-        if self.worker.setup_seconds == 0 {
-            return Err("worker.setup_seconds must be positive".into());
+        let w = &self.worker;
+        if w.setup_seconds == 0
+            || w.max_component_mib == 0
+            || w.compile_seconds == 0
+            || w.compile_memory_mib == 0
+        {
+            return Err(
+                "worker.setup_seconds, max_component_mib, compile_seconds and compile_memory_mib must be positive"
+                    .into(),
+            );
         }
         let c = &self.cohort;
         if c.min_patients == 0 {
@@ -446,13 +518,100 @@ impl Policy {
         Ok(())
     }
 
-    /// Approve `digest`; approving twice is a no-op. Returns whether it was new.
+    /// Approve `digest` for any parameters (an approval without a scope). Returns whether
+    /// the policy changed.
     pub fn approve(&mut self, digest: Digest, train: Option<String>) -> bool {
-        if self.is_approved(&digest) {
-            return false;
+        self.approve_scoped(digest, train, ApprovalScope::Any, None)
+    }
+
+    /// Approve `digest` with `scope` (with `Exact`, adding the parameters `params`). Returns
+    /// whether the policy changed.
+    pub fn approve_scoped(
+        &mut self,
+        digest: Digest,
+        train: Option<String>,
+        scope: ApprovalScope,
+        params: Option<Digest>,
+    ) -> bool {
+        if let Some(a) = self.approved.iter_mut().find(|a| a.digest == digest) {
+            let mut changed = a.scope != scope;
+            a.scope = scope;
+            if scope == ApprovalScope::Exact {
+                if let Some(p) = params
+                    && !a.params.contains(&p)
+                {
+                    a.params.push(p);
+                    changed = true;
+                }
+            } else if !a.params.is_empty() {
+                a.params.clear();
+                changed = true;
+            }
+            return changed;
         }
-        self.approved.push(Approval { digest, train });
+        self.approved.push(Approval {
+            digest,
+            train,
+            scope,
+            params: params
+                .into_iter()
+                .filter(|_| scope == ApprovalScope::Exact)
+                .collect(),
+        });
         true
+    }
+
+    /// The approval of `digest`, if any.
+    pub fn approval(&self, digest: &Digest) -> Option<&Approval> {
+        self.approved.iter().find(|a| a.digest == *digest)
+    }
+
+    /// Whether the approval that admitted a bundle also admits these parameters; the scope's
+    /// name when it does (`not required` without approvals), the refusal when not.
+    pub fn admit_params(&self, bundle: &Bundle, params: &str) -> Result<&'static str, Refusal> {
+        if !self.require_approval {
+            return Ok("not required");
+        }
+        let Some(approval) = self.approval(&bundle.digest()) else {
+            return Err(Refusal::new("approval", "the digest is not approved"));
+        };
+        match approval.scope {
+            ApprovalScope::Any => Ok("any"),
+            ApprovalScope::Exact => {
+                let hash = amicus_bundle::sha256(params.as_bytes());
+                if approval.params.contains(&hash) {
+                    Ok("exact")
+                } else {
+                    Err(Refusal::new(
+                        "approval",
+                        format!(
+                            "the data owner approved this digest for particular parameters only, and not these (sha256 {hash}; amicus station approve --dir DIR {} --scope exact --params FILE)",
+                            bundle.digest()
+                        ),
+                    ))
+                }
+            }
+            ApprovalScope::Schema => {
+                let Some(declared) = &bundle.manifest().params else {
+                    return Err(Refusal::new(
+                        "approval",
+                        "the data owner approved parameters that match the train's schema, and the train declares none (approve with --scope exact or --scope any)",
+                    ));
+                };
+                let schema = declared
+                    .schema_json()
+                    .map_err(|e| Refusal::new("params", format!("the train's schema: {e}")))?;
+                let value: serde_json::Value = serde_json::from_str(params)
+                    .map_err(|e| Refusal::new("params", format!("parameters are not JSON: {e}")))?;
+                amicus_bundle::params::validate(&schema, &value).map_err(|e| {
+                    Refusal::new(
+                        "params",
+                        format!("the parameters do not match the train's declared schema: {e}"),
+                    )
+                })?;
+                Ok("schema")
+            }
+        }
     }
 
     pub fn is_approved(&self, digest: &Digest) -> bool {
@@ -487,6 +646,21 @@ impl Policy {
         }
         let limits = self.check_limits(&m.limits)?;
         let caps = self.kernels.model_caps();
+        let models_bytes: u64 = m
+            .models
+            .iter()
+            .filter_map(|model| bundle.file(&model.file))
+            .map(|b| b.len() as u64)
+            .sum();
+        if models_bytes > u64::from(limits.memory_mib) << 20 {
+            return Err(Refusal::new(
+                "limits",
+                format!(
+                    "the bundle's models take {models_bytes} bytes, more than the {} MiB of memory the train asks for (models count against it)",
+                    limits.memory_mib
+                ),
+            ));
+        }
         for model in &m.models {
             let Some(bytes) = bundle.file(&model.file) else {
                 continue;

@@ -3,14 +3,15 @@
 //! Runs are `prov:Activity`s that `prov:used` the train bundle (`prov:Entity`, named by its
 //! digest) and were `prov:wasAssociatedWith` the station (`prov:SoftwareAgent`, named by its key
 //! id); released outputs are entities `prov:wasGeneratedBy` their run; refusals, approvals and
-//! capability calls are activities too. Terms PROV-O has no word for (outcome, fuel, sizes,
-//! hashes, audit sequence numbers) live under the `urn:amicus:audit:` namespace.
+//! are activities too. Terms PROV-O has no word for (outcome class, coarsened fuel and sizes,
+//! hashes, the local log's sequence numbers) live under the `urn:amicus:audit:` namespace.
 //!
-//! Only station-generated facts leave in the export: text that came from a train (SPARQL
-//! queries, error messages) is represented by its SHA-256 or left out, because an export may
-//! leave the hospital. This module reads the log; it never writes or verifies it.
+//! The export is made from the public chain (`audit-public.log`, see `crate::disclosure`): an
+//! export may leave the hospital, so it holds what the registry may hold and no more — no
+//! capability call, no text a run influenced, run figures coarsened. This module reads the
+//! log; it never writes or verifies it.
 
-use crate::audit::{AuditError, ShownEntry, read_entries};
+use crate::audit::{AuditError, ShownEntry, read_public_entries};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -68,7 +69,8 @@ fn int(v: &serde_json::Value) -> String {
 /// The Turtle document for the audit log in station directory `dir`. The caller must have
 /// verified the log first (see [`crate::audit::verify`]).
 pub fn export_turtle(dir: &Path, station_keyid: &str) -> Result<String, AuditError> {
-    let entries: Vec<ShownEntry> = read_entries(dir)?;
+    // Only what may leave the station: the public chain (no capability call, no run text).
+    let entries: Vec<ShownEntry> = read_public_entries(dir)?;
     let station = format!("<urn:amicus:station:{}>", iri_part(station_keyid));
     let mut out = String::from(PREFIXES);
     let _ = writeln!(
@@ -88,7 +90,8 @@ pub fn export_turtle(dir: &Path, station_keyid: &str) -> Result<String, AuditErr
     // The start time of each run, to give the finish entry its prov:startedAtTime.
     let mut started: BTreeMap<String, String> = BTreeMap::new();
     for ShownEntry { entry: e, .. } in &entries {
-        let seq = int(&e["seq"]);
+        // The local entry it projects: the data owner's log has the details.
+        let seq = int(&e["local_seq"]);
         match e["event"].as_str().unwrap_or("") {
             "train-received" => {
                 let _ = writeln!(
@@ -122,21 +125,19 @@ pub fn export_turtle(dir: &Path, station_keyid: &str) -> Result<String, AuditErr
                 );
                 let _ = writeln!(
                     out,
-                    "\n{} a prov:Activity, au:IndexRun ;\n    prov:wasAssociatedWith {station} ;\n    prov:endedAtTime {} ;\n    au:filesSeen {} ;\n    au:indexed {} ;\n    au:quarantined {} ;\n    au:auditSeq {seq} .",
+                    "\n{} a prov:Activity, au:IndexRun ;\n    prov:wasAssociatedWith {station} ;\n    prov:endedAtTime {} ;\n    au:auditSeq {seq} .",
                     scoped("index-run", &seq),
                     time(e),
-                    int(&e["files_seen"]),
-                    int(&e["indexed"]),
-                    int(&e["quarantined"]),
                 );
             }
             "digest-approved" => {
                 let _ = writeln!(
                     out,
-                    "\n{} a prov:Activity, au:Approval ;\n    prov:used {} ;\n    prov:wasAssociatedWith {station} ;\n    prov:endedAtTime {} ;\n    au:auditSeq {seq} .",
+                    "\n{} a prov:Activity, au:Approval ;\n    prov:used {} ;\n    prov:wasAssociatedWith {station} ;\n    prov:endedAtTime {} ;\n    au:scope {} ;\n    au:auditSeq {seq} .",
                     scoped("approval", &seq),
                     bundle(&e["digest"]),
                     time(e),
+                    lit(e["scope"].as_str().unwrap_or("any")),
                 );
             }
             "train-refused" => {
@@ -168,32 +169,10 @@ pub fn export_turtle(dir: &Path, station_keyid: &str) -> Result<String, AuditErr
                     int(&e["memory_bytes"]),
                 );
             }
-            "capability-call" => {
-                // The query text came from the train: only its hash leaves.
-                let detail = e["detail"].as_str().unwrap_or("");
-                let hash = detail
-                    .strip_prefix("sha256:")
-                    .and_then(|d| d.split_whitespace().next())
-                    .unwrap_or("");
-                let _ = writeln!(
-                    out,
-                    "\n{} a prov:Activity, au:CapabilityCall ;\n    dcterms:isPartOf {} ;\n    au:capability {} ;\n    au:call {} ;\n    au:outcome {} ;\n    au:requestSha256 {} ;{}\n    au:auditSeq {seq} .",
-                    scoped("call", &seq),
-                    run(&e["run_id"]),
-                    lit(e["capability"].as_str().unwrap_or("")),
-                    lit(e["call"].as_str().unwrap_or("")),
-                    lit(e["outcome"].as_str().unwrap_or("")),
-                    lit(hash),
-                    e["rows"]
-                        .as_u64()
-                        .map(|r| format!("\n    au:rows {r} ;"))
-                        .unwrap_or_default(),
-                );
-            }
             "output-released" => {
                 let _ = writeln!(
                     out,
-                    "\n{} a prov:Entity, au:Output ;\n    prov:wasGeneratedBy {} ;\n    rdfs:label {} ;\n    au:bytes {} ;\n    au:sha256 {} ;\n    prov:generatedAtTime {} ;\n    au:auditSeq {seq} .",
+                    "\n{} a prov:Entity, au:Output ;\n    prov:wasGeneratedBy {} ;\n    rdfs:label {} ;\n    au:bytes {} ;\n    prov:generatedAtTime {} ;\n    au:auditSeq {seq} .",
                     scoped(
                         "output",
                         &format!(
@@ -205,7 +184,6 @@ pub fn export_turtle(dir: &Path, station_keyid: &str) -> Result<String, AuditErr
                     run(&e["run_id"]),
                     lit(e["name"].as_str().unwrap_or("")),
                     int(&e["bytes"]),
-                    lit(e["sha256"].as_str().unwrap_or("")),
                     time(e),
                 );
             }
@@ -213,7 +191,7 @@ pub fn export_turtle(dir: &Path, station_keyid: &str) -> Result<String, AuditErr
                 let id = e["run_id"].as_str().unwrap_or("").to_string();
                 let _ = writeln!(
                     out,
-                    "\n{} a prov:Activity, au:Run ;\n    prov:wasAssociatedWith {station} ;{}\n    prov:endedAtTime {} ;\n    au:outcome {} ;\n    au:fuelUsed {} ;\n    au:peakMemoryBytes {} ;\n    au:wallMicroseconds {} ;\n    au:outputsReleased {} ;\n    au:finishedAuditSeq {seq} .",
+                    "\n{} a prov:Activity, au:Run ;\n    prov:wasAssociatedWith {station} ;{}\n    prov:endedAtTime {} ;\n    au:outcome {} ;\n    au:fuelUsedAtMost {} ;\n    au:peakMemoryBytesAtMost {} ;\n    au:wallSecondsAtMost {} ;\n    au:outputsReleased {} ;\n    au:finishedAuditSeq {seq} .",
                     run(&e["run_id"]),
                     started
                         .get(&id)
@@ -223,7 +201,7 @@ pub fn export_turtle(dir: &Path, station_keyid: &str) -> Result<String, AuditErr
                     lit(e["outcome"].as_str().unwrap_or("")),
                     int(&e["fuel_used"]),
                     int(&e["peak_memory_bytes"]),
-                    int(&e["wall_us"]),
+                    int(&e["wall_seconds"]),
                     int(&e["outputs_released"]),
                 );
             }

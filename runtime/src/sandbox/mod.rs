@@ -104,6 +104,14 @@ impl Sandbox {
             .map_err(|e| SandboxError::Setup(format!("the compiled component: {e:#}")))
     }
 
+    /// Compile `wasm` to this engine's serialized form (what the cache holds); nothing is
+    /// loaded. The station runs this in a compile worker, never in its own process.
+    pub fn precompile(&self, wasm: &[u8]) -> Result<Vec<u8>, SandboxError> {
+        self.engine
+            .precompile_component(wasm)
+            .map_err(|e| SandboxError::InvalidComponent(format!("{e:#}")))
+    }
+
     /// Compile `wasm` (or load the station's own cached compilation of it).
     pub fn compile(&self, wasm: &[u8]) -> Result<(Component, CompileSource), SandboxError> {
         let Some(path) = self.cache_path(wasm) else {
@@ -278,6 +286,47 @@ impl Sandbox {
 pub enum CompileSource {
     Compiled,
     Cache,
+}
+
+/// The top-level imports of a component, read from its bytes without compiling it (the
+/// station checks them before anything compiles the component).
+pub fn component_imports(wasm: &[u8]) -> Result<Vec<String>, String> {
+    use wasmparser::{Encoding, Parser, Payload};
+    let mut imports = Vec::new();
+    let mut depth = 0usize;
+    let mut component = false;
+    for payload in Parser::new(0).parse_all(wasm) {
+        match payload.map_err(|e| format!("not a valid component: {e}"))? {
+            Payload::Version { encoding, .. } if depth == 0 => {
+                component = encoding == Encoding::Component;
+                if !component {
+                    return Err("a core module, not a component".into());
+                }
+            }
+            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+            Payload::End(_) => {
+                if depth == 0 {
+                    break;
+                }
+                depth -= 1;
+            }
+            Payload::ComponentImportSection(reader) if depth == 0 => {
+                for import in reader {
+                    let import = import.map_err(|e| format!("not a valid component: {e}"))?;
+                    let mut name = import.name.name.to_string();
+                    if let Some(v) = import.name.version_suffix {
+                        name.push_str(v);
+                    }
+                    imports.push(name);
+                }
+            }
+            _ => {}
+        }
+    }
+    if !component {
+        return Err("not a component".into());
+    }
+    Ok(imports)
 }
 
 /// Check one import name against the contract and the WASI allow-list.
@@ -626,11 +675,22 @@ fn classify_trap(err: &wasmtime::Error, state: &HostState) -> Outcome {
 }
 
 /// Text that came from a guest, made safe to show and store: control characters (terminal
-/// escape sequences among them) are escaped, except newline and tab, and the length is capped.
+/// escape sequences among them) and bidirectional-format characters (which reorder what a
+/// reader sees) are escaped, except newline and tab, and the length is capped.
 pub fn guest_text(s: &str) -> String {
+    escaped(s, true)
+}
+
+/// [`guest_text`] for one line of a log: newlines and tabs escaped too.
+pub fn guest_line(s: &str) -> String {
+    escaped(s, false)
+}
+
+fn escaped(s: &str, keep_newlines: bool) -> String {
     let mut out = String::with_capacity(s.len().min(crate::audit::MAX_TEXT));
     for c in s.chars() {
-        if c.is_control() && c != '\n' && c != '\t' {
+        let kept = keep_newlines && (c == '\n' || c == '\t');
+        if (c.is_control() && !kept) || amicus_bundle::text::is_bidi(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);

@@ -334,15 +334,33 @@ impl Station {
         Ok(())
     }
 
-    /// Data owner: approve a bundle digest. Returns false when it was already approved.
+    /// Data owner: approve a bundle digest for any parameters. Returns false when nothing
+    /// changed.
     pub fn approve(&self, digest: Digest, train: Option<String>) -> Result<bool, StationError> {
+        self.approve_scoped(digest, train, crate::policy::ApprovalScope::Any, None)
+    }
+
+    /// Data owner: approve a bundle digest with a scope (with `Exact`, for the parameter
+    /// document whose SHA-256 is `params`). Returns false when nothing changed.
+    pub fn approve_scoped(
+        &self,
+        digest: Digest,
+        train: Option<String>,
+        scope: crate::policy::ApprovalScope,
+        params: Option<Digest>,
+    ) -> Result<bool, StationError> {
         let audit = self.audit()?;
         let mut policy = self.policy()?;
-        if !policy.approve(digest, train.clone()) {
+        if !policy.approve_scoped(digest, train.clone(), scope, params) {
             return Ok(false);
         }
         policy.save(&self.dir)?;
-        audit.append(Event::DigestApproved { digest, train })?;
+        audit.append(Event::DigestApproved {
+            digest,
+            train,
+            scope: Some(scope.name().to_string()),
+            params_sha256: params.filter(|_| scope == crate::policy::ApprovalScope::Exact),
+        })?;
         Ok(true)
     }
 

@@ -23,7 +23,7 @@ use crate::sandbox::{
 };
 use crate::worker::WorkerCommand;
 use crate::worker::protocol::{
-    CohortJob, ImagingJob, Job, KernelsJob, ModelJob, RoundJob, WorkerLimits,
+    CohortJob, CompileJob, ImagingJob, Job, KernelsJob, ModelJob, Request, RoundJob, WorkerLimits,
 };
 use crate::worker::supervise::{self, Spawn, Step, WorkerEnd};
 use amicus_bundle::{Bundle, Capability, Digest, sha256};
@@ -44,6 +44,8 @@ struct Admitted {
     policy: Policy,
     admission: Admission,
     params: String,
+    /// The approval scope that admitted the run.
+    approval_scope: &'static str,
 }
 
 /// Everything the worker needs, and what the station keeps to release the run.
@@ -290,6 +292,11 @@ impl Station {
                 format!("parameters are not JSON: {e}"),
             )));
         }
+        // The approval binds what runs: any parameters, those matching the train's declared
+        // schema, or exactly the approved ones.
+        let approval_scope = policy
+            .admit_params(&received.bundle, &params)
+            .map_err(&no)?;
         // A federated round must fit the digest's privacy budget before anything runs.
         // The evaluation round after the last releases no update (`submit` refuses there).
         if let Some(round) = federated
@@ -322,6 +329,7 @@ impl Station {
             policy,
             admission,
             params,
+            approval_scope,
         })
     }
 
@@ -344,22 +352,49 @@ impl Station {
         };
         let manifest = bundle.manifest();
         let policy = &admitted.policy;
-        let sandbox = Sandbox::new(Some(&self.dir.join(CACHE_DIR)))?;
-        let (component, source) = match sandbox.compile(bundle.component()) {
-            Ok(c) => c,
-            Err(SandboxError::InvalidComponent(e)) => {
-                return Err(no(Refusal::new("component", e)));
-            }
-            Err(e) => return Err(e.into()),
+        // The station process never compiles or loads a train's code: it reads the imports
+        // from the bytes, and a compile worker (confined and bounded like a run) compiles.
+        let wasm = bundle.component();
+        let max_component = u64::from(policy.worker.max_component_mib) << 20;
+        if wasm.len() as u64 > max_component {
+            return Err(no(Refusal::new(
+                "component",
+                format!(
+                    "the component is {} bytes; the station compiles at most {max_component} (policy worker.max_component_mib)",
+                    wasm.len()
+                ),
+            )));
+        }
+        let imports = match crate::sandbox::component_imports(wasm) {
+            Ok(i) => i,
+            Err(e) => return Err(no(Refusal::new("component", e))),
         };
         let granted: Vec<Capability> = manifest.capabilities.clone();
         let granted_set = granted.iter().copied().collect();
-        if let Err(e) = sandbox.check_imports(&component, &granted_set) {
-            return Err(no(Refusal::new("imports", e.to_string())));
+        for import in &imports {
+            if let Err(e) = crate::sandbox::check_import(import, &granted_set) {
+                return Err(no(Refusal::new("imports", e.to_string())));
+            }
         }
+        // The engine here only names the cache entry (its compatibility hash).
+        let sandbox = Sandbox::new(Some(&self.dir.join(CACHE_DIR)))?;
         let component_path = sandbox
-            .cache_path(bundle.component())
+            .cache_path(wasm)
             .ok_or_else(|| SandboxError::Setup("the station has no compile cache".into()))?;
+        let source = if component_path.is_file() {
+            CompileSource::Cache
+        } else {
+            match self.compile_in_worker(wasm, policy)? {
+                Ok(bytes) => {
+                    let dir = self.dir.join(CACHE_DIR);
+                    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+                    amicus_bundle::bundle::write_atomic(&component_path, &bytes)
+                        .map_err(io(&component_path))?;
+                    CompileSource::Compiled
+                }
+                Err(reason) => return Err(no(Refusal::new("component", reason))),
+            }
+        };
 
         // The worker starts in a directory of its own: every path it gets is absolute.
         let component_path = std::path::absolute(&component_path).map_err(io(&component_path))?;
@@ -479,6 +514,69 @@ impl Station {
         })
     }
 
+    /// Compile `wasm` in a compile worker: the compilation, or why there is none (not a valid
+    /// component, or over the policy's compile time or memory).
+    fn compile_in_worker(
+        &self,
+        wasm: &[u8],
+        policy: &Policy,
+    ) -> Result<Result<Vec<u8>, String>, StationError> {
+        let w = &policy.worker;
+        let request = Request::Compile(CompileJob {
+            memory_bytes: u64::from(w.compile_memory_mib) << 20,
+            limits: WorkerLimits::for_run(
+                u64::from(w.compile_seconds),
+                std::thread::available_parallelism().map_or(1, |n| n.get()) as u64,
+                u64::from(w.memory_slack_mib) << 20,
+                u64::from(w.setup_seconds),
+            ),
+        });
+        let workdir = self
+            .dir
+            .join(RUNS_DIR)
+            .join(format!(".work-compile-{}", new_run_id()));
+        std::fs::create_dir_all(&workdir).map_err(io(&workdir))?;
+        let command = self
+            .worker
+            .clone()
+            .map_or_else(WorkerCommand::current, Ok)?;
+        let wall = Duration::from_secs(w.compile_seconds.into());
+        let end = supervise::supervise(
+            Spawn {
+                command: &command,
+                request: &request,
+                blobs: vec![Arc::new(wasm.to_vec())],
+                workdir: &workdir,
+                setup: Duration::from_secs(w.setup_seconds.into()),
+                wall,
+                log_cap: 1 << 20,
+                output_total: 0,
+                update_max: 0,
+                compiled_max: (wasm.len() as u64).saturating_mul(32).max(256 << 20),
+            },
+            &mut |_| Ok(()),
+        );
+        let _ = std::fs::remove_dir_all(&workdir);
+        let end = end?;
+        if let Some(bytes) = end.compiled {
+            return Ok(Ok(bytes));
+        }
+        if let Some(reason) = end.refused {
+            return Ok(Err(crate::sandbox::guest_text(&reason)));
+        }
+        Ok(Err(match supervise::outcome_of_failure(&end, wall) {
+            Outcome::WallClockExceeded(_) => format!(
+                "compiling it took longer than {} s (policy worker.compile_seconds)",
+                w.compile_seconds
+            ),
+            Outcome::MemoryLimit(_) => format!(
+                "compiling it needed more than {} MiB (policy worker.compile_memory_mib)",
+                w.compile_memory_mib
+            ),
+            other => other.reason().unwrap_or_default(),
+        }))
+    }
+
     /// Run the job in a worker process, auditing `run-started`, how the worker is confined,
     /// and every capability call as the worker reports it.
     fn execute(
@@ -499,6 +597,7 @@ impl Station {
             memory_bytes: job.memory_bytes,
             wall_ms: job.wall_ms,
             seed: job.seed.clone(),
+            approval: Some(prepared.admitted.approval_scope.to_string()),
         })?;
         let workdir = self.dir.join(RUNS_DIR).join(format!(".work-{run_id}"));
         std::fs::create_dir_all(&workdir).map_err(io(&workdir))?;
@@ -575,7 +674,7 @@ impl Station {
         let end = supervise::supervise(
             Spawn {
                 command: &command,
-                job,
+                request: &Request::Run(job.clone()),
                 blobs: prepared.blobs.clone(),
                 workdir: &workdir,
                 setup: Duration::from_secs(policy.worker.setup_seconds.into()),
@@ -583,11 +682,20 @@ impl Station {
                 log_cap: policy.outputs.max_log_bytes,
                 output_total: policy.outputs.max_total_bytes,
                 update_max,
+                compiled_max: 0,
             },
             &mut on_step,
         );
         let _ = std::fs::remove_dir_all(&workdir);
         let end = end?;
+        if end
+            .setup_failed
+            .as_deref()
+            .is_some_and(|r| r.starts_with(crate::worker::child::CACHE_UNLOADABLE))
+        {
+            // A damaged cache entry: gone, so the next run compiles again.
+            let _ = std::fs::remove_file(&job.component);
+        }
         let executed = executed(end, wall);
         // The calls the worker reported, the last one too; and the call it was in when it
         // was stopped or died, with how the run ended.
@@ -924,6 +1032,19 @@ fn event_bytes(event: &Event) -> u64 {
     serde_json::to_vec(event).map_or(0, |v| v.len() as u64)
 }
 
+/// Bytes a run produced, as lines of the run's log: each prefixed (so none reads as a station
+/// line), every control and bidirectional-format character escaped.
+fn quoted(bytes: &[u8], prefix: &str) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(text.len() + 64);
+    for line in text.lines() {
+        out.push_str(prefix);
+        out.push_str(&crate::sandbox::guest_line(line));
+        out.push('\n');
+    }
+    out
+}
+
 /// The station's account of a worker's end.
 fn executed(end: WorkerEnd, wall: Duration) -> Executed {
     let worker = WorkerSummary {
@@ -963,10 +1084,11 @@ fn executed(end: WorkerEnd, wall: Duration) -> Executed {
             match (end.finished, end.stopped.is_some()) {
                 (Some(f), false) => {
                     for (level, line) in &f.report.log_lines {
+                        // One line per message: a newline in it cannot forge a station line.
                         log_text.push_str(&format!(
                             "[{}] {}\n",
-                            crate::sandbox::guest_text(level),
-                            crate::sandbox::guest_text(line)
+                            crate::sandbox::guest_line(level),
+                            crate::sandbox::guest_line(line)
                         ));
                     }
                     if f.report.dropped_lines > 0 {
@@ -977,7 +1099,7 @@ fn executed(end: WorkerEnd, wall: Duration) -> Executed {
                     }
                     if !f.stdout.is_empty() {
                         log_text.push_str("[station] captured stdout/stderr follows\n");
-                        log_text.push_str(&String::from_utf8_lossy(&f.stdout));
+                        log_text.push_str(&quoted(&f.stdout, "| "));
                     }
                     let update = match (&f.report.update, &f.update) {
                         (Some(meta), Some(bytes)) => match amicus_fl::wire::Update::decode(bytes) {
@@ -1021,7 +1143,7 @@ fn executed(end: WorkerEnd, wall: Duration) -> Executed {
         };
     if !stderr.is_empty() {
         log_text.push_str("[station] the run worker's stderr follows\n");
-        log_text.push_str(&String::from_utf8_lossy(&stderr));
+        log_text.push_str(&quoted(&stderr, "! "));
     }
     Executed {
         outcome,

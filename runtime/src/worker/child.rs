@@ -9,7 +9,8 @@
 
 use super::confine::{self, FsGrants};
 use super::protocol::{
-    self, Confinement, Finished, Job, KernelsJob, MAX_JSON, Report, UpdateMeta, WorkerLimits,
+    self, CompileJob, Confinement, Finished, Job, KernelsJob, MAX_JSON, Report, Request,
+    UpdateMeta, WorkerLimits,
 };
 use crate::sandbox::{
     CallEvent, CohortAccess, DeclaredModel, FederatedRound, KernelAccess, RunRequest, Sandbox,
@@ -23,6 +24,10 @@ use std::time::Duration;
 
 /// Exit status of a worker that could not set up (the reason went to the station).
 const EXIT_SETUP: i32 = 3;
+
+/// The start of the set-up failure of a cache entry that does not load: the station removes
+/// the entry, and the next run compiles again.
+pub const CACHE_UNLOADABLE: &str = "the compiled component does not load";
 
 /// The event pipe (the worker's original stdout), shared by the run's callbacks.
 #[derive(Clone)]
@@ -102,20 +107,104 @@ fn take_event_pipe() -> Result<File, String> {
 
 fn run(events: &Events) -> Result<(), String> {
     let mut stdin = std::io::stdin().lock();
-    let job: Job = protocol::read_json(&mut stdin, MAX_JSON).map_err(|e| format!("job: {e}"))?;
+    let request: Request =
+        protocol::read_json(&mut stdin, MAX_JSON).map_err(|e| format!("request: {e}"))?;
+    match request {
+        Request::Compile(job) => compile(events, &job, &mut stdin),
+        Request::Run(job) => run_train(events, &job, &mut stdin),
+    }
+}
+
+/// Compile a component the station could not yet trust: Cranelift on untrusted input, under
+/// the same rules as a run (nothing readable), with the compiler's own memory limit.
+fn compile(events: &Events, job: &CompileJob, stdin: &mut impl Read) -> Result<(), String> {
+    let wasm = protocol::read_blob(stdin, amicus_bundle::bundle::MAX_BUNDLE_BYTES)
+        .map_err(|e| format!("component: {e}"))?;
+    let mut status = File::open("/proc/self/status").ok();
+    let sandbox = Sandbox::new(None).map_err(|e| e.to_string())?;
+    // Nothing to read: the component is in memory.
+    let (landlock, threads) = restrict_files(&FsGrants::default());
+    let confinement = confine_rest(
+        landlock,
+        threads,
+        &mut status,
+        job.memory_bytes,
+        &job.limits,
+    );
+    events.send(&Report::Ready { confinement });
+    match sandbox.precompile(&wasm) {
+        Ok(bytes) => events.send_blobs(&Report::Compiled, &[&bytes]),
+        Err(e) => events.send(&Report::Refused {
+            reason: e.to_string(),
+        }),
+    }
+    Ok(())
+}
+
+/// The filesystem rules (Landlock), applied while the worker has one thread: their status and
+/// the thread count.
+fn restrict_files(grants: &FsGrants) -> (String, u32) {
+    let threads = confine::threads();
+    if threads > 1 {
+        eprintln!(
+            "amicus run worker: threads before confinement: {}",
+            confine::thread_names().join(", ")
+        );
+    }
+    (confine::landlock(grants), threads)
+}
+
+/// The rest, in order (see `confine`): resource limits over the baseline now, capabilities,
+/// seccomp. Returns what held, with the filesystem rules' status.
+fn confine_rest(
+    landlock: String,
+    threads_at_restriction: u32,
+    status: &mut Option<File>,
+    memory_bytes: u64,
+    limits: &WorkerLimits,
+) -> Confinement {
+    let baseline = read_status(status)
+        .and_then(|s| confine::status_field(&s, "VmData:"))
+        .unwrap_or(0);
+    let memory_limit = baseline
+        .saturating_add(memory_bytes)
+        .saturating_add(limits.memory_slack_bytes);
+    let mut gaps = Vec::new();
+    let (memory_limit_bytes, cpu_limit_seconds) =
+        match confine::set_limits(memory_limit, limits.cpu_seconds) {
+            Ok(()) => (memory_limit, limits.cpu_seconds),
+            Err(e) => {
+                gaps.push(format!("resource limits not set: {e}"));
+                (0, 0)
+            }
+        };
+    let capabilities_dropped = confine::drop_capabilities();
+    let seccomp = confine::seccomp();
+    with_gaps(Confinement {
+        landlock,
+        seccomp,
+        memory_limit_bytes,
+        cpu_limit_seconds,
+        threads_at_restriction,
+        capabilities_dropped,
+        gaps,
+    })
+}
+
+fn run_train(events: &Events, job: &Job, stdin: &mut impl Read) -> Result<(), String> {
     let manifest = amicus_bundle::Manifest::parse_canonical(job.manifest.as_bytes())
         .map_err(|e| format!("manifest: {e}"))?;
     let mut models = Vec::new();
     if let Some(k) = &job.kernels {
         for m in &k.models {
-            let bytes = protocol::read_blob(&mut stdin, k.max_model_bytes)
+            let bytes = protocol::read_blob(stdin, k.max_model_bytes)
                 .map_err(|e| format!("model {}: {e}", m.file))?;
             models.push(bytes);
         }
     }
     let global = match &job.federated {
         Some(_) => {
-            let bytes = protocol::read_blob(&mut stdin, u64::from(u32::MAX))
+            let bytes = protocol::read_blob(stdin, u64::from(u32::MAX))
                 .map_err(|e| format!("global weights: {e}"))?;
             Some(
                 amicus_fl::wire::Weights::decode(&bytes)
@@ -124,7 +213,6 @@ fn run(events: &Events) -> Result<(), String> {
         }
         None => None,
     };
-    drop(stdin);
 
     // Everything read from the station's directory is opened now, before the rules apply.
     let component =
@@ -145,21 +233,17 @@ fn run(events: &Events) -> Result<(), String> {
     // starts is confined too.
     let device = job.kernels.as_ref().map(|k| device_of(&k.device));
 
-    let threads_at_restriction = confine::threads();
-    if threads_at_restriction > 1 {
-        eprintln!(
-            "amicus run worker: threads before confinement: {}",
-            confine::thread_names().join(", ")
-        );
-    }
-    let grants = grants(&job);
-    let landlock = confine::landlock(&grants);
+    let grants = grants(job);
+    // The rules bind from here on (the files above stay open); set-up is done under them.
+    let (landlock, threads_at_restriction) = restrict_files(&grants);
 
     // Set up the run: parse the index, load the component, hand the models over.
     let sandbox = Sandbox::new(None).map_err(|e| e.to_string())?;
-    // SAFETY: `job.component` is the station's own cache entry for this component (written by
-    // `Sandbox::compile` of this binary); the worker read it before anything of the train ran.
-    let component = unsafe { sandbox.load_compiled(&component) }.map_err(|e| e.to_string())?;
+    // SAFETY: `job.component` is the station's own cache entry for this component, written by
+    // the station from a compile worker of this binary (`Sandbox::precompile`); the worker read
+    // it before anything of the train ran, and is confined like the train if it is not.
+    let component = unsafe { sandbox.load_compiled(&component) }
+        .map_err(|e| format!("{CACHE_UNLOADABLE}: {e}"))?;
     let cohort = match (graph, &job.cohort) {
         (Some(file), Some(c)) => Some(CohortAccess {
             index: Arc::new(
@@ -205,33 +289,17 @@ fn run(events: &Events) -> Result<(), String> {
     };
 
     // Limits: the baseline now (the engine, the index, the component) plus the run's memory.
-    let baseline = read_status(&mut status)
-        .and_then(|s| confine::status_field(&s, "VmData:"))
-        .unwrap_or(0);
-    let memory_limit = baseline
-        .saturating_add(job.memory_bytes)
-        .saturating_add(job.limits.memory_slack_bytes);
-    let mut gaps = Vec::new();
-    let (memory_limit_bytes, cpu_limit_seconds) =
-        match confine::set_limits(memory_limit, job.limits.cpu_seconds) {
-            Ok(()) => (memory_limit, job.limits.cpu_seconds),
-            Err(e) => {
-                gaps.push(format!("resource limits not set: {e}"));
-                (0, 0)
-            }
-        };
-    let capabilities_dropped = confine::drop_capabilities();
-    let seccomp = confine::seccomp();
-    let confinement = Confinement {
+    // The models count against the run's own memory: they were read into this baseline.
+    let models_bytes: u64 = kernels
+        .as_ref()
+        .map_or(0, |k| k.models.values().map(|m| m.bytes.len() as u64).sum());
+    let confinement = confine_rest(
         landlock,
-        seccomp,
-        memory_limit_bytes,
-        cpu_limit_seconds,
         threads_at_restriction,
-        capabilities_dropped,
-        gaps,
-    };
-    let confinement = with_gaps(confinement);
+        &mut status,
+        job.memory_bytes.saturating_sub(models_bytes),
+        &job.limits,
+    );
     events.send(&Report::Ready { confinement });
 
     let seed = decode_seed(&job.seed)?;

@@ -33,6 +33,25 @@ pub enum ProtocolError {
     Malformed(String),
 }
 
+/// What the station asks a worker to do: compile a component, or run a train.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Compile the component that follows as a blob; answered with `compiled` and the
+    /// compilation as a blob (or `refused` when it is not a valid component).
+    Compile(CompileJob),
+    Run(Job),
+}
+
+/// Compiling a component: untrusted input to Cranelift, under the same confinement as a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompileJob {
+    /// Memory the compiler may use beyond the worker's baseline (the component included).
+    pub memory_bytes: u64,
+    pub limits: WorkerLimits,
+}
+
 /// What the station asks the worker to run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -151,10 +170,12 @@ pub enum Report {
     Call {
         call: CallRecord,
     },
-    /// The component is not a train of this contract (nothing ran).
+    /// The component is not a train of this contract (nothing ran), or not a component.
     Refused {
         reason: String,
     },
+    /// A compilation, which follows as a blob.
+    Compiled,
     Finished(Finished),
     SetupFailed {
         reason: String,

@@ -4,7 +4,7 @@
 //! it is in), or when the station asks (audit volume). What the worker writes is untrusted:
 //! frames are size-checked before they are read and the station validates every message again.
 
-use super::protocol::{self, Confinement, Finished, Job, MAX_JSON, ProtocolError, Report};
+use super::protocol::{self, Confinement, Finished, MAX_JSON, ProtocolError, Report, Request};
 use crate::sandbox::{CallRecord, Outcome};
 use std::ffi::OsString;
 use std::io::Read;
@@ -62,7 +62,7 @@ impl WorkerCommand {
 /// What one worker is given.
 pub struct Spawn<'a> {
     pub command: &'a WorkerCommand,
-    pub job: &'a Job,
+    pub request: &'a Request,
     /// The blobs that follow the job (models, then the round's global weights).
     pub blobs: Vec<std::sync::Arc<Vec<u8>>>,
     /// An empty private directory: the worker's working directory.
@@ -75,6 +75,8 @@ pub struct Spawn<'a> {
     pub log_cap: u64,
     pub output_total: u64,
     pub update_max: u64,
+    /// Largest compilation a compile worker may hand back.
+    pub compiled_max: u64,
 }
 
 /// What the station hears while the worker runs.
@@ -122,6 +124,8 @@ pub enum Stopped {
 #[derive(Debug)]
 pub struct WorkerEnd {
     pub finished: Option<FinishedRun>,
+    /// A compile worker's compilation.
+    pub compiled: Option<Vec<u8>>,
     /// The component is not a train (reported by the worker).
     pub refused: Option<String>,
     pub setup_failed: Option<String>,
@@ -143,6 +147,7 @@ pub struct WorkerEnd {
 enum Msg {
     Report(Report),
     Finished(Box<FinishedRun>),
+    Compiled(Vec<u8>),
     End(Option<ProtocolError>),
 }
 
@@ -172,7 +177,7 @@ pub fn supervise(
 
     let writer = {
         let mut stdin = child.stdin.take();
-        let job = serde_json::to_vec(spawn.job).unwrap_or_default();
+        let job = serde_json::to_vec(spawn.request).unwrap_or_default();
         let blobs = spawn.blobs.clone();
         std::thread::spawn(move || {
             let Some(w) = stdin.as_mut() else { return };
@@ -211,7 +216,12 @@ pub fn supervise(
     let (tx, rx) = mpsc::sync_channel::<Msg>(64);
     let reader = {
         let out = child.stdout.take();
-        let caps = (spawn.log_cap, spawn.output_total, spawn.update_max);
+        let caps = Caps {
+            log: spawn.log_cap,
+            output_total: spawn.output_total,
+            update: spawn.update_max,
+            compiled: spawn.compiled_max,
+        };
         std::thread::spawn(move || {
             let Some(mut r) = out else {
                 let _ = tx.send(Msg::End(None));
@@ -223,7 +233,7 @@ pub fn supervise(
                     Err(ProtocolError::Closed) => Msg::End(None),
                     Err(e) => Msg::End(Some(e)),
                 };
-                let end = matches!(msg, Msg::End(_) | Msg::Finished(_));
+                let end = matches!(msg, Msg::End(_) | Msg::Finished(_) | Msg::Compiled(_));
                 if tx.send(msg).is_err() || end {
                     return;
                 }
@@ -233,6 +243,7 @@ pub fn supervise(
 
     let mut end = WorkerEnd {
         finished: None,
+        compiled: None,
         refused: None,
         setup_failed: None,
         stopped: None,
@@ -295,6 +306,10 @@ pub fn supervise(
                 end.finished = Some(*f);
                 break;
             }
+            Msg::Compiled(bytes) if ready_at.is_some() => {
+                end.compiled = Some(bytes);
+                break;
+            }
             Msg::End(None) => break,
             Msg::End(Some(e)) => {
                 end.stopped = Some(Stopped::Protocol(e.to_string()));
@@ -307,7 +322,7 @@ pub fn supervise(
                 )));
                 break;
             }
-            Msg::Finished(_) => {
+            Msg::Finished(_) | Msg::Compiled(_) => {
                 end.stopped = Some(Stopped::Protocol("finished before it was ready".into()));
                 break;
             }
@@ -349,17 +364,31 @@ fn report_name(r: &Report) -> &'static str {
         Report::Call { .. } => "call",
         Report::Calling { .. } => "calling",
         Report::Refused { .. } => "refused",
+        Report::Compiled => "compiled",
         Report::Finished(_) => "finished",
         Report::SetupFailed { .. } => "setup-failed",
     }
 }
 
-/// One message from the worker: a report, or a `Finished` with its blobs read under the caps.
-fn read_message(
-    r: &mut impl Read,
-    (log_cap, output_total, update_max): (u64, u64, u64),
-) -> Result<Msg, ProtocolError> {
+/// What the station reads back at most.
+#[derive(Clone, Copy)]
+struct Caps {
+    log: u64,
+    output_total: u64,
+    update: u64,
+    compiled: u64,
+}
+
+/// One message from the worker: a report, or a `Finished` (or `Compiled`) with its blobs read
+/// under the caps.
+fn read_message(r: &mut impl Read, caps: Caps) -> Result<Msg, ProtocolError> {
+    let (log_cap, output_total, update_max) = (caps.log, caps.output_total, caps.update);
     let report: Report = protocol::read_json(r, MAX_JSON.min(log_cap.saturating_add(1 << 20)))?;
+    if let Report::Compiled = report {
+        let bytes = protocol::read_blob(r, caps.compiled)?;
+        expect_end(r)?;
+        return Ok(Msg::Compiled(bytes));
+    }
     let Report::Finished(report) = report else {
         return Ok(Msg::Report(report));
     };
@@ -375,24 +404,26 @@ fn read_message(
         Some(_) => Some(protocol::read_blob(r, update_max)?),
         None => None,
     };
-    // Nothing may follow the end: a worker that says more than it announced is broken.
-    let mut probe = [0u8; 1];
-    loop {
-        match r.read(&mut probe) {
-            Ok(0) => break,
-            Ok(_) => {
-                return Err(ProtocolError::Malformed("data after the run's end".into()));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    expect_end(r)?;
     Ok(Msg::Finished(Box::new(FinishedRun {
         report,
         stdout,
         outputs,
         update,
     })))
+}
+
+/// Nothing may follow the end: a worker that says more than it announced is broken.
+fn expect_end(r: &mut impl Read) -> Result<(), ProtocolError> {
+    let mut probe = [0u8; 1];
+    loop {
+        match r.read(&mut probe) {
+            Ok(0) => return Ok(()),
+            Ok(_) => return Err(ProtocolError::Malformed("data after the end".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The outcome of a run the worker did not finish normally.

@@ -8,13 +8,27 @@
 //! - `load-series`: load the series `series` (a path, say, instead of a UID).
 //!
 //! Whatever it got back it emits, so a test can see that nothing of it was released when the
-//! run went over a limit.
+//! run went over a limit. Each text parameter may instead be given hex-encoded (`query_hex`,
+//! `series_hex`, `model_hex`): the train decodes it, so the text first exists at run time
+//! (and a test can tell a leak of it from the parameters themselves).
 
 use amicus_sdk::kernels::Model;
 use amicus_sdk::tensors::Tensor;
 use amicus_sdk::{Params, Train};
 
 struct HostHog;
+
+/// The text parameter `key`, or its hex-encoded form `key_hex`.
+fn text(params: &Params, key: &str) -> amicus_sdk::Result<String> {
+    if let Some(v) = params.get::<String>(key)? {
+        return Ok(v);
+    }
+    let hex: String = params.get(&format!("{key}_hex"))?.unwrap_or_default();
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
 
 impl Train for HostHog {
     fn run(params: Params) -> amicus_sdk::Result<()> {
@@ -26,7 +40,7 @@ impl Train for HostHog {
                 "slept".to_string()
             }
             "select" => {
-                let query: String = params.get("query")?.unwrap_or_default();
+                let query = text(&params, "query")?;
                 let s = amicus_sdk::cohort::select(&query)?;
                 format!("{} rows", s.rows.len())
             }
@@ -36,7 +50,7 @@ impl Train for HostHog {
                 format!("{} cells", t.cells.len())
             }
             "open" => {
-                let model: String = params.get("model")?.unwrap_or_default();
+                let model = text(&params, "model")?;
                 Model::open(&model)?;
                 "opened".to_string()
             }
@@ -55,7 +69,7 @@ impl Train for HostHog {
                 format!("{values:?}")
             }
             "load-series" => {
-                let series: String = params.get("series")?.unwrap_or_default();
+                let series = text(&params, "series")?;
                 let options = amicus_sdk::imaging::LoadOptions {
                     spacing: None,
                     slices: None,
