@@ -227,6 +227,8 @@ fn in_process(
                 cohort: granted.contains(&Capability::Cohort).then(|| CohortAccess {
                     index: index.clone(),
                     limits: amicus_runtime::station::query_limits(&policy.cohort),
+                    queries_left: policy.cohort.max_queries_per_run,
+                    noisy_tallies_left: u64::MAX,
                 }),
                 imaging: if granted.contains(&Capability::Imaging) {
                     state.clone()

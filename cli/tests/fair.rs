@@ -394,3 +394,60 @@ fn a_damaged_index_refuses_runs_and_says_so() {
     ok(&["station", "index", "--dir", s(&f.station())]);
     assert!(f.run(&b, None).ok);
 }
+
+#[test]
+fn query_budgets_and_noisy_tallies_are_counted_per_train() {
+    let (f, _) = indexed("academic", 8, 31, 1);
+    // Per run: 2 queries; per digest: 4, over all its runs.
+    f.policy_edit("max_queries_per_run = 1000", "max_queries_per_run = 2");
+    f.policy_edit(
+        "max_queries_per_digest = 100000",
+        "max_queries_per_digest = 4",
+    );
+    let b = f.ready("cohort-stats");
+    let three = r#"{"tables": ["modality", "body_part", "roi"]}"#;
+    let out = f.run(&b, Some(three));
+    assert!(
+        !out.ok,
+        "the third query of a run went through:\n{}",
+        out.text()
+    );
+    let call = f.last_call_outcome("limit-exceeded");
+    assert!(
+        call["outcome"].as_str().unwrap().contains("budget"),
+        "{call}"
+    );
+    let counted = f.last_event("cohort-queries-counted");
+    assert_eq!(counted["queries"], 3, "{counted}");
+    let two = r#"{"tables": ["modality", "roi"]}"#;
+    let out = f.run(&b, Some(two));
+    assert!(!out.ok, "the digest's budget was not held:\n{}", out.text());
+    assert_eq!(f.last_event("cohort-queries-counted")["digest_queries"], 5);
+    // Nothing of a run over its budget leaves, and the log verifies.
+    assert!(f.released().is_empty());
+
+    // Noisy tallies: each costs ε from the digest's privacy budget, and the budget ends them.
+    let (f, _) = indexed("academic", 8, 32, 1);
+    f.policy_edit("tally_epsilon = 0.0", "tally_epsilon = 1.0");
+    f.policy_edit("default_epsilon = 10.0", "default_epsilon = 2.5");
+    let b = f.ready("cohort-stats");
+    let one = r#"{"tables": ["modality"]}"#;
+    for _ in 0..2 {
+        let out = f.run(&b, Some(one));
+        assert!(out.ok, "{}", out.text());
+    }
+    let spent = f.last_event("cohort-queries-counted");
+    assert_eq!(spent["digest_epsilon"], 2.0, "{spent}");
+    let out = f.run(&b, Some(one));
+    assert!(
+        !out.ok,
+        "a tally past the privacy budget ran:\n{}",
+        out.text()
+    );
+    let call = f.last_call_outcome("limit-exceeded");
+    assert!(
+        call["outcome"].as_str().unwrap().contains("privacy budget"),
+        "{call}"
+    );
+    f.audit_verifies();
+}

@@ -253,6 +253,8 @@ pub enum LoadError {
 pub struct Index {
     pub store: Store,
     patient_of: HashMap<String, u32>,
+    /// Each patient's own nodes (patient, studies, series), by patient number.
+    nodes_of: Vec<Vec<NamedNode>>,
     patients: u32,
 }
 
@@ -283,6 +285,7 @@ impl Index {
         Index {
             store: Store::new().expect("in-memory store"),
             patient_of: HashMap::new(),
+            nodes_of: Vec::new(),
             patients: 0,
         }
     }
@@ -319,10 +322,46 @@ impl Index {
             }
         }
         patient_of.extend(study_owner);
+        let mut nodes_of: Vec<Vec<NamedNode>> = vec![Vec::new(); patients as usize];
+        for (iri, id) in &patient_of {
+            if let (Some(nodes), Ok(node)) =
+                (nodes_of.get_mut(*id as usize), NamedNode::new(iri.as_str()))
+            {
+                nodes.push(node);
+            }
+        }
         Ok(Index {
             store,
             patient_of,
+            nodes_of,
             patients,
+        })
+    }
+
+    /// Whether `term` is a value of one of patient `patient`'s own nodes (a triple
+    /// `node ?p term` with the node the patient's, one of its studies or series): the query
+    /// guard counts a patient for a tally cell only when the cell's key is the patient's own.
+    pub fn owns(&self, patient: u32, term: &Term) -> bool {
+        let Some(nodes) = self.nodes_of.get(patient as usize) else {
+            return false;
+        };
+        nodes.iter().any(|n| {
+            self.store
+                .quads_for_pattern(Some(n.as_ref().into()), None, Some(term.as_ref()), None)
+                .next()
+                .is_some_and(|q| q.is_ok())
+        })
+    }
+
+    /// Whether `value` is the text of an individual's identifier in the index: a patient's
+    /// pseudonym, a study's or a series' UID.
+    pub fn is_identifier(&self, value: &str) -> bool {
+        let literal = Term::from(Literal::new_simple_literal(value));
+        ["T00100020", "T0020000D", "T0020000E"].iter().any(|tag| {
+            self.store
+                .quads_for_pattern(None, Some(ldcm(tag).as_ref()), Some(literal.as_ref()), None)
+                .next()
+                .is_some_and(|q| q.is_ok())
         })
     }
 

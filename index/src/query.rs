@@ -12,7 +12,7 @@ use crate::graph::Index;
 use oxigraph::model::Term;
 use oxigraph::sparql::{CancellationToken, QueryResults, SparqlEvaluator};
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 /// The station's limits on one query.
@@ -26,7 +26,20 @@ pub struct QueryLimits {
     /// Most solutions any part of a train's query that oxigraph materialises (sorts, groups,
     /// distinct sets, the built side of joins, MINUS, OPTIONAL, property paths) may produce.
     pub max_intermediate: usize,
+    /// Noise on `tally` counts: two-sided geometric noise of privacy ε per query, each patient
+    /// counted in at most `cells_per_patient` cells of one tally (`None`: exact counts).
+    pub tally_noise: Option<TallyNoise>,
 }
+
+/// Differential privacy of `tally`: each call is ε-DP (Laplace-like two-sided geometric noise
+/// of scale `cells_per_patient / epsilon` on every cell, contributions bounded).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TallyNoise {
+    pub epsilon: f64,
+    pub cells_per_patient: u32,
+}
+
+impl Eq for TallyNoise {}
 
 /// The default of [`QueryLimits::max_intermediate`].
 pub const DEFAULT_MAX_INTERMEDIATE: usize = 1_000_000;
@@ -59,6 +72,11 @@ pub enum QueryError {
     NotAttributable(usize),
     #[error("the result covers fewer distinct patients than the station's minimum cohort ({0})")]
     BelowMinimum(u32),
+    #[error(
+        "the query names an individual (a patient, study or series of the index, by IRI or \
+         identifier): trains ask about cohorts, not about one person"
+    )]
+    NamesIndividual,
     #[error("query evaluation failed: {0}")]
     Evaluation(String),
 }
@@ -81,6 +99,29 @@ pub enum Cell {
 }
 
 impl Cell {
+    /// The RDF term back (blank nodes have none outside their result).
+    pub fn to_term(&self) -> Option<Term> {
+        use oxigraph::model::{Literal, NamedNode};
+        Some(match self {
+            Cell::Iri { value } => NamedNode::new(value.as_str()).ok()?.into(),
+            Cell::BlankNode { .. } => return None,
+            Cell::Literal {
+                value,
+                datatype,
+                language,
+            } => match language {
+                Some(lang) => Literal::new_language_tagged_literal(value.as_str(), lang.as_str())
+                    .ok()?
+                    .into(),
+                None => Literal::new_typed_literal(
+                    value.as_str(),
+                    NamedNode::new(datatype.as_str()).ok()?,
+                )
+                .into(),
+            },
+        })
+    }
+
     fn of(term: &Term) -> Cell {
         match term {
             Term::NamedNode(n) => Cell::Iri {
@@ -334,11 +375,68 @@ fn bound_materialisation(
     Ok(())
 }
 
+/// Refuse a query that names an individual: an IRI of a patient, study or series of the index,
+/// or a literal that is a pseudonym or UID. (A train that learned them from an earlier `select`
+/// could otherwise ask about one person, or difference all patients against all but one.)
+/// Read from the query's normalised form, where IRIs are `<…>` and literals `"…"`.
+fn names_individual(index: &Index, query: &spargebra::Query) -> bool {
+    let sse = query.to_sse();
+    let bytes = sse.as_bytes();
+    let mut i = 0usize;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'<' => {
+                // An IRI has no space; the less-than operator is followed by one.
+                let rest = sse.get(i + 1..).unwrap_or("");
+                if let Some(end) = rest.find(|c: char| c == '>' || c.is_whitespace())
+                    && rest.as_bytes().get(end) == Some(&b'>')
+                {
+                    let iri = rest.get(..end).unwrap_or("");
+                    if index.patient_of(iri).is_some() {
+                        return true;
+                    }
+                    i += end + 2;
+                    continue;
+                }
+                i += 1;
+            }
+            b'"' => {
+                let mut value = String::new();
+                let mut j = i + 1;
+                let mut escaped = false;
+                let mut chars = sse.get(j..).unwrap_or("").chars();
+                for c in chars.by_ref() {
+                    j += c.len_utf8();
+                    if escaped {
+                        value.push(c);
+                        escaped = false;
+                    } else if c == '\\' {
+                        escaped = true;
+                    } else if c == '"' {
+                        break;
+                    } else {
+                        value.push(c);
+                    }
+                }
+                if index.is_identifier(&value) {
+                    return true;
+                }
+                i = j;
+            }
+            _ => i += 1,
+        }
+    }
+    false
+}
+
 /// Run a train's SELECT and collect at most `max_rows` rows.
 fn select_rows(index: &Index, sparql: &str, limits: &QueryLimits) -> Result<Solutions, QueryError> {
     let query = parse(sparql, limits.max_query_bytes)?;
     if !matches!(query, spargebra::Query::Select { .. }) {
         return Err(QueryError::NotSelect(kind(&query)));
+    }
+    if names_individual(index, &query) {
+        return Err(QueryError::NamesIndividual);
     }
     evaluate(
         index,
@@ -418,33 +516,76 @@ pub fn tally(index: &Index, sparql: &str, limits: &QueryLimits) -> Result<Tally,
     }
     type Group = (BTreeSet<u32>, BTreeSet<Vec<Option<Cell>>>);
     let mut groups: BTreeMap<Vec<Option<String>>, Group> = BTreeMap::new();
+    // A patient counts for a cell only if the cell's key values are the patient's own (values
+    // of its own patient, study or series nodes): a row that pairs one patient's attributes
+    // with every patient's IRI counts only the patients who share them.
+    let mut owned: HashMap<(u32, Cell), bool> = HashMap::new();
+    let mut cells_of: HashMap<u32, u32> = HashMap::new();
+    let cap = limits.tally_noise.map(|n| n.cells_per_patient.max(1));
     for (r, row) in solutions.rows.iter().enumerate() {
         let patients = row_patients(index, row);
         if patients.is_empty() {
             return Err(QueryError::NotAttributable(r + 1));
         }
-        let key = (0..n)
+        let key: Vec<Option<String>> = (0..n)
             .filter(|i| !item_column[*i])
             .map(|i| row[i].as_ref().map(|c| c.value().to_string()))
             .collect();
+        let key_cells: Vec<&Cell> = (0..n)
+            .filter(|i| !item_column[*i])
+            .filter_map(|i| row[i].as_ref())
+            .collect();
+        let owners: Vec<u32> = patients
+            .into_iter()
+            .filter(|p| {
+                key_cells.iter().all(|c| {
+                    *owned
+                        .entry((*p, (*c).clone()))
+                        .or_insert_with(|| c.to_term().is_some_and(|t| index.owns(*p, &t)))
+                })
+            })
+            .collect();
+        if owners.is_empty() {
+            continue;
+        }
         let item = (0..n)
             .filter(|i| item_column[*i])
             .map(|i| row[i].clone())
             .collect();
         let group = groups.entry(key).or_default();
-        group.0.extend(patients);
+        for p in owners {
+            // With noise, each patient counts in at most `cap` cells (bounded contribution).
+            if group.0.contains(&p) {
+                continue;
+            }
+            let used = cells_of.entry(p).or_insert(0);
+            if cap.is_some_and(|c| *used >= c) {
+                continue;
+            }
+            *used += 1;
+            group.0.insert(p);
+        }
         group.1.insert(item);
     }
     let mut cells = Vec::new();
     let mut suppressed = 0;
     for (key, (patients, items)) in groups {
-        if (patients.len() as u64) < u64::from(limits.min_patients) {
+        let count = match limits.tally_noise {
+            Some(noise) => noisy(patients.len() as u64, noise)?,
+            None => patients.len() as u64,
+        };
+        if count < u64::from(limits.min_patients) {
             suppressed += 1;
         } else {
             cells.push(TallyCell {
                 key,
-                patients: patients.len() as u32,
-                items: items.len() as u32,
+                patients: u32::try_from(count).unwrap_or(u32::MAX),
+                items: if limits.tally_noise.is_some() {
+                    // Items per cell would be an exact count beside the noisy one.
+                    u32::try_from(count).unwrap_or(u32::MAX)
+                } else {
+                    items.len() as u32
+                },
             });
         }
     }
@@ -466,6 +607,28 @@ pub enum OwnerFormat {
     Json,
     /// Tab-separated values (SELECT), `true`/`false` (ASK), N-Triples (CONSTRUCT/DESCRIBE).
     Text,
+}
+
+/// `count` plus two-sided geometric noise of scale `cells_per_patient / epsilon` (the discrete
+/// Laplace mechanism), from the operating system's randomness, at least 0.
+fn noisy(count: u64, noise: TallyNoise) -> Result<u64, QueryError> {
+    let scale = f64::from(noise.cells_per_patient.max(1)) / noise.epsilon;
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(QueryError::Evaluation(
+            "the tally noise is not configured".into(),
+        ));
+    }
+    // P(X = k) ∝ exp(-|k| / scale): the difference of two geometric draws of q = exp(-1/scale).
+    let q = (-1.0 / scale).exp();
+    let draw = || -> Result<u64, QueryError> {
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).map_err(|e| QueryError::Evaluation(format!("randomness: {e}")))?;
+        // Uniform in (0, 1].
+        let u = ((u64::from_le_bytes(b) >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        Ok((u.ln() / q.ln()).floor().clamp(0.0, 1e12) as u64)
+    };
+    let (a, b) = (draw()?, draw()?);
+    Ok((count + a).saturating_sub(b))
 }
 
 /// The data owner's read-only query: any query form, no SERVICE, no updates, time-limited,

@@ -25,6 +25,7 @@ fn limits(min_patients: u32) -> QueryLimits {
         timeout: Duration::from_secs(10),
         min_patients,
         max_intermediate: 100_000,
+        tally_noise: None,
     }
 }
 
@@ -466,6 +467,160 @@ fn tally_counts_patients_and_suppresses_small_cells() {
         query::tally(&index, &bare, &limits(1)).unwrap_err(),
         QueryError::NotAttributable(1)
     );
+}
+
+/// The (key values → patients) truth: for a tally grouping `item` rows by keys bound on the
+/// same patient's nodes, how many distinct patients own each key combination.
+fn owners_of(index: &Index, values: &[&str]) -> u32 {
+    // Every patient whose own nodes (patient, studies, series) hold each value.
+    let mut clauses = String::new();
+    for (i, v) in values.iter().enumerate() {
+        clauses.push_str(&format!(
+            "{{ ?p ?a{i} ?v{i} }} UNION {{ ?p ldcm:has_study ?st{i} . ?st{i} ?b{i} ?v{i} }} UNION \
+             {{ ?p ldcm:has_study ?sx{i} . ?sx{i} ldcm:has_series ?se{i} . ?se{i} ?c{i} ?v{i} }} \
+             FILTER(STR(?v{i}) = {v:?}) "
+        ));
+    }
+    let q = format!(
+        "{PREFIX}SELECT (COUNT(DISTINCT ?p) AS ?n) WHERE {{ ?p a ldcm:Patient . {clauses} }}"
+    );
+    let text = owner(index, &q);
+    text.lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.trim_matches('"').split('^').next()?.parse().ok())
+        })
+        .next()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_tally_cell_counts_only_the_patients_whose_own_data_it_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("archive");
+    synth(&archive, 12, "academic", 5);
+    let index_dir = tmp.path().join("index");
+    scan(&archive, &index_dir, |_| {}).unwrap();
+    let index = Index::load(&index_dir.join("graph.nq")).unwrap();
+
+    // The attack: one patient's sex and a study's age, cross-joined with every patient IRI.
+    // Each cell must count only patients who have that sex and age themselves.
+    let attack = format!(
+        "{PREFIX}SELECT ?p ?sex ?age WHERE {{ ?p a ldcm:Patient . ?q ldcm:T00100040 ?sex ; \
+         ldcm:has_study ?st . ?st ldcm:T00101010 ?age }}"
+    );
+    let t = query::tally(&index, &attack, &limits(1)).unwrap();
+    assert!(!t.cells.is_empty());
+    for c in &t.cells {
+        let sex = c.key[0].as_deref().unwrap();
+        let age = c.key[1].as_deref().unwrap();
+        let truth = owners_of(&index, &[sex, age]);
+        assert_eq!(
+            c.patients, truth,
+            "cell ({sex}, {age}) counts {} patients, {truth} own it",
+            c.patients
+        );
+    }
+    // The same with the keys bound through the row's own patient: the same counts.
+    let honest = format!(
+        "{PREFIX}SELECT ?p ?sex ?age WHERE {{ ?p a ldcm:Patient ; ldcm:T00100040 ?sex ; \
+         ldcm:has_study ?st . ?st ldcm:T00101010 ?age }}"
+    );
+    let h = query::tally(&index, &honest, &limits(1)).unwrap();
+    let mut a: Vec<_> = t
+        .cells
+        .iter()
+        .map(|c| (c.key.clone(), c.patients))
+        .collect();
+    let mut b: Vec<_> = h
+        .cells
+        .iter()
+        .map(|c| (c.key.clone(), c.patients))
+        .collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    // A computed key is nobody's own value: counted for no one, so suppressed.
+    let computed = format!(
+        "{PREFIX}SELECT ?p ?x WHERE {{ ?p a ldcm:Patient ; ldcm:T00100040 ?sex . BIND(CONCAT(?sex, \"!\") AS ?x) }}"
+    );
+    let c = query::tally(&index, &computed, &limits(1)).unwrap();
+    assert!(c.cells.is_empty(), "{c:?}");
+}
+
+#[test]
+fn queries_that_name_an_individual_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("archive");
+    synth(&archive, 4, "academic", 9);
+    let index_dir = tmp.path().join("index");
+    scan(&archive, &index_dir, |_| {}).unwrap();
+    let index = Index::load(&index_dir.join("graph.nq")).unwrap();
+    let all = query::select(
+        &index,
+        &format!("{PREFIX}SELECT ?p ?id WHERE {{ ?p a ldcm:Patient ; ldcm:T00100020 ?id }}"),
+        &limits(1),
+    )
+    .unwrap();
+    let p = all.rows[0][0].as_ref().unwrap().value().to_string();
+    let id = all.rows[0][1].as_ref().unwrap().value().to_string();
+    let series = query::select(
+        &index,
+        &format!("{PREFIX}SELECT ?s ?uid WHERE {{ ?s a ldcm:Series ; ldcm:T0020000E ?uid }}"),
+        &limits(1),
+    )
+    .unwrap();
+    let s_iri = series.rows[0][0].as_ref().unwrap().value().to_string();
+    let s_uid = series.rows[0][1].as_ref().unwrap().value().to_string();
+    for q in [
+        format!("{PREFIX}SELECT ?p ?sex WHERE {{ ?p ldcm:T00100040 ?sex . FILTER(?p = <{p}>) }}"),
+        format!("{PREFIX}SELECT ?p ?sex WHERE {{ ?p ldcm:T00100040 ?sex . FILTER(?p != <{p}>) }}"),
+        format!("{PREFIX}SELECT ?p ?sex WHERE {{ <{p}> ldcm:T00100040 ?sex . ?p a ldcm:Patient }}"),
+        format!("{PREFIX}SELECT ?p WHERE {{ ?p ldcm:T00100020 \"{id}\" }}"),
+        format!("{PREFIX}SELECT ?p WHERE {{ ?p ldcm:T00100020 ?i . FILTER(STR(?i) != \"{id}\") }}"),
+        format!("{PREFIX}SELECT ?s WHERE {{ VALUES ?s {{ <{s_iri}> }} ?s ?x ?y }}"),
+        format!("{PREFIX}SELECT ?s WHERE {{ ?s ldcm:T0020000E ?u . FILTER(?u = \"{s_uid}\") }}"),
+    ] {
+        assert_eq!(
+            query::select(&index, &q, &limits(1)).unwrap_err(),
+            QueryError::NamesIndividual,
+            "{q}"
+        );
+        assert_eq!(
+            query::tally(&index, &q, &limits(1)).unwrap_err(),
+            QueryError::NamesIndividual,
+            "{q}"
+        );
+    }
+}
+
+#[test]
+fn noisy_tallies_are_noisy_nonnegative_and_suppressed_below_the_minimum() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("archive");
+    synth(&archive, 10, "academic", 13);
+    let index_dir = tmp.path().join("index");
+    scan(&archive, &index_dir, |_| {}).unwrap();
+    let index = Index::load(&index_dir.join("graph.nq")).unwrap();
+    let by_modality = format!("{PREFIX}SELECT ?s ?m WHERE {{ ?s ldcm:T00080060 ?m }}");
+    let mut noisy = limits(1);
+    noisy.tally_noise = Some(query::TallyNoise {
+        epsilon: 0.5,
+        cells_per_patient: 1,
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let t = query::tally(&index, &by_modality, &noisy).unwrap();
+        for c in &t.cells {
+            seen.insert(c.patients);
+            // Items would be exact beside a noisy count: they carry the same figure.
+            assert_eq!(c.items, c.patients);
+        }
+    }
+    // Each patient counts in one cell only (contribution bounded), and the counts vary.
+    assert!(seen.len() > 3, "{seen:?}");
+    let exact = query::tally(&index, &by_modality, &limits(1)).unwrap();
+    assert!(exact.cells.iter().all(|c| c.patients == 10));
 }
 
 #[test]

@@ -148,6 +148,16 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         count: Option<u64>,
     },
+    /// The cohort queries a run made (and the ε of its noisy tallies), counted against its
+    /// digest's budgets on this station.
+    CohortQueriesCounted {
+        run_id: String,
+        queries: u64,
+        tally_epsilon: f64,
+        /// The digest's totals after this run.
+        digest_queries: u64,
+        digest_epsilon: f64,
+    },
     /// The run's worker process is set up and confined as described; the train starts.
     WorkerStarted {
         run_id: String,

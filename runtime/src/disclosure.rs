@@ -248,7 +248,8 @@ pub fn public(event: &Event) -> Option<PublicEvent> {
             capabilities_dropped,
             gaps,
         },
-        Event::CapabilityCall { .. } => return None,
+        // What a run asked and how often stays at the station (its count is train-controlled).
+        Event::CapabilityCall { .. } | Event::CohortQueriesCounted { .. } => return None,
         Event::OutputReleased {
             run_id,
             name,

@@ -290,7 +290,7 @@ impl Default for Policy {
 }
 
 /// Limits on the cohort queries of trains (`[cohort]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CohortPolicy {
     /// Smallest number of distinct patients a query result (or a tally cell) may cover.
@@ -305,6 +305,32 @@ pub struct CohortPolicy {
     /// sorted, grouped, made distinct, or built for a join).
     #[serde(default = "default_max_intermediate_rows")]
     pub max_intermediate_rows: u64,
+    /// Most cohort queries (`select` and `tally`) one run may make.
+    #[serde(default = "default_max_queries_per_run")]
+    pub max_queries_per_run: u64,
+    /// Most cohort queries one train digest may make on this station, over all its runs: many
+    /// queries are how a train differences cohorts down to one person.
+    #[serde(default = "default_max_queries_per_digest")]
+    pub max_queries_per_digest: u64,
+    /// ε of the noise on each `tally` (two-sided geometric, charged to the digest's privacy
+    /// budget of `[privacy]`); 0 for exact counts.
+    #[serde(default)]
+    pub tally_epsilon: f64,
+    /// With noise: how many cells of one tally a patient may count in.
+    #[serde(default = "default_tally_cells_per_patient")]
+    pub tally_cells_per_patient: u32,
+}
+
+fn default_max_queries_per_run() -> u64 {
+    1000
+}
+
+fn default_max_queries_per_digest() -> u64 {
+    100_000
+}
+
+fn default_tally_cells_per_patient() -> u32 {
+    1
 }
 
 fn default_max_intermediate_rows() -> u64 {
@@ -319,6 +345,10 @@ impl Default for CohortPolicy {
             timeout_ms: 10_000,
             max_query_bytes: 16 << 10,
             max_intermediate_rows: default_max_intermediate_rows(),
+            max_queries_per_run: default_max_queries_per_run(),
+            max_queries_per_digest: default_max_queries_per_digest(),
+            tally_epsilon: 0.0,
+            tally_cells_per_patient: default_tally_cells_per_patient(),
         }
     }
 }
@@ -460,10 +490,14 @@ impl Policy {
         if c.min_patients == 0 {
             return Err("cohort.min_patients must be at least 1".into());
         }
+        if !(c.tally_epsilon.is_finite() && c.tally_epsilon >= 0.0) {
+            return Err("cohort.tally_epsilon must be a finite ε ≥ 0".into());
+        }
         if c.max_rows == 0
             || c.timeout_ms == 0
             || c.max_query_bytes == 0
             || c.max_intermediate_rows == 0
+            || c.tally_cells_per_patient == 0
         {
             return Err("cohort limits must be positive".into());
         }

@@ -24,6 +24,12 @@ pub struct Ledger {
     /// Noised updates released.
     pub releases: u64,
     pub accountant: Accountant,
+    /// Cohort queries the digest's runs made here.
+    #[serde(default)]
+    pub queries: u64,
+    /// ε of the noisy tallies answered (pure ε-DP, composed by addition).
+    #[serde(default)]
+    pub tally_epsilon: f64,
 }
 
 fn path(station_dir: &Path, digest: &Digest) -> PathBuf {
@@ -63,18 +69,21 @@ impl Ledger {
 
     /// ε spent so far at the policy's δ (0 when nothing was released).
     pub fn epsilon(&self, delta: f64) -> f64 {
+        let tallies = self.tally_epsilon.max(0.0);
         if self.releases == 0 {
-            return 0.0;
+            return tallies;
         }
+        // The updates' (ε, δ) and the tallies' pure ε compose by addition.
         self.accountant
             .epsilon(delta)
-            .map_or(f64::INFINITY, |e| e.0)
+            .map_or(f64::INFINITY, |e| e.0 + tallies)
     }
 
     /// ε after one more release with noise multiplier `sigma`.
     pub fn epsilon_after(&self, sigma: f64, delta: f64) -> Result<f64, String> {
         self.accountant
             .epsilon_after(1.0, sigma, 1, delta)
+            .map(|e| e + self.tally_epsilon.max(0.0))
             .map_err(|e| e.to_string())
     }
 
@@ -116,6 +125,32 @@ pub fn spend(
     })?;
     ledger.save(station_dir, digest)?;
     Ok(Ok(ledger.epsilon(policy.delta)))
+}
+
+/// Record a run's cohort queries and the ε of its noisy tallies for `digest` (under the
+/// digest's lock). Returns the ledger after.
+pub fn spend_queries(
+    station_dir: &Path,
+    digest: &Digest,
+    queries: u64,
+    tally_epsilon: f64,
+) -> Result<Ledger, PrivacyError> {
+    let dir = station_dir.join(PRIVACY_DIR);
+    let lock_path = dir.join(format!("{}.lock", digest.to_hex()));
+    let err = |e: std::io::Error| PrivacyError::Ledger {
+        path: lock_path.clone(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(&dir).map_err(err)?;
+    let lock = std::fs::File::create(&lock_path).map_err(err)?;
+    lock.lock().map_err(err)?;
+    let mut ledger = Ledger::load(station_dir, digest)?;
+    ledger.queries = ledger.queries.saturating_add(queries);
+    if tally_epsilon.is_finite() && tally_epsilon > 0.0 {
+        ledger.tally_epsilon += tally_epsilon;
+    }
+    ledger.save(station_dir, digest)?;
+    Ok(ledger)
 }
 
 /// Whether a round with this noise may run: `Err(reason)` to refuse.

@@ -32,6 +32,25 @@ impl HostState {
             ));
         };
         self.begin(Capability::Cohort, call, &detail);
+        // The station's query budget for this train, and its privacy budget for noisy tallies.
+        if let Some(c) = self.cohort.as_mut() {
+            if c.queries_left == 0 {
+                let e = types::Error::LimitExceeded(
+                    "the station's budget of cohort queries for this train is spent".into(),
+                );
+                return self.record(Capability::Cohort, call, detail, None, Err(e));
+            }
+            c.queries_left -= 1;
+            if call == "tally" && c.limits.tally_noise.is_some() {
+                if c.noisy_tallies_left == 0 {
+                    let e = types::Error::LimitExceeded(
+                        "this train's privacy budget on the station allows no more tallies".into(),
+                    );
+                    return self.record(Capability::Cohort, call, detail, None, Err(e));
+                }
+                c.noisy_tallies_left -= 1;
+            }
+        }
         let result = query(&access.index, &sparql, &access.limits);
         let rows_seen = result.as_ref().ok().map(rows);
         let answer = result.map_err(|e| {
@@ -48,6 +67,7 @@ impl HostState {
                 | Q::Service
                 | Q::NotSelect(_)
                 | Q::NotAttributable(_)
+                | Q::NamesIndividual
                 | Q::BelowMinimum(_) => types::Error::Denied(reason),
             }
         });

@@ -443,6 +443,10 @@ pub struct RunRequest<'a> {
 pub struct CohortAccess {
     pub index: Arc<amicus_index::Index>,
     pub limits: amicus_index::QueryLimits,
+    /// Queries this run may still make (the per-run cap, or what is left of the digest's).
+    pub queries_left: u64,
+    /// Noisy tallies the digest's privacy budget still allows (with tally noise on).
+    pub noisy_tallies_left: u64,
 }
 
 /// How a run ended.

@@ -88,6 +88,10 @@ pub fn query_limits(c: &crate::policy::CohortPolicy) -> amicus_index::QueryLimit
         timeout: Duration::from_millis(c.timeout_ms),
         min_patients: c.min_patients,
         max_intermediate: usize::try_from(c.max_intermediate_rows).unwrap_or(usize::MAX),
+        tally_noise: (c.tally_epsilon > 0.0).then_some(amicus_index::query::TallyNoise {
+            epsilon: c.tally_epsilon,
+            cells_per_patient: c.tally_cells_per_patient,
+        }),
     }
 }
 

@@ -411,17 +411,37 @@ impl Station {
                     format!("the station's index cannot be loaded: {e}"),
                 )));
             }
-            graph.exists().then(|| {
+            if graph.exists() {
                 let limits = query_limits(&policy.cohort);
-                CohortJob {
+                let c = &policy.cohort;
+                // What the digest may still ask here: queries, and noisy tallies its privacy
+                // budget still covers.
+                let ledger = Ledger::load(&self.dir, &digest)?;
+                let queries_left = c
+                    .max_queries_per_run
+                    .min(c.max_queries_per_digest.saturating_sub(ledger.queries));
+                let max_noisy_tallies = if c.tally_epsilon > 0.0 {
+                    let left =
+                        policy.privacy.budget(&digest) - ledger.epsilon(policy.privacy.delta);
+                    (left / c.tally_epsilon).floor().clamp(0.0, 1e12) as u64
+                } else {
+                    u64::MAX
+                };
+                Some(CohortJob {
                     graph,
                     max_query_bytes: limits.max_query_bytes as u64,
                     max_rows: limits.max_rows as u64,
-                    timeout_ms: policy.cohort.timeout_ms,
+                    timeout_ms: c.timeout_ms,
                     min_patients: limits.min_patients,
                     max_intermediate: limits.max_intermediate as u64,
-                }
-            })
+                    max_queries: queries_left,
+                    tally_epsilon: c.tally_epsilon,
+                    tally_cells_per_patient: c.tally_cells_per_patient,
+                    max_noisy_tallies,
+                })
+            } else {
+                None
+            }
         } else {
             None
         };
@@ -621,6 +641,8 @@ impl Station {
             bytes: 0,
             max_bytes: policy.outputs.max_audit_bytes,
             error: None,
+            queries: 0,
+            tallies: 0,
         };
         let require_confinement = policy.worker.require_confinement;
         let mut on_step = |step: Step| -> Result<(), String> {
@@ -662,6 +684,12 @@ impl Station {
                     Ok(())
                 }
                 Step::Calling(capability, call, detail) => {
+                    if capability == "cohort" {
+                        recorder.queries += 1;
+                        if call == "tally" {
+                            recorder.tallies += 1;
+                        }
+                    }
                     recorder.in_flight = Some((capability, call, detail));
                     Ok(())
                 }
@@ -715,6 +743,21 @@ impl Station {
         }
         if let Some(e) = recorder.error {
             return Err(e);
+        }
+        if recorder.queries > 0 {
+            let eps = if policy.cohort.tally_epsilon > 0.0 {
+                policy.cohort.tally_epsilon * recorder.tallies as f64
+            } else {
+                0.0
+            };
+            let ledger = crate::privacy::spend_queries(&self.dir, &digest, recorder.queries, eps)?;
+            audit.append(Event::CohortQueriesCounted {
+                run_id: run_id.clone(),
+                queries: recorder.queries,
+                tally_epsilon: eps,
+                digest_queries: ledger.queries,
+                digest_epsilon: ledger.epsilon(policy.privacy.delta),
+            })?;
         }
         Ok((prepared, executed))
     }
@@ -961,6 +1004,10 @@ struct Recorder<'a> {
     bytes: u64,
     max_bytes: u64,
     error: Option<StationError>,
+    /// Cohort queries the worker said it started (and tallies among them): charged to the
+    /// digest, whatever became of them.
+    queries: u64,
+    tallies: u64,
 }
 
 impl Recorder<'_> {

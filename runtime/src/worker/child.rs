@@ -256,7 +256,13 @@ fn run_train(events: &Events, job: &Job, stdin: &mut impl Read) -> Result<(), St
                 timeout: Duration::from_millis(c.timeout_ms),
                 min_patients: c.min_patients,
                 max_intermediate: usize::try_from(c.max_intermediate).unwrap_or(usize::MAX),
+                tally_noise: (c.tally_epsilon > 0.0).then_some(amicus_index::query::TallyNoise {
+                    epsilon: c.tally_epsilon,
+                    cells_per_patient: c.tally_cells_per_patient,
+                }),
             },
+            queries_left: c.max_queries,
+            noisy_tallies_left: c.max_noisy_tallies,
         }),
         _ => None,
     };

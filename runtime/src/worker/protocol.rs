@@ -91,6 +91,11 @@ pub struct CohortJob {
     pub timeout_ms: u64,
     pub min_patients: u32,
     pub max_intermediate: u64,
+    pub max_queries: u64,
+    /// ε of each tally's noise (0: exact counts).
+    pub tally_epsilon: f64,
+    pub tally_cells_per_patient: u32,
+    pub max_noisy_tallies: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
