@@ -194,6 +194,12 @@ impl Bundle {
         )
     }
 
+    /// Attach an envelope made elsewhere (a reviewer's signature sent as a file), unchecked:
+    /// signatures are checked when a station admits the bundle, never when they are attached.
+    pub fn attach(&mut self, env: dsse::Envelope) {
+        self.signatures.push(env);
+    }
+
     /// Sign the digest with `key` in `role`; replaces an earlier signature by the same key.
     pub fn sign(&mut self, key: &SecretKey, role: &str) {
         let env = dsse::sign(key, &self.digest, &self.subject_name(), role);

@@ -593,15 +593,47 @@ pub fn station_pending(dir: &Path, json: bool) -> Result<()> {
         println!("no trains await approval");
     }
     use amicus_bundle::text::{short, shown};
+    let journal = daemon::Journal::new(dir);
+    let policy = amicus_runtime::station::Station::open(dir)?.policy()?;
     for e in held {
         println!(
-            "run {}  train {} {}  task {}  params {}",
+            "run {}  train {} {}  task {}",
             short(&e.item.run, 32),
             shown(e.train_name.as_deref().unwrap_or("?"), 128),
             short(&e.item.train, 16),
             short(&e.item.task, 32),
-            shown(&e.item.params, 2048)
         );
+        // What the data owner decides on: what it may use and release, then its parameters.
+        if let Ok(b) = amicus_bundle::Bundle::read(&journal.bundle_path(&e.item.train)) {
+            let m = b.manifest();
+            let caps: Vec<&str> = m.capabilities.iter().map(|c| c.name()).collect();
+            println!(
+                "    capabilities  {}",
+                if caps.is_empty() {
+                    "(none)".into()
+                } else {
+                    caps.join(", ")
+                }
+            );
+            for o in &m.outputs {
+                println!(
+                    "    output        {} ({:?}, at most {} bytes)",
+                    shown(&o.name, 128),
+                    o.kind,
+                    o.max_bytes
+                );
+            }
+            let scope = match policy.admit_params(&b, &e.item.params) {
+                Ok(s) => format!("admitted by the current approval ({s})"),
+                Err(r) => format!("not covered by an approval: {}", shown(&r.reason, 300)),
+            };
+            println!("    params        {}", shown(&e.item.params, 2048));
+            println!("                  {scope}");
+            if let Some(p) = &m.params {
+                let compact = p.schema_json().map(|v| v.to_string()).unwrap_or_else(|e| e);
+                println!("    schema        {}", shown(&compact, 2048));
+            }
+        }
     }
     for (run, reason) in daemon::Journal::new(dir).parked() {
         println!("parked run {}: {}", short(&run, 32), shown(&reason, 1024));

@@ -252,7 +252,8 @@ impl Journal {
         self.dir.join(MASKED_DIR).join(format!("{run}.bin"))
     }
 
-    fn bundle_path(&self, digest: &str) -> PathBuf {
+    /// Where the daemon caches the bundle of `digest` (verified when it was fetched).
+    pub fn bundle_path(&self, digest: &str) -> PathBuf {
         self.dir.join(BUNDLE_DIR).join(format!("{digest}.train"))
     }
 

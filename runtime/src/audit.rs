@@ -1359,6 +1359,32 @@ mod tests {
         assert!(r.ok() && r.public_entries == 4, "{r:?}");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// Uploaded lines reach `check_line` in the registry: garbage and mutations of real
+        /// lines are refused, never a panic, on both chains.
+        #[test]
+        fn hostile_lines_never_panic(
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            flips in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 1..6),
+        ) {
+            let (dir, key) = log_with(3);
+            let _ = check_line(&garbage, &key, 0, &GENESIS, LOCAL);
+            let _ = check_line(&garbage, &key, 0, &GENESIS, PUBLIC);
+            let mut bytes = std::fs::read(dir.path().join(LOG_FILE)).unwrap();
+            for (at, b) in flips {
+                let i = at % bytes.len();
+                bytes[i] = b;
+            }
+            std::fs::write(dir.path().join(LOG_FILE), &bytes).unwrap();
+            let _ = verify(dir.path(), &key);
+            let _ = read_entries(dir.path());
+            let lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+            let _ = verify_lines(&lines, HeadFile::Bytes(garbage.clone()), &key, PUBLIC);
+        }
+    }
+
     #[test]
     fn long_text_is_cut() {
         let e = Event::TrainRefused {

@@ -817,6 +817,24 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// A policy file edited by hand (or damaged) is refused, never a panic.
+        #[test]
+        fn hostile_policy_files_never_panic(at in proptest::prelude::any::<usize>(), with in ".{0,24}") {
+            let dir = tempfile::tempdir().unwrap();
+            let mut text = toml::to_string(&Policy::default()).unwrap();
+            let mut i = at % text.len();
+            while !text.is_char_boundary(i) {
+                i -= 1;
+            }
+            text.insert_str(i, &with);
+            std::fs::write(dir.path().join(POLICY_FILE), text).unwrap();
+            let _ = Policy::load(dir.path());
+        }
+    }
+
     #[test]
     fn trust_refuses_duplicates() {
         let mut p = Policy::default();
