@@ -14,4 +14,4 @@ AMICUS_TEST_POSTGRES=$(bash scripts/postgres.sh start "$pgdir/data" "$pgport")
 export AMICUS_TEST_POSTGRES
 export AMICUS_REQUIRE_POSTGRES=1
 
-cargo test --release --workspace
+cargo test --release --workspace --no-fail-fast

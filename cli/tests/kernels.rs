@@ -143,6 +143,28 @@ fn a_unet_and_a_cnn_learn_on_the_station() {
     f.audit_verifies();
 }
 
+/// `bundle` rebuilt with a params schema that admits any object, signed by alice and
+/// approved (as a careless or hostile author would ship it).
+fn permissive(f: &Fixture, bundle: &std::path::Path) -> std::path::PathBuf {
+    use amicus_bundle::{Bundle, ParamsDecl};
+    let built = Bundle::read(bundle).unwrap();
+    let mut manifest = built.manifest().clone();
+    manifest.params = Some(ParamsDecl {
+        schema: r#"{"type": "object"}"#.into(),
+    });
+    let files = manifest
+        .files
+        .iter()
+        .map(|e| (e.path.clone(), built.file(&e.path).unwrap().to_vec()))
+        .collect();
+    let b = Bundle::create(manifest, files).unwrap();
+    let path = f.path("permissive.train");
+    b.write(&path).unwrap();
+    ok(&["train", "sign", s(&path), "--key", s(&f.path("alice.key"))]);
+    f.approve(&path);
+    path
+}
+
 #[test]
 fn kernel_refusals_are_clear_and_audited() {
     if !ready() {
@@ -158,6 +180,20 @@ fn kernel_refusals_are_clear_and_audited() {
 
     let f = kernels_station(true);
     let b = f.ready("lesion-models");
+    // The train's params schema names its one model and bounds the floor: such params are
+    // refused before anything runs.
+    for params in [
+        r#"{"unet": "models/other.onnx", "steps": 1}"#,
+        r#"{"cosine_floor": 2.0, "steps": 1}"#,
+    ] {
+        let out = f.run(&b, Some(params));
+        assert!(!out.ok);
+        let e = f.last_event("train-refused");
+        assert_eq!(e["stage"], "params", "{e}");
+    }
+    // The host does not rely on the author's schema: the same train with a schema that
+    // admits anything meets the same refusals inside the kernels.
+    let b = permissive(&f, &b);
     // A model file the bundle does not declare (nothing outside the signed bundle loads).
     let out = f.run(&b, Some(r#"{"unet": "models/other.onnx", "steps": 1}"#));
     assert!(!out.ok);
