@@ -15,6 +15,7 @@ mod demo;
 mod job;
 mod model;
 mod net;
+mod release;
 mod train_build;
 
 use amicus_bundle::{Bundle, Digest, PublicKey, SecretKey, TrustedKey};
@@ -199,6 +200,30 @@ enum StationCommand {
         dir: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Data owner: runs whose outputs the station holds for your release
+    /// (`[outputs] hold_for_release`).
+    Held {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Data owner: release a run's held outputs (audited; the daemon then sends them).
+    Release {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The station's run id (`station held` lists them).
+        run: String,
+    },
+    /// Data owner: withhold a run's held outputs: they are deleted and nothing of them
+    /// leaves (audited; the daemon reports the run failed).
+    Withhold {
+        #[arg(long)]
+        dir: PathBuf,
+        run: String,
+        #[arg(long, default_value = "withheld by the data owner")]
+        reason: String,
     },
     /// Data owner: refuse a pending run; the daemon reports the refusal and audits it.
     Refuse {
@@ -391,6 +416,9 @@ fn run(cli: Cli) -> Result<()> {
             } => net::station_serve(&dir, registry, poll_wait),
             StationCommand::Pending { dir, json } => net::station_pending(&dir, json),
             StationCommand::Refuse { dir, run, reason } => net::station_refuse(&dir, &run, &reason),
+            StationCommand::Held { dir, json } => release::held(&dir, json),
+            StationCommand::Release { dir, run } => release::release(&dir, &run),
+            StationCommand::Withhold { dir, run, reason } => release::withhold(&dir, &run, &reason),
             StationCommand::Run {
                 dir,
                 bundle,
@@ -950,6 +978,7 @@ fn station_run(dir: &Path, bundle: &Path, params: Option<&Path>, json: bool) -> 
                     println!("{text}");
                 }
             }
+            release::print_after_run(dir, &record);
             println!("run record and log: {}", record.dir.display());
             Ok(())
         }

@@ -638,6 +638,7 @@ pub fn station_pending(dir: &Path, json: bool) -> Result<()> {
     for (run, reason) in daemon::Journal::new(dir).parked() {
         println!("parked run {}: {}", short(&run, 32), shown(&reason, 1024));
     }
+    crate::release::held_hint(dir);
     Ok(())
 }
 

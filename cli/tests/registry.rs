@@ -729,6 +729,105 @@ fn nothing_a_run_influenced_reaches_the_registry() {
     ok(&["audit", "verify", "--dir", s(&dir)]);
 }
 
+/// The station's runs whose outputs wait for the data owner (`station held --json`), waited
+/// for (bounded).
+fn wait_held(dir: &Path) -> String {
+    let t0 = Instant::now();
+    loop {
+        let out = ok(&["station", "held", "--dir", s(dir), "--json"]);
+        let v: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).unwrap();
+        if let Some(r) = v.first() {
+            return r["run_id"].as_str().unwrap().to_string();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no run's outputs were held"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn held_outputs_leave_only_when_the_data_owner_releases_them() {
+    let mut net = Net::new();
+    net.add_station("st1", "academic", 1);
+    let dir = net.station_dir("st1");
+    edit_policy(&dir, "hold_for_release = false", "hold_for_release = true");
+    let cohort = net.push("cohort-stats");
+    ok(&["station", "approve", "--dir", s(&dir), s(&cohort)]);
+    net.start_daemon("st1");
+
+    // Released: the run waits (running at the registry, nothing sent) until the data owner
+    // releases; then the researcher gets exactly the released bytes.
+    let task = net.task(&cohort, &["st1"], "{}");
+    let id = task["id"].as_str().unwrap().to_string();
+    let local = wait_held(&dir);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(run_of(&net.show(&id), "st1")["state"], "running");
+    assert!(released_file(&dir, "summary.json").is_empty());
+    let pending = ok(&["station", "pending", "--dir", s(&dir)]).stdout;
+    assert!(pending.contains("held for your release"), "{pending}");
+    ok(&["station", "release", "--dir", s(&dir), &local]);
+    let done = net.wait_finished(&id, Duration::from_secs(60));
+    assert_eq!(run_of(&done, "st1")["state"], "done", "{done}");
+    let out = net.path("results");
+    net.person_ok(
+        "alice",
+        &[
+            "task",
+            "results",
+            &id,
+            "--key",
+            s(&net.path("alice.key")),
+            "--out",
+            s(&out),
+        ],
+    );
+    let got = std::fs::read(out.join("st1").join("summary.json")).unwrap();
+    assert_eq!(released_file(&dir, "summary.json"), vec![got]);
+
+    // Withheld: the researcher learns only that; the owner's words stay at the station.
+    let task = net.task(&cohort, &["st1"], "{}");
+    let id = task["id"].as_str().unwrap().to_string();
+    let local = wait_held(&dir);
+    let marker = "OWNER-REASON-3f9a";
+    ok(&[
+        "station",
+        "withhold",
+        "--dir",
+        s(&dir),
+        &local,
+        "--reason",
+        marker,
+    ]);
+    let done = net.wait_finished(&id, Duration::from_secs(60));
+    let run = run_of(&done, "st1");
+    assert_eq!(run["state"], "failed", "{done}");
+    assert!(
+        run["reason"].as_str().unwrap().starts_with("withheld"),
+        "{done}"
+    );
+    assert!(!dir.join("runs").join(&local).join("held").exists());
+    assert!(
+        std::fs::read_to_string(dir.join("audit.log"))
+            .unwrap()
+            .contains(marker)
+    );
+    let public = std::fs::read_to_string(dir.join("audit-public.log")).unwrap();
+    assert!(public.contains("held-outputs-decided") && !public.contains(marker));
+    for e in std::fs::read_dir(net.tmp.path()).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("registry.db") {
+            let bytes = std::fs::read(e.path()).unwrap_or_default();
+            assert!(
+                !bytes.windows(marker.len()).any(|w| w == marker.as_bytes()),
+                "{name} holds the owner's reason"
+            );
+        }
+    }
+    ok(&["audit", "verify", "--dir", s(&dir)]);
+}
+
 fn edit_policy(dir: &Path, from: &str, to: &str) {
     let path = dir.join("policy.toml");
     let text = std::fs::read_to_string(&path).unwrap();

@@ -787,3 +787,91 @@ fn an_approval_binds_the_parameters_runs_may_take() {
     ]);
     f.audit_verifies();
 }
+
+#[test]
+fn held_outputs_wait_for_the_data_owners_decision() {
+    let f = Fixture::new();
+    f.policy_edit("hold_for_release = false", "hold_for_release = true");
+    let b = f.ready("cohort-stats");
+    let dir = f.station();
+    let run = |f: &Fixture| {
+        let out = f.run(&b, Some("{}"));
+        assert!(out.ok, "{}", out.text());
+        assert!(
+            out.stdout.contains("holds this run's outputs"),
+            "{}",
+            out.stdout
+        );
+        let held = ok(&["station", "held", "--dir", s(&dir), "--json"]);
+        let v: Vec<serde_json::Value> = serde_json::from_str(&held.stdout).unwrap();
+        v.last().unwrap()["run_id"].as_str().unwrap().to_string()
+    };
+    let first = run(&f);
+    // Held: nothing released, the log says held, not released.
+    assert!(f.released().is_empty());
+    let held = f.last_event("output-held");
+    assert_eq!(held["name"], "summary.json");
+    assert!(!f.events().iter().any(|e| e["event"] == "output-released"));
+    let held_file = dir.join("runs").join(&first).join("held/summary.json");
+    let bytes = std::fs::read(&held_file).unwrap();
+    assert_eq!(held["sha256"], amicus_bundle::sha256(&bytes).to_hex());
+
+    // Only a run id of this station is taken; nothing else names a path.
+    for bad in ["../../x", "/etc", "", "runs", "0000-nope"] {
+        let out = amicus(&["station", "release", "--dir", s(&dir), bad]);
+        assert!(!out.ok, "{bad:?} was taken");
+    }
+    // The held bytes are what was audited: a changed file is not released.
+    std::fs::write(&held_file, b"{\"forged\": true}").unwrap();
+    let out = amicus(&["station", "release", "--dir", s(&dir), &first]);
+    assert!(!out.ok);
+    assert!(
+        out.text().contains("changed since the run"),
+        "{}",
+        out.text()
+    );
+    assert!(f.released().is_empty());
+    std::fs::write(&held_file, &bytes).unwrap();
+
+    let out = ok(&["station", "release", "--dir", s(&dir), &first]);
+    assert!(out.stdout.contains("released 1 output"), "{}", out.stdout);
+    assert_eq!(f.released().len(), 1);
+    assert_eq!(std::fs::read(&f.released()[0]).unwrap(), bytes);
+    let decided = f.last_event("held-outputs-decided");
+    assert_eq!(decided["decision"], "released");
+    assert_eq!(f.last_event("output-released")["sha256"], held["sha256"]);
+    // Final: neither a second release nor a withhold afterwards.
+    for verb in ["release", "withhold"] {
+        let out = amicus(&["station", verb, "--dir", s(&dir), &first]);
+        assert!(!out.ok);
+        assert!(out.text().contains("already released"), "{}", out.text());
+    }
+
+    let second = run(&f);
+    let out = ok(&[
+        "station",
+        "withhold",
+        "--dir",
+        s(&dir),
+        &second,
+        "--reason",
+        "not\u{1b}[8m today",
+    ]);
+    assert!(out.stdout.contains("withheld 1 output"), "{}", out.stdout);
+    assert!(!dir.join("runs").join(&second).join("held").exists());
+    assert_eq!(f.released().len(), 1);
+    let decided = f.last_event("held-outputs-decided");
+    assert_eq!(decided["decision"], "withheld");
+    assert!(!decided["reason"].as_str().unwrap().contains('\u{1b}'));
+    let out = amicus(&["station", "release", "--dir", s(&dir), &second]);
+    assert!(!out.ok);
+    let listed = ok(&["station", "held", "--dir", s(&dir)]).stdout;
+    assert!(listed.contains("no outputs are held"), "{listed}");
+    // The auditor's copy has the decisions, not the owner's words.
+    let public = std::fs::read_to_string(dir.join("audit-public.log")).unwrap();
+    assert_eq!(public.matches("held-outputs-decided").count(), 2);
+    assert!(!public.contains("today"));
+    f.audit_verifies();
+    let prov = ok(&["audit", "export", "--dir", s(&dir)]).stdout;
+    assert!(prov.contains("au:ReleaseDecision"), "{prov}");
+}

@@ -22,7 +22,7 @@ use crate::station_secagg;
 use crate::wire::{RunState, SealedOutput, WorkItem};
 use amicus_bundle::{Bundle, SecretKey, sha256};
 use amicus_runtime::sandbox::{FederatedRound, UPDATE_OUTPUT};
-use amicus_runtime::station::{KEY_FILE, Station, StationError};
+use amicus_runtime::station::{HeldState, KEY_FILE, Station, StationError};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
@@ -81,6 +81,9 @@ pub enum Progress {
     Held,
     /// Journalled before the registry is told and before the run: never run twice.
     Started,
+    /// Ran; its outputs wait for the data owner's release (`[outputs] hold_for_release`,
+    /// `amicus station release / withhold`). `local_run` is the station's run id.
+    AwaitingRelease { local_run: String },
     /// Outcome known, not yet acknowledged by the registry.
     Finished { report: Report },
     /// The registry has the outcome.
@@ -456,7 +459,10 @@ impl Daemon {
                         };
                         self.finish(item, e.train_name, report).await?;
                     }
-                    Progress::Finished { .. } | Progress::Received | Progress::Held => {}
+                    Progress::Finished { .. }
+                    | Progress::Received
+                    | Progress::Held
+                    | Progress::AwaitingRelease { .. } => {}
                     Progress::Reported { .. } => {}
                 },
             }
@@ -499,6 +505,16 @@ impl Daemon {
                             }
                             Err(err) => Err(err),
                         }
+                    }
+                }
+                Progress::AwaitingRelease { local_run } => {
+                    match self.owner_decided(e.item, e.train_name, &local_run).await {
+                        Ok(true) => Ok(()),
+                        Ok(false) => {
+                            any_held = true;
+                            Ok(())
+                        }
+                        Err(err) => Err(err),
                     }
                 }
                 Progress::Started | Progress::Reported { .. } => Ok(()),
@@ -794,6 +810,22 @@ impl Daemon {
             })
         });
         let local_run = outcome.as_ref().map(|r| r.run_id.clone()).ok();
+        // Outputs held for the data owner: nothing is reported until they decide.
+        if let Ok(record) = &outcome
+            && !record.held.is_empty()
+        {
+            say(&format!(
+                "run {}: {name} succeeded; its outputs are held for the data owner (amicus station held / release / withhold {})",
+                item.run, record.run_id
+            ));
+            return self.journal.put(&JournalEntry {
+                progress: Progress::AwaitingRelease {
+                    local_run: record.run_id.clone(),
+                },
+                item,
+                train_name: Some(name),
+            });
+        }
         let report = match outcome {
             Ok(record) => Report::Done {
                 outputs: record
@@ -897,6 +929,38 @@ impl Daemon {
         Ok(Report::Done {
             outputs: masked_outputs,
         })
+    }
+
+    /// A run whose outputs were held: report it once the data owner decided. Returns whether
+    /// they did.
+    async fn owner_decided(
+        &mut self,
+        item: WorkItem,
+        train_name: Option<String>,
+        local_run: &str,
+    ) -> Result<bool, DaemonError> {
+        let st = Station::open(&self.opts.dir)?;
+        let report = match st.held_state(local_run)? {
+            HeldState::Waiting(_) => return Ok(false),
+            HeldState::Released(record) => Report::Done {
+                outputs: record
+                    .outputs
+                    .into_iter()
+                    .map(|o| (o.name, o.path))
+                    .collect(),
+            },
+            // The owner's reason stays at the station.
+            HeldState::Withheld { .. } => Report::Failed {
+                reason: "withheld: the station's data owner did not release the outputs".into(),
+            },
+            HeldState::NotHeld => Report::Failed {
+                reason:
+                    "failed: the station could not process this run; its data owner has the details"
+                        .into(),
+            },
+        };
+        self.finish(item, train_name, report).await?;
+        Ok(true)
     }
 
     async fn owner_refused(&mut self, e: JournalEntry, reason: &str) -> Result<(), DaemonError> {

@@ -176,6 +176,23 @@ pub enum Event {
         bytes: u64,
         sha256: Digest,
     },
+    /// A run's output passed the output rules and waits at the station for the data owner's
+    /// decision (`[outputs] hold_for_release`).
+    OutputHeld {
+        run_id: String,
+        name: String,
+        bytes: u64,
+        sha256: Digest,
+    },
+    /// The data owner decided on a run's held outputs: `released` (each output then has its
+    /// `output-released` entry) or `withheld` (the outputs were deleted).
+    HeldOutputsDecided {
+        run_id: String,
+        decision: String,
+        outputs: u64,
+        /// The data owner's own words, kept at the station.
+        reason: Option<String>,
+    },
     /// A federated round's update passed the station's privacy step (clipping, noise, the
     /// budget) and will leave as the output `update` when the run finishes.
     UpdateSubmitted {
@@ -271,6 +288,9 @@ impl Event {
             | Event::UpdateMasked { job, .. }
             | Event::SharesRevealed { job, .. } => cut(job),
             Event::IndexQueried { outcome, .. } => cut(outcome),
+            Event::HeldOutputsDecided {
+                reason: Some(r), ..
+            } => cut(r),
             _ => {}
         }
         self

@@ -78,6 +78,17 @@ pub enum PublicEvent {
         name: String,
         bytes: u64,
     },
+    OutputHeld {
+        run_id: String,
+        name: String,
+        bytes: u64,
+    },
+    /// The data owner's decision; their reason stays at the station.
+    HeldOutputsDecided {
+        run_id: String,
+        decision: String,
+        outputs: u64,
+    },
     UpdateSubmitted {
         run_id: String,
         job: String,
@@ -259,6 +270,26 @@ pub fn public(event: &Event) -> Option<PublicEvent> {
             run_id,
             name,
             bytes,
+        },
+        Event::OutputHeld {
+            run_id,
+            name,
+            bytes,
+            ..
+        } => PublicEvent::OutputHeld {
+            run_id,
+            name,
+            bytes,
+        },
+        Event::HeldOutputsDecided {
+            run_id,
+            decision,
+            outputs,
+            ..
+        } => PublicEvent::HeldOutputsDecided {
+            run_id,
+            decision,
+            outputs,
         },
         Event::UpdateSubmitted {
             run_id,

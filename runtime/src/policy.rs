@@ -228,6 +228,11 @@ pub struct OutputCaps {
     /// over is stopped `limit-exceeded`.
     #[serde(default = "default_max_audit_bytes")]
     pub max_audit_bytes: u64,
+    /// Whether the outputs of runs outside federated rounds wait at the station for the data
+    /// owner's decision (`amicus station release RUN` / `withhold RUN`) before they count as
+    /// released. Federated updates are not held (they are clipped, noised or masked).
+    #[serde(default)]
+    pub hold_for_release: bool,
 }
 
 fn default_max_audit_bytes() -> u64 {
@@ -277,6 +282,7 @@ impl Default for Policy {
                 max_total_bytes: 64 << 20,
                 max_log_bytes: 1 << 20,
                 max_audit_bytes: default_max_audit_bytes(),
+                hold_for_release: false,
             },
             cohort: CohortPolicy::default(),
             catalog: CatalogPolicy::default(),

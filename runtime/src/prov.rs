@@ -3,7 +3,7 @@
 //! Runs are `prov:Activity`s that `prov:used` the train bundle (`prov:Entity`, named by its
 //! digest) and were `prov:wasAssociatedWith` the station (`prov:SoftwareAgent`, named by its key
 //! id); released outputs are entities `prov:wasGeneratedBy` their run; refusals, approvals and
-//! are activities too. Terms PROV-O has no word for (outcome class, coarsened fuel and sizes,
+//! the data owner's decisions on held outputs are activities too. Terms PROV-O has no word for (outcome class, coarsened fuel and sizes,
 //! hashes, the local log's sequence numbers) live under the `urn:amicus:audit:` namespace.
 //!
 //! The export is made from the public chain (`audit-public.log`, see `crate::disclosure`): an
@@ -138,6 +138,17 @@ pub fn export_turtle(dir: &Path, station_keyid: &str) -> Result<String, AuditErr
                     bundle(&e["digest"]),
                     time(e),
                     lit(e["scope"].as_str().unwrap_or("any")),
+                );
+            }
+            "held-outputs-decided" => {
+                let _ = writeln!(
+                    out,
+                    "\n{} a prov:Activity, au:ReleaseDecision ;\n    prov:used {} ;\n    prov:wasAssociatedWith {station} ;\n    prov:endedAtTime {} ;\n    au:decision {} ;\n    au:outputs {} ;\n    au:auditSeq {seq} .",
+                    scoped("decision", &seq),
+                    run(&e["run_id"]),
+                    time(e),
+                    lit(e["decision"].as_str().unwrap_or("")),
+                    int(&e["outputs"]),
                 );
             }
             "train-refused" => {

@@ -7,7 +7,7 @@
 //!   policy.toml               the data owner's policy (see `policy`)
 //!   audit.log, audit.head     the signed audit trail (see `audit`)
 //!   cache/                    the station's own compilations of components
-//!   runs/<run-id>/            run.json, log.txt and outputs/ of every run
+//!   runs/<run-id>/            run.json, log.txt and outputs/ (or held/) of every run
 //! ```
 //!
 //! `run` is the only path from a bundle file to released outputs: read and integrity-check →
@@ -16,8 +16,10 @@
 //! audited with its stage and reason, and nothing is released. Output file names come from the
 //! manifest's declarations and run ids from the station, never from the guest.
 
+mod held;
 mod run;
 
+pub use held::HeldState;
 pub use run::WorkerSummary;
 
 use crate::audit::{AuditError, AuditLog, Event};
@@ -32,6 +34,10 @@ use std::time::Duration;
 pub const STATION_FILE: &str = "station.toml";
 pub const KEY_FILE: &str = "station.key";
 pub const RUNS_DIR: &str = "runs";
+/// A run's released outputs, under `runs/<id>/`.
+pub const OUTPUTS_DIR: &str = "outputs";
+/// A run's outputs waiting for the data owner, under `runs/<id>/`.
+pub const HELD_DIR: &str = "held";
 pub const CACHE_DIR: &str = "cache";
 /// Largest parameter document a run accepts.
 pub const MAX_PARAMS_BYTES: usize = 1 << 20;
@@ -78,6 +84,8 @@ pub enum StationError {
     Privacy(#[from] crate::privacy::PrivacyError),
     #[error("{0}")]
     Worker(#[from] crate::worker::supervise::WorkerError),
+    #[error("run {run_id}: {why}")]
+    NotHeld { run_id: String, why: String },
 }
 
 /// The index's query limits from the policy's `[cohort]` section.
@@ -120,8 +128,8 @@ pub struct Station {
     worker: Option<WorkerCommand>,
 }
 
-/// What a successful run released.
-#[derive(Debug, Clone, Serialize)]
+/// An output of a successful run: released, or held for the data owner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReleasedOutput {
     pub name: String,
     pub bytes: u64,
@@ -130,7 +138,7 @@ pub struct ReleasedOutput {
 }
 
 /// The record of a run (`runs/<id>/run.json`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     pub run_id: String,
     pub train: String,
@@ -145,7 +153,15 @@ pub struct RunRecord {
     pub budget_peak_bytes: u64,
     pub wall_us: u64,
     pub compile: String,
+    /// Released outputs (in `outputs/`).
     pub outputs: Vec<ReleasedOutput>,
+    /// Outputs waiting for the data owner's decision (in `held/`; policy
+    /// `[outputs] hold_for_release`).
+    #[serde(default)]
+    pub held: Vec<ReleasedOutput>,
+    /// The data owner's decision on held outputs: `released` or `withheld`.
+    #[serde(default)]
+    pub decision: Option<String>,
     /// How the run's worker was confined and what it cost.
     pub worker: WorkerSummary,
     pub dir: PathBuf,

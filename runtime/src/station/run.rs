@@ -10,8 +10,8 @@
 //! from the station, never from the guest or the worker.
 
 use super::{
-    CACHE_DIR, MAX_PARAMS_BYTES, RUNS_DIR, ReleasedOutput, RunRecord, Station, StationError, io,
-    query_limits,
+    CACHE_DIR, HELD_DIR, MAX_PARAMS_BYTES, OUTPUTS_DIR, RUNS_DIR, ReleasedOutput, RunRecord,
+    Station, StationError, io, query_limits,
 };
 use crate::audit::{AuditLog, Event};
 use crate::policy::{Admission, Policy, Refusal};
@@ -74,7 +74,7 @@ struct Executed {
 }
 
 /// The worker's part of a run record: how it was confined and what it cost.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct WorkerSummary {
     pub landlock: String,
     pub seccomp: String,
@@ -702,7 +702,7 @@ impl Station {
         let end = supervise::supervise(
             Spawn {
                 command: &command,
-                request: &Request::Run(job.clone()),
+                request: &Request::Run(Box::new(job.clone())),
                 blobs: prepared.blobs.clone(),
                 workdir: &workdir,
                 setup: Duration::from_secs(policy.worker.setup_seconds.into()),
@@ -848,32 +848,52 @@ impl Station {
         let partial = runs.join(format!(".partial-{run_id}"));
         let final_dir = runs.join(&run_id);
         std::fs::create_dir_all(&partial).map_err(io(&partial))?;
-        let mut released = Vec::new();
+        let mut written = Vec::new();
         let outputs = std::mem::take(&mut gate.emitted);
+        // Outside a federated round the data owner may want to see outputs before they leave:
+        // they wait in `held/` (see `held.rs`).
+        let hold = policy.outputs.hold_for_release && federated.is_none();
+        let sub = if hold { HELD_DIR } else { OUTPUTS_DIR };
         if executed.outcome == Outcome::Succeeded && !outputs.is_empty() {
-            let out_dir = partial.join("outputs");
+            let out_dir = partial.join(sub);
             std::fs::create_dir_all(&out_dir).map_err(io(&out_dir))?;
             for (name, data) in &outputs {
                 // `name` is the manifest's declaration (validated plain file name), chosen by
                 // the output gate from the declared set, not the guest's or worker's string.
                 let path = out_dir.join(name);
                 amicus_bundle::bundle::write_atomic(&path, data).map_err(io(&path))?;
-                released.push(ReleasedOutput {
+                written.push(ReleasedOutput {
                     name: name.clone(),
                     bytes: data.len() as u64,
                     sha256: sha256(data),
-                    path: final_dir.join("outputs").join(name),
+                    path: final_dir.join(sub).join(name),
                 });
             }
-            for r in &released {
-                audit.append(Event::OutputReleased {
-                    run_id: run_id.clone(),
-                    name: r.name.clone(),
-                    bytes: r.bytes,
-                    sha256: r.sha256,
+            for r in &written {
+                let (run_id, name, bytes, sha256) =
+                    (run_id.clone(), r.name.clone(), r.bytes, r.sha256);
+                audit.append(if hold {
+                    Event::OutputHeld {
+                        run_id,
+                        name,
+                        bytes,
+                        sha256,
+                    }
+                } else {
+                    Event::OutputReleased {
+                        run_id,
+                        name,
+                        bytes,
+                        sha256,
+                    }
                 })?;
             }
         }
+        let (released, held) = if hold {
+            (Vec::new(), written)
+        } else {
+            (written, Vec::new())
+        };
 
         let record = RunRecord {
             run_id: run_id.clone(),
@@ -892,6 +912,8 @@ impl Station {
             }
             .to_string(),
             outputs: released,
+            held,
+            decision: None,
             worker: executed.worker.clone(),
             dir: final_dir.clone(),
         };

@@ -40,7 +40,7 @@ pub enum Request {
     /// Compile the component that follows as a blob; answered with `compiled` and the
     /// compilation as a blob (or `refused` when it is not a valid component).
     Compile(CompileJob),
-    Run(Job),
+    Run(Box<Job>),
 }
 
 /// Compiling a component: untrusted input to Cranelift, under the same confinement as a run.
