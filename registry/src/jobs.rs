@@ -24,7 +24,18 @@ use amicus_fl::secagg;
 use amicus_fl::wire::{Update as WireUpdate, Weights};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Refuse a plan that cannot run.
+/// Largest server learning rate, clipping norm or FedProx μ a plan may ask for: far above
+/// anything useful, low enough that a round cannot turn finite weights into infinities by
+/// itself (every combined update is checked for that too).
+const MAX_PLAN_NUMBER: f64 = 1e6;
+
+/// Whether `x` is a finite number in (0, MAX_PLAN_NUMBER].
+fn positive_bounded(x: f64) -> bool {
+    x.is_finite() && x > 0.0 && x <= MAX_PLAN_NUMBER
+}
+
+/// Refuse a plan that cannot run. Every number in it comes from a researcher: the checks use
+/// no arithmetic that can overflow.
 pub fn check_plan(plan: &Plan, stations: usize) -> Result<(), String> {
     if plan.rounds == 0 || plan.rounds > 10_000 {
         return Err("rounds must be 1 to 10000".into());
@@ -38,28 +49,36 @@ pub fn check_plan(plan: &Plan, stations: usize) -> Result<(), String> {
         return Err("round_seconds must be 1 s to 7 days".into());
     }
     if let Strategy::TrimmedMean { trim } = plan.strategy
-        && 2 * trim >= plan.min_stations as usize
+        && trim
+            .checked_mul(2)
+            .is_none_or(|t| t >= plan.min_stations as usize)
     {
         return Err(format!(
-            "trimming {trim} from each end needs min_stations above {}",
-            2 * trim
+            "trimming {trim} from each end needs min_stations above twice that ({})",
+            plan.min_stations
         ));
     }
     if let Some(c) = plan.clip_update_norm
-        && !(c.is_finite() && c > 0.0)
+        && !positive_bounded(c)
     {
-        return Err("clip_update_norm must be a positive number".into());
+        return Err(format!(
+            "clip_update_norm must be a positive number up to {MAX_PLAN_NUMBER}"
+        ));
     }
-    if !(plan.proximal_mu.is_finite() && plan.proximal_mu >= 0.0) {
-        return Err("proximal_mu must be a number ≥ 0".into());
+    if !(plan.proximal_mu.is_finite()
+        && plan.proximal_mu >= 0.0
+        && f64::from(plan.proximal_mu) <= MAX_PLAN_NUMBER)
+    {
+        return Err(format!(
+            "proximal_mu must be a number from 0 to {MAX_PLAN_NUMBER}"
+        ));
     }
     if let Some(dp) = plan.dp
-        && !(dp.clip_norm.is_finite()
-            && dp.clip_norm > 0.0
-            && dp.noise_multiplier.is_finite()
-            && dp.noise_multiplier > 0.0)
+        && !(positive_bounded(dp.clip_norm) && positive_bounded(dp.noise_multiplier))
     {
-        return Err("dp needs a positive clip_norm and noise_multiplier".into());
+        return Err(format!(
+            "dp needs a clip_norm and a noise_multiplier above 0 and up to {MAX_PLAN_NUMBER}"
+        ));
     }
     if let Some(sa) = plan.secure_aggregation {
         if sa.threshold < 2 || sa.threshold as usize > stations || stations > 254 {
@@ -98,7 +117,7 @@ pub fn check_plan(plan: &Plan, stations: usize) -> Result<(), String> {
         }
     }
     let ok = match plan.server {
-        aggregate::ServerOptimizer::Sgd { lr } => lr.is_finite() && lr > 0.0,
+        aggregate::ServerOptimizer::Sgd { lr } => positive_bounded(lr),
         aggregate::ServerOptimizer::Adam {
             lr,
             beta1,
@@ -111,16 +130,16 @@ pub fn check_plan(plan: &Plan, stations: usize) -> Result<(), String> {
             beta2,
             tau,
         } => {
-            lr.is_finite()
-                && lr > 0.0
+            positive_bounded(lr)
                 && (0.0..1.0).contains(&beta1)
                 && (0.0..1.0).contains(&beta2)
-                && tau.is_finite()
-                && tau > 0.0
+                && positive_bounded(tau)
         }
     };
     if !ok {
-        return Err("server optimizer: lr and tau must be positive, betas in [0, 1)".into());
+        return Err(format!(
+            "server optimizer: lr and tau must be above 0 and up to {MAX_PLAN_NUMBER}, betas in [0, 1)"
+        ));
     }
     Ok(())
 }
@@ -364,10 +383,28 @@ async fn apply_and_checkpoint(
     stations: Vec<RoundStation>,
     used: u32,
 ) -> Result<Advanced, DbError> {
+    // Updates are finite one by one (the wire decoder), but their combination and the
+    // server step can still overflow: such a round fails, nothing non-finite is stored.
+    if !combined.iter().all(|x| x.is_finite()) {
+        let reason = format!("round {round}: the combined update is not finite (overflow)");
+        return fail(db, job, round, reason).await;
+    }
     let mut flat = global.flat();
     job.plan
         .server
         .apply(&mut flat, combined, &mut server_state);
+    if !flat.iter().all(|x| x.is_finite())
+        || !server_state
+            .m
+            .iter()
+            .chain(&server_state.v)
+            .all(|x| x.is_finite())
+    {
+        let reason = format!(
+            "round {round}: the server optimizer's step made the weights non-finite (overflow); the job stops at the last finite checkpoint"
+        );
+        return fail(db, job, round, reason).await;
+    }
     let weights = global
         .with_flat(&flat)
         .map_err(|e| DbError::Corrupt(e.to_string()))?;
