@@ -193,6 +193,8 @@ enum StationCommand {
         /// Long-poll length in seconds.
         #[arg(long, default_value_t = 20)]
         poll_wait: u64,
+        #[command(flatten)]
+        transport: net::TransportArgs,
     },
     /// Data owner: runs the daemon holds for approval.
     Pending {
@@ -413,7 +415,8 @@ fn run(cli: Cli) -> Result<()> {
                 dir,
                 registry,
                 poll_wait,
-            } => net::station_serve(&dir, registry, poll_wait),
+                transport,
+            } => net::station_serve(&dir, registry, poll_wait, &transport),
             StationCommand::Pending { dir, json } => net::station_pending(&dir, json),
             StationCommand::Refuse { dir, run, reason } => net::station_refuse(&dir, &run, &reason),
             StationCommand::Held { dir, json } => release::held(&dir, json),

@@ -16,16 +16,46 @@ use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// How a client reaches the registry: TLS roots and proxy.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TransportArgs {
+    /// Trust only the CA certificate(s) in this PEM file for an https:// registry, instead of
+    /// the public roots (default: $AMICUS_CA_FILE).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Reach the registry through this proxy, e.g. http://proxy:3128 (default: $AMICUS_PROXY,
+    /// else HTTPS_PROXY / HTTP_PROXY with NO_PROXY).
+    #[arg(long)]
+    pub proxy: Option<String>,
+}
+
+impl TransportArgs {
+    pub fn transport(&self) -> amicus_registry::client::Transport {
+        amicus_registry::client::Transport {
+            ca_file: self
+                .ca_file
+                .clone()
+                .or_else(|| std::env::var_os("AMICUS_CA_FILE").map(PathBuf::from)),
+            proxy: self
+                .proxy
+                .clone()
+                .or_else(|| std::env::var("AMICUS_PROXY").ok()),
+        }
+    }
+}
+
 /// Where the registry is and who you are.
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
-    /// Registry URL, e.g. http://127.0.0.1:7700 (default: $AMICUS_REGISTRY).
+    /// Registry URL, e.g. https://registry.example.org (default: $AMICUS_REGISTRY).
     #[arg(long)]
     pub registry: Option<String>,
     /// A file holding your API token (default: $AMICUS_TOKEN_FILE, or the token in
     /// $AMICUS_TOKEN). Tokens are never taken on the command line, where `ps` shows them.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub transport: TransportArgs,
 }
 
 impl Conn {
@@ -48,7 +78,11 @@ impl Conn {
                 "no token: pass --token-file FILE or set AMICUS_TOKEN_FILE or AMICUS_TOKEN",
             )?,
         };
-        Ok(PersonClient::new(&self.url()?, token.trim())?)
+        Ok(PersonClient::with_transport(
+            &self.url()?,
+            token.trim(),
+            &self.transport.transport(),
+        )?)
     }
 }
 
@@ -61,6 +95,8 @@ pub enum RegistryCommand {
         db: String,
         #[arg(long, default_value = "127.0.0.1:7700")]
         listen: String,
+        #[command(flatten)]
+        serve: ServeArgs,
     },
     /// People: add a user directly in the database (the way to create the first admin);
     /// prints the user's token once.
@@ -170,6 +206,80 @@ pub enum TaskCommand {
     },
 }
 
+/// How `registry serve` treats connections and callers.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Terminate TLS here: the certificate chain (PEM, leaf first). With --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Most connections open at once (default: three quarters of the open-files limit).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Seconds a client may take to send a request's head (and a TLS handshake).
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Seconds an idle keep-alive connection stays open.
+    #[arg(long, default_value_t = 60)]
+    pub idle_timeout: u64,
+    /// Requests per second per client address (bursts of four times that).
+    #[arg(long, default_value_t = 100)]
+    pub rate_per_address: u32,
+    /// Requests per second per person or station (bursts of four times that).
+    #[arg(long, default_value_t = 50)]
+    pub rate_per_identity: u32,
+}
+
+impl ServeArgs {
+    fn options(&self) -> Result<server::ServeOptions> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some(
+                server::tls_server_config(c, k)
+                    .map_err(|e| anyhow::anyhow!("TLS certificate: {e}"))?,
+            ),
+            _ => None,
+        };
+        Ok(server::ServeOptions {
+            max_connections: self
+                .max_connections
+                .unwrap_or_else(server::default_max_connections),
+            header_read_timeout: Duration::from_secs(self.header_timeout.max(1)),
+            idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
+            tls,
+        })
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            rates: server::RateLimits {
+                per_address: self.rate_per_address.max(1),
+                address_burst: self.rate_per_address.max(1).saturating_mul(4),
+                per_identity: self.rate_per_identity.max(1),
+                identity_burst: self.rate_per_identity.max(1).saturating_mul(4),
+            },
+            ..Limits::default()
+        }
+    }
+}
+
+/// Resolves at SIGINT or SIGTERM (what a service manager or container runtime sends).
+pub async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -179,7 +289,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn registry(cmd: RegistryCommand) -> Result<()> {
     let rt = runtime()?;
     match cmd {
-        RegistryCommand::Serve { db, listen } => rt.block_on(async {
+        RegistryCommand::Serve { db, listen, serve } => rt.block_on(async {
+            let options = serve.options()?;
             let database = Db::connect(&db)
                 .await
                 .with_context(|| format!("opening the registry database {}", redact(&db)))?;
@@ -187,15 +298,20 @@ pub fn registry(cmd: RegistryCommand) -> Result<()> {
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             let addr = listener.local_addr()?;
+            let scheme = if options.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             println!(
-                "registry listening on http://{addr} (database {})",
-                redact(&db)
+                "registry listening on {scheme}://{addr} (database {}; at most {} connections)",
+                redact(&db),
+                options.max_connections
             );
-            let app = App::new(database, Limits::default());
-            server::serve(listener, app, async {
-                let _ = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+            let app = App::new(database, serve.limits());
+            server::serve_with(listener, app.clone(), options, stop_signal()).await?;
+            app.flush_trail().await;
+            eprintln!("registry stopped");
             Ok(())
         }),
         RegistryCommand::User(UserCommand::Add {
@@ -569,13 +685,27 @@ pub fn task(cmd: TaskCommand) -> Result<()> {
     }
 }
 
-pub fn station_serve(dir: &Path, registry: Option<String>, poll_wait: u64) -> Result<()> {
+pub fn station_serve(
+    dir: &Path,
+    registry: Option<String>,
+    poll_wait: u64,
+    transport: &TransportArgs,
+) -> Result<()> {
+    let config = daemon::NetworkConfig::read(dir)?;
     let registry = registry
+        .or(config.registry.clone())
         .or_else(|| std::env::var("AMICUS_REGISTRY").ok())
-        .context("no registry: pass --registry URL or set AMICUS_REGISTRY")?;
+        .context(
+            "no registry: pass --registry URL, set it in the station's network.toml, or set AMICUS_REGISTRY",
+        )?;
+    let transport = amicus_registry::client::Transport {
+        ca_file: transport.ca_file.clone().or(config.ca_file),
+        proxy: transport.proxy.clone().or(config.proxy),
+    };
     let d = Daemon::new(DaemonOptions {
         dir: dir.to_path_buf(),
         registry,
+        transport,
         poll_wait: Duration::from_secs(poll_wait),
         max_backoff: Duration::from_secs(30),
     })?;

@@ -8,12 +8,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-
-fn exe() -> &'static str {
-    env!("CARGO_BIN_EXE_amicus")
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -29,6 +25,8 @@ struct Net {
     port: u16,
     registry: Option<Child>,
     daemons: Vec<(String, Child)>,
+    /// The registry terminates TLS with a certificate of this CA; clients pin it.
+    tls: Option<amicus_testkit::TestCa>,
 }
 
 impl Drop for Net {
@@ -46,12 +44,23 @@ impl Drop for Net {
 
 impl Net {
     fn new() -> Net {
+        Self::build(false)
+    }
+
+    /// A registry serving `https://` with a certificate from a CA made for the test.
+    fn with_tls() -> Net {
+        Self::build(true)
+    }
+
+    fn build(tls: bool) -> Net {
         let tmp = tempfile::tempdir().unwrap();
+        let tls = tls.then(|| amicus_testkit::TestCa::new(tmp.path(), "registry"));
         let mut net = Net {
             tmp,
             port: free_port(),
             registry: None,
             daemons: Vec::new(),
+            tls,
         };
         ok(&["keygen", "--out", s(&net.path("alice-sign.key"))]);
         ok(&["keygen", "--x25519", "--out", s(&net.path("alice.key"))]);
@@ -110,7 +119,8 @@ impl Net {
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     fn log(&self, name: &str) -> std::fs::File {
@@ -122,15 +132,24 @@ impl Net {
     }
 
     fn start_registry(&mut self) {
-        let child = Command::new(exe())
-            .args([
-                "registry",
-                "serve",
-                "--db",
-                &self.db(),
-                "--listen",
-                &format!("127.0.0.1:{}", self.port),
-            ])
+        let mut args = vec![
+            "registry".to_string(),
+            "serve".into(),
+            "--db".into(),
+            self.db(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", self.port),
+        ];
+        if let Some(ca) = &self.tls {
+            args.extend([
+                "--tls-cert".into(),
+                ca.cert_pem.display().to_string(),
+                "--tls-key".into(),
+                ca.key_pem.display().to_string(),
+            ]);
+        }
+        let child = command()
+            .args(&args)
             .stdout(self.log("registry"))
             .stderr(self.log("registry"))
             .spawn()
@@ -158,6 +177,9 @@ impl Net {
         let url = self.url();
         let mut full: Vec<&str> = args.to_vec();
         full.extend(["--registry", &url, "--token-file", s(&token)]);
+        if let Some(ca) = &self.tls {
+            full.extend(["--ca-file", s(&ca.ca_pem)]);
+        }
         amicus(&full)
     }
 
@@ -221,17 +243,15 @@ impl Net {
     }
 
     fn start_daemon(&mut self, name: &str) {
-        let child = Command::new(exe())
-            .args([
-                "station",
-                "serve",
-                "--dir",
-                s(&self.station_dir(name)),
-                "--registry",
-                &self.url(),
-                "--poll-wait",
-                "2",
-            ])
+        let dir = self.station_dir(name);
+        let mut args = vec!["station", "serve", "--dir", s(&dir), "--poll-wait", "2"];
+        let url = self.url();
+        // With TLS, the station's network.toml says where and how (written by the test).
+        if self.tls.is_none() {
+            args.extend(["--registry", &url]);
+        }
+        let child = command()
+            .args(&args)
             .stdout(self.log(name))
             .stderr(self.log(name))
             .stdin(Stdio::null())
@@ -1430,4 +1450,104 @@ fn secure_aggregation_sums_masked_updates_and_survives_a_station_killed_after_sh
     for st in ["st1", "st2", "st3"] {
         ok(&["audit", "verify", "--dir", s(&net.station_dir(st))]);
     }
+}
+
+#[test]
+fn over_tls_through_the_hospitals_proxy_with_a_pinned_ca() {
+    let mut net = Net::with_tls();
+    let ca = net.tls.as_ref().unwrap().ca_pem.clone();
+    let url = net.url();
+    assert!(url.starts_with("https://"));
+    net.add_station("st1", "academic", 1);
+    let dir = net.station_dir("st1");
+    let proxy = amicus_testkit::proxy::Proxy::start();
+    // Hospital IT sets the registry, its CA and the proxy once, in the station's directory.
+    std::fs::copy(&ca, dir.join("registry-ca.pem")).unwrap();
+    std::fs::write(
+        dir.join("network.toml"),
+        format!(
+            "registry = \"{url}\"\nca_file = \"registry-ca.pem\"\nproxy = \"{}\"\n",
+            proxy.url()
+        ),
+    )
+    .unwrap();
+    let cohort = net.push("cohort-stats");
+    ok(&["station", "approve", "--dir", s(&dir), s(&cohort)]);
+    net.start_daemon("st1");
+    let task = net.task(&cohort, &["st1"], "{}");
+    let done = net.wait_finished(task["id"].as_str().unwrap(), Duration::from_secs(90));
+    assert_eq!(run_of(&done, "st1")["state"], "done", "{done}");
+    // The station went through the proxy, tunnelling TLS to the registry.
+    let port = url.rsplit(':').next().unwrap().to_string();
+    let seen = proxy.seen();
+    assert!(
+        seen.iter()
+            .any(|l| l.starts_with(&format!("CONNECT 127.0.0.1:{port}"))),
+        "{seen:?}"
+    );
+    // People through the proxy by the usual variable, too.
+    let token = net.path("alice.token");
+    let before = proxy.seen().len();
+    let out = amicus_env(
+        &[
+            "task",
+            "list",
+            "--registry",
+            &url,
+            "--token-file",
+            s(&token),
+            "--ca-file",
+            s(&ca),
+        ],
+        &[("HTTPS_PROXY", &proxy.url())],
+    );
+    assert!(out.ok, "{}", out.text());
+    assert!(proxy.seen().len() > before);
+
+    // A certificate from a CA the client does not pin is refused, and so is a registry the
+    // public roots do not vouch for.
+    let other = amicus_testkit::TestCa::new(&net.path("other"), "other");
+    for extra in [vec!["--ca-file", s(&other.ca_pem)], vec![]] {
+        let mut args = vec![
+            "task",
+            "list",
+            "--registry",
+            &url,
+            "--token-file",
+            s(&token),
+        ];
+        args.extend(extra);
+        let out = amicus(&args);
+        assert!(!out.ok);
+        assert!(
+            out.text().contains("cannot reach the registry"),
+            "{}",
+            out.text()
+        );
+    }
+    // A CA file that holds no certificate is an error of its own, not a silent fallback.
+    std::fs::write(net.path("empty.pem"), "not a certificate\n").unwrap();
+    let out = amicus(&[
+        "task",
+        "list",
+        "--registry",
+        &url,
+        "--token-file",
+        s(&token),
+        "--ca-file",
+        s(&net.path("empty.pem")),
+    ]);
+    assert!(!out.ok);
+    assert!(out.text().contains("no CA certificate"), "{}", out.text());
+    // Plain HTTP to the TLS port gets nowhere.
+    let plain = url.replace("https://", "http://");
+    let out = amicus(&[
+        "task",
+        "list",
+        "--registry",
+        &plain,
+        "--token-file",
+        s(&token),
+    ]);
+    assert!(!out.ok);
 }

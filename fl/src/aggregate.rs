@@ -108,7 +108,8 @@ pub fn coordinate_median(updates: &[Update]) -> Result<Vec<f32>, AggregateError>
 /// Per coordinate, drop the `trim` smallest and `trim` largest values and average the rest.
 pub fn trimmed_mean(updates: &[Update], trim: usize) -> Result<Vec<f32>, AggregateError> {
     let n = check(updates)?;
-    if 2 * trim >= updates.len() {
+    // `trim` may come from outside: no overflow on the way to the refusal.
+    if trim.checked_mul(2).is_none_or(|t| t >= updates.len()) {
         return Err(AggregateError::OverTrimmed {
             trim,
             n: updates.len(),

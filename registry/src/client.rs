@@ -2,8 +2,9 @@
 //! auditors and admins, and `StationClient`, which signs every request with the station's
 //! Ed25519 key (see `httpsig`).
 //!
-//! Owns requests and the mapping of error answers to `ClientError`. Must not decide anything:
-//! callers choose what to send and what to do with refusals.
+//! Owns requests, the transport (TLS with rustls: Mozilla's roots or a pinned CA file; the
+//! hospital's proxy) and the mapping of error answers to `ClientError`. Must not decide
+//! anything: callers choose what to send and what to do with refusals.
 
 use crate::httpsig;
 use crate::wire::*;
@@ -11,6 +12,8 @@ use amicus_bundle::SecretKey;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use reqwest::{Method, StatusCode};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +28,12 @@ pub enum ClientError {
     },
     #[error("unexpected answer from the registry: {0}")]
     Decode(String),
-    #[error("bad registry URL {0:?}: use http://host:port")]
+    #[error("bad registry URL {0:?}: use https://host[:port] (or http:// on a trusted network)")]
     Url(String),
+    #[error("TLS set-up: {0}")]
+    Tls(String),
+    #[error("bad proxy {url:?}: {reason}")]
+    Proxy { url: String, reason: String },
 }
 
 impl ClientError {
@@ -56,14 +63,80 @@ fn base_url(url: &str) -> Result<reqwest::Url, ClientError> {
     Ok(u)
 }
 
-/// The HTTP client the registry's clients use: no proxies, bounded connect and total time.
-pub fn http(timeout: Duration) -> reqwest::Client {
-    reqwest::Client::builder()
+/// How a client reaches the registry.
+#[derive(Debug, Clone, Default)]
+pub struct Transport {
+    /// PEM file of the CA certificate(s) to trust for `https://` registries *instead of*
+    /// Mozilla's roots (a registry behind a hospital's or consortium's own CA; pinning).
+    pub ca_file: Option<PathBuf>,
+    /// Proxy for every request (`http://proxy:3128`; HTTPS goes through it with CONNECT).
+    /// Without it, `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` and `NO_PROXY` apply.
+    pub proxy: Option<String>,
+}
+
+/// The rustls configuration of every client: ring, TLS 1.2 and 1.3, and either the pinned
+/// CA file's certificates or Mozilla's roots (compiled in: a station may have no CA store).
+pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, ClientError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let tls = |e: String| ClientError::Tls(e);
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| tls(format!("{}: {e}", path.display())))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| tls(format!("{}: {e}", path.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| tls(format!("{}: {e}", path.display())))?;
+            }
+            if roots.is_empty() {
+                return Err(tls(format!(
+                    "{}: no CA certificate (expected PEM `BEGIN CERTIFICATE` blocks)",
+                    path.display()
+                )));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    // ring, not aws-lc-rs: minutes less to build on a station's hardware, no C toolchain
+    // beyond cc. ring has no post-quantum key exchange (rustls marks that deprecated); the
+    // results are sealed with X25519 HPKE anyway (ARCHITECTURE.md, "Transport").
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The HTTP client the registry's clients use: rustls, the transport's proxy (or the
+/// environment's), bounded connect and total time, no redirects (a request is signed for one
+/// URL).
+pub fn http_with(timeout: Duration, t: &Transport) -> Result<reqwest::Client, ClientError> {
+    let mut b = reqwest::Client::builder()
         .timeout(timeout)
-        .connect_timeout(Duration::from_secs(5))
-        .no_proxy()
-        .build()
-        .expect("a plain HTTP client builds")
+        .connect_timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .tls_backend_preconfigured(tls_config(t.ca_file.as_deref())?);
+    if let Some(url) = &t.proxy {
+        let bad = |reason: String| ClientError::Proxy {
+            url: url.clone(),
+            reason,
+        };
+        let proxy = reqwest::Proxy::all(url.as_str())
+            .map_err(|e| bad(e.to_string()))?
+            .no_proxy(reqwest::NoProxy::from_env());
+        b = b.proxy(proxy);
+    }
+    b.build().map_err(|e| ClientError::Tls(e.to_string()))
+}
+
+/// [`http_with`] with the default transport (Mozilla's roots, the environment's proxy).
+pub fn http(timeout: Duration) -> reqwest::Client {
+    http_with(timeout, &Transport::default()).expect("the default HTTP client builds")
 }
 
 async fn answer(
@@ -109,10 +182,18 @@ pub struct PersonClient {
 
 impl PersonClient {
     pub fn new(url: &str, token: &str) -> Result<PersonClient, ClientError> {
+        Self::with_transport(url, token, &Transport::default())
+    }
+
+    pub fn with_transport(
+        url: &str,
+        token: &str,
+        t: &Transport,
+    ) -> Result<PersonClient, ClientError> {
         Ok(PersonClient {
             base: base_url(url)?,
             token: token.trim().to_string(),
-            http: http(Duration::from_secs(120)),
+            http: http_with(Duration::from_secs(120), t)?,
         })
     }
 
@@ -122,6 +203,16 @@ impl PersonClient {
         path: &str,
         body: Option<(Vec<u8>, &str)>,
     ) -> Result<Vec<u8>, ClientError> {
+        self.send_keyed(method, path, body, None).await
+    }
+
+    async fn send_keyed(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Vec<u8>, &str)>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Vec<u8>, ClientError> {
         let url = self
             .base
             .join(path)
@@ -130,17 +221,52 @@ impl PersonClient {
             .http
             .request(method, url.clone())
             .bearer_auth(&self.token);
+        if let Some(k) = idempotency_key {
+            req = req.header("idempotency-key", k);
+        }
         if let Some((bytes, ctype)) = body {
             req = req.header("content-type", ctype).body(bytes);
         }
         answer(url.as_str(), req.send().await).await
     }
 
+    /// A creating request, sent with an Idempotency-Key and retried (same key) while the
+    /// registry is unreachable or overloaded: it creates one object however often it is sent.
+    async fn create(
+        &self,
+        method: Method,
+        path: &str,
+        bytes: Vec<u8>,
+        ctype: &str,
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut raw = [0u8; 16];
+        getrandom::fill(&mut raw).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let key = hex::encode(raw);
+        let mut attempt = 0u32;
+        loop {
+            let r = self
+                .send_keyed(
+                    method.clone(),
+                    path,
+                    Some((bytes.clone(), ctype)),
+                    Some(&key),
+                )
+                .await;
+            match r {
+                Err(e) if e.is_transient() && attempt < 3 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(500u64 << attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         decode(&self.send(Method::GET, path, None).await?)
     }
 
-    async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+    async fn post_create<B: serde::Serialize, T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
         body: &B,
@@ -148,7 +274,7 @@ impl PersonClient {
         let bytes = serde_json::to_vec(body).expect("request bodies serialise");
         decode(
             &self
-                .send(Method::POST, path, Some((bytes, "application/json")))
+                .create(Method::POST, path, bytes, "application/json")
                 .await?,
         )
     }
@@ -157,10 +283,10 @@ impl PersonClient {
         self.get("/v1/me").await
     }
     pub async fn add_user(&self, new: &NewUser) -> Result<NewUserResponse, ClientError> {
-        self.post("/v1/users", new).await
+        self.post_create("/v1/users", new).await
     }
     pub async fn add_station(&self, new: &NewStation) -> Result<StationInfo, ClientError> {
-        self.post("/v1/stations", new).await
+        self.post_create("/v1/stations", new).await
     }
     pub async fn stations(&self) -> Result<Vec<StationInfo>, ClientError> {
         self.get("/v1/stations").await
@@ -168,10 +294,11 @@ impl PersonClient {
     pub async fn push_train(&self, bundle: Vec<u8>) -> Result<TrainInfo, ClientError> {
         decode(
             &self
-                .send(
+                .create(
                     Method::PUT,
                     "/v1/trains",
-                    Some((bundle, "application/octet-stream")),
+                    bundle,
+                    "application/octet-stream",
                 )
                 .await?,
         )
@@ -184,7 +311,7 @@ impl PersonClient {
             .await
     }
     pub async fn create_task(&self, new: &NewTask) -> Result<TaskInfo, ClientError> {
-        self.post("/v1/tasks", new).await
+        self.post_create("/v1/tasks", new).await
     }
     pub async fn tasks(&self) -> Result<Vec<TaskInfo>, ClientError> {
         self.get("/v1/tasks").await
@@ -196,7 +323,7 @@ impl PersonClient {
         self.get(&format!("/v1/tasks/{id}/results")).await
     }
     pub async fn create_job(&self, new: &NewJob) -> Result<JobInfo, ClientError> {
-        self.post("/v1/jobs", new).await
+        self.post_create("/v1/jobs", new).await
     }
     pub async fn jobs(&self) -> Result<Vec<JobInfo>, ClientError> {
         self.get("/v1/jobs").await
@@ -233,7 +360,15 @@ pub struct StationClient {
 
 impl StationClient {
     pub fn new(url: &str, key: SecretKey) -> Result<StationClient, ClientError> {
-        Self::with_http(url, key, http(Duration::from_secs(90)))
+        Self::with_transport(url, key, &Transport::default())
+    }
+
+    pub fn with_transport(
+        url: &str,
+        key: SecretKey,
+        t: &Transport,
+    ) -> Result<StationClient, ClientError> {
+        Self::with_http(url, key, http_with(Duration::from_secs(90), t)?)
     }
 
     /// A station client on a shared HTTP connection pool (many simulated stations in one

@@ -40,6 +40,10 @@ const PARKED_DIR: &str = "parked";
 /// How often one run's processing may fail (not counting the registry being unreachable)
 /// before the daemon parks it.
 const MAX_ATTEMPTS: u32 = 3;
+/// Passes in which the registry answered the daemon's poll but failed one run's step with a
+/// "try again" (5xx, timeout) before that run is parked: a run the registry keeps failing
+/// must not be retried for ever, nor hold up the station's other work.
+const MAX_TRANSIENT_ATTEMPTS: u32 = 20;
 /// Audit lines per upload, and bytes of them (well under the registry's body limit).
 const AUDIT_BATCH: usize = 2000;
 const AUDIT_BATCH_BYTES: usize = 1 << 20;
@@ -337,11 +341,56 @@ pub fn refuse(station_dir: &Path, run: &str, reason: &str) -> Result<(), DaemonE
     write_atomic(&journal.refusal_path(run), reason.as_bytes())
 }
 
+/// `<station>/network.toml`: how this station reaches its registry, kept with the station
+/// so that hospital IT sets it once (command-line flags override it):
+///
+/// ```toml
+/// registry = "https://registry.example.org"
+/// ca_file = "registry-ca.pem"          # PEM; relative to the station directory
+/// proxy = "http://proxy.hospital:3128"  # else HTTPS_PROXY / NO_PROXY
+/// ```
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    #[serde(default)]
+    pub registry: Option<String>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub proxy: Option<String>,
+}
+
+pub const NETWORK_FILE: &str = "network.toml";
+
+impl NetworkConfig {
+    /// The station's file, or the empty configuration when it has none.
+    pub fn read(station_dir: &Path) -> Result<NetworkConfig, DaemonError> {
+        let path = station_dir.join(NETWORK_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let mut c: NetworkConfig = toml::from_str(&text).map_err(|e| DaemonError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e.message().to_string()),
+        })?;
+        if let Some(ca) = &c.ca_file
+            && ca.is_relative()
+        {
+            c.ca_file = Some(station_dir.join(ca));
+        }
+        Ok(c)
+    }
+}
+
 /// How the daemon runs.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
     pub dir: PathBuf,
     pub registry: String,
+    /// TLS roots and proxy (see [`NetworkConfig`]).
+    pub transport: crate::client::Transport,
     /// Long-poll length.
     pub poll_wait: Duration,
     /// Longest pause between attempts while the registry is unreachable.
@@ -368,7 +417,7 @@ impl Daemon {
     pub fn new(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
         let st = Station::open(&opts.dir)?;
         let key = SecretKey::read(&st.dir().join(KEY_FILE))?;
-        let client = StationClient::new(&opts.registry, key)?;
+        let client = StationClient::with_transport(&opts.registry, key, &opts.transport)?;
         Ok(Daemon {
             journal: Journal::new(&opts.dir),
             opts,
@@ -483,6 +532,9 @@ impl Daemon {
     async fn pass(&mut self) -> Result<(), DaemonError> {
         self.upload_audit().await?;
         let mut any_held = false;
+        // Runs whose step failed with a transient error this pass: counted against them only
+        // if the registry answers the poll below (otherwise it is simply unreachable).
+        let mut stalled: Vec<(WorkItem, DaemonError)> = Vec::new();
         for e in self.journal.all()? {
             let item = e.item.clone();
             let result = match e.progress {
@@ -519,16 +571,27 @@ impl Daemon {
                 }
                 Progress::Started | Progress::Reported { .. } => Ok(()),
             };
-            if let Err(err) = result {
-                self.attempt_failed(item, err).await?;
+            match result {
+                Ok(()) => {}
+                Err(DaemonError::Client(e)) if e.is_transient() => {
+                    stalled.push((item, DaemonError::Client(e)))
+                }
+                Err(err) => self.attempt_failed(item, err).await?,
             }
         }
-        let wait = if any_held {
+        let wait = if any_held || !stalled.is_empty() {
             Duration::from_secs(2)
         } else {
             self.opts.poll_wait
         };
-        let items = self.client.work(wait.as_secs()).await?;
+        let items = match self.client.work(wait.as_secs()).await {
+            Ok(items) => items,
+            // The first stalled run's error says more than the poll's.
+            Err(e) => return Err(stalled.into_iter().next().map_or(e.into(), |(_, err)| err)),
+        };
+        for (item, err) in stalled {
+            self.stalled(item, err).await?;
+        }
         for item in items {
             if !plain_id(&item.run) || !plain_digest(&item.train) {
                 say("ignoring a work item with a malformed run id or digest");
@@ -589,6 +652,30 @@ impl Daemon {
             Err(e) if e.is_transient() => Err(e.into()),
             _ => Ok(()),
         }
+    }
+
+    /// The registry answers, but failed this run's step with a transient error: count it, and
+    /// park the run after `MAX_TRANSIENT_ATTEMPTS` such passes.
+    async fn stalled(&mut self, item: WorkItem, err: DaemonError) -> Result<(), DaemonError> {
+        let run = item.run.clone();
+        let n = self.journal.failed_attempt(&format!("{run}.transient"))?;
+        say(&format!(
+            "run {run}: the registry failed this step ({n}): {err}"
+        ));
+        if n < MAX_TRANSIENT_ATTEMPTS {
+            return Ok(());
+        }
+        let reason =
+            format!("the registry failed this run's step {n} times while answering others: {err}");
+        self.journal.park(&run, &reason)?;
+        let _ = std::fs::remove_file(
+            self.journal
+                .dir
+                .join(JOURNAL_DIR)
+                .join(format!("{run}.transient.attempts")),
+        );
+        say(&format!("run {run}: parked ({reason})"));
+        Ok(())
     }
 
     /// Whether the data owner's approval now covers this run (its digest, and its parameters

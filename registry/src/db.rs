@@ -30,6 +30,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "secagg",
         include_str!("../../migrations/0003_secagg.sql"),
     ),
+    (
+        4,
+        "hardening",
+        include_str!("../../migrations/0004_hardening.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +49,8 @@ pub enum DbError {
     Scheme,
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error("the database is too busy: {0}")]
+    Busy(String),
 }
 
 #[derive(Clone)]
@@ -235,6 +242,19 @@ pub struct TaskRow {
     pub params: String,
     pub created_ms: i64,
     pub expires_ms: i64,
+}
+
+/// Where a request with an Idempotency-Key stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Idempotent {
+    /// The first of its key: handle it.
+    Fresh,
+    /// Answered before: send that answer again.
+    Replay { status: u16, response: String },
+    /// The first is still being handled.
+    InProgress,
+    /// The key was used for another request.
+    Mismatch,
 }
 
 /// Why a station's state report was not applied.
@@ -769,13 +789,15 @@ impl Db {
         let sql = match to {
             RunState::Delivered | RunState::Running => Some(
                 "UPDATE runs SET state = $1, reason = $2, updated_ms = $3
-                 WHERE id = $4 AND station = $5 AND state = 'delivered'",
+                 WHERE id = $4 AND station = $5 AND state = 'delivered'
+                 AND task IN (SELECT id FROM tasks WHERE expires_ms >= $3)",
             ),
             // The station's admission runs after it announced the run (a federated round's
             // privacy budget, for one), so a refusal may follow `running`.
             RunState::Refused | RunState::Failed => Some(
                 "UPDATE runs SET state = $1, reason = $2, updated_ms = $3
-                 WHERE id = $4 AND station = $5 AND state IN ('delivered', 'running')",
+                 WHERE id = $4 AND station = $5 AND state IN ('delivered', 'running')
+                 AND task IN (SELECT id FROM tasks WHERE expires_ms >= $3)",
             ),
             _ => None,
         };
@@ -792,6 +814,8 @@ impl Db {
                 return Ok(Ok(()));
             }
         }
+        // Expiry is decided here, not only by the sweep: a late report finds the run expired.
+        self.expire_overdue().await?;
         match self.run(run).await? {
             Some(r) if r.station == station && r.state == to => Ok(Ok(())),
             Some(r) if r.station == station => Ok(Err(UpdateRefused::Conflict(r.state))),
@@ -810,7 +834,8 @@ impl Db {
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
             "UPDATE runs SET state = 'done', reason = NULL, updated_ms = $1
-             WHERE id = $2 AND station = $3 AND state = 'running'",
+             WHERE id = $2 AND station = $3 AND state = 'running'
+             AND task IN (SELECT id FROM tasks WHERE expires_ms >= $1)",
         )
         .bind(now_ms())
         .bind(run)
@@ -819,6 +844,7 @@ impl Db {
         .await?;
         if r.rows_affected() != 1 {
             drop(tx);
+            self.expire_overdue().await?;
             return match self.run(run).await? {
                 Some(r) if r.station == station && r.state == RunState::Done => Ok(Ok(())),
                 Some(r) if r.station == station => Ok(Err(UpdateRefused::Conflict(r.state))),
@@ -1308,9 +1334,125 @@ impl Db {
             }
             tokio::time::sleep(Duration::from_millis(1 + (seq as u64 % 7))).await;
         }
-        Err(DbError::Corrupt(
+        Err(DbError::Busy(
             "registry audit trail: too much contention".into(),
         ))
+    }
+
+    // ---- idempotency ----------------------------------------------------------------------
+
+    /// Start a creating request sent with an Idempotency-Key. A placeholder older than
+    /// `abandoned_ms` (its request died with a registry) is taken over.
+    pub async fn idempotency_begin(
+        &self,
+        actor: &str,
+        key: &str,
+        action: &str,
+        request_sha256: &str,
+        abandoned_ms: i64,
+    ) -> Result<Idempotent, DbError> {
+        let now = now_ms();
+        let r = sqlx::query(
+            "INSERT INTO idempotency (actor, key, action, request_sha256, status, created_ms)
+             VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT DO NOTHING",
+        )
+        .bind(actor)
+        .bind(key)
+        .bind(action)
+        .bind(request_sha256)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() == 1 {
+            return Ok(Idempotent::Fresh);
+        }
+        let Some(row) = sqlx::query(
+            "SELECT action, request_sha256, status, response, created_ms FROM idempotency
+             WHERE actor = $1 AND key = $2",
+        )
+        .bind(actor)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            // Pruned in between: try once more.
+            return Box::pin(self.idempotency_begin(
+                actor,
+                key,
+                action,
+                request_sha256,
+                abandoned_ms,
+            ))
+            .await;
+        };
+        let (a, sha): (String, String) = (row.try_get("action")?, row.try_get("request_sha256")?);
+        if a != action || sha != request_sha256 {
+            return Ok(Idempotent::Mismatch);
+        }
+        let status: i64 = row.try_get("status")?;
+        if status != 0 {
+            return Ok(Idempotent::Replay {
+                status: status as u16,
+                response: row
+                    .try_get::<Option<String>, _>("response")?
+                    .unwrap_or_default(),
+            });
+        }
+        let created: i64 = row.try_get("created_ms")?;
+        if created < now - abandoned_ms {
+            let took = sqlx::query(
+                "UPDATE idempotency SET created_ms = $1 WHERE actor = $2 AND key = $3
+                 AND status = 0 AND created_ms = $4",
+            )
+            .bind(now)
+            .bind(actor)
+            .bind(key)
+            .bind(created)
+            .execute(&self.pool)
+            .await?;
+            if took.rows_affected() == 1 {
+                return Ok(Idempotent::Fresh);
+            }
+        }
+        Ok(Idempotent::InProgress)
+    }
+
+    /// The first request's answer, for the retries.
+    pub async fn idempotency_finish(
+        &self,
+        actor: &str,
+        key: &str,
+        status: u16,
+        response: &str,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE idempotency SET status = $1, response = $2 WHERE actor = $3 AND key = $4",
+        )
+        .bind(i64::from(status))
+        .bind(response)
+        .bind(actor)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The first request failed: a retry may try again.
+    pub async fn idempotency_abort(&self, actor: &str, key: &str) -> Result<(), DbError> {
+        sqlx::query("DELETE FROM idempotency WHERE actor = $1 AND key = $2 AND status = 0")
+            .bind(actor)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn prune_idempotency(&self, older_than_ms: i64) -> Result<u64, DbError> {
+        let r = sqlx::query("DELETE FROM idempotency WHERE created_ms < $1")
+            .bind(older_than_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
     }
 
     pub async fn audit_entries(&self) -> Result<Vec<RegistryAuditEntry>, DbError> {

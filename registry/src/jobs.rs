@@ -190,6 +190,22 @@ async fn fail(db: &Db, job: &JobRow, round: u32, reason: String) -> Result<Advan
     })
 }
 
+/// Fail `job_id` at its current round with `reason` (the registry could not move it on).
+/// Returns the round, or None when the job was not running or another caller ended it.
+pub async fn fail_job(db: &Db, job_id: &str, reason: &str) -> Result<Option<u32>, DbError> {
+    let Some(job) = db.job(job_id).await? else {
+        return Ok(None);
+    };
+    if job.state != JobState::Running {
+        return Ok(None);
+    }
+    let round = job.round;
+    Ok(match fail(db, &job, round, reason.to_string()).await? {
+        Advanced::Failed { round, .. } => Some(round),
+        _ => None,
+    })
+}
+
 /// Move `job_id` on if its current round has ended. Safe to call any number of times from
 /// any number of places: the round is ended by exactly one caller (`Db::end_round` checks).
 pub async fn advance(db: &Db, job_id: &str) -> Result<Advanced, DbError> {

@@ -22,6 +22,7 @@ struct Harness {
     admin: PersonClient,
     /// Researcher alice, with her decryption key.
     alice: PersonClient,
+    alice_token: String,
     alice_key: RecipientKey,
     bob: PersonClient,
     owner1: PersonClient,
@@ -134,6 +135,7 @@ async fn start(db_url: &str, limits: Limits) -> Harness {
         .add_user(&mk("audrey", Role::Auditor, None, None))
         .await
         .unwrap();
+    let alice_token = alice.token.clone();
     let alice = PersonClient::new(&url, &alice.token).unwrap();
     let signer = SecretKey::generate().unwrap();
     let train = alice
@@ -151,6 +153,7 @@ async fn start(db_url: &str, limits: Limits) -> Harness {
         db,
         admin,
         alice,
+        alice_token,
         alice_key,
         st1_key,
         st2_key,
@@ -347,7 +350,11 @@ async fn people_and_scopes(h: &Harness) {
     // Unknown token; no credentials at all.
     let stranger = PersonClient::new(&h.url, "amicus_0000").unwrap();
     refused(h, stranger.me().await, 401, "unauthenticated").await;
-    let r = reqwest::get(format!("{}/v1/tasks", h.url)).await.unwrap();
+    let r = amicus_registry::client::http(std::time::Duration::from_secs(60))
+        .get(format!("{}/v1/tasks", h.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     // Bad input.
     refused(
@@ -397,7 +404,7 @@ async fn people_and_scopes(h: &Harness) {
     };
     refused(h, h.alice.create_task(&twice).await, 400, "bad_request").await;
     // Malformed JSON, raw.
-    let client = reqwest::Client::new();
+    let client = amicus_registry::client::http(std::time::Duration::from_secs(60));
     let r = client
         .post(format!("{}/v1/tasks", h.url))
         .bearer_auth(alice_token(h).await)
@@ -467,7 +474,7 @@ async fn send_raw(
     headers: &[(String, String)],
     body: Vec<u8>,
 ) -> (u16, String) {
-    let client = reqwest::Client::new();
+    let client = amicus_registry::client::http(std::time::Duration::from_secs(60));
     let mut req = client.request(method.parse().unwrap(), format!("{}{}", h.url, path));
     for (k, v) in headers {
         req = req.header(k, v);
@@ -600,7 +607,7 @@ async fn station_attacks(h: &Harness) {
         (403, "forbidden".into())
     );
     refused(h, h.alice.results("x").await.map(drop), 404, "not_found").await;
-    let r = reqwest::Client::new()
+    let r = amicus_registry::client::http(std::time::Duration::from_secs(60))
         .get(format!("{}/v1/station/open", h.url))
         .bearer_auth(alice_token(h).await)
         .send()
@@ -630,7 +637,7 @@ async fn station_attacks(h: &Harness) {
 async fn oversized_bodies(h: &Harness) {
     // The harness's limits: 64 KiB of JSON.
     let big = vec![b' '; 70 * 1024];
-    let r = reqwest::Client::new()
+    let r = amicus_registry::client::http(std::time::Duration::from_secs(60))
         .post(format!("{}/v1/tasks", h.url))
         .bearer_auth(alice_token(h).await)
         .body(big.clone())
@@ -811,7 +818,9 @@ async fn trail_and_openapi(h: &Harness) {
     dropped.remove(5);
     assert!(verify_registry_trail(&dropped).is_err());
     // The served document is the one in the repository, and names every route.
-    let doc: serde_json::Value = reqwest::get(format!("{}/v1/openapi.json", h.url))
+    let doc: serde_json::Value = amicus_registry::client::http(std::time::Duration::from_secs(60))
+        .get(format!("{}/v1/openapi.json", h.url))
+        .send()
         .await
         .unwrap()
         .json()
@@ -1427,6 +1436,219 @@ async fn secure_aggregation(h: &Harness) {
     );
 }
 
+/// What a hostile or careless researcher, a late station and a damaged row can do to the
+/// service: each is refused or contained, and the registry goes on.
+async fn robustness(h: &Harness) {
+    let job_with = |plan: Plan| NewJob {
+        train: h.train.clone(),
+        stations: vec!["st1".into(), "st2".into()],
+        params: None,
+        plan,
+        weights: B64.encode(weights(&[0.0]).encode()),
+    };
+    // Numbers that overflow or make no sense are refused when the plan is checked.
+    for bad in [
+        Plan {
+            strategy: Strategy::TrimmedMean {
+                trim: (1usize << 63) + 1,
+            },
+            ..plan(1, 2, Strategy::FedAvg)
+        },
+        Plan {
+            strategy: Strategy::TrimmedMean { trim: usize::MAX },
+            ..plan(1, 2, Strategy::FedAvg)
+        },
+        Plan {
+            server: ServerOptimizer::Sgd { lr: 1e300 },
+            ..plan(1, 2, Strategy::FedAvg)
+        },
+        Plan {
+            clip_update_norm: Some(1e12),
+            ..plan(1, 2, Strategy::FedAvg)
+        },
+    ] {
+        refused(
+            h,
+            h.alice.create_job(&job_with(bad)).await,
+            400,
+            "bad_request",
+        )
+        .await;
+    }
+    // Finite updates whose step overflows: the round fails with the reason, nothing
+    // non-finite is stored, and the stations' reports were taken.
+    let job = h
+        .alice
+        .create_job(&job_with(Plan {
+            server: ServerOptimizer::Sgd { lr: 1e6 },
+            ..plan(2, 2, Strategy::FedAvg)
+        }))
+        .await
+        .unwrap();
+    play_round(&h.st1, &job.id, 1, &[0.0], Some(update(&[3.0e38], 1))).await;
+    play_round(&h.st2, &job.id, 1, &[0.0], Some(update(&[3.0e38], 1))).await;
+    let j = h.alice.job(&job.id).await.unwrap();
+    assert_eq!(j.state, JobState::Failed, "{j:?}");
+    assert!(
+        j.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("non-finite"),
+        "{j:?}"
+    );
+    assert!(h.alice.job_weights(&job.id, Some(1)).await.is_err());
+    // A damaged checkpoint (as an older registry could store): the job fails with the reason
+    // when a station reports; the report itself is taken, not answered 503 for ever.
+    let job = h
+        .alice
+        .create_job(&NewJob {
+            stations: vec!["st1".into()],
+            ..job_with(plan(2, 1, Strategy::FedAvg))
+        })
+        .await
+        .unwrap();
+    sqlx::query("UPDATE checkpoints SET weights = $1 WHERE job = $2")
+        .bind(&b"not weights"[..])
+        .bind(&job.id)
+        .execute(&h.db.pool)
+        .await
+        .unwrap();
+    let work = h.st1.work(0).await.unwrap();
+    let item = work
+        .iter()
+        .find(|w| w.job.as_ref().is_some_and(|j| j.job == job.id))
+        .unwrap();
+    h.st1
+        .report(&item.run, RunState::Running, None)
+        .await
+        .unwrap();
+    h.st1
+        .result_with_update(&item.run, Vec::new(), Some(&update(&[1.0], 1)))
+        .await
+        .unwrap();
+    let j = h.alice.job(&job.id).await.unwrap();
+    assert_eq!(j.state, JobState::Failed, "{j:?}");
+    assert!(
+        j.reason.as_deref().unwrap_or_default().contains("damaged"),
+        "{j:?}"
+    );
+    // Expiry is decided when the state changes, not only by the sweep: a result sent after
+    // the task expired is refused although the sweep has not run.
+    let short = h
+        .alice
+        .create_task(&NewTask {
+            train: h.train.clone(),
+            stations: vec!["st2".into()],
+            params: None,
+            expires_in_s: Some(2),
+        })
+        .await
+        .unwrap();
+    let item = h
+        .st2
+        .work(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|w| w.task == short.id)
+        .unwrap();
+    h.st2
+        .report(&item.run, RunState::Running, None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    refused(
+        h,
+        h.st2.result(&item.run, Vec::new()).await,
+        409,
+        "conflict",
+    )
+    .await;
+    assert_eq!(
+        h.alice.task(&short.id).await.unwrap().runs[0].state,
+        RunState::Expired
+    );
+    // One error shape everywhere, also for what axum answers itself; each is in the trail.
+    let token = alice_token(h).await;
+    let auth = vec![("authorization".to_string(), format!("Bearer {token}"))];
+    for (method, path, status, code) in [
+        ("GET", "/v1/tasks/%FF%FE", 400, "bad_request"),
+        ("GET", "/v1/jobs/x/weights?round=1", 404, "not_found"),
+        (
+            "GET",
+            "/v1/station/jobs/x/rounds/notanumber/weights",
+            400,
+            "bad_request",
+        ),
+        ("DELETE", "/v1/tasks", 405, "method_not_allowed"),
+        ("PATCH", "/v1/health", 405, "method_not_allowed"),
+        ("GET", "/v1/nothing-here", 404, "not_found"),
+    ] {
+        let got = send_raw(h, method, path, &auth, Vec::new()).await;
+        assert_eq!(got, (status, code.to_string()), "{method} {path}");
+    }
+    let trail = h.db.audit_entries().await.unwrap();
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.outcome.starts_with("refused 405 method_not_allowed")),
+        "405 not in the trail"
+    );
+    // A creating request retried with its Idempotency-Key creates one task and gets the first
+    // answer again; the same key with another request is refused.
+    let before = h.alice.tasks().await.unwrap().len();
+    let body = serde_json::to_vec(&NewTask {
+        train: h.train.clone(),
+        stations: vec!["st1".into()],
+        params: None,
+        expires_in_s: None,
+    })
+    .unwrap();
+    let client = amicus_registry::client::http(Duration::from_secs(30));
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let r = client
+            .post(format!("{}/v1/tasks", h.url))
+            .bearer_auth(&h.alice_token)
+            .header("idempotency-key", "retry-7f3a")
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let replayed = r.headers().contains_key("idempotent-replayed");
+        let t: TaskInfo = r.json().await.unwrap();
+        ids.push((t.id, replayed));
+    }
+    assert!(ids.iter().all(|(id, _)| *id == ids[0].0), "{ids:?}");
+    assert_eq!(
+        ids.iter().map(|(_, r)| *r).collect::<Vec<_>>(),
+        [false, true, true]
+    );
+    assert_eq!(h.alice.tasks().await.unwrap().len(), before + 1);
+    let r = client
+        .post(format!("{}/v1/tasks", h.url))
+        .bearer_auth(&h.alice_token)
+        .header("idempotency-key", "retry-7f3a")
+        .header("content-type", "application/json")
+        .body(b"{\"train\": \"other\", \"stations\": [\"st1\"]}".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let r = client
+        .post(format!("{}/v1/tasks", h.url))
+        .bearer_auth(&h.alice_token)
+        .header("idempotency-key", "bad key with spaces")
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
 async fn suite(db_url: &str) {
     let limits = Limits {
         json_bytes: 64 * 1024,
@@ -1441,6 +1663,7 @@ async fn suite(db_url: &str) {
     long_poll_and_expiry(&h).await;
     federated_jobs(&h).await;
     secure_aggregation(&h).await;
+    robustness(&h).await;
     trail_and_openapi(&h).await;
     // Reconnecting applies no migration twice.
     Db::connect(db_url).await.unwrap();

@@ -29,9 +29,36 @@ impl Out {
     }
 }
 
+/// `amicus`, without the proxy settings of whoever runs the tests (clients honour them; a
+/// test that wants a proxy sets one).
+pub fn command() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_amicus"));
+    for v in [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "AMICUS_PROXY",
+        "AMICUS_CA_FILE",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
 pub fn amicus(args: &[&str]) -> Out {
-    let out = Command::new(env!("CARGO_BIN_EXE_amicus"))
+    amicus_env(args, &[])
+}
+
+/// `amicus ARGS` with extra environment variables.
+pub fn amicus_env(args: &[&str], env: &[(&str, &str)]) -> Out {
+    let out = command()
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("amicus runs");
     Out {

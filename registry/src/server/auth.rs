@@ -104,8 +104,15 @@ pub(super) fn head(req: Request) -> (Req, Body) {
 }
 
 /// Read the body, refusing more than `limit` bytes (by `Content-Length` before reading, and
-/// while reading).
-pub(super) async fn read_body(r: &mut Req, body: Body, limit: usize) -> Result<(), ApiError> {
+/// while reading). Bodies that may be larger than a JSON request (bundles, results, audit
+/// uploads) wait for one of the registry's few large-body slots first, so that what they take
+/// in memory is bounded whoever sends them.
+pub(super) async fn read_body(
+    app: &App,
+    r: &mut Req,
+    body: Body,
+    limit: usize,
+) -> Result<(), ApiError> {
     let too_big = || {
         err(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -118,9 +125,50 @@ pub(super) async fn read_body(r: &mut Req, body: Body, limit: usize) -> Result<(
     {
         return Err(too_big());
     }
+    let _slot = if limit > app.limits.json_bytes {
+        Some(app.large_bodies.acquire().await.map_err(|_| {
+            err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the registry is shutting down",
+            )
+        })?)
+    } else {
+        None
+    };
     r.body = axum::body::to_bytes(body, limit)
         .await
         .map_err(|_| too_big())?;
+    Ok(())
+}
+
+/// Before a station's body is read: the request names a registered station's key, was signed
+/// inside the clock window, and is for a station route. The signature itself (which covers
+/// the body) is checked after the body is read.
+async fn precheck_station(app: &App, r: &Req, auth: Auth) -> Result<(), ApiError> {
+    let input = header_str(&r.headers, "signature-input").unwrap_or_default();
+    let params = httpsig::parse_input(input)
+        .map_err(|e| err(StatusCode::UNAUTHORIZED, "bad_signature", e.to_string()))?;
+    if (now_ms() / 1000 - params.created).abs() > httpsig::MAX_SKEW_S {
+        return Err(err(
+            StatusCode::UNAUTHORIZED,
+            "bad_signature",
+            format!(
+                "the signature was created outside the registry's clock window ({} s)",
+                httpsig::MAX_SKEW_S
+            ),
+        ));
+    }
+    if app.db.station_by_key(&params.keyid).await?.is_none() {
+        return Err(err(
+            StatusCode::UNAUTHORIZED,
+            "unknown_station",
+            "no station is registered with this key",
+        ));
+    }
+    if !matches!(auth, Auth::Station) {
+        return Err(forbidden("this route is for people (bearer tokens)"));
+    }
     Ok(())
 }
 
@@ -253,22 +301,62 @@ where
     Fut: Future<Output = Result<Response, ApiError>>,
 {
     let path = req.uri().path().to_string();
+    let source = client_address(&req)
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "local".into());
     let result = async {
         let (mut r, body) = head(req);
-        // People authenticate by header alone: check before reading what they send. A
-        // station's signature covers the body, so it is read (within the limit) first.
+        // Nothing a caller sends is read before we know who they are, as far as the headers
+        // can tell: people by their token; stations by a registered key and a fresh signature
+        // time (the signature covers the body, so it is verified once the body is read);
+        // callers with no credentials not at all.
         let caller = if r.headers.contains_key(header::AUTHORIZATION) {
-            let caller = authenticate(&app, &r, auth).await?;
-            read_body(&mut r, body, limit)
-                .await
-                .map_err(|e| (e, caller.as_ref().map(Caller::label)))?;
-            caller
-        } else {
-            read_body(&mut r, body, limit).await?;
             authenticate(&app, &r, auth).await?
+        } else if r.headers.contains_key("signature-input") {
+            precheck_station(&app, &r, auth).await?;
+            None
+        } else if matches!(auth, Auth::None) {
+            None
+        } else {
+            return Err(err(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "no credentials: send `Authorization: Bearer <token>` or a signed station request",
+            )
+            .into());
         };
         let label = caller.as_ref().map(Caller::label);
-        f(app.clone(), r, caller).await.map_err(|e| (e, label))
+        if let Some(who) = &label
+            && let Err(wait) = app.throttle.identity(who)
+        {
+            return Err((rate_limited_error(wait), label));
+        }
+        read_body(&app, &mut r, body, limit)
+            .await
+            .map_err(|e| (e, label.clone()))?;
+        let caller = match caller {
+            Some(c) => Some(c),
+            None => authenticate(&app, &r, auth).await?,
+        };
+        let label = caller.as_ref().map(Caller::label);
+        if caller
+            .as_ref()
+            .is_some_and(|c| matches!(c, Caller::Station(_)))
+            && let Some(who) = &label
+            && let Err(wait) = app.throttle.identity(who)
+        {
+            return Err((rate_limited_error(wait), label));
+        }
+        match (idempotency_key(&r.headers, action), &label) {
+            (Some(key), Some(who)) => idempotent(&app, who, &key, action, r, caller, f)
+                .await
+                .map_err(|e| (e, label)),
+            (None, _) => f(app.clone(), r, caller).await.map_err(|e| (e, label)),
+            (Some(_), None) => Err((
+                bad_request("Idempotency-Key needs an authenticated caller"),
+                None,
+            )),
+        }
     }
     .await;
     let (e, label) = match result {
@@ -276,25 +364,125 @@ where
         Err(e) => e,
     };
     let actor = label.unwrap_or_else(|| "anonymous".to_string());
-    if e.code != "database_unavailable"
-        && let Err(db) = app
-            .db
-            .audit(
-                &actor,
-                action,
-                &one_line(&path),
-                &one_line(&format!(
-                    "refused {} {}: {}",
-                    e.status.as_u16(),
-                    e.code,
-                    e.message
-                )),
-            )
-            .await
-    {
-        eprintln!("registry: cannot record a refusal in the trail: {db}");
+    if e.code != "database_unavailable" {
+        record_refusal(&app, &actor, &source, action, &path, &e).await;
     }
     e.into_response()
+}
+
+/// Creating requests a client may retry safely with an `Idempotency-Key` header.
+const IDEMPOTENT_ACTIONS: &[&str] = &[
+    "user-add",
+    "station-add",
+    "train-upload",
+    "task-create",
+    "job-create",
+];
+
+/// How long a first request may take before its key is free again (its request died with a
+/// registry replica).
+const IDEMPOTENCY_ABANDONED_MS: i64 = 5 * 60 * 1000;
+
+/// The request's `Idempotency-Key` (1 to 128 visible ASCII characters) on a creating route;
+/// None elsewhere (the header is ignored on routes that create nothing).
+fn idempotency_key(h: &HeaderMap, action: &str) -> Option<Result<String, ()>> {
+    if !IDEMPOTENT_ACTIONS.contains(&action) {
+        return None;
+    }
+    let v = h.get("idempotency-key")?;
+    Some(match v.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= 128 && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(k.to_string())
+        }
+        _ => Err(()),
+    })
+}
+
+/// Handle a creating request once per key: a retry with the same key and body gets the first
+/// answer (`Idempotent-Replayed: true`), with another body a 422, while the first is still
+/// running a 409.
+async fn idempotent<F, Fut>(
+    app: &App,
+    who: &str,
+    key: &Result<String, ()>,
+    action: &'static str,
+    r: Req,
+    caller: Option<Caller>,
+    f: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(App, Req, Option<Caller>) -> Fut,
+    Fut: Future<Output = Result<Response, ApiError>>,
+{
+    let Ok(key) = key else {
+        return Err(bad_request(
+            "Idempotency-Key must be 1 to 128 visible ASCII characters",
+        ));
+    };
+    let sha = hex::encode(Sha256::digest(&r.body));
+    match app
+        .db
+        .idempotency_begin(who, key, action, &sha, IDEMPOTENCY_ABANDONED_MS)
+        .await?
+    {
+        crate::db::Idempotent::Fresh => {}
+        crate::db::Idempotent::Replay { status, response } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            let mut resp = (
+                status,
+                [(header::CONTENT_TYPE, "application/json")],
+                response,
+            )
+                .into_response();
+            resp.headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            return Ok(resp);
+        }
+        crate::db::Idempotent::InProgress => {
+            return Err(conflict(
+                "a request with this Idempotency-Key is still being handled; retry later",
+            ));
+        }
+        crate::db::Idempotent::Mismatch => {
+            return Err(err(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_mismatch",
+                "this Idempotency-Key was used for a different request",
+            ));
+        }
+    }
+    match f(app.clone(), r, caller).await {
+        Ok(resp) if resp.status().is_success() => {
+            let (parts, body) = resp.into_parts();
+            let bytes = axum::body::to_bytes(body, 1 << 20)
+                .await
+                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            if let Err(e) = app
+                .db
+                .idempotency_finish(who, key, parts.status.as_u16(), &text)
+                .await
+            {
+                // The object exists; a retry now waits for the placeholder to be abandoned.
+                eprintln!("registry: cannot store an idempotent answer: {e}");
+            }
+            Ok(Response::from_parts(parts, Body::from(bytes)))
+        }
+        other => {
+            let _ = app.db.idempotency_abort(who, key).await;
+            other
+        }
+    }
+}
+
+fn rate_limited_error(wait_s: u64) -> ApiError {
+    let mut e = err(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("too many requests from this caller; retry after {wait_s} s"),
+    );
+    e.retry_after = Some(wait_s);
+    e
 }
 
 // `handle`'s inner error carries the caller label; the first two steps have none.

@@ -6,8 +6,50 @@ use super::*;
 // ---- federated jobs ---------------------------------------------------------------------
 
 /// Move a job on after one of its runs finished, and record what happened in the trail.
+/// One job's trouble stays that job's: a panic or a damaged row fails the job (recorded), a
+/// database that is down is reported to the caller; the housekeeping tick tries again.
 pub(super) async fn advance_job(app: &App, job: &str) -> Result<(), ApiError> {
-    report_advance(&app.db, &app.notify, job).await?;
+    advance_guarded(&app.db, &app.notify, job).await?;
+    Ok(())
+}
+
+/// [`report_advance`] in a task of its own, so that a panic in one job's aggregation cannot
+/// take the caller (a request, or housekeeping) with it. A panic or a corrupt row fails the
+/// job with the reason; only a database error is returned.
+pub(super) async fn advance_guarded(
+    db: &Db,
+    notify: &Arc<Notify>,
+    job: &str,
+) -> Result<(), crate::db::DbError> {
+    let (db2, notify2, id) = (db.clone(), notify.clone(), job.to_string());
+    let outcome = tokio::spawn(async move { report_advance(&db2, &notify2, &id).await }).await;
+    let reason = match outcome {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(crate::db::DbError::Corrupt(what))) => format!("the job's data is damaged: {what}"),
+        Ok(Err(e)) => return Err(e),
+        Err(join) => {
+            let what = join
+                .try_into_panic()
+                .ok()
+                .and_then(|p| {
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                })
+                .unwrap_or_else(|| "cancelled".into());
+            format!("the registry failed while aggregating ({what})")
+        }
+    };
+    eprintln!("registry: job {job}: {reason}");
+    if let Some(round) = crate::jobs::fail_job(db, job, &reason).await? {
+        db.audit(
+            "registry",
+            "job-failed",
+            job,
+            &format!("failed at round {round}: {reason}"),
+        )
+        .await?;
+    }
     Ok(())
 }
 
@@ -55,19 +97,32 @@ pub(super) async fn report_advance(
     Ok(())
 }
 
+/// After a station's report was stored: move its job on. The report stands whatever happens
+/// here (a failure is logged; the housekeeping tick tries again), so a station is never
+/// told to retry a report the registry already has.
 pub(super) async fn advance_run_job(app: &App, run: &str) -> Result<(), ApiError> {
-    if let Some(r) = app.db.run(run).await?
-        && let Some((job, _)) = app.db.round_of_task(&r.task).await?
+    let job = match app.db.run(run).await {
+        Ok(Some(r)) => app.db.round_of_task(&r.task).await.ok().flatten(),
+        _ => None,
+    };
+    if let Some((job, _)) = job
+        && let Err(e) = advance_guarded(&app.db, &app.notify, &job).await
     {
-        advance_job(app, &job).await?;
+        eprintln!("registry: job {job}: moving on after a report: {e}");
     }
     Ok(())
 }
 
-/// Housekeeping: rounds whose deadline passed (their runs just expired) end here.
-pub(super) async fn advance_all_jobs(db: &Db, notify: &Notify) -> Result<(), crate::db::DbError> {
+/// Housekeeping: rounds whose deadline passed (their runs just expired) end here. Each job
+/// on its own: one that fails does not stop the others.
+pub(super) async fn advance_all_jobs(
+    db: &Db,
+    notify: &Arc<Notify>,
+) -> Result<(), crate::db::DbError> {
     for job in db.running_jobs().await? {
-        report_advance(db, notify, &job).await?;
+        if let Err(e) = advance_guarded(db, notify, &job).await {
+            eprintln!("registry: job {job}: {e}");
+        }
     }
     Ok(())
 }
@@ -151,20 +206,20 @@ pub(super) async fn create_job(State(app): State<App>, req: Request) -> Response
             };
             let first = crate::jobs::round_task(&job);
             app.db.create_job(&job, &initial, &first).await?;
-            app.db
-                .audit(
-                    &caller.label(),
-                    "job-create",
-                    &job.id,
-                    &format!(
-                        "ok train {} stations {} rounds {} ({} values)",
-                        job.train,
-                        job.stations.join(","),
-                        job.plan.rounds,
-                        decoded.len()
-                    ),
-                )
-                .await?;
+            trail(
+                &app,
+                &caller.label(),
+                "job-create",
+                &job.id,
+                &format!(
+                    "ok train {} stations {} rounds {} ({} values)",
+                    job.train,
+                    job.stations.join(","),
+                    job.plan.rounds,
+                    decoded.len()
+                ),
+            )
+            .await;
             app.notify.notify_waiters();
             let info = job_info(&app, job).await?;
             Ok((StatusCode::CREATED, axum::Json(info)).into_response())
@@ -278,14 +333,14 @@ pub(super) async fn job_weights(
                 }
             }
             .ok_or_else(|| not_found("no checkpoint for that round"))?;
-            app.db
-                .audit(
-                    &caller.label(),
-                    "job-weights",
-                    &j.id,
-                    &format!("ok round {}", checkpoint.round),
-                )
-                .await?;
+            trail(
+                &app,
+                &caller.label(),
+                "job-weights",
+                &j.id,
+                &format!("ok round {}", checkpoint.round),
+            )
+            .await;
             let mut resp = octets(checkpoint.weights);
             if let Ok(v) = HeaderValue::from_str(&checkpoint.round.to_string()) {
                 resp.headers_mut().insert("amicus-round", v);

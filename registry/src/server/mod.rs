@@ -37,6 +37,7 @@ mod listen;
 mod people;
 mod secagg;
 mod station;
+mod throttle;
 
 use auth::*;
 use jobs::*;
@@ -44,8 +45,9 @@ use people::*;
 use secagg::*;
 use station::*;
 
-pub use listen::serve;
+pub use listen::{ServeOptions, default_max_connections, serve, serve_with, tls_server_config};
 pub use people::add_user;
+pub use throttle::{ROWS_PER_MINUTE, RateLimits};
 
 /// The OpenAPI document, kept in the repository and served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../openapi.json");
@@ -95,6 +97,11 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Longest long-poll a station may ask for.
     pub max_wait: Duration,
+    /// Request rates per client address and per identity.
+    pub rates: RateLimits,
+    /// Bodies over `json_bytes` (bundles, results, audit uploads) read at once: what bounds
+    /// the memory they take.
+    pub large_bodies: usize,
 }
 
 impl Default for Limits {
@@ -106,6 +113,8 @@ impl Default for Limits {
             audit_bytes: 16 << 20,
             request_timeout: Duration::from_secs(60),
             max_wait: Duration::from_secs(30),
+            rates: RateLimits::default(),
+            large_bodies: 4,
         }
     }
 }
@@ -115,6 +124,9 @@ pub struct App {
     pub db: Db,
     notify: Arc<Notify>,
     limits: Arc<Limits>,
+    throttle: Arc<throttle::Throttle>,
+    refusals: Arc<throttle::Refusals>,
+    large_bodies: Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
@@ -122,8 +134,16 @@ impl App {
         App {
             db,
             notify: Arc::new(Notify::new()),
+            throttle: Arc::new(throttle::Throttle::new(limits.rates)),
+            refusals: Arc::new(throttle::Refusals::default()),
+            large_bodies: Arc::new(tokio::sync::Semaphore::new(limits.large_bodies.max(1))),
             limits: Arc::new(limits),
         }
+    }
+
+    /// Write every refusal count now (at shutdown, and for tests that read the trail).
+    pub async fn flush_trail(&self) {
+        self.refusals.flush(&self.db, true).await;
     }
 }
 
@@ -133,6 +153,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds to wait before retrying (a `Retry-After` header).
+    pub retry_after: Option<u64>,
 }
 
 fn err(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
@@ -140,6 +162,7 @@ fn err(status: StatusCode, code: &'static str, message: impl Into<String>) -> Ap
         status,
         code,
         message: message.into(),
+        retry_after: None,
     }
 }
 
@@ -176,7 +199,13 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        (self.status, axum::Json(body)).into_response()
+        let mut r = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        r
     }
 }
 
@@ -194,6 +223,152 @@ async fn timeout_layer(State(limits): State<Arc<Limits>>, req: Request, next: Ne
         )
         .into_response(),
     }
+}
+
+/// The client's address (the TCP peer; behind a reverse proxy, the proxy's).
+fn client_address(req: &Request) -> Option<std::net::IpAddr> {
+    req.extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// A refusal that happens outside `handle` (rate limits, answers axum makes itself), recorded
+/// within the trail's budget.
+async fn record_refusal(
+    app: &App,
+    actor: &str,
+    source: &str,
+    action: &str,
+    target: &str,
+    e: &ApiError,
+) {
+    let outcome = format!("refused {} {}: {}", e.status.as_u16(), e.code, e.message);
+    if let Some(row) = app.refusals.note(
+        actor,
+        source,
+        action,
+        e.code,
+        &one_line(target),
+        one_line(&outcome),
+    ) {
+        write_row(app, row).await;
+    }
+}
+
+/// Record what a request did in the trail. What the request changed is already stored, so a
+/// database too busy for the row does not turn the answer into an error (the caller's retry
+/// would do it twice): the row is retried and, failing that, kept for the housekeeping tick.
+async fn trail(app: &App, actor: &str, action: &str, target: &str, outcome: &str) {
+    let row = throttle::Row {
+        actor: actor.to_string(),
+        action: action.to_string(),
+        target: target.to_string(),
+        outcome: outcome.to_string(),
+    };
+    write_row(app, row).await
+}
+
+/// Write a trail row, retrying a busy database briefly; what still fails is kept for the
+/// housekeeping tick.
+async fn write_row(app: &App, row: throttle::Row) {
+    for wait in [0u64, 50, 200] {
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+        if app
+            .db
+            .audit(&row.actor, &row.action, &row.target, &row.outcome)
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    eprintln!("registry: the trail cannot take a refusal now; it is kept for later");
+    app.refusals.requeue(row);
+}
+
+/// Requests per client address, before anything else is looked at.
+async fn address_layer(State(app): State<App>, req: Request, next: Next) -> Response {
+    let Some(addr) = client_address(&req) else {
+        return next.run(req).await;
+    };
+    match app.throttle.address(addr) {
+        Ok(()) => next.run(req).await,
+        Err(wait) => {
+            let mut e = err(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("too many requests from this address; retry after {wait} s"),
+            );
+            e.retry_after = Some(wait);
+            record_refusal(
+                &app,
+                "anonymous",
+                &addr.to_string(),
+                "rate-limit",
+                req.uri().path(),
+                &e,
+            )
+            .await;
+            e.into_response()
+        }
+    }
+}
+
+/// One error shape everywhere: answers axum makes itself (a path it cannot parse, a method
+/// a route does not have) become the JSON error body too, and are recorded in the trail.
+async fn json_errors(State(app): State<App>, req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let source = client_address(&req)
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = one_line(String::from_utf8_lossy(&text).trim());
+    let code = match status.as_u16() {
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "timeout",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        429 => "rate_limited",
+        431 => "headers_too_large",
+        s if s >= 500 => "internal",
+        _ => "bad_request",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let e = err(status, code, message);
+    record_refusal(&app, "anonymous", &source, "request", &path, &e).await;
+    let fresh = e.into_response();
+    let (fresh_parts, body) = fresh.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        fresh_parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("application/json")),
+    );
+    Response::from_parts(parts, body)
 }
 
 async fn fallback(State(app): State<App>, req: Request) -> Response {
@@ -241,5 +416,13 @@ pub fn router(app: App) -> Router {
         .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(limits, timeout_layer))
         .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            json_errors,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            address_layer,
+        ))
         .with_state(app)
 }

@@ -115,14 +115,14 @@ pub(super) async fn create_user(State(app): State<App>, req: Request) -> Respons
             let new: NewUser = r.parse()?;
             let created = add_user(&app.db, &new).await?;
             let actor = c.expect("authenticated").label();
-            app.db
-                .audit(
-                    &actor,
-                    "user-add",
-                    &new.name,
-                    &format!("ok role {}", new.role.as_str()),
-                )
-                .await?;
+            trail(
+                &app,
+                &actor,
+                "user-add",
+                &new.name,
+                &format!("ok role {}", new.role.as_str()),
+            )
+            .await;
             Ok((StatusCode::CREATED, axum::Json(created)).into_response())
         },
     )
@@ -165,14 +165,14 @@ pub(super) async fn create_station(State(app): State<App>, req: Request) -> Resp
                 return Err(conflict("a station with this name or key exists"));
             }
             let actor = c.expect("authenticated").label();
-            app.db
-                .audit(
-                    &actor,
-                    "station-add",
-                    &new.name,
-                    &format!("ok key {key_id}"),
-                )
-                .await?;
+            trail(
+                &app,
+                &actor,
+                "station-add",
+                &new.name,
+                &format!("ok key {key_id}"),
+            )
+            .await;
             let info = app
                 .db
                 .station(&new.name)
@@ -309,14 +309,14 @@ pub(super) async fn put_train(State(app): State<App>, req: Request) -> Response 
             if !app.db.put_train(&info, &r.body).await? {
                 return Err(conflict("this train was uploaded by someone else"));
             }
-            app.db
-                .audit(
-                    &actor.label(),
-                    "train-upload",
-                    &info.digest,
-                    &format!("ok {}@{}", info.name, info.version),
-                )
-                .await?;
+            trail(
+                &app,
+                &actor.label(),
+                "train-upload",
+                &info.digest,
+                &format!("ok {}@{}", info.name, info.version),
+            )
+            .await;
             let stored = app
                 .db
                 .train(&info.digest)
@@ -451,14 +451,14 @@ pub(super) async fn create_task(State(app): State<App>, req: Request) -> Respons
                 expires_ms: now + expires_in as i64 * 1000,
             };
             app.db.create_task(&task, &recipient, &new.stations).await?;
-            app.db
-                .audit(
-                    &caller.label(),
-                    "task-create",
-                    &task.id,
-                    &format!("ok train {} stations {}", new.train, new.stations.join(",")),
-                )
-                .await?;
+            trail(
+                &app,
+                &caller.label(),
+                "task-create",
+                &task.id,
+                &format!("ok train {} stations {}", new.train, new.stations.join(",")),
+            )
+            .await;
             app.notify.notify_waiters();
             let info = task_info(&app, task).await?;
             Ok((StatusCode::CREATED, axum::Json(info)).into_response())
@@ -571,9 +571,7 @@ pub(super) async fn task_results(
                     outputs,
                 });
             }
-            app.db
-                .audit(&caller.label(), "task-results", &t.id, "ok")
-                .await?;
+            trail(&app, &caller.label(), "task-results", &t.id, "ok").await;
             Ok(json(&TaskResults { task: t.id, runs }))
         },
     )

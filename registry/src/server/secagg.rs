@@ -224,9 +224,7 @@ pub(super) async fn station_secagg_send(
         if !app.db.secagg_put(&r.task.id, &st, kind, &stored).await? {
             return Err(conflict(format!("this station already sent different {kind} in this round")));
         }
-        app.db
-            .audit(&caller.label(), "secagg", &format!("{id}/{round}"), &format!("ok {kind}"))
-            .await?;
+        trail(&app, &caller.label(), "secagg", &format!("{id}/{round}"), &format!("ok {kind}")).await;
         advance_job(&app, &id).await?;
         Ok(StatusCode::NO_CONTENT.into_response())
     })

@@ -30,14 +30,14 @@ pub(super) async fn station_work(State(app): State<App>, req: Request) -> Respon
                 let items = app.db.take_work(&st).await?;
                 if !items.is_empty() {
                     for i in &items {
-                        app.db
-                            .audit(
-                                &format!("station:{st}"),
-                                "run-delivered",
-                                &i.run,
-                                &format!("ok task {}", i.task),
-                            )
-                            .await?;
+                        trail(
+                            &app,
+                            &format!("station:{st}"),
+                            "run-delivered",
+                            &i.run,
+                            &format!("ok task {}", i.task),
+                        )
+                        .await;
                     }
                     return Ok(json(&WorkResponse { items }));
                 }
@@ -136,9 +136,7 @@ pub(super) async fn station_run_state(
             .update_run(&st, &id, update.state, reason.as_deref())
             .await?
             .map_err(refused_update)?;
-        app.db
-            .audit(&caller.label(), "run-state", &id, &format!("ok {}{}", update.state.as_str(), reason.map(|r| format!(": {r}")).unwrap_or_default()))
-            .await?;
+        trail(&app, &caller.label(), "run-state", &id, &format!("ok {}{}", update.state.as_str(), reason.map(|r| format!(": {r}")).unwrap_or_default())).await;
         if update.state.is_final() {
             advance_run_job(&app, &id).await?;
         }
@@ -208,17 +206,17 @@ pub(super) async fn station_run_result(
                 .as_ref()
                 .map(|u| format!(", update {} bytes", u.len()))
                 .unwrap_or_default();
-            app.db
-                .audit(
-                    &caller.label(),
-                    "run-result",
-                    &id,
-                    &format!(
-                        "ok done, {} sealed outputs, {bytes} bytes{update_note}",
-                        outputs.len()
-                    ),
-                )
-                .await?;
+            trail(
+                &app,
+                &caller.label(),
+                "run-result",
+                &id,
+                &format!(
+                    "ok done, {} sealed outputs, {bytes} bytes{update_note}",
+                    outputs.len()
+                ),
+            )
+            .await;
             if let Some((job, _)) = job_round {
                 advance_job(&app, &job).await?;
             }
@@ -316,14 +314,14 @@ pub(super) async fn station_audit_upload(State(app): State<App>, req: Request) -
                 ));
             }
             if !rows.is_empty() {
-                app.db
-                    .audit(
-                        &caller.label(),
-                        "station-audit-upload",
-                        &station.name,
-                        &format!("ok {} entries to seq {}", rows.len(), seq - 1),
-                    )
-                    .await?;
+                trail(
+                    &app,
+                    &caller.label(),
+                    "station-audit-upload",
+                    &station.name,
+                    &format!("ok {} entries to seq {}", rows.len(), seq - 1),
+                )
+                .await;
             }
             Ok(json(&AuditAck { next_seq: seq }))
         },
