@@ -87,6 +87,11 @@ for st in st2:community:2 st3:legacy:3; do
   "$A" station index --dir "$name" > /dev/null
   "$A" station trust --dir "$name" alice.pub
 done
+# Each data owner trusts alice's key for the requests she signs (what runs, with which
+# parameters, sealed to which key): a registry that changes any of it is refused.
+for name in st1 st2 st3; do
+  "$A" station trust --dir "$name" --researcher --name alice alice.pub
+done
 "$A" station approve --dir st2 cohort-stats.train
 for name in st1 st2 st3; do
   "$A" registry station add --token-file root.token --name "$name" --key "$name/station.pub"
@@ -97,7 +102,8 @@ done
 step "researcher: push the signed train and ask all three hospitals"
 "$A" train push --token-file alice.token cohort-stats.train
 TASK=$("$A" task create --token-file alice.token --train cohort-stats.train \
-  --station st1 --station st2 --station st3 --params params.json --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+  --station st1 --station st2 --station st3 --params params.json \
+  --sign-key alice.key --recipient-key alice-results.pub --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
 echo "task $TASK"
 
 step "st3's data owner has not approved this train: the daemon holds it until they decide"
@@ -111,7 +117,8 @@ done
 
 step "researcher: the runs finish; the sealed results open only with alice's key"
 "$A" task show --token-file alice.token "$TASK" --wait 120s
-"$A" task results --token-file alice.token "$TASK" --key alice-results.key --out results
+"$A" task results --token-file alice.token "$TASK" --key alice-results.key --out results \
+  --station-key st1=st1/station.pub --station-key st2=st2/station.pub --station-key st3=st3/station.pub
 
 step "auditor: every station's log, verified through the registry (keys pinned), and the registry's trail"
 sleep 3

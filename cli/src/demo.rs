@@ -239,6 +239,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
             edit_policy(&st, "min_patients = 10", "min_patients = 3")?;
         }
         d.output(&["station", "trust", "--dir", name, "alice.pub"])?;
+        // The same key signs alice's requests; the data owner trusts her as a researcher.
+        d.output(&[
+            "station",
+            "trust",
+            "--researcher",
+            "--name",
+            "alice",
+            "--dir",
+            name,
+            "alice.pub",
+        ])?;
         d.output(&["station", "approve", "--dir", name, "fed-seg.train"])?;
         println!(
             "{name}: {profile} hospital indexed; the data owner allowed imaging and training and approved fed-seg"
@@ -387,6 +398,10 @@ pub fn run(args: DemoArgs) -> Result<()> {
         "plan.json",
         "--params",
         "params.json",
+        "--sign-key",
+        "alice.key",
+        "--recipient-key",
+        "alice-results.pub",
         "--json",
     ])?)?;
     let id = job["id"].as_str().context("job id")?.to_string();

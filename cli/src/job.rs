@@ -42,6 +42,8 @@ pub enum JobCommand {
         /// the model's.
         #[arg(long)]
         initial_weights: Option<PathBuf>,
+        #[command(flatten)]
+        sign: crate::signing::SignArgs,
         #[arg(long)]
         json: bool,
     },
@@ -77,6 +79,8 @@ pub enum JobCommand {
         /// Directory for report.html, report.json and the opened metrics.
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        verify: crate::signing::VerifyArgs,
     },
 }
 
@@ -203,6 +207,7 @@ pub fn job(cmd: JobCommand) -> Result<()> {
             plan,
             params,
             initial_weights: from,
+            sign,
             json,
         } => {
             let bundle = Bundle::read(&train)?;
@@ -229,13 +234,39 @@ pub fn job(cmd: JobCommand) -> Result<()> {
             let plan: Plan = read_json(&plan)?;
             let params = params.map(|p| read_json(&p)).transpose()?;
             let j = rt.block_on(async {
-                conn.person()?
+                let client = conn.person()?;
+                let train = bundle.digest().to_hex();
+                let weights = weights.encode();
+                // Outlives every round: each may take its deadline, plus an hour of slack.
+                let rounds = i64::from(plan.rounds) + 2;
+                let round_ms = i64::try_from(plan.round_seconds)
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(1000);
+                let expires_ms = crate::signing::now_ms()
+                    .saturating_add(rounds.saturating_mul(round_ms))
+                    .saturating_add(3_600_000);
+                let statement = crate::signing::sign(
+                    &sign,
+                    &client,
+                    crate::signing::Ask {
+                        kind: "job",
+                        train: &train,
+                        params: params.as_ref(),
+                        stations: &stations,
+                        expires_ms,
+                        plan: Some(&plan),
+                        initial_weights: Some(&weights),
+                    },
+                )
+                .await?;
+                client
                     .create_job(&NewJob {
-                        train: bundle.digest().to_hex(),
+                        train,
                         stations,
                         params,
                         plan,
-                        weights: B64.encode(weights.encode()),
+                        weights: B64.encode(weights),
+                        statement,
                     })
                     .await
                     .map_err(anyhow::Error::from)
@@ -311,11 +342,18 @@ pub fn job(cmd: JobCommand) -> Result<()> {
             );
             Ok(())
         }),
-        JobCommand::Report { conn, id, key, out } => rt.block_on(async {
+        JobCommand::Report {
+            conn,
+            id,
+            key,
+            out,
+            verify,
+        } => rt.block_on(async {
             let key = RecipientKey::read(&key)?;
             let client = conn.person()?;
+            let stations = crate::signing::StationKeys::gather(&verify, &client).await?;
             let j = client.job(&id).await?;
-            let report = collect(&client, &j, &key, &out).await?;
+            let report = collect(&client, &j, &key, &stations, &out).await?;
             let path = write_report(&j, &report, &out)?;
             println!("report: {}", path.display());
             Ok(())
@@ -353,6 +391,7 @@ async fn collect(
     client: &amicus_registry::client::PersonClient,
     j: &JobInfo,
     key: &RecipientKey,
+    stations: &crate::signing::StationKeys,
     out: &Path,
 ) -> Result<Report> {
     let mut per_round = Vec::new();
@@ -360,8 +399,10 @@ async fn collect(
         let results = client.results(&r.task).await?;
         for run in &results.runs {
             let mut metrics = None;
+            crate::signing::path_name("station", &run.station)?;
             if run.state == RunState::Done {
                 for o in &run.outputs {
+                    crate::signing::path_name("output", &o.name)?;
                     let sealed = B64.decode(&o.sealed).context("sealed output")?;
                     let ctx = SealContext {
                         task: &results.task,
@@ -369,6 +410,7 @@ async fn collect(
                         station: &run.station,
                         output: &o.name,
                     };
+                    stations.check(&ctx, &sealed, o)?;
                     let plain = key
                         .open(&ctx, &sealed)
                         .with_context(|| format!("{} from {}", o.name, run.station))?;

@@ -16,6 +16,7 @@ mod job;
 mod model;
 mod net;
 mod release;
+mod signing;
 mod train_build;
 
 use amicus_bundle::{Bundle, Digest, PublicKey, SecretKey, TrustedKey};
@@ -165,6 +166,10 @@ enum StationCommand {
         /// Name for the signer (default: the key file's stem).
         #[arg(long)]
         name: Option<String>,
+        /// Trust the key for signed requests (tasks and jobs from the registry) rather than
+        /// for bundles: the researcher's, as they gave it to you.
+        #[arg(long)]
+        researcher: bool,
     },
     /// Data owner: approve a bundle digest (or the digest of a bundle file, or the train of
     /// a run `pending` lists) to run here.
@@ -378,12 +383,21 @@ fn run(cli: Cli) -> Result<()> {
                 dir,
                 public_key,
                 name,
+                researcher,
             } => {
                 let st = Station::open(&dir)?;
                 let key = PublicKey::read(&public_key)?;
                 let name = name.unwrap_or_else(|| key_name(&public_key));
-                st.trust(&name, &key)?;
-                println!("trusted signer {name:?} (key {})", key.id());
+                if researcher {
+                    st.trust_researcher(&name, &key)?;
+                    println!(
+                        "trusted researcher {name:?} (key {}): requests they sign may run here once their trains are approved",
+                        key.id()
+                    );
+                } else {
+                    st.trust(&name, &key)?;
+                    println!("trusted signer {name:?} (key {})", key.id());
+                }
                 Ok(())
             }
             StationCommand::Approve {

@@ -9,7 +9,7 @@ use amicus_registry::daemon::{self, Daemon, DaemonOptions};
 use amicus_registry::db::Db;
 use amicus_registry::sealed::{RecipientKey, RecipientPublicKey, SealContext};
 use amicus_registry::server::{self, App, Limits};
-use amicus_registry::wire::{NewStation, NewTask, NewUser, Role, RunState, TaskInfo};
+use amicus_registry::wire::{NewStation, NewTask, NewUser, Role, RunState, TaskInfo, TokenRequest};
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use clap::{Args, Subcommand};
@@ -105,6 +105,9 @@ pub enum RegistryCommand {
     /// Admin: register a station with its Ed25519 public key (its `station.pub`).
     #[command(subcommand)]
     Station(RegistryStationCommand),
+    /// Tokens: rotate yours (or anyone's, as an admin), revoke one.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Auditor or admin: fetch the registry's own trail and verify its hash chain.
     Audit {
         #[command(flatten)]
@@ -134,6 +137,34 @@ pub enum UserCommand {
         /// Write the token to this file (mode 0600) instead of printing it.
         #[arg(long)]
         token_out: Option<PathBuf>,
+        /// The token stops working after this long (e.g. 90days; default: never).
+        #[arg(long)]
+        expires_in: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// A new token for a user (default: yourself); the old one stops working at once.
+    Rotate {
+        #[command(flatten)]
+        conn: Conn,
+        /// Whose token (an admin may name anyone).
+        #[arg(long)]
+        name: Option<String>,
+        /// The new token stops working after this long (e.g. 90days; default: never).
+        #[arg(long)]
+        expires_in: Option<String>,
+        /// Write the new token to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        token_out: Option<PathBuf>,
+    },
+    /// Stop a user's token working (yourself, or anyone as an admin) until it is rotated.
+    Revoke {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long)]
+        name: String,
     },
 }
 
@@ -173,6 +204,8 @@ pub enum TaskCommand {
         /// Runs not finished by then expire (e.g. 30m, 2h, 1day; default 1 day).
         #[arg(long)]
         expires_in: Option<String>,
+        #[command(flatten)]
+        sign: crate::signing::SignArgs,
         #[arg(long)]
         json: bool,
     },
@@ -203,6 +236,8 @@ pub enum TaskCommand {
         /// Write each output to OUT/<station>/<name>.
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        verify: crate::signing::VerifyArgs,
     },
 }
 
@@ -321,7 +356,12 @@ pub fn registry(cmd: RegistryCommand) -> Result<()> {
             station,
             enc_key,
             token_out,
+            expires_in,
         }) => rt.block_on(async {
+            let token_expires_in_s = expires_in
+                .map(|s| parse_duration(&s))
+                .transpose()?
+                .map(|d| d.as_secs());
             let role = Role::parse(&role).with_context(|| {
                 format!("unknown role {role:?}: admin, researcher, data-owner or auditor")
             })?;
@@ -337,6 +377,7 @@ pub fn registry(cmd: RegistryCommand) -> Result<()> {
                     role,
                     station,
                     enc_public_key,
+                    token_expires_in_s,
                 },
             )
             .await
@@ -398,6 +439,52 @@ pub fn registry(cmd: RegistryCommand) -> Result<()> {
             }
             Ok(())
         }),
+        RegistryCommand::Token(TokenCommand::Rotate {
+            conn,
+            name,
+            expires_in,
+            token_out,
+        }) => rt.block_on(async {
+            let client = conn.person()?;
+            let name = match name {
+                Some(n) => n,
+                None => client.me().await?.name,
+            };
+            let expires_in_s = expires_in
+                .map(|s| parse_duration(&s))
+                .transpose()?
+                .map(|d| d.as_secs());
+            let made = client
+                .rotate_token(&name, &TokenRequest { expires_in_s })
+                .await?;
+            let until = made
+                .expires_ms
+                .map(|t| format!(", expires {}", humantime_ms(t)))
+                .unwrap_or_default();
+            match token_out {
+                Some(path) => {
+                    replace_secret(&path, &made.token)?;
+                    println!(
+                        "new token for {}{until} written to {} (mode 0600); the old one no longer works",
+                        made.user,
+                        path.display()
+                    );
+                }
+                None => {
+                    println!(
+                        "new token for {}{until} (shown once; the old one no longer works):",
+                        made.user
+                    );
+                    println!("{}", made.token);
+                }
+            }
+            Ok(())
+        }),
+        RegistryCommand::Token(TokenCommand::Revoke { conn, name }) => rt.block_on(async {
+            conn.person()?.revoke_token(&name).await?;
+            println!("the token of {name} is revoked (rotate it to give them a new one)");
+            Ok(())
+        }),
         RegistryCommand::Audit { conn, json } => rt.block_on(async {
             let entries = conn.person()?.registry_audit().await?;
             let check = amicus_registry::db::verify_registry_trail(&entries);
@@ -442,6 +529,19 @@ fn redact(url: &str) -> String {
         }
         _ => url.to_string(),
     }
+}
+
+/// Write a secret over `path` (a rotated token over the old one): a new file beside it, mode
+/// 0600, renamed into place.
+fn replace_secret(path: &Path, text: &str) -> Result<()> {
+    let mut raw = [0u8; 8];
+    getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("randomness: {e}"))?;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file name", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.{}", name.to_string_lossy(), hex::encode(raw)));
+    write_secret(&tmp, text)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
 
 fn write_secret(path: &Path, text: &str) -> Result<()> {
@@ -553,6 +653,7 @@ pub fn task(cmd: TaskCommand) -> Result<()> {
             stations,
             params,
             expires_in,
+            sign,
             json,
         } => {
             let train = if Path::new(&train).is_file() {
@@ -572,12 +673,36 @@ pub fn task(cmd: TaskCommand) -> Result<()> {
                 .transpose()?
                 .map(|d| d.as_secs());
             let t = rt.block_on(async {
-                conn.person()?
+                let client = conn.person()?;
+                // The registry's default is one day; a minute of slack for clocks.
+                let expires_ms = crate::signing::now_ms()
+                    .saturating_add(
+                        i64::try_from(expires_in_s.unwrap_or(86_400))
+                            .unwrap_or(i64::MAX)
+                            .saturating_mul(1000),
+                    )
+                    .saturating_add(60_000);
+                let statement = crate::signing::sign(
+                    &sign,
+                    &client,
+                    crate::signing::Ask {
+                        kind: "task",
+                        train: &train,
+                        params: params.as_ref(),
+                        stations: &stations,
+                        expires_ms,
+                        plan: None,
+                        initial_weights: None,
+                    },
+                )
+                .await?;
+                client
                     .create_task(&NewTask {
                         train,
                         stations,
                         params,
                         expires_in_s,
+                        statement,
                     })
                     .await
                     .map_err(anyhow::Error::from)
@@ -631,11 +756,20 @@ pub fn task(cmd: TaskCommand) -> Result<()> {
             }
             Ok(())
         }),
-        TaskCommand::Results { conn, id, key, out } => rt.block_on(async {
+        TaskCommand::Results {
+            conn,
+            id,
+            key,
+            out,
+            verify,
+        } => rt.block_on(async {
             let key = RecipientKey::read(&key)?;
-            let results = conn.person()?.results(&id).await?;
+            let client = conn.person()?;
+            let stations = crate::signing::StationKeys::gather(&verify, &client).await?;
+            let results = client.results(&id).await?;
             let mut written = 0;
             for run in &results.runs {
+                crate::signing::path_name("station", &run.station)?;
                 if run.state != RunState::Done {
                     println!(
                         "{:<16} {}{}",
@@ -648,10 +782,11 @@ pub fn task(cmd: TaskCommand) -> Result<()> {
                     );
                     continue;
                 }
-                // Station names are the registry's validated plain names; output names too.
+                // Names from the registry were checked to be plain names (no `/`, no `..`).
                 let dir = out.join(&run.station);
                 std::fs::create_dir_all(&dir)?;
                 for o in &run.outputs {
+                    crate::signing::path_name("output", &o.name)?;
                     let sealed = base64::engine::general_purpose::STANDARD
                         .decode(&o.sealed)
                         .context("sealed output is not base64")?;
@@ -661,6 +796,7 @@ pub fn task(cmd: TaskCommand) -> Result<()> {
                         station: &run.station,
                         output: &o.name,
                     };
+                    stations.check(&ctx, &sealed, o)?;
                     let plain = key
                         .open(&ctx, &sealed)
                         .with_context(|| format!("{} from {}", o.name, run.station))?;

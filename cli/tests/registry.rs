@@ -180,7 +180,17 @@ impl Net {
         if let Some(ca) = &self.tls {
             full.extend(["--ca-file", s(&ca.ca_pem)]);
         }
-        amicus(&full)
+        // alice signs what she asks of stations, naming the key results are sealed to.
+        let (sign, recipient) = (self.path("alice-sign.key"), self.path("alice.key"));
+        let env: &[(&str, &str)] = if who == "alice" {
+            &[
+                ("AMICUS_SIGN_KEY", s(&sign)),
+                ("AMICUS_RECIPIENT_KEY", s(&recipient)),
+            ]
+        } else {
+            &[]
+        };
+        amicus_env(&full, env)
     }
 
     fn person_ok(&self, who: &str, args: &[&str]) -> Out {
@@ -223,6 +233,16 @@ impl Net {
         ok(&[
             "station",
             "trust",
+            "--dir",
+            s(&dir),
+            s(&self.path("alice-sign.pub")),
+        ]);
+        ok(&[
+            "station",
+            "trust",
+            "--researcher",
+            "--name",
+            "alice",
             "--dir",
             s(&dir),
             s(&self.path("alice-sign.pub")),
@@ -846,6 +866,240 @@ fn held_outputs_leave_only_when_the_data_owner_releases_them() {
         }
     }
     ok(&["audit", "verify", "--dir", s(&dir)]);
+}
+
+/// Run SQL against the registry's database behind its back: the registry turned hostile.
+fn tamper(net: &Net, sql: &'static str, binds: &[&str]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let db = amicus_registry::db::Db::connect(&net.db()).await.unwrap();
+        let mut q = sqlx::query(sql);
+        for b in binds {
+            q = q.bind(b.to_string());
+        }
+        let done = q.execute(&db.pool).await.unwrap();
+        assert!(done.rows_affected() > 0, "{sql}: no row changed");
+    });
+}
+
+/// A registry that changes what alice asked for (parameters, train, the key results are sealed
+/// to), drops her signature or replays an old request: the station refuses the run before
+/// anything runs and audits why. A registry that forges or renames results: `task results`
+/// refuses what the station did not sign and names that would leave `--out`.
+#[test]
+fn a_registry_cannot_change_requests_or_forge_results() {
+    let mut net = Net::new();
+    net.add_station("st1", "academic", 1);
+    let cohort = net.push("cohort-stats");
+    let slow = net.push("testing/slow");
+    ok(&[
+        "station",
+        "approve",
+        "--dir",
+        s(&net.station_dir("st1")),
+        s(&cohort),
+    ]);
+    net.start_daemon("st1");
+    let honest = net.task(&cohort, &["st1"], "{}")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t = net.wait_finished(&honest, Duration::from_secs(120));
+    assert_eq!(run_of(&t, "st1")["state"], "done", "{t}");
+    let pin = format!("st1={}", s(&net.station_dir("st1").join("station.pub")));
+    let results = |net: &Net, out: &str, pin: &str| {
+        net.person(
+            "alice",
+            &[
+                "task",
+                "results",
+                &honest,
+                "--key",
+                s(&net.path("alice.key")),
+                "--out",
+                s(&net.path(out)),
+                "--station-key",
+                pin,
+            ],
+        )
+    };
+    let good = results(&net, "good", &pin);
+    assert!(good.ok, "{}", good.text());
+    assert!(net.path("good/st1/summary.json").is_file());
+
+    // The daemon is stopped while the registry's database is edited under each new task.
+    net.kill_daemon("st1");
+    ok(&["keygen", "--x25519", "--out", s(&net.path("mallory.key"))]);
+    let mallory = std::fs::read_to_string(net.path("mallory.pub")).unwrap();
+    let slow_json: serde_json::Value =
+        serde_json::from_str(&ok(&["train", "inspect", s(&slow), "--json"]).stdout).unwrap();
+    let slow_digest = slow_json["digest"].as_str().unwrap().to_string();
+    let cases: Vec<(&str, &'static str, Vec<&str>)> = vec![
+        (
+            "the parameters differs",
+            "UPDATE tasks SET params = '{\"patient\":\"7\"}' WHERE id = $1",
+            vec![],
+        ),
+        (
+            "the key results are sealed to differs",
+            "UPDATE tasks SET recipient_key = $2 WHERE id = $1",
+            vec![&mallory],
+        ),
+        (
+            "the train differs",
+            "UPDATE tasks SET train = $2 WHERE id = $1",
+            vec![&slow_digest],
+        ),
+        (
+            "the request is not signed",
+            "UPDATE tasks SET statement = NULL WHERE id = $1",
+            vec![],
+        ),
+        (
+            "a replay",
+            "UPDATE tasks SET statement = (SELECT statement FROM tasks WHERE id = $2) WHERE id = $1",
+            vec![&honest],
+        ),
+    ];
+    let mut tasks = Vec::new();
+    for (reason, sql, extra) in &cases {
+        let id = net.task(&cohort, &["st1"], "{}")["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mut binds = vec![id.as_str()];
+        binds.extend(extra.iter().copied());
+        tamper(&net, sql, &binds);
+        tasks.push((id, *reason));
+    }
+    net.start_daemon("st1");
+    for (id, reason) in &tasks {
+        let t = net.wait_finished(id, Duration::from_secs(120));
+        let run = run_of(&t, "st1");
+        assert_eq!(run["state"], "refused", "{reason}: {t}");
+        let said = run["reason"].as_str().unwrap();
+        assert!(
+            said.starts_with("request: ") && said.contains(reason),
+            "{reason}: {said}"
+        );
+    }
+    // Each refusal is in the station's audit log, and nothing ran for them.
+    let events = ok(&[
+        "audit",
+        "show",
+        "--dir",
+        s(&net.station_dir("st1")),
+        "--json",
+    ])
+    .stdout;
+    let events: Vec<serde_json::Value> = serde_json::from_str(&events).unwrap();
+    let count = |kind: &str, stage: Option<&str>| {
+        events
+            .iter()
+            .filter(|e| e["entry"]["event"] == kind)
+            .filter(|e| stage.is_none_or(|st| e["entry"]["stage"] == st))
+            .count()
+    };
+    assert_eq!(
+        count("train-refused", Some("request")),
+        cases.len(),
+        "{events:?}"
+    );
+    assert_eq!(count("request-verified", None), 1, "{events:?}");
+    assert_eq!(count("run-started", None), 1, "{events:?}");
+
+    // Results: checked against a key that is not the station's, they are refused.
+    ok(&["keygen", "--out", s(&net.path("mallory-sign.key"))]);
+    let wrong = format!("st1={}", s(&net.path("mallory-sign.pub")));
+    let out = results(&net, "wrong", &wrong);
+    assert!(
+        !out.ok
+            && out
+                .text()
+                .contains("does not carry the station's signature"),
+        "{}",
+        out.text()
+    );
+    // A name that would leave --out is refused before anything is written.
+    tamper(
+        &net,
+        "UPDATE results SET name = '../../escaped.json' WHERE name = 'summary.json'",
+        &[],
+    );
+    let out = results(&net, "hostile/out", &pin);
+    assert!(
+        !out.ok && out.text().contains("not a plain name"),
+        "{}",
+        out.text()
+    );
+    assert!(!net.path("escaped.json").exists() && !net.path("hostile/escaped.json").exists());
+    // Results without the station's signature (a registry sealing its own to alice's key,
+    // which HPKE lets anyone do) are refused.
+    tamper(
+        &net,
+        "UPDATE results SET name = 'summary.json', signature = NULL WHERE name = '../../escaped.json'",
+        &[],
+    );
+    let out = results(&net, "unsigned", &pin);
+    assert!(
+        !out.ok && out.text().contains("not signed by the station"),
+        "{}",
+        out.text()
+    );
+    assert!(!net.path("unsigned/st1/summary.json").exists());
+
+    // Tokens: alice rotates hers over the old file; the old token stops working at once.
+    let old = std::fs::read_to_string(net.path("alice.token")).unwrap();
+    std::fs::write(net.path("alice-old.token"), &old).unwrap();
+    let out = net.person_ok(
+        "alice",
+        &[
+            "registry",
+            "token",
+            "rotate",
+            "--token-out",
+            s(&net.path("alice.token")),
+            "--expires-in",
+            "1h",
+        ],
+    );
+    assert!(
+        out.stdout.contains("the old one no longer works"),
+        "{}",
+        out.text()
+    );
+    assert_ne!(
+        std::fs::read_to_string(net.path("alice.token")).unwrap(),
+        old
+    );
+    net.person_ok("alice", &["task", "list"]);
+    let stale = net.person("alice-old", &["task", "list"]);
+    assert!(
+        !stale.ok && stale.text().contains("unknown token"),
+        "{}",
+        stale.text()
+    );
+    // An admin revokes it; only a rotation brings alice back.
+    net.person_ok("root", &["registry", "token", "revoke", "--name", "alice"]);
+    let revoked = net.person("alice", &["task", "list"]);
+    assert!(
+        !revoked.ok && revoked.text().contains("revoked"),
+        "{}",
+        revoked.text()
+    );
+    // Nobody else may touch her token.
+    let audrey = net.person(
+        "audrey",
+        &["registry", "token", "revoke", "--name", "alice"],
+    );
+    assert!(
+        !audrey.ok && audrey.text().contains("forbidden"),
+        "{}",
+        audrey.text()
+    );
 }
 
 fn edit_policy(dir: &Path, from: &str, to: &str) {

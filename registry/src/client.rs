@@ -116,6 +116,24 @@ pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientCon
 /// environment's), bounded connect and total time, no redirects (a request is signed for one
 /// URL).
 pub fn http_with(timeout: Duration, t: &Transport) -> Result<reqwest::Client, ClientError> {
+    builder(timeout, t)?
+        .build()
+        .map_err(|e| ClientError::Tls(e.to_string()))
+}
+
+/// [`http`] with connections from `local` (benches and tests on loopback: each address is a
+/// client of its own to the registry's per-address limits).
+pub fn http_from(
+    timeout: Duration,
+    local: std::net::IpAddr,
+) -> Result<reqwest::Client, ClientError> {
+    builder(timeout, &Transport::default())?
+        .local_address(local)
+        .build()
+        .map_err(|e| ClientError::Tls(e.to_string()))
+}
+
+fn builder(timeout: Duration, t: &Transport) -> Result<reqwest::ClientBuilder, ClientError> {
     let mut b = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(Duration::from_secs(10))
@@ -131,7 +149,7 @@ pub fn http_with(timeout: Duration, t: &Transport) -> Result<reqwest::Client, Cl
             .no_proxy(reqwest::NoProxy::from_env());
         b = b.proxy(proxy);
     }
-    b.build().map_err(|e| ClientError::Tls(e.to_string()))
+    Ok(b)
 }
 
 /// [`http_with`] with the default transport (Mozilla's roots, the environment's proxy).
@@ -282,6 +300,28 @@ impl PersonClient {
     pub async fn me(&self) -> Result<UserInfo, ClientError> {
         self.get("/v1/me").await
     }
+
+    /// A new token for `name` (yourself, or anyone for an admin); the old one stops working.
+    /// Sent once, never retried: a lost answer means asking again.
+    pub async fn rotate_token(
+        &self,
+        name: &str,
+        req: &TokenRequest,
+    ) -> Result<TokenResponse, ClientError> {
+        let path = format!("/v1/users/{}/token", path_segment(name)?);
+        let body = serde_json::to_vec(req).expect("request bodies serialise");
+        decode(
+            &self
+                .send(Method::POST, &path, Some((body, "application/json")))
+                .await?,
+        )
+    }
+
+    /// Stop `name`'s token working.
+    pub async fn revoke_token(&self, name: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/users/{}/token", path_segment(name)?);
+        self.send(Method::DELETE, &path, None).await.map(|_| ())
+    }
     pub async fn add_user(&self, new: &NewUser) -> Result<NewUserResponse, ClientError> {
         self.post_create("/v1/users", new).await
     }
@@ -289,7 +329,7 @@ impl PersonClient {
         self.post_create("/v1/stations", new).await
     }
     pub async fn stations(&self) -> Result<Vec<StationInfo>, ClientError> {
-        self.get("/v1/stations").await
+        self.get_all("/v1/stations").await
     }
     pub async fn push_train(&self, bundle: Vec<u8>) -> Result<TrainInfo, ClientError> {
         decode(
@@ -304,35 +344,41 @@ impl PersonClient {
         )
     }
     pub async fn trains(&self) -> Result<Vec<TrainInfo>, ClientError> {
-        self.get("/v1/trains").await
+        self.get_all("/v1/trains").await
     }
     pub async fn train_bundle(&self, digest: &str) -> Result<Vec<u8>, ClientError> {
-        self.send(Method::GET, &format!("/v1/trains/{digest}"), None)
-            .await
+        self.send(
+            Method::GET,
+            &format!("/v1/trains/{}", path_segment(digest)?),
+            None,
+        )
+        .await
     }
     pub async fn create_task(&self, new: &NewTask) -> Result<TaskInfo, ClientError> {
         self.post_create("/v1/tasks", new).await
     }
     pub async fn tasks(&self) -> Result<Vec<TaskInfo>, ClientError> {
-        self.get("/v1/tasks").await
+        self.get_all("/v1/tasks").await
     }
     pub async fn task(&self, id: &str) -> Result<TaskInfo, ClientError> {
-        self.get(&format!("/v1/tasks/{id}")).await
+        self.get(&format!("/v1/tasks/{}", path_segment(id)?)).await
     }
     pub async fn results(&self, id: &str) -> Result<TaskResults, ClientError> {
-        self.get(&format!("/v1/tasks/{id}/results")).await
+        self.get(&format!("/v1/tasks/{}/results", path_segment(id)?))
+            .await
     }
     pub async fn create_job(&self, new: &NewJob) -> Result<JobInfo, ClientError> {
         self.post_create("/v1/jobs", new).await
     }
     pub async fn jobs(&self) -> Result<Vec<JobInfo>, ClientError> {
-        self.get("/v1/jobs").await
+        self.get_all("/v1/jobs").await
     }
     pub async fn job(&self, id: &str) -> Result<JobInfo, ClientError> {
-        self.get(&format!("/v1/jobs/{id}")).await
+        self.get(&format!("/v1/jobs/{}", path_segment(id)?)).await
     }
     /// A checkpoint's weights (`round` None: the newest).
     pub async fn job_weights(&self, id: &str, round: Option<u32>) -> Result<Vec<u8>, ClientError> {
+        let id = path_segment(id)?;
         let path = match round {
             Some(r) => format!("/v1/jobs/{id}/weights?round={r}"),
             None => format!("/v1/jobs/{id}/weights"),
@@ -340,13 +386,56 @@ impl PersonClient {
         self.send(Method::GET, &path, None).await
     }
     pub async fn station_runs(&self, station: &str) -> Result<Vec<RunInfo>, ClientError> {
-        self.get(&format!("/v1/stations/{station}/runs")).await
+        self.get_all(&format!("/v1/stations/{}/runs", path_segment(station)?))
+            .await
     }
     pub async fn station_audit(&self, station: &str) -> Result<StationAudit, ClientError> {
-        self.get(&format!("/v1/stations/{station}/audit")).await
+        self.get(&format!("/v1/stations/{}/audit", path_segment(station)?))
+            .await
     }
     pub async fn registry_audit(&self) -> Result<Vec<RegistryAuditEntry>, ClientError> {
-        self.get("/v1/audit").await
+        self.get_all("/v1/audit").await
+    }
+
+    /// Every page of a list: follows the `Link: <…>; rel="next"` headers (at most
+    /// `MAX_PAGES`, and only to paths on this registry).
+    async fn get_all<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<Vec<T>, ClientError> {
+        const MAX_PAGES: usize = 100_000;
+        let mut out = Vec::new();
+        let mut next = Some(path.to_string());
+        let mut pages = 0;
+        while let Some(p) = next.take() {
+            pages += 1;
+            if pages > MAX_PAGES {
+                return Err(ClientError::Decode("too many pages".into()));
+            }
+            let url = self
+                .base
+                .join(&p)
+                .map_err(|_| ClientError::Url(p.clone()))?;
+            let resp = self
+                .http
+                .get(url.clone())
+                .bearer_auth(&self.token)
+                .send()
+                .await;
+            let link = resp
+                .as_ref()
+                .ok()
+                .and_then(|r| r.headers().get("link"))
+                .and_then(|v| v.to_str().ok())
+                .and_then(crate::server::page::next_link)
+                .map(str::to_string);
+            let body = answer(url.as_str(), resp).await?;
+            let mut items: Vec<T> = decode(&body)?;
+            out.append(&mut items);
+            // A relative path on this registry only: never another host.
+            next = link.filter(|l| l.starts_with("/v1/") && !l.contains("//"));
+        }
+        Ok(out)
     }
 }
 
@@ -565,4 +654,13 @@ impl StationClient {
 /// `true` for a status the caller should treat as "not there".
 pub fn is_not_found(e: &ClientError) -> bool {
     matches!(e, ClientError::Api { status, .. } if *status == StatusCode::NOT_FOUND.as_u16())
+}
+
+/// A name that goes into a request path: a plain name or nothing (no `/`, `?`, `..`).
+fn path_segment(name: &str) -> Result<&str, ClientError> {
+    if crate::request::plain_name(name) {
+        Ok(name)
+    } else {
+        Err(ClientError::Url(format!("{name:?} is not a plain name")))
+    }
 }

@@ -17,9 +17,11 @@
 //! believes running that the journal does not know is reported failed too.
 
 use crate::client::{ClientError, StationClient};
+use crate::request::sign_output;
 use crate::sealed::{RecipientPublicKey, SealContext, seal};
+use crate::station_request::{self, Admitted, Verified};
 use crate::station_secagg;
-use crate::wire::{RunState, SealedOutput, WorkItem};
+use crate::wire::{RoundWork, RunState, SealedOutput, WorkItem};
 use amicus_bundle::{Bundle, SecretKey, sha256};
 use amicus_runtime::sandbox::{FederatedRound, UPDATE_OUTPUT};
 use amicus_runtime::station::{HeldState, KEY_FILE, Station, StationError};
@@ -124,6 +126,10 @@ fn plain_id(s: &str) -> bool {
 
 fn plain_digest(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn bundle_sha256(path: &Path) -> Result<amicus_bundle::Digest, DaemonError> {
+    Ok(sha256(&std::fs::read(path).map_err(io(path))?))
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DaemonError> {
@@ -403,6 +409,9 @@ pub struct Daemon {
     opts: DaemonOptions,
     client: StationClient,
     journal: Journal,
+    /// The station's key: signs each sealed output so the researcher can tell this station's
+    /// results from a registry's forgery.
+    key: SecretKey,
     audit_next: Option<i64>,
     /// Length of `audit.log` when it was last uploaded in full: unchanged means nothing to send.
     audit_uploaded_len: Option<u64>,
@@ -417,9 +426,10 @@ impl Daemon {
     pub fn new(opts: DaemonOptions) -> Result<Daemon, DaemonError> {
         let st = Station::open(&opts.dir)?;
         let key = SecretKey::read(&st.dir().join(KEY_FILE))?;
-        let client = StationClient::with_transport(&opts.registry, key, &opts.transport)?;
+        let client = StationClient::with_transport(&opts.registry, key.clone(), &opts.transport)?;
         Ok(Daemon {
             journal: Journal::new(&opts.dir),
+            key,
             opts,
             client,
             audit_next: None,
@@ -735,11 +745,19 @@ impl Daemon {
         }
     }
 
-    async fn process(&mut self, item: WorkItem) -> Result<(), DaemonError> {
+    async fn process(&mut self, mut item: WorkItem) -> Result<(), DaemonError> {
         let (path, bundle) = match self.bundle(&item.train).await? {
             Ok(b) => b,
             Err(report) => return self.finish(item, None, report).await,
         };
+        // The researcher's signed request, checked before anything else is looked at.
+        let verified = match self.check_request(&item, &path)? {
+            Ok(v) => v,
+            Err(report) => return self.finish(item, None, report).await,
+        };
+        if let Some((_, round)) = &verified {
+            item.job = round.as_deref().cloned();
+        }
         let name = format!(
             "{}@{}",
             bundle.manifest().train.name,
@@ -783,6 +801,7 @@ impl Daemon {
             }
             return Ok(());
         }
+        let bundle_digest = Some(bundle.digest());
         drop(bundle);
         // A round of a federated job starts from the registry's global weights.
         let round = match &item.job {
@@ -798,6 +817,30 @@ impl Daemon {
                             .await;
                     }
                 };
+                let digest = sha256(&bytes);
+                // The first round starts from the weights the researcher signed for.
+                let signed_initial = verified
+                    .as_ref()
+                    .and_then(|(v, _)| v.statement.initial_weights_sha256.clone());
+                if job.round == 1
+                    && let Some(signed) = signed_initial
+                    && signed != digest.to_hex()
+                {
+                    let reason = format!(
+                        "request: the request was changed on the way: the first round's weights ({}) are not those the researcher signed for",
+                        digest.to_hex()
+                    );
+                    st.record_refusal(bundle_digest, bundle_sha256(&path)?, "request", &reason)?;
+                    return self
+                        .finish(item, Some(name), Report::Refused { reason })
+                        .await;
+                }
+                st.record(amicus_runtime::audit::Event::GlobalWeightsReceived {
+                    job: job.job.clone(),
+                    round: job.round,
+                    bytes: bytes.len() as u64,
+                    sha256: digest,
+                })?;
                 match amicus_fl::wire::Weights::decode(&bytes) {
                     Ok(global) => Some(FederatedRound {
                         job: job.job.clone(),
@@ -860,8 +903,21 @@ impl Daemon {
         {
             None => None,
             Some((job, plan)) => {
-                match station_secagg::join(&self.client, &job.job, job.round, plan, item.expires_ms)
-                    .await
+                let named = verified
+                    .as_ref()
+                    .map(|(v, _)| v.statement.station_keys.clone())
+                    .unwrap_or_default();
+                match station_secagg::join(
+                    &self.client,
+                    &self.key,
+                    &item.station,
+                    &named,
+                    &job.job,
+                    job.round,
+                    plan,
+                    item.expires_ms,
+                )
+                .await
                 {
                     Ok(session) => {
                         say(&format!(
@@ -976,6 +1032,59 @@ impl Daemon {
             self.upload_audit().await?;
         }
         Ok(())
+    }
+
+    /// Whether the registry delivered what the researcher signed for (`station_request`):
+    /// `Ok(None)` when the policy does not require signed requests and none came, the verified
+    /// request (and for a job round, the round rebuilt from the signed plan) otherwise, or the
+    /// refusal to report. Refusals are audited.
+    #[allow(clippy::type_complexity)]
+    fn check_request(
+        &self,
+        item: &WorkItem,
+        bundle_path: &Path,
+    ) -> Result<Result<Option<(Verified, Option<Box<RoundWork>>)>, Report>, DaemonError> {
+        let st = Station::open(&self.opts.dir)?;
+        let policy = st.policy()?;
+        let admitted = station_request::admit(
+            &self.opts.dir.join(DAEMON_DIR),
+            &policy.researcher_keys(),
+            policy.require_signed_requests,
+            item,
+            crate::db::now_ms(),
+        );
+        match admitted {
+            Ok(Admitted::Unsigned) => Ok(Ok(None)),
+            Ok(Admitted::Verified { verified, round }) => {
+                if verified.first_time {
+                    st.record(amicus_runtime::audit::Event::RequestVerified {
+                        registry_run: item.run.clone(),
+                        task: item.task.clone(),
+                        job: item.job.as_ref().map(|j| j.job.clone()),
+                        round: item.job.as_ref().map(|j| j.round),
+                        researcher: verified.researcher.clone(),
+                        keyid: verified.keyid.clone(),
+                        statement_sha256: verified.statement_sha256,
+                    })?;
+                    say(&format!(
+                        "run {}: request signed by researcher {} verified",
+                        item.run, verified.researcher
+                    ));
+                }
+                Ok(Ok(Some((*verified, round))))
+            }
+            Err(e) => {
+                let reason = format!("request: {e}");
+                st.record_refusal(
+                    item.train.parse().ok(),
+                    bundle_sha256(bundle_path)?,
+                    "request",
+                    &reason,
+                )?;
+                say(&format!("run {}: refused: {reason}", item.run));
+                Ok(Err(Report::Refused { reason }))
+            }
+        }
     }
 
     /// Replace the run's update output by its masked form, written beside the journal.
@@ -1111,9 +1220,11 @@ impl Daemon {
                                     path: path.clone(),
                                     source: std::io::Error::other(e.to_string()),
                                 })?;
+                            let signature = sign_output(&self.key, &ctx, &s);
                             sealed.push(SealedOutput {
                                 name: name.clone(),
                                 sealed: B64.encode(s),
+                                signature: Some(signature),
                             });
                         }
                         self.client

@@ -35,6 +35,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "hardening",
         include_str!("../../migrations/0004_hardening.sql"),
     ),
+    (
+        5,
+        "signed-requests",
+        include_str!("../../migrations/0005_signed_requests.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -69,8 +74,8 @@ async fn insert_task(
     stations: &[String],
 ) -> Result<Vec<String>, DbError> {
     sqlx::query(
-        "INSERT INTO tasks (id, researcher, train, params, recipient_key, created_ms, expires_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO tasks (id, researcher, train, params, recipient_key, created_ms, expires_ms,
+         statement) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(&task.id)
     .bind(&task.researcher)
@@ -79,6 +84,7 @@ async fn insert_task(
     .bind(recipient_key)
     .bind(task.created_ms)
     .bind(task.expires_ms)
+    .bind(task.statement.as_deref())
     .execute(&mut **tx)
     .await?;
     let mut ids = Vec::new();
@@ -113,6 +119,8 @@ pub struct JobRow {
     pub reason: Option<String>,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// The researcher's signed request.
+    pub statement: Option<String>,
 }
 
 /// A stored update and the run it came with.
@@ -196,18 +204,8 @@ fn round_work(r: &AnyRow) -> Result<Option<RoundWork>, DbError> {
     };
     let plan: Plan =
         serde_json::from_str(&plan).map_err(|e| DbError::Corrupt(format!("job plan: {e}")))?;
-    Ok(Some(RoundWork {
-        job,
-        round: round as u32,
-        rounds: plan.rounds,
-        proximal_mu: plan.proximal_mu,
-        encoding: plan.encoding,
-        dp: plan.dp,
-        // The evaluation round sends no update, so it has nothing to mask.
-        secure_aggregation: plan
-            .secure_aggregation
-            .filter(|_| round as u32 <= plan.rounds),
-    }))
+    let round = u32::try_from(round).map_err(|_| DbError::Corrupt(format!("round {round}")))?;
+    Ok(Some(RoundWork::from_plan(job, round, plan)))
 }
 
 pub fn now_ms() -> i64 {
@@ -233,6 +231,10 @@ pub struct UserRow {
     pub role: String,
     pub station: Option<String>,
     pub enc_public_key: Option<String>,
+    /// The token stops working then (milliseconds since the epoch).
+    pub token_expires_ms: Option<i64>,
+    /// The token was revoked then.
+    pub revoked_ms: Option<i64>,
 }
 
 pub struct TaskRow {
@@ -242,6 +244,8 @@ pub struct TaskRow {
     pub params: String,
     pub created_ms: i64,
     pub expires_ms: i64,
+    /// The researcher's signed request (a job's, for the tasks of its rounds).
+    pub statement: Option<String>,
 }
 
 /// Where a request with an Idempotency-Key stands.
@@ -366,10 +370,11 @@ impl Db {
         station: Option<&str>,
         token_sha256: &str,
         enc_public_key: Option<&str>,
+        token_expires_ms: Option<i64>,
     ) -> Result<bool, DbError> {
         let r = sqlx::query(
-            "INSERT INTO users (name, role, station, token_sha256, enc_public_key, created_ms)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            "INSERT INTO users (name, role, station, token_sha256, enc_public_key, created_ms,
+             token_expires_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
         )
         .bind(name)
         .bind(role)
@@ -377,6 +382,7 @@ impl Db {
         .bind(token_sha256)
         .bind(enc_public_key)
         .bind(now_ms())
+        .bind(token_expires_ms)
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected() == 1)
@@ -388,14 +394,51 @@ impl Db {
             role: r.try_get("role")?,
             station: r.try_get("station")?,
             enc_public_key: r.try_get("enc_public_key")?,
+            token_expires_ms: r.try_get("token_expires_ms")?,
+            revoked_ms: r.try_get("revoked_ms")?,
         })
+    }
+
+    /// Give `name` a new token (its hash), valid until `expires_ms`; the old one stops
+    /// working and a revocation is lifted. False when there is no such user.
+    pub async fn rotate_token(
+        &self,
+        name: &str,
+        token_sha256: &str,
+        expires_ms: Option<i64>,
+    ) -> Result<bool, DbError> {
+        let r = sqlx::query(
+            "UPDATE users SET token_sha256 = $2, token_expires_ms = $3, revoked_ms = NULL
+             WHERE name = $1",
+        )
+        .bind(name)
+        .bind(token_sha256)
+        .bind(expires_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Stop `name`'s token working. False when there is no such user.
+    pub async fn revoke_token(&self, name: &str) -> Result<bool, DbError> {
+        let r =
+            sqlx::query("UPDATE users SET revoked_ms = $2 WHERE name = $1 AND revoked_ms IS NULL")
+                .bind(name)
+                .bind(now_ms())
+                .execute(&self.pool)
+                .await?;
+        if r.rows_affected() == 1 {
+            return Ok(true);
+        }
+        Ok(self.users().await?.iter().any(|u| u.name == name))
     }
 
     /// The user whose token hashes to `token_sha256`. The lookup is by hash, so its timing
     /// says nothing about the token.
     pub async fn user_by_token(&self, token_sha256: &str) -> Result<Option<UserRow>, DbError> {
         let row = sqlx::query(
-            "SELECT name, role, station, enc_public_key FROM users WHERE token_sha256 = $1",
+            "SELECT name, role, station, enc_public_key, token_expires_ms, revoked_ms FROM users
+             WHERE token_sha256 = $1",
         )
         .bind(token_sha256)
         .fetch_optional(&self.pool)
@@ -405,7 +448,7 @@ impl Db {
 
     pub async fn users(&self) -> Result<Vec<UserRow>, DbError> {
         let rows =
-            sqlx::query("SELECT name, role, station, enc_public_key FROM users ORDER BY name")
+            sqlx::query("SELECT name, role, station, enc_public_key, token_expires_ms, revoked_ms FROM users ORDER BY name")
                 .fetch_all(&self.pool)
                 .await?;
         rows.iter().map(Self::user_row).collect()
@@ -619,12 +662,13 @@ impl Db {
             params: r.try_get("params")?,
             created_ms: r.try_get("created_ms")?,
             expires_ms: r.try_get("expires_ms")?,
+            statement: r.try_get("statement")?,
         })
     }
 
     pub async fn task(&self, id: &str) -> Result<Option<TaskRow>, DbError> {
         let row = sqlx::query(
-            "SELECT id, researcher, train, params, created_ms, expires_ms FROM tasks WHERE id = $1",
+            "SELECT id, researcher, train, params, created_ms, expires_ms, statement FROM tasks WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -635,23 +679,19 @@ impl Db {
     /// Tasks of one researcher, or all of them.
     pub async fn tasks(&self, researcher: Option<&str>) -> Result<Vec<TaskRow>, DbError> {
         let rows = match researcher {
-            Some(r) => {
-                sqlx::query(
-                    "SELECT id, researcher, train, params, created_ms, expires_ms FROM tasks
+            Some(r) => sqlx::query(
+                "SELECT id, researcher, train, params, created_ms, expires_ms, statement FROM tasks
                      WHERE researcher = $1 ORDER BY created_ms, id",
-                )
-                .bind(r)
-                .fetch_all(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query(
-                    "SELECT id, researcher, train, params, created_ms, expires_ms FROM tasks
+            )
+            .bind(r)
+            .fetch_all(&self.pool)
+            .await?,
+            None => sqlx::query(
+                "SELECT id, researcher, train, params, created_ms, expires_ms, statement FROM tasks
                      ORDER BY created_ms, id",
-                )
-                .fetch_all(&self.pool)
-                .await?
-            }
+            )
+            .fetch_all(&self.pool)
+            .await?,
         };
         rows.iter().map(Self::task_row).collect()
     }
@@ -718,13 +758,13 @@ impl Db {
     async fn work_items(&self, station: &str, running_too: bool) -> Result<Vec<WorkItem>, DbError> {
         let sql = if running_too {
             "SELECT r.id, r.task, r.station, r.state, t.train, t.params, t.recipient_key, t.expires_ms,
-             jr.job AS job, jr.round AS round, j.plan AS plan
+             t.statement, jr.job AS job, jr.round AS round, j.plan AS plan
              FROM runs r JOIN tasks t ON t.id = r.task
              LEFT JOIN job_rounds jr ON jr.task = t.id LEFT JOIN jobs j ON j.id = jr.job
              WHERE r.station = $1 AND r.state IN ('delivered', 'running') ORDER BY t.created_ms, r.id"
         } else {
             "SELECT r.id, r.task, r.station, r.state, t.train, t.params, t.recipient_key, t.expires_ms,
-             jr.job AS job, jr.round AS round, j.plan AS plan
+             t.statement, jr.job AS job, jr.round AS round, j.plan AS plan
              FROM runs r JOIN tasks t ON t.id = r.task
              LEFT JOIN job_rounds jr ON jr.task = t.id LEFT JOIN jobs j ON j.id = jr.job
              WHERE r.station = $1 AND r.state = 'delivered' ORDER BY t.created_ms, r.id"
@@ -744,6 +784,7 @@ impl Db {
                         .ok_or_else(|| DbError::Corrupt(state.clone()))?,
                     expires_ms: r.try_get("expires_ms")?,
                     job: round_work(r)?,
+                    statement: r.try_get("statement")?,
                 })
             })
             .collect()
@@ -828,7 +869,7 @@ impl Db {
         &self,
         station: &str,
         run: &str,
-        outputs: &[(String, Vec<u8>)],
+        outputs: &[(String, Vec<u8>, Option<String>)],
         update: Option<&[u8]>,
     ) -> Result<Result<(), UpdateRefused>, DbError> {
         let mut tx = self.pool.begin().await?;
@@ -851,13 +892,16 @@ impl Db {
                 _ => Ok(Err(UpdateRefused::NotFound)),
             };
         }
-        for (name, sealed) in outputs {
-            sqlx::query("INSERT INTO results (run, name, sealed) VALUES ($1, $2, $3)")
-                .bind(run)
-                .bind(name)
-                .bind(&sealed[..])
-                .execute(&mut *tx)
-                .await?;
+        for (name, sealed, signature) in outputs {
+            sqlx::query(
+                "INSERT INTO results (run, name, sealed, signature) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(run)
+            .bind(name)
+            .bind(&sealed[..])
+            .bind(signature.as_deref())
+            .execute(&mut *tx)
+            .await?;
         }
         if let Some(update) = update {
             sqlx::query("INSERT INTO updates (run, payload) VALUES ($1, $2)")
@@ -870,13 +914,24 @@ impl Db {
         Ok(Ok(()))
     }
 
-    pub async fn results_of_run(&self, run: &str) -> Result<Vec<(String, Vec<u8>)>, DbError> {
-        let rows = sqlx::query("SELECT name, sealed FROM results WHERE run = $1 ORDER BY name")
-            .bind(run)
-            .fetch_all(&self.pool)
-            .await?;
+    /// A run's sealed outputs: (name, sealed bytes, the station's signature).
+    pub async fn results_of_run(
+        &self,
+        run: &str,
+    ) -> Result<Vec<(String, Vec<u8>, Option<String>)>, DbError> {
+        let rows =
+            sqlx::query("SELECT name, sealed, signature FROM results WHERE run = $1 ORDER BY name")
+                .bind(run)
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("name")?, r.try_get("sealed")?)))
+            .map(|r| {
+                Ok((
+                    r.try_get("name")?,
+                    r.try_get("sealed")?,
+                    r.try_get("signature")?,
+                ))
+            })
             .collect()
     }
 
@@ -892,7 +947,8 @@ impl Db {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO jobs (id, researcher, train, params, plan, stations, recipient_key, state,
-             round, reason, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10, $10)",
+             round, reason, created_ms, updated_ms, statement)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10, $10, $11)",
         )
         .bind(&job.id)
         .bind(&job.researcher)
@@ -904,6 +960,7 @@ impl Db {
         .bind(job.state.as_str())
         .bind(i64::from(job.round))
         .bind(job.created_ms)
+        .bind(job.statement.as_deref())
         .execute(&mut *tx)
         .await?;
         insert_checkpoint(&mut tx, &job.id, initial).await?;
@@ -938,13 +995,14 @@ impl Db {
             reason: r.try_get("reason")?,
             created_ms: r.try_get("created_ms")?,
             updated_ms: r.try_get("updated_ms")?,
+            statement: r.try_get("statement")?,
         })
     }
 
     pub async fn job(&self, id: &str) -> Result<Option<JobRow>, DbError> {
         let row = sqlx::query(
             "SELECT id, researcher, train, params, plan, stations, recipient_key, state, round, reason,
-             created_ms, updated_ms FROM jobs WHERE id = $1",
+             created_ms, updated_ms, statement FROM jobs WHERE id = $1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -956,7 +1014,7 @@ impl Db {
     pub async fn jobs(&self, researcher: Option<&str>) -> Result<Vec<JobRow>, DbError> {
         let rows = sqlx::query(
             "SELECT id, researcher, train, params, plan, stations, recipient_key, state, round, reason,
-             created_ms, updated_ms FROM jobs WHERE $1 IS NULL OR researcher = $1 ORDER BY created_ms, id",
+             created_ms, updated_ms, statement FROM jobs WHERE $1 IS NULL OR researcher = $1 ORDER BY created_ms, id",
         )
         .bind(researcher)
         .fetch_all(&self.pool)
@@ -1456,9 +1514,22 @@ impl Db {
     }
 
     pub async fn audit_entries(&self) -> Result<Vec<RegistryAuditEntry>, DbError> {
+        self.audit_page(-1, i64::MAX as usize).await
+    }
+
+    /// At most `limit` trail entries after sequence number `after` (-1: from the first, 0),
+    /// in order.
+    pub async fn audit_page(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<RegistryAuditEntry>, DbError> {
         let rows = sqlx::query(
-            "SELECT seq, time_ms, actor, action, target, outcome, prev, hash FROM registry_audit ORDER BY seq",
+            "SELECT seq, time_ms, actor, action, target, outcome, prev, hash FROM registry_audit
+             WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

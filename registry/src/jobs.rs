@@ -154,6 +154,7 @@ pub fn round_task(job: &JobRow) -> TaskRow {
         params: job.params.clone(),
         created_ms: now,
         expires_ms: now + job.plan.round_seconds as i64 * 1000,
+        statement: job.statement.clone(),
     }
 }
 

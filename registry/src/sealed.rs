@@ -121,6 +121,12 @@ impl RecipientPublicKey {
     pub fn read(path: &Path) -> Result<Self, SealError> {
         Self::from_pem(&keys::read_capped(path)?, &path.display().to_string())
     }
+
+    /// SHA-256 (hex) of the raw 32-byte key: how a signed request names it, whatever the
+    /// PEM's line breaks.
+    pub fn fingerprint(&self) -> String {
+        amicus_bundle::sha256(&self.0.to_bytes()).to_hex()
+    }
 }
 
 impl RecipientKey {

@@ -53,6 +53,10 @@ pub struct SecAggSession {
     publics: BTreeMap<u32, [u8; 32]>,
     /// Shares the sharers gave this station, by sender.
     held: BTreeMap<u32, ShareBundle>,
+    /// This station's key (it signs the sets it is shown) and the participants' keys (checked
+    /// against the researcher's request where it names them).
+    station_key: amicus_bundle::SecretKey,
+    peers: BTreeMap<u32, amicus_bundle::PublicKey>,
 }
 
 /// Ask until `done` holds, the round ends, or `deadline_ms` passes; transient registry
@@ -82,8 +86,62 @@ async fn wait_for(
 
 /// Join round `round` of `job`: keys, then shares; returns once training may begin (the
 /// registry has fixed who shared). `deadline_ms` is the round's deadline.
+/// Who may take part, from the researcher's signed request: station name → key id. Empty when
+/// the request named none (or the station does not require signed requests): peers' keys are
+/// then the registry's word.
+pub type StationKeyIds = BTreeMap<String, String>;
+
+/// Check that every participant's keys are signed by the station key the researcher named.
+fn check_advertisements(
+    job: &str,
+    round: u32,
+    participants: &[crate::wire::SecAggParticipant],
+    named: &StationKeyIds,
+) -> Result<(), SecAggLeft> {
+    let mut seen = BTreeSet::new();
+    for p in participants {
+        if !seen.insert(p.station.as_str()) {
+            return Err(out(format!(
+                "the registry announced station {} twice",
+                amicus_bundle::text::shown(&p.station, 64)
+            )));
+        }
+        if named.is_empty() {
+            continue;
+        }
+        let who = amicus_bundle::text::shown(&p.station, 64);
+        let Some(want) = named.get(&p.station) else {
+            return Err(out(format!(
+                "the registry announced station {who}, which the researcher did not name"
+            )));
+        };
+        let (Some(pem), Some(sig)) = (&p.keys.station_key, &p.keys.signature) else {
+            return Err(out(format!("station {who}'s round keys are not signed")));
+        };
+        let key = amicus_bundle::PublicKey::from_pem(pem, "station_key")
+            .map_err(|_| out(format!("station {who}'s key does not parse")))?;
+        if key.id().to_string() != *want {
+            return Err(out(format!(
+                "station {who}'s round keys are signed by another key than the researcher named"
+            )));
+        }
+        let msg = crate::request::secagg_keys_message(job, round, p.id, &p.station, &p.keys);
+        let ok = B64.decode(sig).is_ok_and(|s| key.verify(&msg, &s));
+        if !ok {
+            return Err(out(format!(
+                "station {who}'s round keys do not carry its signature"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 pub async fn join(
     client: &StationClient,
+    station_key: &amicus_bundle::SecretKey,
+    station: &str,
+    named: &StationKeyIds,
     job: &str,
     round: u32,
     plan: SecAggPlan,
@@ -107,14 +165,25 @@ pub async fn join(
     let secrets = StationSecrets::new(me, &mut operating_system_randomness);
     let share_key = ShareKey::generate();
     let commitment = hex::encode(secrets.self_commitment(&secagg_label(job, round)));
+    let mut keys = crate::wire::SecAggKeys {
+        mask_public: hex::encode(secrets.mask_public()),
+        share_public: hex::encode(share_key.public()),
+        self_commitment: commitment.clone(),
+        station_key: Some(station_key.public().to_pem()),
+        signature: None,
+    };
+    let msg = crate::request::secagg_keys_message(job, round, me, station, &keys);
+    keys.signature = Some(B64.encode(station_key.sign(&msg)));
     client
         .secagg_send(
             job,
             round,
             &SecAggMessage::Keys {
-                mask_public: hex::encode(secrets.mask_public()),
-                share_public: hex::encode(share_key.public()),
-                self_commitment: commitment.clone(),
+                mask_public: keys.mask_public,
+                share_public: keys.share_public,
+                self_commitment: keys.self_commitment,
+                station_key: keys.station_key,
+                signature: keys.signature,
             },
         )
         .await?;
@@ -140,6 +209,18 @@ pub async fn join(
     if let Some(p) = v.participants.iter().find(|p| p.id >= 255) {
         return Err(out(format!("the registry named participant id {}", p.id)));
     }
+    check_advertisements(job, round, &v.participants, named)?;
+    let peers: BTreeMap<u32, amicus_bundle::PublicKey> = v
+        .participants
+        .iter()
+        .filter_map(|p| {
+            let pem = p.keys.station_key.as_deref()?;
+            Some((
+                p.id,
+                amicus_bundle::PublicKey::from_pem(pem, "station_key").ok()?,
+            ))
+        })
+        .collect();
     let mut share_keys = BTreeMap::new();
     let mut mask_keys = BTreeMap::new();
     if !v
@@ -244,10 +325,85 @@ pub async fn join(
         secrets,
         publics,
         held,
+        station_key: station_key.clone(),
+        peers,
     })
 }
 
+/// The survivors whose signature (by the key this station holds for them) is over exactly
+/// `mine`: forged signatures and signatures over other sets do not count.
+fn agreeing(
+    mine: &[u8],
+    survivors: &[u32],
+    signatures: &[crate::wire::ConsistencySignature],
+    peers: &BTreeMap<u32, amicus_bundle::PublicKey>,
+) -> BTreeSet<u32> {
+    signatures
+        .iter()
+        .filter(|c| survivors.contains(&c.id))
+        .filter(|c| {
+            let sig = B64.decode(&c.signature).unwrap_or_default();
+            peers.get(&c.id).is_some_and(|k| k.verify(mine, &sig))
+        })
+        .map(|c| c.id)
+        .collect()
+}
+
 impl SecAggSession {
+    /// Sign the sets this station was shown and wait until `threshold` survivors signed the
+    /// same sets. A survivor's valid signature over other sets proves the registry showed
+    /// stations different sets: nothing is revealed.
+    async fn consistent(
+        &self,
+        client: &StationClient,
+        shown: &SecAggView,
+        deadline_ms: i64,
+    ) -> Result<(), SecAggLeft> {
+        let mine = crate::request::secagg_sets_message(
+            &self.job,
+            self.round,
+            &shown.survivors,
+            &shown.dropped,
+        );
+        client
+            .secagg_send(
+                &self.job,
+                self.round,
+                &SecAggMessage::Consistency {
+                    signature: B64.encode(self.station_key.sign(&mine)),
+                },
+            )
+            .await?;
+        loop {
+            let v = wait_for(client, &self.job, self.round, deadline_ms, |v| {
+                v.phase == SecAggPhase::Reveal
+            })
+            .await?;
+            if v.phase != SecAggPhase::Reveal {
+                return Err(out(
+                    "the round ended before enough stations confirmed the survivors: nothing revealed",
+                ));
+            }
+            let agreeing = agreeing(&mine, &shown.survivors, &v.consistency, &self.peers);
+            if v.survivors != shown.survivors || v.dropped != shown.dropped {
+                return Err(out(
+                    "the registry changed the survivors during the reveal: nothing revealed",
+                ));
+            }
+            if agreeing.len() >= self.threshold {
+                return Ok(());
+            }
+            if now_ms() > deadline_ms {
+                return Err(out(format!(
+                    "only {} station(s) confirmed the survivors this station was shown (threshold {}): nothing revealed",
+                    agreeing.len(),
+                    self.threshold
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// The masked form of a station's update (`amicus_fl::wire` bytes): weighted by its
     /// samples, fixed point, masked with its self mask and its pairwise masks with every sharer.
     pub fn mask(&self, update: &[u8]) -> Result<Vec<u8>, SecAggLeft> {
@@ -307,6 +463,7 @@ impl SecAggSession {
                 "the registry's survivors and dropped do not partition the round's sharers at or above the threshold: nothing revealed",
             ));
         }
+        self.consistent(client, &v, deadline_ms).await?;
         let revealed =
             secagg::reveal(&self.held, &survivors, &dropped).map_err(|e| out(e.to_string()))?;
         let shares: Vec<RevealedShare> = revealed
@@ -328,5 +485,105 @@ impl SecAggSession {
             .secagg_send(&self.job, self.round, &SecAggMessage::Reveal { shares })
             .await?;
         Ok(Some((survivors.len(), dropped.len())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{SecAggKeys, SecAggParticipant};
+    use amicus_bundle::SecretKey;
+
+    fn advertised(station: &str, id: u32, key: &SecretKey) -> SecAggParticipant {
+        let mut keys = SecAggKeys {
+            mask_public: hex::encode([id as u8; 32]),
+            share_public: hex::encode([id as u8 + 1; 32]),
+            self_commitment: hex::encode([7u8; 32]),
+            station_key: Some(key.public().to_pem()),
+            signature: None,
+        };
+        let msg = crate::request::secagg_keys_message("j", 1, id, station, &keys);
+        keys.signature = Some(B64.encode(key.sign(&msg)));
+        SecAggParticipant {
+            id,
+            station: station.into(),
+            keys,
+        }
+    }
+
+    #[test]
+    fn only_signatures_over_the_same_sets_count() {
+        let keys: Vec<SecretKey> = (0..4).map(|_| SecretKey::generate().unwrap()).collect();
+        let peers: BTreeMap<u32, amicus_bundle::PublicKey> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (i as u32, k.public()))
+            .collect();
+        let shown = crate::request::secagg_sets_message("j", 1, &[0, 1, 2], &[3]);
+        // What the registry showed station 2 instead: station 1 dropped.
+        let other = crate::request::secagg_sets_message("j", 1, &[0, 2], &[1, 3]);
+        let sig = |i: usize, m: &[u8]| crate::wire::ConsistencySignature {
+            id: i as u32,
+            station: format!("s{i}"),
+            signature: B64.encode(keys[i].sign(m)),
+        };
+        let got = agreeing(
+            &shown,
+            &[0, 1, 2],
+            &[
+                sig(0, &shown),
+                sig(1, &shown),
+                sig(2, &other),
+                // Station 3 is not a survivor here: its word does not count.
+                sig(3, &shown),
+                crate::wire::ConsistencySignature {
+                    id: 2,
+                    station: "s2".into(),
+                    signature: B64.encode(keys[0].sign(&shown)),
+                },
+            ],
+            &peers,
+        );
+        // 2 signed other sets, 3 is not a survivor, and 0's key does not speak for 2.
+        assert_eq!(got, BTreeSet::from([0, 1]));
+    }
+
+    #[test]
+    fn a_registry_cannot_put_its_own_keys_in_a_round() {
+        let (a, b, registry) = (
+            SecretKey::generate().unwrap(),
+            SecretKey::generate().unwrap(),
+            SecretKey::generate().unwrap(),
+        );
+        let named: StationKeyIds = [("a", &a), ("b", &b)]
+            .iter()
+            .map(|(n, k)| (n.to_string(), k.public().id().to_string()))
+            .collect();
+        let honest = vec![advertised("a", 0, &a), advertised("b", 1, &b)];
+        check_advertisements("j", 1, &honest, &named).unwrap();
+        // b's keys replaced by the registry's, signed with the registry's key.
+        let swapped = vec![advertised("a", 0, &a), advertised("b", 1, &registry)];
+        assert!(check_advertisements("j", 1, &swapped, &named).is_err());
+        // b's mask key changed under b's signature.
+        let mut edited = honest.clone();
+        edited[1].keys.mask_public = hex::encode([9u8; 32]);
+        assert!(check_advertisements("j", 1, &edited, &named).is_err());
+        // Signed for another round or under another id.
+        let other_round = vec![advertised("a", 0, &a), advertised("b", 1, &b)];
+        assert!(check_advertisements("j", 2, &other_round, &named).is_err());
+        let mut moved = honest.clone();
+        moved[1].id = 5;
+        assert!(check_advertisements("j", 1, &moved, &named).is_err());
+        // Unsigned, unnamed, or twice.
+        let mut unsigned = honest.clone();
+        unsigned[1].keys.signature = None;
+        assert!(check_advertisements("j", 1, &unsigned, &named).is_err());
+        let extra = vec![advertised("a", 0, &a), advertised("c", 2, &registry)];
+        assert!(check_advertisements("j", 1, &extra, &named).is_err());
+        let twice = vec![advertised("a", 0, &a), advertised("a", 1, &a)];
+        assert!(check_advertisements("j", 1, &twice, &named).is_err());
+        assert!(check_advertisements("j", 1, &twice, &StationKeyIds::new()).is_err());
+        // Without names from the researcher, the registry's word is taken.
+        check_advertisements("j", 1, &swapped, &StationKeyIds::new()).unwrap();
     }
 }

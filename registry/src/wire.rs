@@ -92,6 +92,29 @@ pub struct NewUser {
     /// A researcher's X25519 public key (PEM): results are sealed to it.
     #[serde(default)]
     pub enc_public_key: Option<String>,
+    /// The token stops working this long after it is made (default: never; rotate it with
+    /// `POST /v1/users/{name}/token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires_in_s: Option<u64>,
+}
+
+/// A new token for a user (`POST /v1/users/{name}/token`): the old one stops working.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// The new token expires this long after it is made (default: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_s: Option<u64>,
+}
+
+/// A new token, shown once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenResponse {
+    pub user: String,
+    pub token: String,
+    /// When it stops working (milliseconds since the epoch), if ever.
+    #[serde(default)]
+    pub expires_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,6 +177,9 @@ pub struct NewTask {
     /// Runs not finished by then expire. Default one day.
     #[serde(default)]
     pub expires_in_s: Option<u64>,
+    /// The researcher's signed request (`request::sign_request`), relayed to the stations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -193,6 +219,9 @@ pub struct WorkItem {
     /// Set when the run is one round of a federated job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<RoundWork>,
+    /// The researcher's signed request for this task or job, as they sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement: Option<String>,
 }
 
 /// What a station needs to run one round of a federated job.
@@ -208,6 +237,29 @@ pub struct RoundWork {
     /// Set for the training rounds of a job with secure aggregation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure_aggregation: Option<SecAggPlan>,
+    /// The whole plan, so that a station can check it against the researcher's signed
+    /// request (the fields above are derived from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Plan>,
+}
+
+impl RoundWork {
+    /// Round `round` of job `job` under `plan`: every field derived from the plan, so that a
+    /// station that verified the plan against the researcher's signed request can rebuild
+    /// what the registry should have sent.
+    pub fn from_plan(job: String, round: u32, plan: Plan) -> RoundWork {
+        RoundWork {
+            job,
+            round,
+            rounds: plan.rounds,
+            proximal_mu: plan.proximal_mu,
+            encoding: plan.encoding,
+            dp: plan.dp,
+            // The evaluation round sends no update, so it has nothing to mask.
+            secure_aggregation: plan.secure_aggregation.filter(|_| round <= plan.rounds),
+            plan: Some(plan),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -230,6 +282,9 @@ pub struct SealedOutput {
     pub name: String,
     /// base64 of `enc || ciphertext` (see `sealed`).
     pub sealed: String,
+    /// The station's signature over it (`request::sign_output`), base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -399,6 +454,13 @@ pub struct SecAggKeys {
     /// A commitment to its self-mask seed (`amicus_fl::secagg`), so a wrongly reconstructed
     /// seed is detected.
     pub self_commitment: String,
+    /// The station's Ed25519 public key (PEM) and its signature over these keys
+    /// (`request::secagg_keys_message`): peers check both against the key ids the
+    /// researcher's signed request names, so the registry cannot put its own keys in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub station_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// A participant as the registry announces it.
@@ -451,6 +513,10 @@ pub enum SecAggMessage {
         mask_public: String,
         share_public: String,
         self_commitment: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        station_key: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signature: Option<String>,
     },
     Shares {
         shares: Vec<SealedShare>,
@@ -458,6 +524,21 @@ pub enum SecAggMessage {
     Reveal {
         shares: Vec<RevealedShare>,
     },
+    /// In the reveal phase, before revealing: the station's signature over the survivors and
+    /// dropped it was shown (`request::secagg_sets_message`). Each station reveals only once
+    /// `threshold` survivors signed the same sets, so a registry cannot show different
+    /// stations different sets and collect both secrets of one station.
+    Consistency {
+        signature: String,
+    },
+}
+
+/// A survivor's signature over the sets it was shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsistencySignature {
+    pub id: u32,
+    pub station: String,
+    pub signature: String,
 }
 
 /// A securely aggregated round as one of its stations sees it.
@@ -477,6 +558,9 @@ pub struct SecAggView {
     pub survivors: Vec<u32>,
     /// Sharers whose masked update did not arrive.
     pub dropped: Vec<u32>,
+    /// In the reveal phase: the survivors' signatures over the sets they were shown.
+    #[serde(default)]
+    pub consistency: Vec<ConsistencySignature>,
 }
 
 fn default_min_stations() -> u32 {
@@ -541,6 +625,9 @@ pub struct NewJob {
     pub plan: Plan,
     /// base64 of the initial global weights (`amicus_fl::wire` weight set).
     pub weights: String,
+    /// The researcher's signed request (`request::sign_request`), relayed to the stations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

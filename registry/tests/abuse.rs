@@ -41,6 +41,7 @@ async fn start(limits: Limits, opts: ServeOptions) -> Service {
     let admin_token = server::add_user(
         &db,
         &NewUser {
+            token_expires_in_s: None,
             name: "root".into(),
             role: Role::Admin,
             station: None,
@@ -231,6 +232,7 @@ async fn callers_over_their_rate_wait_and_others_do_not() {
     let admin = PersonClient::new(&s.url(), &s.admin_token).unwrap();
     let bob = admin
         .add_user(&NewUser {
+            token_expires_in_s: None,
             name: "bob".into(),
             role: Role::Auditor,
             station: None,

@@ -20,6 +20,7 @@ struct Harness {
     url: String,
     db: Db,
     admin: PersonClient,
+    admin_token: String,
     /// Researcher alice, with her decryption key.
     alice: PersonClient,
     alice_token: String,
@@ -81,6 +82,7 @@ async fn start(db_url: &str, limits: Limits) -> Harness {
     let admin_token = server::add_user(
         &db,
         &NewUser {
+            token_expires_in_s: None,
             name: "root".into(),
             role: Role::Admin,
             station: None,
@@ -91,6 +93,7 @@ async fn start(db_url: &str, limits: Limits) -> Harness {
     .unwrap()
     .token;
     let admin = PersonClient::new(&url, &admin_token).unwrap();
+    let admin_token = admin_token.to_string();
     let st1_key = SecretKey::generate().unwrap();
     let st2_key = SecretKey::generate().unwrap();
     for (name, k) in [("st1", &st1_key), ("st2", &st2_key)] {
@@ -104,6 +107,7 @@ async fn start(db_url: &str, limits: Limits) -> Harness {
     }
     let alice_key = RecipientKey::generate();
     let mk = |name: &str, role: Role, station: Option<&str>, enc: Option<String>| NewUser {
+        token_expires_in_s: None,
         name: name.into(),
         role,
         station: station.map(str::to_string),
@@ -152,6 +156,7 @@ async fn start(db_url: &str, limits: Limits) -> Harness {
         url,
         db,
         admin,
+        admin_token,
         alice,
         alice_token,
         alice_key,
@@ -195,6 +200,7 @@ async fn refused<T: std::fmt::Debug>(
 async fn new_task(h: &Harness, stations: &[&str]) -> TaskInfo {
     h.alice
         .create_task(&NewTask {
+            statement: None,
             train: h.train.clone(),
             stations: stations.iter().map(|s| s.to_string()).collect(),
             params: Some(serde_json::json!({"tables": ["modality"]})),
@@ -258,6 +264,7 @@ async fn lifecycle_and_sealed_results(h: &Harness) {
         .result(
             &item.run,
             vec![SealedOutput {
+                signature: None,
                 name: "summary.json".into(),
                 sealed: B64.encode(&sealed),
             }],
@@ -322,6 +329,7 @@ async fn people_and_scopes(h: &Harness) {
     refused(h, h.alice.station_runs("st1").await, 403, "forbidden").await;
     // Only admins add people and stations; only researchers create tasks.
     let nu = NewUser {
+        token_expires_in_s: None,
         name: "eve".into(),
         role: Role::Admin,
         station: None,
@@ -334,6 +342,7 @@ async fn people_and_scopes(h: &Harness) {
     };
     refused(h, h.owner1.add_station(&ns).await, 403, "forbidden").await;
     let nt = NewTask {
+        statement: None,
         train: h.train.clone(),
         stations: vec!["st1".into()],
         params: None,
@@ -389,16 +398,19 @@ async fn people_and_scopes(h: &Harness) {
     )
     .await;
     let unknown = NewTask {
+        statement: None,
         train: "0".repeat(64),
         ..nt.clone()
     };
     refused(h, h.alice.create_task(&unknown).await, 404, "not_found").await;
     let nowhere = NewTask {
+        statement: None,
         stations: vec!["st404".into()],
         ..nt.clone()
     };
     refused(h, h.alice.create_task(&nowhere).await, 404, "not_found").await;
     let twice = NewTask {
+        statement: None,
         stations: vec!["st1".into(), "st1".into()],
         ..nt.clone()
     };
@@ -429,6 +441,7 @@ async fn people_and_scopes(h: &Harness) {
 async fn alice_token(h: &Harness) -> String {
     let name = format!("r{}", amicus_registry::db::random_id());
     let u = NewUser {
+        token_expires_in_s: None,
         name: name[..20].to_string(),
         role: Role::Researcher,
         station: None,
@@ -780,6 +793,7 @@ async fn long_poll_and_expiry(h: &Harness) {
     let short = h
         .alice
         .create_task(&NewTask {
+            statement: None,
             train: h.train.clone(),
             stations: vec!["st1".into()],
             params: None,
@@ -805,6 +819,295 @@ async fn long_poll_and_expiry(h: &Harness) {
         "conflict",
     )
     .await;
+}
+
+/// Tokens expire, are revoked and rotated; a signed request must ask for what the task
+/// asks, and stations' output signatures travel to the researcher.
+async fn tokens_and_signed_requests(h: &Harness) {
+    let unauthorized = |r: Result<UserInfo, ClientError>, says: &str| match r {
+        Err(ClientError::Api {
+            status: 401,
+            message,
+            ..
+        }) => assert!(message.contains(says), "{message}"),
+        other => panic!("expected 401 ({says}), got {other:?}"),
+    };
+    let mk = |name: &str, expires: Option<u64>| NewUser {
+        name: name.into(),
+        role: Role::Researcher,
+        station: None,
+        enc_public_key: None,
+        token_expires_in_s: expires,
+    };
+    // Expiry.
+    let brief = h.admin.add_user(&mk("brief", Some(1))).await.unwrap();
+    let brief = PersonClient::new(&h.url, &brief.token).unwrap();
+    brief.me().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    unauthorized(brief.me().await, "expired");
+    refused(
+        h,
+        h.admin
+            .add_user(&mk("forever", Some(20 * 365 * 86_400)))
+            .await,
+        400,
+        "bad_request",
+    )
+    .await;
+    // Rotation by oneself: the old token stops working.
+    let tom = h.admin.add_user(&mk("tom", None)).await.unwrap();
+    let old = PersonClient::new(&h.url, &tom.token).unwrap();
+    let made = old
+        .rotate_token(
+            "tom",
+            &TokenRequest {
+                expires_in_s: Some(3600),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(made.expires_ms.is_some() && made.token != tom.token);
+    unauthorized(old.me().await, "unknown token");
+    let tom = PersonClient::new(&h.url, &made.token).unwrap();
+    assert_eq!(tom.me().await.unwrap().name, "tom");
+    // Nobody but an admin changes another's token.
+    refused(
+        h,
+        tom.rotate_token("alice", &TokenRequest::default()).await,
+        403,
+        "forbidden",
+    )
+    .await;
+    refused(h, tom.revoke_token("alice").await, 403, "forbidden").await;
+    h.alice.me().await.unwrap();
+    // Revocation, then an admin's rotation gives a working token again.
+    h.admin.revoke_token("tom").await.unwrap();
+    unauthorized(tom.me().await, "revoked");
+    let again = h
+        .admin
+        .rotate_token("tom", &TokenRequest::default())
+        .await
+        .unwrap();
+    let tom = PersonClient::new(&h.url, &again.token).unwrap();
+    tom.me().await.unwrap();
+    refused(
+        h,
+        h.admin
+            .rotate_token("nobody", &TokenRequest::default())
+            .await,
+        404,
+        "not_found",
+    )
+    .await;
+    refused(
+        h,
+        h.admin
+            .rotate_token(
+                "tom",
+                &TokenRequest {
+                    expires_in_s: Some(0),
+                },
+            )
+            .await,
+        400,
+        "bad_request",
+    )
+    .await;
+    assert!(matches!(
+        h.admin.revoke_token("../users").await,
+        Err(ClientError::Url(_))
+    ));
+    // The trail says who changed which token; never the token.
+    let trail = h.db.audit_entries().await.unwrap();
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.action == "token-rotate" && e.target == "tom")
+    );
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.action == "token-revoke" && e.target == "tom")
+    );
+    assert!(!trail.iter().any(|e| e.outcome.contains(&again.token)));
+
+    // A signed request is checked against the task it comes with.
+    use amicus_registry::request::{RequestStatement, nonce, sign_request};
+    let researcher = SecretKey::generate().unwrap();
+    let params = serde_json::json!({"tables": ["modality"]});
+    let statement = |params: &serde_json::Value, stations: &[&str], key: &RecipientKey| {
+        sign_request(
+            &researcher,
+            &RequestStatement {
+                kind: "task".into(),
+                researcher: "alice".into(),
+                train: h.train.clone(),
+                params_sha256: amicus_bundle::sha256(params.to_string().as_bytes()).to_hex(),
+                stations: stations.iter().map(|s| s.to_string()).collect(),
+                recipient_key_sha256: key.public().fingerprint(),
+                plan_sha256: None,
+                initial_weights_sha256: None,
+                station_keys: Default::default(),
+                expires_ms: amicus_registry::db::now_ms() + 2 * 86_400_000,
+                nonce: nonce(),
+            },
+        )
+    };
+    let task = |st: String| NewTask {
+        train: h.train.clone(),
+        stations: vec!["st1".into()],
+        params: Some(params.clone()),
+        expires_in_s: None,
+        statement: Some(st),
+    };
+    let other_key = RecipientKey::generate();
+    for bad in [
+        statement(
+            &serde_json::json!({"tables": ["roi"]}),
+            &["st1"],
+            &h.alice_key,
+        ),
+        statement(&params, &["st1", "st2"], &h.alice_key),
+        statement(&params, &["st1"], &other_key),
+        "{\"payloadType\": \"x\"}".to_string(),
+        "not a signed request".to_string(),
+    ] {
+        refused(h, h.alice.create_task(&task(bad)).await, 400, "bad_request").await;
+    }
+    let signed = statement(&params, &["st1"], &h.alice_key);
+    let t = h.alice.create_task(&task(signed.clone())).await.unwrap();
+    let work = h.st1.work(0).await.unwrap();
+    let item = work.iter().find(|w| w.task == t.id).unwrap();
+    assert_eq!(item.statement.as_deref(), Some(signed.as_str()));
+    // The station's signature over an output reaches the researcher as the station sent it.
+    h.st1
+        .report(&item.run, RunState::Running, None)
+        .await
+        .unwrap();
+    let ctx = SealContext {
+        task: &t.id,
+        run: &item.run,
+        station: "st1",
+        output: "summary.json",
+    };
+    let sealed = seal(
+        &amicus_registry::sealed::RecipientPublicKey::from_pem(&item.recipient_key, "t").unwrap(),
+        &ctx,
+        b"{}",
+    )
+    .unwrap();
+    let sig = amicus_registry::request::sign_output(&h.st1_key, &ctx, &sealed);
+    let too_long = SealedOutput {
+        name: "summary.json".into(),
+        sealed: B64.encode(&sealed),
+        signature: Some("A".repeat(300)),
+    };
+    refused(
+        h,
+        h.st1.result(&item.run, vec![too_long]).await,
+        400,
+        "bad_request",
+    )
+    .await;
+    h.st1
+        .result(
+            &item.run,
+            vec![SealedOutput {
+                name: "summary.json".into(),
+                sealed: B64.encode(&sealed),
+                signature: Some(sig.clone()),
+            }],
+        )
+        .await
+        .unwrap();
+    let results = h.alice.results(&t.id).await.unwrap();
+    let out = &results.runs[0].outputs[0];
+    assert_eq!(out.signature.as_deref(), Some(sig.as_str()));
+    assert!(amicus_registry::request::verify_output(
+        &h.st1_key.public(),
+        &ctx,
+        &B64.decode(&out.sealed).unwrap(),
+        &sig
+    ));
+}
+
+/// Every list is paged: `limit` and `after`, a `Link: rel="next"` while more remain; the
+/// client follows the links.
+async fn pagination(h: &Harness) {
+    let http = amicus_registry::client::http(Duration::from_secs(60));
+    let get = |path: String, token: String| {
+        let http = http.clone();
+        let url = format!("{}{path}", h.url);
+        async move {
+            let r = http.get(url).bearer_auth(token).send().await.unwrap();
+            let status = r.status().as_u16();
+            let link = r
+                .headers()
+                .get("link")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body: serde_json::Value = r.json().await.unwrap();
+            (status, link, body)
+        }
+    };
+    let all = h.alice.tasks().await.unwrap();
+    assert!(all.len() >= 5, "{}", all.len());
+    let mut seen = Vec::new();
+    let mut next = Some("/v1/tasks?limit=2".to_string());
+    let mut pages = 0;
+    while let Some(p) = next.take() {
+        let (status, link, body) = get(p, h.alice_token.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        let items = body.as_array().unwrap();
+        assert!(items.len() <= 2);
+        seen.extend(items.iter().map(|t| t["id"].as_str().unwrap().to_string()));
+        next = link.map(|l| {
+            amicus_registry::server::page::next_link(&l)
+                .unwrap()
+                .to_string()
+        });
+        pages += 1;
+        assert!(pages <= all.len(), "pages never end");
+    }
+    let ids: Vec<String> = all.iter().map(|t| t.id.clone()).collect();
+    assert_eq!(seen, ids);
+    // The trail by sequence number.
+    let (status, link, body) = get("/v1/audit?limit=3".into(), h.admin_token.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.as_array().unwrap().len(), 3);
+    assert_eq!(body[0]["seq"], 0);
+    let last = body[2]["seq"].as_i64().unwrap();
+    assert!(link.unwrap().contains(&format!("after={last}")));
+    let (_, _, body) = get(
+        format!("/v1/audit?limit=3&after={last}"),
+        h.admin_token.clone(),
+    )
+    .await;
+    assert_eq!(body[0]["seq"], last + 1);
+    // The client follows the links to the whole trail (more than one default page).
+    for i in 0..amicus_registry::server::page::DEFAULT_PAGE {
+        h.db.audit("test", "filler", &i.to_string(), "ok")
+            .await
+            .unwrap();
+    }
+    let whole = h.auditor.registry_audit().await.unwrap();
+    assert_eq!(whole.len(), h.db.audit_entries().await.unwrap().len());
+    assert!(whole.len() > 500, "{}", whole.len());
+    verify_registry_trail(&whole).unwrap();
+    // Bad pages are refused in the one error shape.
+    for bad in [
+        "/v1/tasks?limit=0",
+        "/v1/tasks?limit=5000",
+        "/v1/tasks?after=..%2Fx",
+        "/v1/tasks?after=nosuchtask",
+        "/v1/audit?after=three",
+    ] {
+        let (status, _, body) = get(bad.into(), h.admin_token.clone()).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body["error"]["code"].is_string(), "{bad}: {body}");
+    }
+    // Paging hides nothing a caller may not see: bob's pages hold none of alice's tasks.
+    let bob: Vec<TaskInfo> = h.bob.tasks().await.unwrap();
+    assert!(bob.iter().all(|t| t.researcher == "bob"));
 }
 
 async fn trail_and_openapi(h: &Harness) {
@@ -877,6 +1180,7 @@ fn plan(rounds: u32, min_stations: u32, strategy: Strategy) -> Plan {
 async fn new_job(h: &Harness, stations: &[&str], plan: Plan, initial: &[f32]) -> JobInfo {
     h.alice
         .create_job(&NewJob {
+            statement: None,
             train: h.train.clone(),
             stations: stations.iter().map(|s| s.to_string()).collect(),
             params: None,
@@ -941,6 +1245,7 @@ async fn federated_jobs(h: &Harness) {
 
     // Plans that cannot run are refused.
     let bad = NewJob {
+        statement: None,
         train: h.train.clone(),
         stations: vec!["st1".into()],
         params: None,
@@ -949,6 +1254,7 @@ async fn federated_jobs(h: &Harness) {
     };
     refused(h, h.alice.create_job(&bad).await, 400, "bad_request").await;
     let bad_weights = NewJob {
+        statement: None,
         plan: plan(1, 1, Strategy::FedAvg),
         weights: B64.encode(b"not weights"),
         ..bad.clone()
@@ -964,6 +1270,7 @@ async fn federated_jobs(h: &Harness) {
         h,
         h.bob
             .create_job(&NewJob {
+                statement: None,
                 stations: vec!["nowhere".into()],
                 ..bad.clone()
             })
@@ -1187,7 +1494,7 @@ async fn secure_aggregation(h: &Harness) {
         })
         .await
         .unwrap();
-    let st4 = StationClient::new(&h.url, st4_key).unwrap();
+    let st4 = StationClient::new(&h.url, st4_key.clone()).unwrap();
     let three = ["st1", "st2", "st4"];
 
     // Plans that would need individual updates, or cannot keep the threshold, are refused.
@@ -1215,6 +1522,7 @@ async fn secure_aggregation(h: &Harness) {
         let r = h
             .alice
             .create_job(&NewJob {
+                statement: None,
                 train: h.train.clone(),
                 stations: three.iter().map(|s| s.to_string()).collect(),
                 params: None,
@@ -1265,10 +1573,21 @@ async fn secure_aggregation(h: &Harness) {
     refused(h, st5.secagg_view(&job.id, 1).await, 403, "forbidden").await;
     let deadline = amicus_registry::db::now_ms() + 60_000;
     let plan = base.secure_aggregation.unwrap();
+    // Each station signs its round keys; each checks the others' against the key ids the
+    // researcher's request names.
+    let named: std::collections::BTreeMap<String, String> =
+        [("st1", &h.st1_key), ("st2", &h.st2_key), ("st4", &st4_key)]
+            .iter()
+            .map(|(n, k)| (n.to_string(), k.public().id().to_string()))
+            .collect();
     let (s1, s2, s4) = tokio::join!(
-        join(&h.st1, &job.id, 1, plan, deadline),
-        join(&h.st2, &job.id, 1, plan, deadline),
-        join(&st4, &job.id, 1, plan, deadline),
+        join(
+            &h.st1, &h.st1_key, "st1", &named, &job.id, 1, plan, deadline
+        ),
+        join(
+            &h.st2, &h.st2_key, "st2", &named, &job.id, 1, plan, deadline
+        ),
+        join(&st4, &st4_key, "st4", &named, &job.id, 1, plan, deadline),
     );
     let (s1, s2, _s4) = (s1.unwrap(), s2.unwrap(), s4.unwrap());
     let view = h.st1.secagg_view(&job.id, 1).await.unwrap();
@@ -1287,6 +1606,8 @@ async fn secure_aggregation(h: &Harness) {
                 mask_public: hex::encode([9u8; 32]),
                 share_public: hex::encode([9u8; 32]),
                 self_commitment: hex::encode([9u8; 32]),
+                station_key: None,
+                signature: None,
             },
         )
         .await,
@@ -1366,8 +1687,40 @@ async fn secure_aggregation(h: &Harness) {
         "forbidden",
     )
     .await;
-    assert_eq!(s1.reveal(&h.st1, deadline).await.unwrap(), Some((2, 1)));
-    assert_eq!(s2.reveal(&h.st2, deadline).await.unwrap(), Some((2, 1)));
+    // Only survivors sign the sets, with a signature of sane size.
+    refused(
+        h,
+        st4.secagg_send(
+            &job.id,
+            1,
+            &SecAggMessage::Consistency {
+                signature: "AAAA".into(),
+            },
+        )
+        .await,
+        403,
+        "forbidden",
+    )
+    .await;
+    refused(
+        h,
+        h.st1
+            .secagg_send(
+                &job.id,
+                1,
+                &SecAggMessage::Consistency {
+                    signature: "A".repeat(300),
+                },
+            )
+            .await,
+        400,
+        "bad_request",
+    )
+    .await;
+    // Each survivor signs the sets it was shown and reveals once the threshold signed the same.
+    let (r1, r2) = tokio::join!(s1.reveal(&h.st1, deadline), s2.reveal(&h.st2, deadline));
+    assert_eq!(r1.unwrap(), Some((2, 1)));
+    assert_eq!(r2.unwrap(), Some((2, 1)));
     let info = h.alice.job(&job.id).await.unwrap();
     assert_eq!(info.state, JobState::Done, "{:?}", info.reason);
     // (10·[1,0,0,2] + 20·[4,3,0,−1]) / 30 = [3, 2, 0, 0], from masked updates only.
@@ -1399,9 +1752,10 @@ async fn secure_aggregation(h: &Harness) {
     let r1 = start_round(&h.st1, &job.id).await;
     let r2 = start_round(&h.st2, &job.id).await;
     let plan = secagg_plan(1, 2, 1).secure_aggregation.unwrap();
+    let none = Default::default();
     let (s1, s2) = tokio::join!(
-        join(&h.st1, &job.id, 1, plan, deadline),
-        join(&h.st2, &job.id, 1, plan, deadline),
+        join(&h.st1, &h.st1_key, "st1", &none, &job.id, 1, plan, deadline),
+        join(&h.st2, &h.st2_key, "st2", &none, &job.id, 1, plan, deadline),
     );
     let (s1, _s2) = (s1.unwrap(), s2.unwrap());
     let view = h.st1.secagg_view(&job.id, 1).await.unwrap();
@@ -1440,6 +1794,7 @@ async fn secure_aggregation(h: &Harness) {
 /// service: each is refused or contained, and the registry goes on.
 async fn robustness(h: &Harness) {
     let job_with = |plan: Plan| NewJob {
+        statement: None,
         train: h.train.clone(),
         stations: vec!["st1".into(), "st2".into()],
         params: None,
@@ -1502,6 +1857,7 @@ async fn robustness(h: &Harness) {
     let job = h
         .alice
         .create_job(&NewJob {
+            statement: None,
             stations: vec!["st1".into()],
             ..job_with(plan(2, 1, Strategy::FedAvg))
         })
@@ -1537,6 +1893,7 @@ async fn robustness(h: &Harness) {
     let short = h
         .alice
         .create_task(&NewTask {
+            statement: None,
             train: h.train.clone(),
             stations: vec!["st2".into()],
             params: None,
@@ -1598,6 +1955,7 @@ async fn robustness(h: &Harness) {
     // answer again; the same key with another request is refused.
     let before = h.alice.tasks().await.unwrap().len();
     let body = serde_json::to_vec(&NewTask {
+        statement: None,
         train: h.train.clone(),
         stations: vec!["st1".into()],
         params: None,
@@ -1664,6 +2022,8 @@ async fn suite(db_url: &str) {
     federated_jobs(&h).await;
     secure_aggregation(&h).await;
     robustness(&h).await;
+    tokens_and_signed_requests(&h).await;
+    pagination(&h).await;
     trail_and_openapi(&h).await;
     // Reconnecting applies no migration twice.
     Db::connect(db_url).await.unwrap();

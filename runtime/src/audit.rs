@@ -100,6 +100,30 @@ pub enum Event {
         name: String,
         keyid: String,
     },
+    /// The data owner trusts a researcher's key for signed requests.
+    ResearcherTrusted {
+        name: String,
+        keyid: String,
+    },
+    /// A request from the registry carried a trusted researcher's signature and asks for
+    /// exactly what the registry delivered (`amicus_registry::request`).
+    RequestVerified {
+        /// The registry's run id.
+        registry_run: String,
+        task: String,
+        job: Option<String>,
+        round: Option<u32>,
+        researcher: String,
+        keyid: String,
+        statement_sha256: Digest,
+    },
+    /// The global weights a round of a federated job starts from, as received.
+    GlobalWeightsReceived {
+        job: String,
+        round: u32,
+        bytes: u64,
+        sha256: Digest,
+    },
     DigestApproved {
         digest: Digest,
         train: Option<String>,
@@ -288,6 +312,21 @@ impl Event {
             | Event::UpdateMasked { job, .. }
             | Event::SharesRevealed { job, .. } => cut(job),
             Event::IndexQueried { outcome, .. } => cut(outcome),
+            Event::RequestVerified {
+                registry_run,
+                task,
+                job,
+                researcher,
+                ..
+            } => {
+                cut(registry_run);
+                cut(task);
+                cut(researcher);
+                if let Some(j) = job {
+                    cut(j);
+                }
+            }
+            Event::GlobalWeightsReceived { job, .. } => cut(job),
             Event::HeldOutputsDecided {
                 reason: Some(r), ..
             } => cut(r),

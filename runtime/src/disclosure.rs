@@ -37,6 +37,25 @@ pub enum PublicEvent {
         name: String,
         keyid: String,
     },
+    ResearcherTrusted {
+        name: String,
+        keyid: String,
+    },
+    RequestVerified {
+        registry_run: String,
+        task: String,
+        job: Option<String>,
+        round: Option<u32>,
+        researcher: String,
+        keyid: String,
+        statement_sha256: Digest,
+    },
+    GlobalWeightsReceived {
+        job: String,
+        round: u32,
+        bytes: u64,
+        sha256: Digest,
+    },
     DigestApproved {
         digest: Digest,
         train: Option<String>,
@@ -189,6 +208,36 @@ pub fn public(event: &Event) -> Option<PublicEvent> {
             PublicEvent::StationInitialised { station_key }
         }
         Event::SignerTrusted { name, keyid } => PublicEvent::SignerTrusted { name, keyid },
+        Event::ResearcherTrusted { name, keyid } => PublicEvent::ResearcherTrusted { name, keyid },
+        // Fixed by the researcher's request and the registry before any data is read.
+        Event::RequestVerified {
+            registry_run,
+            task,
+            job,
+            round,
+            researcher,
+            keyid,
+            statement_sha256,
+        } => PublicEvent::RequestVerified {
+            registry_run,
+            task,
+            job,
+            round,
+            researcher,
+            keyid,
+            statement_sha256,
+        },
+        Event::GlobalWeightsReceived {
+            job,
+            round,
+            bytes,
+            sha256,
+        } => PublicEvent::GlobalWeightsReceived {
+            job,
+            round,
+            bytes,
+            sha256,
+        },
         Event::DigestApproved {
             digest,
             train,

@@ -235,6 +235,10 @@ pub struct OutputCaps {
     pub hold_for_release: bool,
 }
 
+fn default_true() -> bool {
+    true
+}
+
 fn default_max_audit_bytes() -> u64 {
     1 << 20
 }
@@ -246,6 +250,11 @@ pub struct Policy {
     pub required_signatures: usize,
     /// Whether the data owner must approve each bundle digest before it may run.
     pub require_approval: bool,
+    /// Whether work from a registry (tasks, rounds of jobs) must carry the request of a
+    /// researcher in `trusted_researchers`, signed, asking for exactly what the registry
+    /// delivered. On by default: without it the station trusts the registry with what runs.
+    #[serde(default = "default_true")]
+    pub require_signed_requests: bool,
     /// Capabilities trains may use on this station.
     pub allowed_capabilities: Vec<Capability>,
     pub caps: ResourceCaps,
@@ -262,6 +271,9 @@ pub struct Policy {
     pub worker: WorkerPolicy,
     #[serde(default)]
     pub trusted_signers: Vec<Signer>,
+    /// Researchers whose signed requests this station acts on.
+    #[serde(default)]
+    pub trusted_researchers: Vec<Signer>,
     #[serde(default)]
     pub approved: Vec<Approval>,
 }
@@ -271,6 +283,7 @@ impl Default for Policy {
         Policy {
             required_signatures: 1,
             require_approval: true,
+            require_signed_requests: true,
             allowed_capabilities: vec![Capability::Cohort],
             caps: ResourceCaps {
                 fuel: 50_000_000_000,
@@ -290,6 +303,7 @@ impl Default for Policy {
             kernels: KernelsPolicy::default(),
             worker: WorkerPolicy::default(),
             trusted_signers: Vec::new(),
+            trusted_researchers: Vec::new(),
             approved: Vec::new(),
         }
     }
@@ -539,6 +553,38 @@ impl Policy {
                     })
             })
             .collect()
+    }
+
+    /// The researchers whose signed requests this station acts on.
+    pub fn researcher_keys(&self) -> Vec<TrustedKey> {
+        self.trusted_researchers
+            .iter()
+            .filter_map(|s| {
+                PublicKey::from_pem(&s.key, &s.name)
+                    .ok()
+                    .map(|key| TrustedKey {
+                        name: s.name.clone(),
+                        key,
+                    })
+            })
+            .collect()
+    }
+
+    /// Act on requests signed by `key`, known as `name`.
+    pub fn trust_researcher(&mut self, name: &str, key: &PublicKey) -> Result<(), PolicyError> {
+        for t in self.researcher_keys() {
+            if t.key == *key {
+                return Err(PolicyError::AlreadyTrusted(key.id().to_string()));
+            }
+            if t.name == name {
+                return Err(PolicyError::NameTaken(name.to_string()));
+            }
+        }
+        self.trusted_researchers.push(Signer {
+            name: name.to_string(),
+            key: key.to_pem(),
+        });
+        Ok(())
     }
 
     /// Trust `key` under `name`.

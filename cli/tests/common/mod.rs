@@ -44,6 +44,8 @@ pub fn command() -> Command {
         "no_proxy",
         "AMICUS_PROXY",
         "AMICUS_CA_FILE",
+        "AMICUS_SIGN_KEY",
+        "AMICUS_RECIPIENT_KEY",
     ] {
         c.env_remove(v);
     }

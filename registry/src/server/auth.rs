@@ -198,6 +198,15 @@ pub(super) async fn authenticate(
             .user_by_token(&token_hash(token.trim()))
             .await?
             .ok_or_else(|| unauth("unknown token"))?;
+        if user.revoked_ms.is_some() {
+            return Err(unauth("this token was revoked"));
+        }
+        if user
+            .token_expires_ms
+            .is_some_and(|t| t <= crate::db::now_ms())
+        {
+            return Err(unauth("this token expired; ask an admin for a new one"));
+        }
         let caller = Caller::Person(Arc::new(user));
         return match auth {
             Auth::People(roles) if caller.role().is_some_and(|r| roles.contains(&r)) => {
@@ -371,13 +380,9 @@ where
 }
 
 /// Creating requests a client may retry safely with an `Idempotency-Key` header.
-const IDEMPOTENT_ACTIONS: &[&str] = &[
-    "user-add",
-    "station-add",
-    "train-upload",
-    "task-create",
-    "job-create",
-];
+/// Never an action whose answer carries a secret (`user-add`, `token-rotate` answer with a
+/// token): answers are stored for a day.
+const IDEMPOTENT_ACTIONS: &[&str] = &["station-add", "train-upload", "task-create", "job-create"];
 
 /// How long a first request may take before its key is free again (its request died with a
 /// registry replica).

@@ -196,7 +196,24 @@ pub(super) async fn create_job(State(app): State<App>, req: Request) -> Response
                 reason: None,
                 created_ms: now,
                 updated_ms: now,
+                statement: new.statement.clone(),
             };
+            if let Some(s) = &new.statement {
+                // A job's rounds expire one after another; its request must outlive them all.
+                let last =
+                    now + (i64::from(job.plan.rounds) + 1) * job.plan.round_seconds as i64 * 1000;
+                check_statement(
+                    s,
+                    "job",
+                    &job.train,
+                    &job.params,
+                    &job.stations,
+                    &job.recipient_key,
+                    last,
+                    Some(&job.plan),
+                    Some(&weights),
+                )?;
+            }
             let initial = crate::db::Checkpoint {
                 round: 0,
                 weights,
@@ -263,15 +280,17 @@ pub(super) async fn list_jobs(State(app): State<App>, req: Request) -> Response 
         req,
         0,
         Auth::People(roles),
-        |app, _, c| async move {
+        |app, r, c| async move {
             let caller = c.expect("authenticated");
+            let page = super::page::page(&r)?;
             let who =
                 (caller.role() == Some(Role::Researcher)).then(|| caller.person().name.clone());
+            let rows = page.skip(app.db.jobs(who.as_deref()).await?, |j| &j.id)?;
             let mut out = Vec::new();
-            for j in app.db.jobs(who.as_deref()).await? {
+            for j in rows.into_iter().take(page.limit.saturating_add(1)) {
                 out.push(job_info(&app, j).await?);
             }
-            Ok(json(&out))
+            Ok(page.answer(&r, out, |j| j.id.clone()))
         },
     )
     .await

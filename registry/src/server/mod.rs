@@ -34,6 +34,7 @@ use tokio::sync::Notify;
 mod auth;
 mod jobs;
 mod listen;
+pub mod page;
 mod people;
 mod secagg;
 mod station;
@@ -41,6 +42,7 @@ mod throttle;
 
 use auth::*;
 use jobs::*;
+use page::page;
 use people::*;
 use secagg::*;
 use station::*;
@@ -59,6 +61,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/me"),
     ("get", "/v1/users"),
     ("post", "/v1/users"),
+    ("post", "/v1/users/{name}/token"),
+    ("delete", "/v1/users/{name}/token"),
     ("get", "/v1/stations"),
     ("post", "/v1/stations"),
     ("get", "/v1/stations/{name}/runs"),
@@ -386,6 +390,10 @@ pub fn router(app: App) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/me", get(me))
         .route("/v1/users", get(list_users).post(create_user))
+        .route(
+            "/v1/users/{name}/token",
+            post(people::post_token).delete(people::delete_token),
+        )
         .route("/v1/stations", get(list_stations).post(create_station))
         .route("/v1/stations/{name}/runs", get(station_runs))
         .route("/v1/stations/{name}/audit", get(station_audit))

@@ -32,10 +32,8 @@ pub async fn add_user(db: &Db, new: &NewUser) -> Result<NewUserResponse, ApiErro
         crate::sealed::RecipientPublicKey::from_pem(pem, "enc_public_key")
             .map_err(|e| bad_request(e.to_string()))?;
     }
-    let mut raw = [0u8; 32];
-    getrandom::fill(&mut raw)
-        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    let token = format!("amicus_{}", hex::encode(raw));
+    let expires_ms = token_expiry(new.token_expires_in_s)?;
+    let token = new_token()?;
     if !db
         .insert_user(
             &new.name,
@@ -43,6 +41,7 @@ pub async fn add_user(db: &Db, new: &NewUser) -> Result<NewUserResponse, ApiErro
             new.station.as_deref(),
             &token_hash(&token),
             new.enc_public_key.as_deref(),
+            expires_ms,
         )
         .await?
     {
@@ -87,6 +86,121 @@ pub(super) async fn me(State(app): State<App>, req: Request) -> Response {
     .await
 }
 
+/// Longest a token may be made to last: ten years.
+const MAX_TOKEN_SECONDS: u64 = 10 * 365 * 86_400;
+
+fn token_expiry(expires_in_s: Option<u64>) -> Result<Option<i64>, ApiError> {
+    match expires_in_s {
+        None => Ok(None),
+        Some(s) if s == 0 || s > MAX_TOKEN_SECONDS => {
+            Err(bad_request("a token expires in 1 s to 10 years"))
+        }
+        Some(s) => Ok(Some(crate::db::now_ms() + s as i64 * 1000)),
+    }
+}
+
+fn new_token() -> Result<String, ApiError> {
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw)
+        .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    Ok(format!("amicus_{}", hex::encode(raw)))
+}
+
+/// Give `name` a new token (`amicus registry user add` has made the first). The old token
+/// stops working at once.
+pub async fn rotate_token(
+    db: &Db,
+    name: &str,
+    req: &TokenRequest,
+) -> Result<TokenResponse, ApiError> {
+    let expires_ms = token_expiry(req.expires_in_s)?;
+    let token = new_token()?;
+    if !db
+        .rotate_token(name, &token_hash(&token), expires_ms)
+        .await?
+    {
+        return Err(not_found(format!("no user {name:?}")));
+    }
+    Ok(TokenResponse {
+        user: name.to_string(),
+        token,
+        expires_ms,
+    })
+}
+
+/// Admins for anyone, everyone for themselves.
+fn may_manage_token(c: &Caller, name: &str) -> Result<(), ApiError> {
+    let me = c.person();
+    if me.role == Role::Admin.as_str() || me.name == name {
+        Ok(())
+    } else {
+        Err(forbidden("only an admin may change another person's token"))
+    }
+}
+
+pub(super) async fn post_token(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response {
+    let limit = app.limits.json_bytes;
+    handle(
+        app,
+        "token-rotate",
+        req,
+        limit,
+        Auth::People(ANY_PERSON),
+        |app, r, c| async move {
+            let c = c.expect("authenticated");
+            may_manage_token(&c, &name)?;
+            let body: TokenRequest = if r.body.is_empty() {
+                TokenRequest::default()
+            } else {
+                r.parse()?
+            };
+            let made = rotate_token(&app.db, &name, &body).await?;
+            let until = made
+                .expires_ms
+                .map(|t| format!(", expires {t}"))
+                .unwrap_or_default();
+            trail(
+                &app,
+                &c.label(),
+                "token-rotate",
+                &name,
+                &format!("ok{until}"),
+            )
+            .await;
+            Ok((StatusCode::CREATED, axum::Json(made)).into_response())
+        },
+    )
+    .await
+}
+
+pub(super) async fn delete_token(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response {
+    handle(
+        app,
+        "token-revoke",
+        req,
+        0,
+        Auth::People(ANY_PERSON),
+        |app, _, c| async move {
+            let c = c.expect("authenticated");
+            may_manage_token(&c, &name)?;
+            if !app.db.revoke_token(&name).await? {
+                return Err(not_found(format!("no user {name:?}")));
+            }
+            trail(&app, &c.label(), "token-revoke", &name, "ok").await;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        },
+    )
+    .await
+}
+
 pub(super) async fn list_users(State(app): State<App>, req: Request) -> Response {
     let limit = 0;
     handle(
@@ -95,9 +209,11 @@ pub(super) async fn list_users(State(app): State<App>, req: Request) -> Response
         req,
         limit,
         Auth::People(&[Role::Admin]),
-        |app, _, _| async move {
+        |app, r, _| async move {
+            let page = page(&r)?;
             let users: Vec<UserInfo> = app.db.users().await?.iter().map(user_info).collect();
-            Ok(json(&users))
+            let rest = page.skip(users, |u| &u.name)?;
+            Ok(page.answer(&r, rest, |u| u.name.clone()))
         },
     )
     .await
@@ -136,7 +252,11 @@ pub(super) async fn list_stations(State(app): State<App>, req: Request) -> Respo
         req,
         0,
         Auth::People(ANY_PERSON),
-        |app, _, _| async move { Ok(json(&app.db.stations().await?)) },
+        |app, r, _| async move {
+            let page = page(&r)?;
+            let rest = page.skip(app.db.stations().await?, |s| &s.name)?;
+            Ok(page.answer(&r, rest, |s| s.name.clone()))
+        },
     )
     .await
 }
@@ -206,10 +326,12 @@ pub(super) async fn station_runs(
         req,
         0,
         Auth::People(roles),
-        |app, _, c| async move {
+        |app, r, c| async move {
             may_see_station(c.as_ref().expect("authenticated"), &name)?;
+            let page = page(&r)?;
             app.db.expire_overdue().await?;
-            Ok(json(&app.db.runs_of_station(&name).await?))
+            let rest = page.skip(app.db.runs_of_station(&name).await?, |x| &x.id)?;
+            Ok(page.answer(&r, rest, |x| x.id.clone()))
         },
     )
     .await
@@ -253,7 +375,11 @@ pub(super) async fn list_trains(State(app): State<App>, req: Request) -> Respons
         req,
         0,
         Auth::People(ANY_PERSON),
-        |app, _, _| async move { Ok(json(&app.db.trains().await?)) },
+        |app, r, _| async move {
+            let page = page(&r)?;
+            let rest = page.skip(app.db.trains().await?, |t| &t.digest)?;
+            Ok(page.answer(&r, rest, |t| t.digest.clone()))
+        },
     )
     .await
 }
@@ -449,7 +575,21 @@ pub(super) async fn create_task(State(app): State<App>, req: Request) -> Respons
                 params: params.to_string(),
                 created_ms: now,
                 expires_ms: now + expires_in as i64 * 1000,
+                statement: new.statement.clone(),
             };
+            if let Some(s) = &new.statement {
+                check_statement(
+                    s,
+                    "task",
+                    &task.train,
+                    &task.params,
+                    &new.stations,
+                    &recipient,
+                    task.expires_ms,
+                    None,
+                    None,
+                )?;
+            }
             app.db.create_task(&task, &recipient, &new.stations).await?;
             trail(
                 &app,
@@ -475,16 +615,19 @@ pub(super) async fn list_tasks(State(app): State<App>, req: Request) -> Response
         req,
         0,
         Auth::People(roles),
-        |app, _, c| async move {
+        |app, r, c| async move {
             let caller = c.expect("authenticated");
+            let page = page(&r)?;
             app.db.expire_overdue().await?;
             let who =
                 (caller.role() == Some(Role::Researcher)).then(|| caller.person().name.clone());
+            let rows = page.skip(app.db.tasks(who.as_deref()).await?, |t| &t.id)?;
             let mut out = Vec::new();
-            for t in app.db.tasks(who.as_deref()).await? {
+            // One more than the page: it says whether a next page exists.
+            for t in rows.into_iter().take(page.limit.saturating_add(1)) {
                 out.push(task_info(&app, t).await?);
             }
-            Ok(json(&out))
+            Ok(page.answer(&r, out, |t| t.id.clone()))
         },
     )
     .await
@@ -558,9 +701,10 @@ pub(super) async fn task_results(
                     .results_of_run(&run.id)
                     .await?
                     .into_iter()
-                    .map(|(name, sealed)| SealedOutput {
+                    .map(|(name, sealed, signature)| SealedOutput {
                         name,
                         sealed: B64.encode(sealed),
+                        signature,
                     })
                     .collect();
                 runs.push(RunResult {
@@ -586,7 +730,80 @@ pub(super) async fn registry_audit(State(app): State<App>, req: Request) -> Resp
         req,
         0,
         Auth::People(roles),
-        |app, _, _| async move { Ok(json(&app.db.audit_entries().await?)) },
+        |app, r, _| async move {
+            let page = page(&r)?;
+            let rest = app
+                .db
+                .audit_page(page.after_seq()?, page.limit.saturating_add(1))
+                .await?;
+            Ok(page.answer(&r, rest, |e| e.seq.to_string()))
+        },
     )
     .await
+}
+
+/// A signed request sent with a task or job must ask for what the registry will deliver: the
+/// stations check it against that (and the signature against the researchers they trust), so
+/// a statement that cannot pass is refused here, where the researcher sees why.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn check_statement(
+    envelope: &str,
+    kind: &str,
+    train: &str,
+    params: &str,
+    stations: &[String],
+    recipient_key: &str,
+    expires_ms: i64,
+    plan: Option<&Plan>,
+    initial_weights: Option<&[u8]>,
+) -> Result<(), ApiError> {
+    use crate::request::{MAX_REQUEST_BYTES, REQUEST_TYPE, RequestStatement};
+    let bad = |m: String| bad_request(format!("the signed request: {m}"));
+    if envelope.len() > MAX_REQUEST_BYTES {
+        return Err(bad("longer than 64 KiB".into()));
+    }
+    let env = amicus_bundle::dsse::Envelope::parse(envelope.as_bytes())
+        .map_err(|e| bad(e.to_string()))?;
+    if env.payload_type != REQUEST_TYPE || env.signatures.is_empty() {
+        return Err(bad("not a signed amicus request".into()));
+    }
+    let payload = B64.decode(&env.payload).map_err(|e| bad(e.to_string()))?;
+    let st: RequestStatement = serde_json::from_slice(&payload).map_err(|e| bad(e.to_string()))?;
+    let sha = |b: &[u8]| amicus_bundle::sha256(b).to_hex();
+    let mut named: Vec<&String> = st.stations.iter().collect();
+    let mut asked: Vec<&String> = stations.iter().collect();
+    named.sort();
+    asked.sort();
+    let checks = [
+        (st.kind == kind, "kind"),
+        (st.train == train, "train"),
+        (st.params_sha256 == sha(params.as_bytes()), "parameters"),
+        (named == asked, "stations"),
+        (
+            crate::sealed::RecipientPublicKey::from_pem(recipient_key, "recipient")
+                .is_ok_and(|k| k.fingerprint() == st.recipient_key_sha256),
+            "recipient key (your registered encryption key)",
+        ),
+        (
+            st.expires_ms >= expires_ms,
+            "expiry (earlier than the task's)",
+        ),
+        (
+            plan.is_none_or(|p| {
+                st.plan_sha256.as_deref() == Some(crate::request::plan_sha256(p).as_str())
+            }),
+            "plan",
+        ),
+        (
+            initial_weights
+                .is_none_or(|w| st.initial_weights_sha256.as_deref() == Some(sha(w).as_str())),
+            "initial weights",
+        ),
+    ];
+    for (ok, what) in checks {
+        if !ok {
+            return Err(bad(format!("its {what} differs from this request's")));
+        }
+    }
+    Ok(())
 }

@@ -90,6 +90,7 @@ pub(super) async fn station_secagg_view(
                 shares: Vec::new(),
                 survivors: Vec::new(),
                 dropped: Vec::new(),
+                consistency: Vec::new(),
             };
             if matches!(state.phase, SecAggPhase::Keys | SecAggPhase::Ended) {
                 return Ok(json(&view));
@@ -104,6 +105,8 @@ pub(super) async fn station_secagg_view(
                         mask_public,
                         share_public,
                         self_commitment,
+                        station_key,
+                        signature,
                     }) if state.sets.participants.contains(&i) => {
                         view.participants.push(SecAggParticipant {
                             id: i,
@@ -112,8 +115,20 @@ pub(super) async fn station_secagg_view(
                                 mask_public,
                                 share_public,
                                 self_commitment,
+                                station_key,
+                                signature,
                             },
                         })
+                    }
+                    Ok(SecAggMessage::Consistency { signature })
+                        if state.phase == SecAggPhase::Reveal
+                            && state.sets.survivors.contains(&i) =>
+                    {
+                        view.consistency.push(ConsistencySignature {
+                            id: i,
+                            station: m.station.clone(),
+                            signature,
+                        });
                     }
                     Ok(SecAggMessage::Shares { shares })
                         if state.phase != SecAggPhase::Shares
@@ -127,6 +142,7 @@ pub(super) async fn station_secagg_view(
             }
             view.participants.sort_by_key(|p| p.id);
             view.shares.sort_by_key(|s| s.from);
+            view.consistency.sort_by_key(|s| s.id);
             view.sharers = state.sets.sharers;
             view.survivors = state.sets.survivors;
             view.dropped = state.sets.dropped;
@@ -153,6 +169,7 @@ pub(super) async fn station_secagg_send(
             SecAggMessage::Keys { .. } => ("keys", SecAggPhase::Keys),
             SecAggMessage::Shares { .. } => ("shares", SecAggPhase::Shares),
             SecAggMessage::Reveal { .. } => ("reveal", SecAggPhase::Reveal),
+            SecAggMessage::Consistency { .. } => ("consistency", SecAggPhase::Reveal),
         };
         if state.phase != want {
             return Err(conflict(format!(
@@ -166,7 +183,21 @@ pub(super) async fn station_secagg_send(
                 mask_public,
                 share_public,
                 self_commitment,
+                station_key,
+                signature,
             } => {
+                // A station advertises its own registered key, or none.
+                if let Some(pem) = station_key {
+                    let registered = app.db.station(&st).await?.map(|s| s.public_key);
+                    let same = PublicKey::from_pem(pem, "station_key").ok()
+                        == registered.and_then(|k| PublicKey::from_pem(&k, "registered").ok());
+                    if pem.len() > 1024 || !same {
+                        return Err(bad_request("station_key is not this station's key"));
+                    }
+                }
+                if signature.as_ref().is_some_and(|s| s.len() > 200) {
+                    return Err(bad_request("the keys' signature is too long"));
+                }
                 let open = app
                     .db
                     .runs_of_task(&r.task.id)
@@ -199,6 +230,14 @@ pub(super) async fn station_secagg_send(
                     return Err(bad_request(
                         "one sealed share from this station to each participant, itself included",
                     ));
+                }
+            }
+            SecAggMessage::Consistency { signature } => {
+                if !sets.survivors.contains(&r.me) {
+                    return Err(forbidden("only stations whose masked update was used sign the sets"));
+                }
+                if signature.is_empty() || signature.len() > 200 {
+                    return Err(bad_request("a signature is 1 to 200 characters"));
                 }
             }
             SecAggMessage::Reveal { shares } => {

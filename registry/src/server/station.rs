@@ -195,13 +195,16 @@ pub(super) async fn station_run_result(
                 let sealed = B64
                     .decode(&o.sealed)
                     .map_err(|_| bad_request("sealed outputs are base64"))?;
-                outputs.push((o.name, sealed));
+                if o.signature.as_ref().is_some_and(|s| s.len() > 200) {
+                    return Err(bad_request("an output's signature is too long"));
+                }
+                outputs.push((o.name, sealed, o.signature));
             }
             app.db
                 .store_result(&st, &id, &outputs, update.as_deref())
                 .await?
                 .map_err(refused_update)?;
-            let bytes: usize = outputs.iter().map(|(_, s)| s.len()).sum();
+            let bytes: usize = outputs.iter().map(|(_, s, _)| s.len()).sum();
             let update_note = update
                 .as_ref()
                 .map(|u| format!(", update {} bytes", u.len()))

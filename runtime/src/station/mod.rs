@@ -354,6 +354,26 @@ impl Station {
         Ok(())
     }
 
+    /// Data owner: act on requests signed by this researcher's key.
+    pub fn trust_researcher(&self, name: &str, key: &PublicKey) -> Result<(), StationError> {
+        let audit = self.audit()?;
+        let mut policy = self.policy()?;
+        policy.trust_researcher(name, key)?;
+        policy.save(&self.dir)?;
+        audit.append(Event::ResearcherTrusted {
+            name: name.to_string(),
+            keyid: key.id().to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// Record an event the station's daemon observed (a verified request, the weights a round
+    /// starts from).
+    pub fn record(&self, event: Event) -> Result<(), StationError> {
+        self.audit()?.append(event.bounded())?;
+        Ok(())
+    }
+
     /// Data owner: approve a bundle digest for any parameters. Returns false when nothing
     /// changed.
     pub fn approve(&self, digest: Digest, train: Option<String>) -> Result<bool, StationError> {

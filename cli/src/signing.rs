@@ -1,0 +1,224 @@
+//! The researcher's side of trust that does not depend on the registry: signing what a task
+//! or job asks of stations (`task create`, `job create`), and checking that each result came
+//! from the station it names (`task results`, `job collect`). The formats and checks are
+//! `amicus_registry::request`'s; this module only gathers keys and arguments.
+
+use amicus_bundle::{PublicKey, SecretKey};
+use amicus_registry::client::PersonClient;
+use amicus_registry::request::{self, RequestStatement};
+use amicus_registry::sealed::{RecipientKey, RecipientPublicKey, SealContext};
+use amicus_registry::wire::{Plan, SealedOutput};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Keys for signing a request.
+#[derive(Args, Clone, Default)]
+pub struct SignArgs {
+    /// Your Ed25519 key (from `amicus keygen`), which stations' data owners trust with
+    /// `station trust --researcher` (default: $AMICUS_SIGN_KEY). Without it the request is
+    /// unsigned, and stations refuse it unless their policy says otherwise.
+    #[arg(long)]
+    pub sign_key: Option<PathBuf>,
+    /// Your X25519 key that results are sealed to (the private key or its `.pub`; default:
+    /// $AMICUS_RECIPIENT_KEY): the request names it, so the registry cannot substitute its own.
+    #[arg(long)]
+    pub recipient_key: Option<PathBuf>,
+    /// For a job with secure aggregation: a station's public key from its data owner (repeat):
+    /// the request names its key id, and peers accept only round keys it signed. Stations not
+    /// pinned are named by the key the registry lists.
+    #[arg(long = "station-key", value_name = "NAME=FILE")]
+    pub station_keys: Vec<String>,
+}
+
+/// What a request asks for.
+pub struct Ask<'a> {
+    pub kind: &'a str,
+    pub train: &'a str,
+    pub params: Option<&'a serde_json::Value>,
+    pub stations: &'a [String],
+    pub expires_ms: i64,
+    pub plan: Option<&'a Plan>,
+    pub initial_weights: Option<&'a [u8]>,
+}
+
+/// The key ids of `stations` for a securely aggregated job: pinned ones, else the registry's.
+async fn station_key_ids(
+    args: &SignArgs,
+    client: &PersonClient,
+    stations: &[String],
+) -> Result<BTreeMap<String, String>> {
+    let pins = StationKeys::gather(
+        &VerifyArgs {
+            station_keys: args.station_keys.clone(),
+        },
+        client,
+    )
+    .await?;
+    stations
+        .iter()
+        .map(|s| {
+            let (key, pinned) = pins
+                .keys
+                .get(s)
+                .with_context(|| format!("no key for station {s:?}: pass --station-key {s}=FILE"))?;
+            if !pinned {
+                eprintln!(
+                    "note: station {s} is named by the key the registry lists (pin it with --station-key {s}=FILE)"
+                );
+            }
+            Ok((s.clone(), key.id().to_string()))
+        })
+        .collect()
+}
+
+fn env_path(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+fn recipient_public(path: &Path) -> Result<RecipientPublicKey> {
+    if let Ok(k) = RecipientPublicKey::read(path) {
+        return Ok(k);
+    }
+    let k = RecipientKey::read(path).with_context(|| {
+        format!(
+            "{} is neither an X25519 public nor private key",
+            path.display()
+        )
+    })?;
+    RecipientPublicKey::from_pem(&k.public().to_pem(), "recipient key").map_err(Into::into)
+}
+
+/// The signed request for `ask`, or `None` (with a warning) when no signing key is given.
+pub async fn sign(args: &SignArgs, client: &PersonClient, ask: Ask<'_>) -> Result<Option<String>> {
+    let Some(key_path) = args
+        .sign_key
+        .clone()
+        .or_else(|| env_path("AMICUS_SIGN_KEY"))
+    else {
+        eprintln!(
+            "warning: this request is not signed (no --sign-key or AMICUS_SIGN_KEY); stations that require signed requests, the default, refuse it"
+        );
+        return Ok(None);
+    };
+    let key = SecretKey::read(&key_path)?;
+    let recipient_path = args
+        .recipient_key
+        .clone()
+        .or_else(|| env_path("AMICUS_RECIPIENT_KEY"))
+        .context("a signed request names the key results are sealed to: pass --recipient-key FILE or set AMICUS_RECIPIENT_KEY")?;
+    let recipient = recipient_public(&recipient_path)?;
+    let me = client.me().await?;
+    let params = ask
+        .params
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({}))
+        .to_string();
+    let statement = RequestStatement {
+        kind: ask.kind.into(),
+        researcher: me.name,
+        train: ask.train.into(),
+        params_sha256: amicus_bundle::sha256(params.as_bytes()).to_hex(),
+        stations: ask.stations.to_vec(),
+        recipient_key_sha256: recipient.fingerprint(),
+        plan_sha256: ask.plan.map(request::plan_sha256),
+        initial_weights_sha256: ask
+            .initial_weights
+            .map(|w| amicus_bundle::sha256(w).to_hex()),
+        station_keys: match ask.plan {
+            Some(p) if p.secure_aggregation.is_some() => {
+                station_key_ids(args, client, ask.stations).await?
+            }
+            _ => BTreeMap::new(),
+        },
+        expires_ms: ask.expires_ms,
+        nonce: request::nonce(),
+    };
+    Ok(Some(request::sign_request(&key, &statement)))
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    amicus_registry::db::now_ms()
+}
+
+/// Station keys the researcher pinned (`--station-key NAME=FILE`).
+#[derive(Args, Clone, Default)]
+pub struct VerifyArgs {
+    /// A station's public key you got from its data owner (repeat for more): its results are
+    /// checked against this key rather than the one the registry lists.
+    #[arg(long = "station-key", value_name = "NAME=FILE")]
+    pub station_keys: Vec<String>,
+}
+
+/// Keys results are checked against: pinned ones first, then the registry's list.
+pub struct StationKeys {
+    keys: BTreeMap<String, (PublicKey, bool)>,
+}
+
+impl StationKeys {
+    pub async fn gather(args: &VerifyArgs, client: &PersonClient) -> Result<StationKeys> {
+        let mut keys = BTreeMap::new();
+        if let Ok(listed) = client.stations().await {
+            for s in listed {
+                if let Ok(k) = PublicKey::from_pem(&s.public_key, &s.name) {
+                    keys.insert(s.name, (k, false));
+                }
+            }
+        }
+        for pin in &args.station_keys {
+            let (name, file) = pin
+                .split_once('=')
+                .with_context(|| format!("--station-key {pin:?}: expected NAME=FILE"))?;
+            keys.insert(name.to_string(), (PublicKey::read(Path::new(file))?, true));
+        }
+        Ok(StationKeys { keys })
+    }
+
+    /// Whether `output` was signed by `station`'s key; errors say why not. Warns once per
+    /// station whose key came from the registry rather than a pin.
+    pub fn check(&self, ctx: &SealContext, sealed: &[u8], output: &SealedOutput) -> Result<()> {
+        let Some((key, pinned)) = self.keys.get(ctx.station) else {
+            bail!(
+                "no key for station {:?}: pass --station-key {}=FILE",
+                ctx.station,
+                ctx.station
+            );
+        };
+        let Some(sig) = &output.signature else {
+            bail!(
+                "{} from {} is not signed by the station: refused (a registry could have made it)",
+                ctx.output,
+                ctx.station
+            );
+        };
+        if !request::verify_output(key, ctx, sealed, sig) {
+            bail!(
+                "{} from {} does not carry the station's signature: refused (forged or damaged on the way)",
+                ctx.output,
+                ctx.station
+            );
+        }
+        if !pinned {
+            eprintln!(
+                "note: {} from {} checked against the key the registry lists for that station (pin it with --station-key {}=FILE)",
+                ctx.output, ctx.station, ctx.station
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A station or output name from the registry, checked before it becomes part of a path.
+pub fn path_name<'a>(what: &str, name: &'a str) -> Result<&'a str> {
+    if !request::plain_name(name) {
+        bail!(
+            "the registry sent a {what} named {}: not a plain name, refused",
+            amicus_bundle::text::shown(name, 80)
+        );
+    }
+    Ok(name)
+}
