@@ -121,16 +121,16 @@ async fn fresh_db(
     Ok((format!("{base}/{name}"), Some((admin, name))))
 }
 
-async fn one(
-    kind: &str,
-    stations: usize,
-    args: &RegistryArgs,
-    tmp: &std::path::Path,
-    pg: Option<&str>,
-) -> Result<Figures> {
-    let (url, cleanup) = fresh_db(kind, tmp, pg, &format!("{kind}-{stations}")).await?;
-    let db = Db::connect(&url).await?;
-    // The registry on its own runtime thread.
+/// A registry on its own runtime thread (two workers), on a free loopback port: its URL, the
+/// sender that stops it (refusal counts are flushed to the trail on the way out) and its thread.
+fn start_registry(
+    db: &Db,
+    limits: Limits,
+) -> Result<(
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+)> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
     let base = format!("http://{}", listener.local_addr()?);
@@ -144,23 +144,38 @@ async fn one(
             .expect("runtime");
         rt.block_on(async move {
             let l = tokio::net::TcpListener::from_std(listener).expect("listener");
-            // Every simulated station connects from 127.0.0.1: the per-address limit, which
-            // real hospitals meet one address each, is lifted here (the flood measurement
-            // keeps it).
-            let limits = Limits {
-                rates: amicus_registry::server::RateLimits {
-                    per_address: 1_000_000,
-                    address_burst: 1_000_000,
-                    ..Default::default()
-                },
-                ..Limits::default()
-            };
-            let _ = server::serve(l, App::new(server_db, limits), async {
+            let app = App::new(server_db, limits);
+            let _ = server::serve(l, app.clone(), async {
                 let _ = stop_rx.await;
             })
             .await;
+            app.flush_trail().await;
         });
     });
+    Ok((base, stop_tx, server))
+}
+
+async fn one(
+    kind: &str,
+    stations: usize,
+    args: &RegistryArgs,
+    tmp: &std::path::Path,
+    pg: Option<&str>,
+) -> Result<Figures> {
+    let (url, cleanup) = fresh_db(kind, tmp, pg, &format!("{kind}-{stations}")).await?;
+    let db = Db::connect(&url).await?;
+    // The registry on its own runtime thread.
+    // Every simulated station connects from 127.0.0.1: the per-address limit, which real
+    // hospitals meet one address each, is lifted here (the flood measurement keeps it).
+    let limits = Limits {
+        rates: amicus_registry::server::RateLimits {
+            per_address: 1_000_000,
+            address_burst: 1_000_000,
+            ..Default::default()
+        },
+        ..Limits::default()
+    };
+    let (base, stop_tx, server) = start_registry(&db, limits)?;
     // People, stations, a train.
     let researcher_key = RecipientKey::generate();
     let alice = server::add_user(
@@ -450,27 +465,7 @@ async fn flood(
     const ADDRESSES: usize = 10;
     let (url, cleanup) = fresh_db(kind, tmp, pg, &format!("{kind}-flood")).await?;
     let db = Db::connect(&url).await?;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    listener.set_nonblocking(true)?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server_db = db.clone();
-    let server = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(listener).expect("listener");
-            let app = App::new(server_db, Limits::default());
-            let _ = server::serve(l, app.clone(), async {
-                let _ = stop_rx.await;
-            })
-            .await;
-            app.flush_trail().await;
-        });
-    });
+    let (base, stop_tx, server) = start_registry(&db, Limits::default())?;
     let mut pollers = Vec::new();
     let mut shared = Vec::new();
     for a in 0..ADDRESSES {

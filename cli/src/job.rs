@@ -353,6 +353,12 @@ pub fn job(cmd: JobCommand) -> Result<()> {
             let client = conn.person()?;
             let stations = crate::signing::StationKeys::gather(&verify, &client).await?;
             let j = client.job(&id).await?;
+            if j.id != id {
+                bail!(
+                    "the registry answered with job {} for job {id}: refused",
+                    amicus_bundle::text::shown(&j.id, 64)
+                );
+            }
             let report = collect(&client, &j, &key, &stations, &out).await?;
             let path = write_report(&j, &report, &out)?;
             println!("report: {}", path.display());
@@ -397,12 +403,11 @@ async fn collect(
     let mut per_round = Vec::new();
     for r in &j.rounds {
         let results = client.results(&r.task).await?;
+        crate::signing::check_results(&r.task, &results)?;
         for run in &results.runs {
             let mut metrics = None;
-            crate::signing::path_name("station", &run.station)?;
             if run.state == RunState::Done {
                 for o in &run.outputs {
-                    crate::signing::path_name("output", &o.name)?;
                     let sealed = B64.decode(&o.sealed).context("sealed output")?;
                     let ctx = SealContext {
                         task: &results.task,
@@ -410,7 +415,8 @@ async fn collect(
                         station: &run.station,
                         output: &o.name,
                     };
-                    stations.check(&ctx, &sealed, o)?;
+                    // Signed as this job's round `r.round`: the registry cannot relabel rounds.
+                    stations.check(&ctx, Some((j.id.as_str(), r.round)), &sealed, o)?;
                     let plain = key
                         .open(&ctx, &sealed)
                         .with_context(|| format!("{} from {}", o.name, run.station))?;

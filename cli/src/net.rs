@@ -767,9 +767,9 @@ pub fn task(cmd: TaskCommand) -> Result<()> {
             let client = conn.person()?;
             let stations = crate::signing::StationKeys::gather(&verify, &client).await?;
             let results = client.results(&id).await?;
+            crate::signing::check_results(&id, &results)?;
             let mut written = 0;
             for run in &results.runs {
-                crate::signing::path_name("station", &run.station)?;
                 if run.state != RunState::Done {
                     println!(
                         "{:<16} {}{}",
@@ -786,7 +786,6 @@ pub fn task(cmd: TaskCommand) -> Result<()> {
                 let dir = out.join(&run.station);
                 std::fs::create_dir_all(&dir)?;
                 for o in &run.outputs {
-                    crate::signing::path_name("output", &o.name)?;
                     let sealed = base64::engine::general_purpose::STANDARD
                         .decode(&o.sealed)
                         .context("sealed output is not base64")?;
@@ -796,7 +795,7 @@ pub fn task(cmd: TaskCommand) -> Result<()> {
                         station: &run.station,
                         output: &o.name,
                     };
-                    stations.check(&ctx, &sealed, o)?;
+                    stations.check(&ctx, None, &sealed, o)?;
                     let plain = key
                         .open(&ctx, &sealed)
                         .with_context(|| format!("{} from {}", o.name, run.station))?;

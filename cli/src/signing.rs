@@ -157,6 +157,9 @@ pub struct VerifyArgs {
 /// Keys results are checked against: pinned ones first, then the registry's list.
 pub struct StationKeys {
     keys: BTreeMap<String, (PublicKey, bool)>,
+    /// Some key was pinned: then only pinned stations' results are taken (a registry could
+    /// otherwise add a station of its own to the task).
+    strict: bool,
 }
 
 impl StationKeys {
@@ -175,12 +178,32 @@ impl StationKeys {
                 .with_context(|| format!("--station-key {pin:?}: expected NAME=FILE"))?;
             keys.insert(name.to_string(), (PublicKey::read(Path::new(file))?, true));
         }
-        Ok(StationKeys { keys })
+        let strict = !args.station_keys.is_empty();
+        Ok(StationKeys { keys, strict })
     }
 
-    /// Whether `output` was signed by `station`'s key; errors say why not. Warns once per
-    /// station whose key came from the registry rather than a pin.
-    pub fn check(&self, ctx: &SealContext, sealed: &[u8], output: &SealedOutput) -> Result<()> {
+    /// Whether `output` was signed by `station`'s key (for a job's round, as that round's);
+    /// errors say why not. Notes each output checked against a key from the registry rather
+    /// than a pin; with pins, stations not pinned are refused.
+    pub fn check(
+        &self,
+        ctx: &SealContext,
+        round: Option<(&str, u32)>,
+        sealed: &[u8],
+        output: &SealedOutput,
+    ) -> Result<()> {
+        if self.strict
+            && !self
+                .keys
+                .get(ctx.station)
+                .is_some_and(|(_, pinned)| *pinned)
+        {
+            bail!(
+                "results from station {:?}, whose key you did not pin: refused (pin it with --station-key {}=FILE, or pin none to take the registry's keys)",
+                ctx.station,
+                ctx.station
+            );
+        }
         let Some((key, pinned)) = self.keys.get(ctx.station) else {
             bail!(
                 "no key for station {:?}: pass --station-key {}=FILE",
@@ -195,7 +218,7 @@ impl StationKeys {
                 ctx.station
             );
         };
-        if !request::verify_output(key, ctx, sealed, sig) {
+        if !request::verify_output(key, ctx, round, sealed, sig) {
             bail!(
                 "{} from {} does not carry the station's signature: refused (forged or damaged on the way)",
                 ctx.output,
@@ -212,6 +235,24 @@ impl StationKeys {
     }
 }
 
+/// The results of the task asked for, every station and output name a plain name: checked
+/// before anything is written.
+pub fn check_results(asked: &str, results: &amicus_registry::wire::TaskResults) -> Result<()> {
+    if results.task != asked {
+        bail!(
+            "the registry answered with the results of task {} for task {asked}: refused",
+            amicus_bundle::text::shown(&results.task, 64)
+        );
+    }
+    for run in &results.runs {
+        path_name("station", &run.station)?;
+        for o in &run.outputs {
+            path_name("output", &o.name)?;
+        }
+    }
+    Ok(())
+}
+
 /// A station or output name from the registry, checked before it becomes part of a path.
 pub fn path_name<'a>(what: &str, name: &'a str) -> Result<&'a str> {
     if !request::plain_name(name) {
@@ -221,4 +262,94 @@ pub fn path_name<'a>(what: &str, name: &'a str) -> Result<&'a str> {
         );
     }
     Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amicus_registry::request::sign_output;
+
+    fn output(key: &SecretKey, ctx: &SealContext, round: Option<(&str, u32)>) -> SealedOutput {
+        SealedOutput {
+            name: ctx.output.into(),
+            sealed: String::new(),
+            signature: Some(sign_output(key, ctx, round, b"sealed")),
+        }
+    }
+
+    #[test]
+    fn results_are_taken_only_from_the_stations_and_rounds_they_claim() {
+        let (st1, evil) = (
+            SecretKey::generate().unwrap(),
+            SecretKey::generate().unwrap(),
+        );
+        let mut keys = BTreeMap::new();
+        keys.insert("st1".to_string(), (st1.public(), true));
+        keys.insert("evil".to_string(), (evil.public(), false));
+        let ctx = |station| SealContext {
+            task: "t",
+            run: "r",
+            station,
+            output: "summary.json",
+        };
+        let lax = StationKeys {
+            keys: keys.clone(),
+            strict: false,
+        };
+        let strict = StationKeys { keys, strict: true };
+        let good = output(&st1, &ctx("st1"), None);
+        lax.check(&ctx("st1"), None, b"sealed", &good).unwrap();
+        strict.check(&ctx("st1"), None, b"sealed", &good).unwrap();
+        // A station the registry added, signing with the key the registry lists: taken only
+        // when nothing is pinned.
+        let added = output(&evil, &ctx("evil"), None);
+        lax.check(&ctx("evil"), None, b"sealed", &added).unwrap();
+        assert!(strict.check(&ctx("evil"), None, b"sealed", &added).is_err());
+        // Round 2's output shown as round 1's, or a round's as a plain task's.
+        let r2 = output(&st1, &ctx("st1"), Some(("j", 2)));
+        strict
+            .check(&ctx("st1"), Some(("j", 2)), b"sealed", &r2)
+            .unwrap();
+        assert!(
+            strict
+                .check(&ctx("st1"), Some(("j", 1)), b"sealed", &r2)
+                .is_err()
+        );
+        assert!(strict.check(&ctx("st1"), None, b"sealed", &r2).is_err());
+        // Not signed, or another station's signature under st1's name.
+        let unsigned = SealedOutput {
+            signature: None,
+            ..good.clone()
+        };
+        assert!(lax.check(&ctx("st1"), None, b"sealed", &unsigned).is_err());
+        let relabelled = output(&evil, &ctx("st1"), None);
+        assert!(
+            lax.check(&ctx("st1"), None, b"sealed", &relabelled)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn results_of_another_task_or_with_hostile_names_are_refused() {
+        let results = |task: &str, station: &str, name: &str| amicus_registry::wire::TaskResults {
+            task: task.into(),
+            runs: vec![amicus_registry::wire::RunResult {
+                run: "r".into(),
+                station: station.into(),
+                state: amicus_registry::wire::RunState::Done,
+                reason: None,
+                outputs: vec![SealedOutput {
+                    name: name.into(),
+                    sealed: String::new(),
+                    signature: None,
+                }],
+            }],
+        };
+        check_results("t1", &results("t1", "st1", "summary.json")).unwrap();
+        assert!(check_results("t1", &results("t2", "st1", "summary.json")).is_err());
+        for bad in ["../x", "/etc/passwd", ".hidden", "a\nb", ""] {
+            assert!(check_results("t1", &results("t1", bad, "summary.json")).is_err());
+            assert!(check_results("t1", &results("t1", "st1", bad)).is_err());
+        }
+    }
 }

@@ -885,6 +885,24 @@ fn tamper(net: &Net, sql: &'static str, binds: &[&str]) {
     });
 }
 
+/// One value from the registry's database, read behind its back.
+fn peek(net: &Net, sql: &'static str, bind: &str) -> String {
+    use sqlx::Row as _;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let db = amicus_registry::db::Db::connect(&net.db()).await.unwrap();
+        let row = sqlx::query(sql)
+            .bind(bind.to_string())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        row.try_get::<String, _>(0).unwrap()
+    })
+}
+
 /// A registry that changes what alice asked for (parameters, train, the key results are sealed
 /// to), drops her signature or replays an old request: the station refuses the run before
 /// anything runs and audits why. A registry that forges or renames results: `task results`
@@ -932,24 +950,37 @@ fn a_registry_cannot_change_requests_or_forge_results() {
 
     // The daemon is stopped while the registry's database is edited under each new task.
     net.kill_daemon("st1");
+    // A task whose run never reaches a station: the registry will show another's results as its.
+    let other = net.task(&cohort, &["st1"], "{}")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    tamper(&net, "DELETE FROM runs WHERE task = $1", &[&other]);
     ok(&["keygen", "--x25519", "--out", s(&net.path("mallory.key"))]);
     let mallory = std::fs::read_to_string(net.path("mallory.pub")).unwrap();
     let slow_json: serde_json::Value =
         serde_json::from_str(&ok(&["train", "inspect", s(&slow), "--json"]).stdout).unwrap();
     let slow_digest = slow_json["digest"].as_str().unwrap().to_string();
+    // The honest request, re-formatted: another envelope around the same signed payload.
+    let statement = peek(&net, "SELECT statement FROM tasks WHERE id = $1", &honest);
+    let reformatted = serde_json::to_string_pretty(
+        &serde_json::from_str::<serde_json::Value>(&statement).unwrap(),
+    )
+    .unwrap();
+    assert_ne!(reformatted, statement);
     let cases: Vec<(&str, &'static str, Vec<&str>)> = vec![
         (
-            "the parameters differs",
+            "the parameters: not what the researcher signed",
             "UPDATE tasks SET params = '{\"patient\":\"7\"}' WHERE id = $1",
             vec![],
         ),
         (
-            "the key results are sealed to differs",
+            "the key results are sealed to: not what the researcher signed",
             "UPDATE tasks SET recipient_key = $2 WHERE id = $1",
             vec![&mallory],
         ),
         (
-            "the train differs",
+            "the train: not what the researcher signed",
             "UPDATE tasks SET train = $2 WHERE id = $1",
             vec![&slow_digest],
         ),
@@ -962,6 +993,11 @@ fn a_registry_cannot_change_requests_or_forge_results() {
             "a replay",
             "UPDATE tasks SET statement = (SELECT statement FROM tasks WHERE id = $2) WHERE id = $1",
             vec![&honest],
+        ),
+        (
+            "a replay",
+            "UPDATE tasks SET statement = $2 WHERE id = $1",
+            vec![&reformatted],
         ),
     ];
     let mut tasks = Vec::new();
@@ -1022,6 +1058,40 @@ fn a_registry_cannot_change_requests_or_forge_results() {
                 .contains("does not carry the station's signature"),
         "{}",
         out.text()
+    );
+    // The results of another task, shown as this one's: the station signed them for the task
+    // they answer.
+    tamper(
+        &net,
+        "UPDATE runs SET task = $2 WHERE task = $1",
+        &[&honest, &other],
+    );
+    let out = net.person(
+        "alice",
+        &[
+            "task",
+            "results",
+            &other,
+            "--key",
+            s(&net.path("alice.key")),
+            "--out",
+            s(&net.path("moved")),
+            "--station-key",
+            &pin,
+        ],
+    );
+    assert!(
+        !out.ok
+            && out
+                .text()
+                .contains("does not carry the station's signature"),
+        "{}",
+        out.text()
+    );
+    tamper(
+        &net,
+        "UPDATE runs SET task = $2 WHERE task = $1",
+        &[&other, &honest],
     );
     // A name that would leave --out is refused before anything is written.
     tamper(

@@ -532,25 +532,37 @@ impl StationClient {
 
     /// Wait up to `wait_s` seconds for new runs.
     pub async fn work(&self, wait_s: u64) -> Result<Vec<WorkItem>, ClientError> {
-        let r: WorkResponse = decode(
-            &self
-                .send(
-                    Method::GET,
-                    &format!("/v1/station/work?wait={wait_s}"),
-                    Vec::new(),
-                )
-                .await?,
-        )?;
-        Ok(r.items)
+        Ok(self
+            .work_items(wait_s)
+            .await?
+            .into_iter()
+            .filter_map(Result::ok)
+            .collect())
     }
-    /// Runs delivered to or running at this station, as the registry sees them.
-    pub async fn open_runs(&self) -> Result<Vec<WorkItem>, ClientError> {
-        let r: WorkResponse = decode(
-            &self
-                .send(Method::GET, "/v1/station/open", Vec::new())
-                .await?,
-        )?;
-        Ok(r.items)
+
+    /// New work, each item decoded on its own: one the station cannot read (a state it does
+    /// not know, a field of the wrong type) is an `Err` with the reason, not the whole answer.
+    pub async fn work_items(
+        &self,
+        wait_s: u64,
+    ) -> Result<Vec<Result<WorkItem, String>>, ClientError> {
+        let body = self
+            .send(
+                Method::GET,
+                &format!("/v1/station/work?wait={wait_s}"),
+                Vec::new(),
+            )
+            .await?;
+        items_of(&body)
+    }
+
+    /// Runs delivered to or running at this station, as the registry sees them (each decoded on
+    /// its own, as for [`StationClient::work_items`]).
+    pub async fn open_runs(&self) -> Result<Vec<Result<WorkItem, String>>, ClientError> {
+        let body = self
+            .send(Method::GET, "/v1/station/open", Vec::new())
+            .await?;
+        items_of(&body)
     }
     pub async fn train(&self, digest: &str) -> Result<Vec<u8>, ClientError> {
         self.send(
@@ -654,6 +666,18 @@ impl StationClient {
 /// `true` for a status the caller should treat as "not there".
 pub fn is_not_found(e: &ClientError) -> bool {
     matches!(e, ClientError::Api { status, .. } if *status == StatusCode::NOT_FOUND.as_u16())
+}
+
+fn items_of(body: &[u8]) -> Result<Vec<Result<WorkItem, String>>, ClientError> {
+    #[derive(serde::Deserialize)]
+    struct Items {
+        items: Vec<serde_json::Value>,
+    }
+    let r: Items = decode(body)?;
+    Ok(r.items
+        .into_iter()
+        .map(|v| serde_json::from_value(v).map_err(|e| e.to_string()))
+        .collect())
 }
 
 /// A name that goes into a request path: a plain name or nothing (no `/`, `?`, `..`).

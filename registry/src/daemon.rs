@@ -464,12 +464,20 @@ impl Daemon {
             .await;
             match pass {
                 Ok(()) => backoff = Duration::from_secs(1),
-                Err(DaemonError::Client(e)) if e.is_transient() => {
+                // The registry (or a proxy in front of it) answered with something this station
+                // cannot use, or not at all: wait and ask again. Only the station's own
+                // directory failing stops the daemon.
+                Err(DaemonError::Client(e)) => {
                     let mut jitter = [0u8; 1];
                     getrandom::fill(&mut jitter).ok();
+                    if !e.is_transient() {
+                        // A refusal is not cured by asking at once: wait longer.
+                        backoff = backoff.max(Duration::from_secs(8));
+                    }
                     let pause = backoff + Duration::from_millis(jitter[0] as u64 * 4);
                     say(&format!(
-                        "registry unavailable ({e}); retrying in {:.1} s",
+                        "registry unavailable or answering what this station cannot use ({}); retrying in {:.1} s",
+                        amicus_bundle::text::shown(&e.to_string(), 300),
                         pause.as_secs_f32()
                     ));
                     tokio::time::sleep(pause).await;
@@ -489,6 +497,15 @@ impl Daemon {
     /// After a (re)start: settle every run the registry thinks is open here.
     async fn reconcile(&mut self) -> Result<(), DaemonError> {
         for item in self.client.open_runs().await? {
+            let item = match item {
+                Ok(item) => item,
+                Err(e) => {
+                    say(&format!(
+                        "ignoring an open run this station cannot read: {e}"
+                    ));
+                    continue;
+                }
+            };
             if !plain_id(&item.run) {
                 continue;
             }
@@ -594,7 +611,7 @@ impl Daemon {
         } else {
             self.opts.poll_wait
         };
-        let items = match self.client.work(wait.as_secs()).await {
+        let items = match self.client.work_items(wait.as_secs()).await {
             Ok(items) => items,
             // The first stalled run's error says more than the poll's.
             Err(e) => return Err(stalled.into_iter().next().map_or(e.into(), |(_, err)| err)),
@@ -603,6 +620,16 @@ impl Daemon {
             self.stalled(item, err).await?;
         }
         for item in items {
+            let item = match item {
+                Ok(item) => item,
+                Err(e) => {
+                    say(&format!(
+                        "ignoring a work item this station cannot read: {}",
+                        amicus_bundle::text::shown(&e, 200)
+                    ));
+                    continue;
+                }
+            };
             if !plain_id(&item.run) || !plain_digest(&item.train) {
                 say("ignoring a work item with a malformed run id or digest");
                 continue;
@@ -1048,6 +1075,7 @@ impl Daemon {
         let policy = st.policy()?;
         let admitted = station_request::admit(
             &self.opts.dir.join(DAEMON_DIR),
+            &st.config().name,
             &policy.researcher_keys(),
             policy.require_signed_requests,
             item,
@@ -1220,7 +1248,8 @@ impl Daemon {
                                     path: path.clone(),
                                     source: std::io::Error::other(e.to_string()),
                                 })?;
-                            let signature = sign_output(&self.key, &ctx, &s);
+                            let round = item.job.as_ref().map(|j| (j.job.as_str(), j.round));
+                            let signature = sign_output(&self.key, &ctx, round, &s);
                             sealed.push(SealedOutput {
                                 name: name.clone(),
                                 sealed: B64.encode(s),

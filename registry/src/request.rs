@@ -112,12 +112,23 @@ pub fn sign_request(key: &SecretKey, statement: &RequestStatement) -> String {
     String::from_utf8(env.to_json()).expect("JSON is UTF-8")
 }
 
-/// The statement in `envelope` and the trusted key that signed it (its index in `trusted`).
-/// Nothing in the envelope is believed before a trusted signature verifies.
+/// A verified request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedRequest {
+    pub statement: RequestStatement,
+    /// Index in the trusted keys of the key that signed it.
+    pub signer: usize,
+    /// SHA-256 of the signed payload: the request's identity. The envelope around it can be
+    /// re-formatted by anyone; the payload cannot be changed without the signature failing.
+    pub payload_sha256: amicus_bundle::Digest,
+}
+
+/// The statement in `envelope` and the trusted key that signed it. Nothing in the envelope is
+/// believed before a trusted signature verifies.
 pub fn verify_request(
     envelope: &str,
     trusted: &[PublicKey],
-) -> Result<(RequestStatement, usize), RequestError> {
+) -> Result<VerifiedRequest, RequestError> {
     if envelope.len() > MAX_REQUEST_BYTES {
         return Err(RequestError::Malformed("too large".into()));
     }
@@ -134,9 +145,13 @@ pub fn verify_request(
     let payload = B64
         .decode(&env.payload)
         .map_err(|e| RequestError::Malformed(e.to_string()))?;
-    let st: RequestStatement =
+    let statement: RequestStatement =
         serde_json::from_slice(&payload).map_err(|e| RequestError::Malformed(e.to_string()))?;
-    Ok((st, signer))
+    Ok(VerifiedRequest {
+        statement,
+        signer,
+        payload_sha256: sha256(&payload),
+    })
 }
 
 /// What the registry delivered with a run, to be compared with the signed statement.
@@ -153,7 +168,11 @@ pub struct Delivered<'a> {
 
 /// Whether `st` asks for exactly what was delivered.
 pub fn check_request(st: &RequestStatement, d: &Delivered) -> Result<(), RequestError> {
-    let differs = |what: &str| Err(RequestError::Mismatch(format!("{what} differs")));
+    let differs = |what: &str| {
+        Err(RequestError::Mismatch(format!(
+            "{what}: not what the researcher signed"
+        )))
+    };
     if st.train != d.train {
         return differs("the train");
     }
@@ -172,7 +191,15 @@ pub fn check_request(st: &RequestStatement, d: &Delivered) -> Result<(), Request
         return differs("the key results are sealed to");
     }
     match (st.kind.as_str(), d.plan) {
-        ("task", None) => {}
+        ("task", None)
+            if st.plan_sha256.is_none()
+                && st.initial_weights_sha256.is_none()
+                && st.station_keys.is_empty() => {}
+        ("task", None) => {
+            return Err(RequestError::Malformed(
+                "a task's request names a plan, weights or station keys".into(),
+            ));
+        }
         ("job", Some(plan)) => {
             if st.plan_sha256.as_deref() != Some(plan_sha256(plan).as_str()) {
                 return differs("the job's plan");
@@ -186,14 +213,24 @@ pub fn check_request(st: &RequestStatement, d: &Delivered) -> Result<(), Request
         return Err(RequestError::Expired);
     }
     if d.expires_ms > st.expires_ms.saturating_add(SKEW_MS) {
-        return differs("the expiry (later than the researcher's)");
+        return differs("the expiry (later than the researcher's by more than the clock skew)");
     }
     Ok(())
 }
 
-fn output_message(ctx: &crate::sealed::SealContext, sealed: &[u8]) -> Vec<u8> {
+/// `round`: the job and round number for a round of a federated job (so a registry cannot
+/// show one round's outputs as another's).
+fn output_message(
+    ctx: &crate::sealed::SealContext,
+    round: Option<(&str, u32)>,
+    sealed: &[u8],
+) -> Vec<u8> {
+    let round = match round {
+        Some((job, n)) => format!("job {job}\nround {n}"),
+        None => "job -\nround -".to_string(),
+    };
     format!(
-        "{OUTPUT_DOMAIN}task {}\nrun {}\nstation {}\noutput {}\nsha256 {}",
+        "{OUTPUT_DOMAIN}task {}\nrun {}\nstation {}\noutput {}\n{round}\nsha256 {}",
         ctx.task,
         ctx.run,
         ctx.station,
@@ -204,21 +241,27 @@ fn output_message(ctx: &crate::sealed::SealContext, sealed: &[u8]) -> Vec<u8> {
 }
 
 /// The station's signature over one sealed output (base64).
-pub fn sign_output(key: &SecretKey, ctx: &crate::sealed::SealContext, sealed: &[u8]) -> String {
-    B64.encode(key.sign(&output_message(ctx, sealed)))
+pub fn sign_output(
+    key: &SecretKey,
+    ctx: &crate::sealed::SealContext,
+    round: Option<(&str, u32)>,
+    sealed: &[u8],
+) -> String {
+    B64.encode(key.sign(&output_message(ctx, round, sealed)))
 }
 
 /// Whether `signature` is `station_key`'s over this sealed output.
 pub fn verify_output(
     station_key: &PublicKey,
     ctx: &crate::sealed::SealContext,
+    round: Option<(&str, u32)>,
     sealed: &[u8],
     signature: &str,
 ) -> bool {
     let Ok(sig) = B64.decode(signature) else {
         return false;
     };
-    station_key.verify(&output_message(ctx, sealed), &sig)
+    station_key.verify(&output_message(ctx, round, sealed), &sig)
 }
 
 /// What a station signs when it advertises its round keys in a securely aggregated round.
@@ -311,8 +354,19 @@ mod tests {
         let alice = SecretKey::generate().unwrap();
         let mallory = SecretKey::generate().unwrap();
         let env = sign_request(&alice, &statement());
-        let (st, who) = verify_request(&env, &[mallory.public(), alice.public()]).unwrap();
-        assert_eq!(who, 1);
+        let v = verify_request(&env, &[mallory.public(), alice.public()]).unwrap();
+        assert_eq!(v.signer, 1);
+        let st = v.statement;
+        // Re-formatting the envelope does not change the request's identity.
+        let mut e: Envelope = serde_json::from_str(&env).unwrap();
+        e.signatures.push(EnvelopeSignature {
+            keyid: "x".into(),
+            sig: "AAAA".into(),
+        });
+        let reformatted = String::from_utf8(e.to_json()).unwrap();
+        let again = verify_request(&reformatted, &[alice.public()]).unwrap();
+        assert_ne!(reformatted, env);
+        assert_eq!(again.payload_sha256, v.payload_sha256);
         let train = "ab".repeat(32);
         check_request(&st, &delivered(&train)).unwrap();
         assert_eq!(
@@ -362,17 +416,53 @@ mod tests {
             station: "st1",
             output: "summary.json",
         };
-        let sig = sign_output(&st, &ctx, b"sealed");
-        assert!(verify_output(&st.public(), &ctx, b"sealed", &sig));
-        assert!(!verify_output(&st.public(), &ctx, b"forged", &sig));
+        let sig = sign_output(&st, &ctx, None, b"sealed");
+        assert!(verify_output(&st.public(), &ctx, None, b"sealed", &sig));
+        assert!(!verify_output(&st.public(), &ctx, None, b"forged", &sig));
         let other = crate::sealed::SealContext {
             output: "other.json",
             ..ctx
         };
-        assert!(!verify_output(&st.public(), &other, b"sealed", &sig));
+        assert!(!verify_output(&st.public(), &other, None, b"sealed", &sig));
         let mallory = SecretKey::generate().unwrap();
-        assert!(!verify_output(&mallory.public(), &ctx, b"sealed", &sig));
-        assert!(!verify_output(&st.public(), &ctx, b"sealed", "not base64!"));
+        assert!(!verify_output(
+            &mallory.public(),
+            &ctx,
+            None,
+            b"sealed",
+            &sig
+        ));
+        assert!(!verify_output(
+            &st.public(),
+            &ctx,
+            None,
+            b"sealed",
+            "not base64!"
+        ));
+        // A round's output is that round's: not another round's, not a plain task's.
+        let r2 = sign_output(&st, &ctx, Some(("j", 2)), b"sealed");
+        assert!(verify_output(
+            &st.public(),
+            &ctx,
+            Some(("j", 2)),
+            b"sealed",
+            &r2
+        ));
+        assert!(!verify_output(
+            &st.public(),
+            &ctx,
+            Some(("j", 1)),
+            b"sealed",
+            &r2
+        ));
+        assert!(!verify_output(
+            &st.public(),
+            &ctx,
+            Some(("k", 2)),
+            b"sealed",
+            &r2
+        ));
+        assert!(!verify_output(&st.public(), &ctx, None, b"sealed", &r2));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use crate::request::{self, Delivered, RequestError, RequestStatement};
 use crate::wire::{RoundWork, WorkItem};
-use amicus_bundle::{Digest, TrustedKey, sha256};
+use amicus_bundle::{Digest, TrustedKey};
 use std::path::Path;
 
 /// Folder (under the daemon's directory) of replay markers.
@@ -22,6 +22,7 @@ pub struct Verified {
     /// The data owner's name for the researcher's key.
     pub researcher: String,
     pub keyid: String,
+    /// SHA-256 of the signed payload: the request's identity.
     pub statement_sha256: Digest,
     /// False when this run's request was verified before (the daemon processes a run again
     /// after the data owner's approval).
@@ -41,16 +42,26 @@ pub enum Admitted {
     },
 }
 
-/// Check `item` against its signed request. `daemon_dir` holds the replay markers; `trusted`
-/// are the researchers the station's policy trusts; `required` is the policy's
+/// Check `item` against its signed request. `daemon_dir` holds the replay markers; `me` is
+/// this station's own name (from its configuration, not the registry); `trusted` are the
+/// researchers the station's policy trusts; `required` is the policy's
 /// `require_signed_requests`.
 pub fn admit(
     daemon_dir: &Path,
+    me: &str,
     trusted: &[TrustedKey],
     required: bool,
     item: &WorkItem,
     now_ms: i64,
 ) -> Result<Admitted, RequestError> {
+    // Whatever the registry calls this station, it is the station it is: a run delivered under
+    // another station's name would run a request signed for that station on this one's data.
+    if item.station != me {
+        return Err(RequestError::Mismatch(format!(
+            "the run is for station {}, not this one",
+            amicus_bundle::text::shown(&item.station, 64)
+        )));
+    }
     let bad = |what: &str| RequestError::Malformed(format!("{what} is not a plain name"));
     if !request::plain_name(&item.task) {
         return Err(bad("the task id"));
@@ -71,7 +82,11 @@ pub fn admit(
         };
     };
     let keys: Vec<_> = trusted.iter().map(|t| t.key).collect();
-    let (statement, signer) = match request::verify_request(envelope, &keys) {
+    let request::VerifiedRequest {
+        statement,
+        signer,
+        payload_sha256: statement_sha256,
+    } = match request::verify_request(envelope, &keys) {
         Ok(v) => v,
         Err(_) if !required => return Ok(Admitted::Unsigned),
         Err(e) => return Err(e),
@@ -111,8 +126,8 @@ pub fn admit(
         }
         _ => None,
     };
-    let statement_sha256 = sha256(envelope.as_bytes());
-    // One request, one task or job; one round, one registry run.
+    // One request, one task or job; one round, one registry run. Keyed by the signed payload,
+    // which no re-formatting of the envelope changes.
     let dir = daemon_dir.join(REQUESTS_DIR);
     let owner = match &item.job {
         Some(j) => format!("job {}", j.job),
@@ -158,7 +173,7 @@ mod tests {
     use super::*;
     use crate::request::{nonce, sign_request};
     use crate::wire::{Encoding, Plan};
-    use amicus_bundle::SecretKey;
+    use amicus_bundle::{SecretKey, sha256};
     use std::collections::BTreeMap;
 
     fn plan() -> Plan {
@@ -217,7 +232,7 @@ mod tests {
             j.proximal_mu = 5.0;
         }
         let Admitted::Verified { verified, round } =
-            admit(dir.path(), &trusted(&alice), true, &item, 1_000).unwrap()
+            admit(dir.path(), "st1", &trusted(&alice), true, &item, 1_000).unwrap()
         else {
             panic!("verified")
         };
@@ -228,16 +243,47 @@ mod tests {
         assert_eq!(round.encoding, plan().encoding);
         // The same run again (after approval): fine, not new.
         let Admitted::Verified { verified, .. } =
-            admit(dir.path(), &trusted(&alice), true, &item, 1_000).unwrap()
+            admit(dir.path(), "st1", &trusted(&alice), true, &item, 1_000).unwrap()
         else {
             panic!()
         };
         assert!(!verified.first_time);
+        // The same request re-formatted (another envelope, same signed payload) under
+        // another registry run: still a replay.
+        let mut reformatted = item.clone();
+        reformatted.run = "4".repeat(32);
+        let mut env: amicus_bundle::dsse::Envelope =
+            serde_json::from_str(item.statement.as_deref().unwrap()).unwrap();
+        env.signatures.push(amicus_bundle::dsse::EnvelopeSignature {
+            keyid: "padding".into(),
+            sig: "AAAA".into(),
+        });
+        reformatted.statement = Some(String::from_utf8(env.to_json()).unwrap());
+        assert_ne!(reformatted.statement, item.statement);
+        assert!(matches!(
+            admit(
+                dir.path(),
+                "st1",
+                &trusted(&alice),
+                true,
+                &reformatted,
+                1_000
+            ),
+            Err(RequestError::Replayed)
+        ));
+        // A run the registry addressed to st2 (also named in the request) is not this
+        // station's, whatever the registry says.
+        let mut elsewhere = item.clone();
+        elsewhere.station = "st2".into();
+        assert!(matches!(
+            admit(dir.path(), "st1", &trusted(&alice), true, &elsewhere, 1_000),
+            Err(RequestError::Mismatch(_))
+        ));
         // Round 1 again under another registry run: a replay.
         let mut again = item.clone();
         again.run = "1".repeat(32);
         assert!(matches!(
-            admit(dir.path(), &trusted(&alice), true, &again, 1_000),
+            admit(dir.path(), "st1", &trusted(&alice), true, &again, 1_000),
             Err(RequestError::Replayed)
         ));
         // The same statement for another job: a replay.
@@ -248,7 +294,7 @@ mod tests {
             j.round = 2;
         }
         assert!(matches!(
-            admit(dir.path(), &trusted(&alice), true, &other, 1_000),
+            admit(dir.path(), "st1", &trusted(&alice), true, &other, 1_000),
             Err(RequestError::Replayed)
         ));
         // Round 4 of a 2-round job with evaluation: out of the plan.
@@ -258,7 +304,7 @@ mod tests {
             j.round = 4;
         }
         assert!(matches!(
-            admit(dir.path(), &trusted(&alice), true, &late, 1_000),
+            admit(dir.path(), "st1", &trusted(&alice), true, &late, 1_000),
             Err(RequestError::Mismatch(_))
         ));
     }
@@ -271,38 +317,38 @@ mod tests {
         let mut unsigned = item.clone();
         unsigned.statement = None;
         assert!(matches!(
-            admit(dir.path(), &trusted(&alice), true, &unsigned, 1_000),
+            admit(dir.path(), "st1", &trusted(&alice), true, &unsigned, 1_000),
             Err(RequestError::Unsigned)
         ));
         assert!(matches!(
-            admit(dir.path(), &trusted(&alice), false, &unsigned, 1_000),
+            admit(dir.path(), "st1", &trusted(&alice), false, &unsigned, 1_000),
             Ok(Admitted::Unsigned)
         ));
         assert!(matches!(
-            admit(dir.path(), &trusted(&mallory), true, &item, 1_000),
+            admit(dir.path(), "st1", &trusted(&mallory), true, &item, 1_000),
             Err(RequestError::Untrusted)
         ));
         let mut swapped = item.clone();
         swapped.recipient_key = crate::sealed::RecipientKey::generate().public().to_pem();
         assert!(matches!(
-            admit(dir.path(), &trusted(&alice), true, &swapped, 1_000),
+            admit(dir.path(), "st1", &trusted(&alice), true, &swapped, 1_000),
             Err(RequestError::Mismatch(_))
         ));
         let mut hostile = item.clone();
         hostile.task = "../../x".into();
         assert!(matches!(
-            admit(dir.path(), &trusted(&alice), true, &hostile, 1_000),
+            admit(dir.path(), "st1", &trusted(&alice), true, &hostile, 1_000),
             Err(RequestError::Malformed(_))
         ));
         // A task's statement delivered as a job round.
         let mut as_job = item.clone();
         as_job.job = Some(RoundWork::from_plan("j1".into(), 1, plan()));
         assert!(matches!(
-            admit(dir.path(), &trusted(&alice), true, &as_job, 1_000),
+            admit(dir.path(), "st1", &trusted(&alice), true, &as_job, 1_000),
             Err(RequestError::Mismatch(_))
         ));
         assert!(matches!(
-            admit(dir.path(), &trusted(&alice), true, &item, 20_000),
+            admit(dir.path(), "st1", &trusted(&alice), true, &item, 20_000),
             Err(RequestError::Expired)
         ));
     }

@@ -996,7 +996,7 @@ async fn tokens_and_signed_requests(h: &Harness) {
         b"{}",
     )
     .unwrap();
-    let sig = amicus_registry::request::sign_output(&h.st1_key, &ctx, &sealed);
+    let sig = amicus_registry::request::sign_output(&h.st1_key, &ctx, None, &sealed);
     let too_long = SealedOutput {
         name: "summary.json".into(),
         sealed: B64.encode(&sealed),
@@ -1026,6 +1026,7 @@ async fn tokens_and_signed_requests(h: &Harness) {
     assert!(amicus_registry::request::verify_output(
         &h.st1_key.public(),
         &ctx,
+        None,
         &B64.decode(&out.sealed).unwrap(),
         &sig
     ));

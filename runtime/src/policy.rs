@@ -542,66 +542,22 @@ impl Policy {
     }
 
     pub fn trusted_keys(&self) -> Vec<TrustedKey> {
-        self.trusted_signers
-            .iter()
-            .filter_map(|s| {
-                PublicKey::from_pem(&s.key, &s.name)
-                    .ok()
-                    .map(|key| TrustedKey {
-                        name: s.name.clone(),
-                        key,
-                    })
-            })
-            .collect()
+        keys_of(&self.trusted_signers)
     }
 
     /// The researchers whose signed requests this station acts on.
     pub fn researcher_keys(&self) -> Vec<TrustedKey> {
-        self.trusted_researchers
-            .iter()
-            .filter_map(|s| {
-                PublicKey::from_pem(&s.key, &s.name)
-                    .ok()
-                    .map(|key| TrustedKey {
-                        name: s.name.clone(),
-                        key,
-                    })
-            })
-            .collect()
+        keys_of(&self.trusted_researchers)
     }
 
     /// Act on requests signed by `key`, known as `name`.
     pub fn trust_researcher(&mut self, name: &str, key: &PublicKey) -> Result<(), PolicyError> {
-        for t in self.researcher_keys() {
-            if t.key == *key {
-                return Err(PolicyError::AlreadyTrusted(key.id().to_string()));
-            }
-            if t.name == name {
-                return Err(PolicyError::NameTaken(name.to_string()));
-            }
-        }
-        self.trusted_researchers.push(Signer {
-            name: name.to_string(),
-            key: key.to_pem(),
-        });
-        Ok(())
+        add_key(&mut self.trusted_researchers, name, key)
     }
 
     /// Trust `key` under `name`.
     pub fn trust(&mut self, name: &str, key: &PublicKey) -> Result<(), PolicyError> {
-        for t in self.trusted_keys() {
-            if t.key == *key {
-                return Err(PolicyError::AlreadyTrusted(key.id().to_string()));
-            }
-            if t.name == name {
-                return Err(PolicyError::NameTaken(name.to_string()));
-            }
-        }
-        self.trusted_signers.push(Signer {
-            name: name.to_string(),
-            key: key.to_pem(),
-        });
-        Ok(())
+        add_key(&mut self.trusted_signers, name, key)
     }
 
     /// Approve `digest` for any parameters (an approval without a scope). Returns whether
@@ -829,6 +785,37 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "refused ({}): {}", self.stage, self.reason)
     }
+}
+
+/// The keys of a list of named keys that parse (a damaged entry trusts no one).
+fn keys_of(list: &[Signer]) -> Vec<TrustedKey> {
+    list.iter()
+        .filter_map(|s| {
+            PublicKey::from_pem(&s.key, &s.name)
+                .ok()
+                .map(|key| TrustedKey {
+                    name: s.name.clone(),
+                    key,
+                })
+        })
+        .collect()
+}
+
+/// Add `key` as `name` to a list of named keys: neither the key nor the name twice.
+fn add_key(list: &mut Vec<Signer>, name: &str, key: &PublicKey) -> Result<(), PolicyError> {
+    for t in keys_of(list) {
+        if t.key == *key {
+            return Err(PolicyError::AlreadyTrusted(key.id().to_string()));
+        }
+        if t.name == name {
+            return Err(PolicyError::NameTaken(name.to_string()));
+        }
+    }
+    list.push(Signer {
+        name: name.to_string(),
+        key: key.to_pem(),
+    });
+    Ok(())
 }
 
 #[cfg(test)]
