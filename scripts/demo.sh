@@ -103,7 +103,8 @@ step "researcher: push the signed train and ask all three hospitals"
 "$A" train push --token-file alice.token cohort-stats.train
 TASK=$("$A" task create --token-file alice.token --train cohort-stats.train \
   --station st1 --station st2 --station st3 --params params.json \
-  --sign-key alice.key --recipient-key alice-results.pub --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+  --sign-key alice.key --recipient-key alice-results.pub \
+  --station-key st1=st1/station.pub --station-key st2=st2/station.pub --station-key st3=st3/station.pub --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
 echo "task $TASK"
 
 step "st3's data owner has not approved this train: the daemon holds it until they decide"

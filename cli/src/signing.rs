@@ -25,9 +25,10 @@ pub struct SignArgs {
     /// $AMICUS_RECIPIENT_KEY): the request names it, so the registry cannot substitute its own.
     #[arg(long)]
     pub recipient_key: Option<PathBuf>,
-    /// For a job with secure aggregation: a station's public key from its data owner (repeat):
-    /// the request names its key id, and peers accept only round keys it signed. Stations not
-    /// pinned are named by the key the registry lists.
+    /// A station's public key from its data owner (repeat): the request names each station by
+    /// its key id (a station acts only on runs for its own key; in secure aggregation peers
+    /// accept only round keys it signed). Stations not pinned are named by the key the
+    /// registry lists now.
     #[arg(long = "station-key", value_name = "NAME=FILE")]
     pub station_keys: Vec<String>,
 }
@@ -43,7 +44,7 @@ pub struct Ask<'a> {
     pub initial_weights: Option<&'a [u8]>,
 }
 
-/// The key ids of `stations` for a securely aggregated job: pinned ones, else the registry's.
+/// The key ids of `stations`: pinned ones, else the registry's.
 async fn station_key_ids(
     args: &SignArgs,
     client: &PersonClient,
@@ -128,12 +129,7 @@ pub async fn sign(args: &SignArgs, client: &PersonClient, ask: Ask<'_>) -> Resul
         initial_weights_sha256: ask
             .initial_weights
             .map(|w| amicus_bundle::sha256(w).to_hex()),
-        station_keys: match ask.plan {
-            Some(p) if p.secure_aggregation.is_some() => {
-                station_key_ids(args, client, ask.stations).await?
-            }
-            _ => BTreeMap::new(),
-        },
+        station_keys: station_key_ids(args, client, ask.stations).await?,
         expires_ms: ask.expires_ms,
         nonce: request::nonce(),
     };

@@ -389,9 +389,20 @@ impl PersonClient {
         self.get_all(&format!("/v1/stations/{}/runs", path_segment(station)?))
             .await
     }
+    /// A station's audit copy, every page of its lines (the head as the first page had it:
+    /// lines that arrived while paging only make the head lag, never look truncated).
     pub async fn station_audit(&self, station: &str) -> Result<StationAudit, ClientError> {
-        self.get(&format!("/v1/stations/{}/audit", path_segment(station)?))
-            .await
+        let mut first: Option<StationAudit> = None;
+        let path = format!("/v1/stations/{}/audit", path_segment(station)?);
+        self.pages(&path, |body: StationAudit| {
+            match first.as_mut() {
+                None => first = Some(body),
+                Some(f) => f.lines.extend(body.lines),
+            }
+            Ok(())
+        })
+        .await?;
+        first.ok_or_else(|| ClientError::Decode("no audit copy".into()))
     }
     pub async fn registry_audit(&self) -> Result<Vec<RegistryAuditEntry>, ClientError> {
         self.get_all("/v1/audit").await
@@ -403,8 +414,23 @@ impl PersonClient {
         &self,
         path: &str,
     ) -> Result<Vec<T>, ClientError> {
-        const MAX_PAGES: usize = 100_000;
         let mut out = Vec::new();
+        self.pages(path, |mut items: Vec<T>| {
+            out.append(&mut items);
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Fetch `path` and every page its `Link` headers lead to, handing each decoded body to
+    /// `each`.
+    async fn pages<B: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        mut each: impl FnMut(B) -> Result<(), ClientError>,
+    ) -> Result<(), ClientError> {
+        const MAX_PAGES: usize = 100_000;
         let mut next = Some(path.to_string());
         let mut pages = 0;
         while let Some(p) = next.take() {
@@ -430,12 +456,11 @@ impl PersonClient {
                 .and_then(crate::server::page::next_link)
                 .map(str::to_string);
             let body = answer(url.as_str(), resp).await?;
-            let mut items: Vec<T> = decode(&body)?;
-            out.append(&mut items);
+            each(decode(&body)?)?;
             // A relative path on this registry only: never another host.
             next = link.filter(|l| l.starts_with("/v1/") && !l.contains("//"));
         }
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -1075,7 +1075,7 @@ impl Daemon {
         let policy = st.policy()?;
         let admitted = station_request::admit(
             &self.opts.dir.join(DAEMON_DIR),
-            &st.config().name,
+            &self.key.public().id().to_string(),
             &policy.researcher_keys(),
             policy.require_signed_requests,
             item,

@@ -1323,15 +1323,27 @@ impl Db {
         Ok(true)
     }
 
+    /// At most `limit` lines of a station's audit copy after sequence number `after` (-1: from
+    /// the first), with their sequence numbers, and the station's signed head.
     pub async fn station_audit(
         &self,
         station: &str,
-    ) -> Result<(Vec<String>, Option<String>), DbError> {
-        let lines: Vec<String> =
-            sqlx::query_scalar("SELECT line FROM station_audit WHERE station = $1 ORDER BY seq")
-                .bind(station)
-                .fetch_all(&self.pool)
-                .await?;
+        after: i64,
+        limit: usize,
+    ) -> Result<(Vec<(i64, String)>, Option<String>), DbError> {
+        let rows = sqlx::query(
+            "SELECT seq, line FROM station_audit WHERE station = $1 AND seq > $2
+             ORDER BY seq LIMIT $3",
+        )
+        .bind(station)
+        .bind(after)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let lines = rows
+            .iter()
+            .map(|r| Ok((r.try_get("seq")?, r.try_get("line")?)))
+            .collect::<Result<Vec<_>, DbError>>()?;
         let head: Option<String> =
             sqlx::query_scalar("SELECT head FROM station_heads WHERE station = $1")
                 .bind(station)

@@ -55,8 +55,9 @@ pub struct RequestStatement {
     /// Jobs: SHA-256 of the initial global weights (the `amicus_fl::wire` bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_weights_sha256: Option<String>,
-    /// Jobs with secure aggregation: the stations' key ids, so that each can check the
-    /// others' signed key advertisements without trusting the registry's copy of their keys.
+    /// Each named station's key id: a station acts only on runs addressed to the name the
+    /// researcher gave its key, and in secure aggregation checks the others' signed key
+    /// advertisements against these, not the registry's copy of their keys.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub station_keys: BTreeMap<String, String>,
     /// No station acts on it after this (milliseconds since the epoch).
@@ -191,13 +192,10 @@ pub fn check_request(st: &RequestStatement, d: &Delivered) -> Result<(), Request
         return differs("the key results are sealed to");
     }
     match (st.kind.as_str(), d.plan) {
-        ("task", None)
-            if st.plan_sha256.is_none()
-                && st.initial_weights_sha256.is_none()
-                && st.station_keys.is_empty() => {}
+        ("task", None) if st.plan_sha256.is_none() && st.initial_weights_sha256.is_none() => {}
         ("task", None) => {
             return Err(RequestError::Malformed(
-                "a task's request names a plan, weights or station keys".into(),
+                "a task's request names a plan or weights".into(),
             ));
         }
         ("job", Some(plan)) => {

@@ -42,26 +42,18 @@ pub enum Admitted {
     },
 }
 
-/// Check `item` against its signed request. `daemon_dir` holds the replay markers; `me` is
-/// this station's own name (from its configuration, not the registry); `trusted` are the
+/// Check `item` against its signed request. `daemon_dir` holds the replay markers; `my_key`
+/// is this station's key id (its identity, whatever the registry calls it); `trusted` are the
 /// researchers the station's policy trusts; `required` is the policy's
 /// `require_signed_requests`.
 pub fn admit(
     daemon_dir: &Path,
-    me: &str,
+    my_key: &str,
     trusted: &[TrustedKey],
     required: bool,
     item: &WorkItem,
     now_ms: i64,
 ) -> Result<Admitted, RequestError> {
-    // Whatever the registry calls this station, it is the station it is: a run delivered under
-    // another station's name would run a request signed for that station on this one's data.
-    if item.station != me {
-        return Err(RequestError::Mismatch(format!(
-            "the run is for station {}, not this one",
-            amicus_bundle::text::shown(&item.station, 64)
-        )));
-    }
     let bad = |what: &str| RequestError::Malformed(format!("{what} is not a plain name"));
     if !request::plain_name(&item.task) {
         return Err(bad("the task id"));
@@ -91,6 +83,24 @@ pub fn admit(
         Err(_) if !required => return Ok(Admitted::Unsigned),
         Err(e) => return Err(e),
     };
+    // The researcher named each station by its key: a run the registry addresses to a station
+    // name must be for the station holding that key, or a request signed for another station
+    // would run on this one's data.
+    match statement.station_keys.get(&item.station) {
+        Some(id) if id == my_key => {}
+        Some(_) => {
+            return Err(RequestError::Mismatch(format!(
+                "the run is for station {}, which the researcher named by another key than this station's",
+                amicus_bundle::text::shown(&item.station, 64)
+            )));
+        }
+        None => {
+            return Err(RequestError::Mismatch(format!(
+                "the request names no key for station {}",
+                amicus_bundle::text::shown(&item.station, 64)
+            )));
+        }
+    }
     let plan = match &item.job {
         None => None,
         Some(j) => Some(j.plan.as_ref().ok_or_else(|| {
@@ -174,7 +184,6 @@ mod tests {
     use crate::request::{nonce, sign_request};
     use crate::wire::{Encoding, Plan};
     use amicus_bundle::{SecretKey, sha256};
-    use std::collections::BTreeMap;
 
     fn plan() -> Plan {
         serde_json::from_value(serde_json::json!({"rounds": 2, "evaluate_final": true})).unwrap()
@@ -196,7 +205,10 @@ mod tests {
                 .fingerprint(),
             plan_sha256: job.then(|| request::plan_sha256(&plan())),
             initial_weights_sha256: None,
-            station_keys: BTreeMap::new(),
+            station_keys: [("st1", "key-of-st1"), ("st2", "key-of-st2")]
+                .iter()
+                .map(|(n, k)| (n.to_string(), k.to_string()))
+                .collect(),
             expires_ms: 10_000,
             nonce: nonce(),
         };
@@ -231,9 +243,15 @@ mod tests {
             j.encoding = Encoding::Q8;
             j.proximal_mu = 5.0;
         }
-        let Admitted::Verified { verified, round } =
-            admit(dir.path(), "st1", &trusted(&alice), true, &item, 1_000).unwrap()
-        else {
+        let Admitted::Verified { verified, round } = admit(
+            dir.path(),
+            "key-of-st1",
+            &trusted(&alice),
+            true,
+            &item,
+            1_000,
+        )
+        .unwrap() else {
             panic!("verified")
         };
         assert!(verified.first_time);
@@ -242,9 +260,15 @@ mod tests {
         assert_eq!(round.proximal_mu, 0.0);
         assert_eq!(round.encoding, plan().encoding);
         // The same run again (after approval): fine, not new.
-        let Admitted::Verified { verified, .. } =
-            admit(dir.path(), "st1", &trusted(&alice), true, &item, 1_000).unwrap()
-        else {
+        let Admitted::Verified { verified, .. } = admit(
+            dir.path(),
+            "key-of-st1",
+            &trusted(&alice),
+            true,
+            &item,
+            1_000,
+        )
+        .unwrap() else {
             panic!()
         };
         assert!(!verified.first_time);
@@ -271,19 +295,45 @@ mod tests {
             ),
             Err(RequestError::Replayed)
         ));
-        // A run the registry addressed to st2 (also named in the request) is not this
-        // station's, whatever the registry says.
+        // A run the registry addressed to st2 (also named in the request, by another key) is
+        // not this station's, whatever the registry says; nor one for a name not keyed.
         let mut elsewhere = item.clone();
         elsewhere.station = "st2".into();
         assert!(matches!(
-            admit(dir.path(), "st1", &trusted(&alice), true, &elsewhere, 1_000),
+            admit(
+                dir.path(),
+                "key-of-st1",
+                &trusted(&alice),
+                true,
+                &elsewhere,
+                1_000
+            ),
+            Err(RequestError::Mismatch(_))
+        ));
+        elsewhere.station = "st9".into();
+        assert!(matches!(
+            admit(
+                dir.path(),
+                "key-of-st1",
+                &trusted(&alice),
+                true,
+                &elsewhere,
+                1_000
+            ),
             Err(RequestError::Mismatch(_))
         ));
         // Round 1 again under another registry run: a replay.
         let mut again = item.clone();
         again.run = "1".repeat(32);
         assert!(matches!(
-            admit(dir.path(), "st1", &trusted(&alice), true, &again, 1_000),
+            admit(
+                dir.path(),
+                "key-of-st1",
+                &trusted(&alice),
+                true,
+                &again,
+                1_000
+            ),
             Err(RequestError::Replayed)
         ));
         // The same statement for another job: a replay.
@@ -294,7 +344,14 @@ mod tests {
             j.round = 2;
         }
         assert!(matches!(
-            admit(dir.path(), "st1", &trusted(&alice), true, &other, 1_000),
+            admit(
+                dir.path(),
+                "key-of-st1",
+                &trusted(&alice),
+                true,
+                &other,
+                1_000
+            ),
             Err(RequestError::Replayed)
         ));
         // Round 4 of a 2-round job with evaluation: out of the plan.
@@ -304,7 +361,14 @@ mod tests {
             j.round = 4;
         }
         assert!(matches!(
-            admit(dir.path(), "st1", &trusted(&alice), true, &late, 1_000),
+            admit(
+                dir.path(),
+                "key-of-st1",
+                &trusted(&alice),
+                true,
+                &late,
+                1_000
+            ),
             Err(RequestError::Mismatch(_))
         ));
     }
@@ -317,38 +381,87 @@ mod tests {
         let mut unsigned = item.clone();
         unsigned.statement = None;
         assert!(matches!(
-            admit(dir.path(), "st1", &trusted(&alice), true, &unsigned, 1_000),
+            admit(
+                dir.path(),
+                "key-of-st1",
+                &trusted(&alice),
+                true,
+                &unsigned,
+                1_000
+            ),
             Err(RequestError::Unsigned)
         ));
         assert!(matches!(
-            admit(dir.path(), "st1", &trusted(&alice), false, &unsigned, 1_000),
+            admit(
+                dir.path(),
+                "key-of-st1",
+                &trusted(&alice),
+                false,
+                &unsigned,
+                1_000
+            ),
             Ok(Admitted::Unsigned)
         ));
         assert!(matches!(
-            admit(dir.path(), "st1", &trusted(&mallory), true, &item, 1_000),
+            admit(
+                dir.path(),
+                "key-of-st1",
+                &trusted(&mallory),
+                true,
+                &item,
+                1_000
+            ),
             Err(RequestError::Untrusted)
         ));
         let mut swapped = item.clone();
         swapped.recipient_key = crate::sealed::RecipientKey::generate().public().to_pem();
         assert!(matches!(
-            admit(dir.path(), "st1", &trusted(&alice), true, &swapped, 1_000),
+            admit(
+                dir.path(),
+                "key-of-st1",
+                &trusted(&alice),
+                true,
+                &swapped,
+                1_000
+            ),
             Err(RequestError::Mismatch(_))
         ));
         let mut hostile = item.clone();
         hostile.task = "../../x".into();
         assert!(matches!(
-            admit(dir.path(), "st1", &trusted(&alice), true, &hostile, 1_000),
+            admit(
+                dir.path(),
+                "key-of-st1",
+                &trusted(&alice),
+                true,
+                &hostile,
+                1_000
+            ),
             Err(RequestError::Malformed(_))
         ));
         // A task's statement delivered as a job round.
         let mut as_job = item.clone();
         as_job.job = Some(RoundWork::from_plan("j1".into(), 1, plan()));
         assert!(matches!(
-            admit(dir.path(), "st1", &trusted(&alice), true, &as_job, 1_000),
+            admit(
+                dir.path(),
+                "key-of-st1",
+                &trusted(&alice),
+                true,
+                &as_job,
+                1_000
+            ),
             Err(RequestError::Mismatch(_))
         ));
         assert!(matches!(
-            admit(dir.path(), "st1", &trusted(&alice), true, &item, 20_000),
+            admit(
+                dir.path(),
+                "key-of-st1",
+                &trusted(&alice),
+                true,
+                &item,
+                20_000
+            ),
             Err(RequestError::Expired)
         ));
     }

@@ -749,6 +749,38 @@ async fn audit_copies(h: &Harness) {
             .unwrap(),
         5
     );
+    // The copy is paged like every list: two lines a page, then the client follows the links.
+    let r = amicus_registry::client::http(Duration::from_secs(60))
+        .get(format!("{}/v1/stations/st1/audit?limit=2", h.url))
+        .bearer_auth(h.alice_token.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "researchers do not read station logs");
+    let auditor_token = {
+        let made = h
+            .admin
+            .add_user(&NewUser {
+                name: "paging-auditor".into(),
+                role: Role::Auditor,
+                station: None,
+                enc_public_key: None,
+                token_expires_in_s: None,
+            })
+            .await
+            .unwrap();
+        made.token
+    };
+    let r = amicus_registry::client::http(Duration::from_secs(60))
+        .get(format!("{}/v1/stations/st1/audit?limit=2", h.url))
+        .bearer_auth(&auditor_token)
+        .send()
+        .await
+        .unwrap();
+    let link = r.headers()["link"].to_str().unwrap().to_string();
+    let page: StationAudit = r.json().await.unwrap();
+    assert_eq!(page.lines.len(), 2);
+    assert!(link.contains("after=1"), "{link}");
     // The auditor verifies the copy with the runtime's verifier.
     let copy = h.auditor.station_audit("st1").await.unwrap();
     let raw: Vec<&[u8]> = copy.lines.iter().map(|l| l.as_bytes()).collect();

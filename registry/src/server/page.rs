@@ -1,7 +1,8 @@
 //! Pagination of every list answer: `?limit=N&after=CURSOR` (N from 1 to [`MAX_PAGE`],
 //! [`DEFAULT_PAGE`] when not given), the items after the cursor in the list's order, and a
 //! `Link: <PATH?limit=N&after=LAST>; rel="next"` header while more remain. The body stays a
-//! plain JSON array. A cursor is the last item's id (a sequence number for the trail).
+//! plain JSON array (a station's audit copy pages its `lines`). A cursor is the last item's id
+//! (a sequence number for the trail and audit copies).
 //!
 //! Owns the query parameters and the header. Must not decide what a caller may see: the
 //! handlers filter first, then page.
@@ -77,17 +78,20 @@ impl Page {
         rest.truncate(self.limit);
         let mut resp = json(&rest);
         if more && let Some(last) = rest.last() {
-            let link = format!(
-                "<{}?limit={}&after={}>; rel=\"next\"",
-                r.path,
-                self.limit,
-                id(last)
-            );
-            if let Ok(v) = HeaderValue::from_str(&link) {
-                resp.headers_mut().insert("link", v);
-            }
+            self.link(r, &id(last), &mut resp);
         }
         resp
+    }
+
+    /// Add the link to the page after `last` to `resp`.
+    pub(super) fn link(&self, r: &Req, last: &str, resp: &mut Response) {
+        let link = format!(
+            "<{}?limit={}&after={last}>; rel=\"next\"",
+            r.path, self.limit
+        );
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            resp.headers_mut().insert("link", v);
+        }
     }
 }
 

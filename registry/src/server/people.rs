@@ -349,20 +349,31 @@ pub(super) async fn station_audit(
         req,
         0,
         Auth::People(roles),
-        |app, _, c| async move {
+        |app, r, c| async move {
             may_see_station(c.as_ref().expect("authenticated"), &name)?;
+            let page = page(&r)?;
             let st = app
                 .db
                 .station(&name)
                 .await?
                 .ok_or_else(|| not_found("no such station"))?;
-            let (lines, head) = app.db.station_audit(&name).await?;
-            Ok(json(&StationAudit {
+            let (mut lines, head) = app
+                .db
+                .station_audit(&name, page.after_seq()?, page.limit.saturating_add(1))
+                .await?;
+            let more = lines.len() > page.limit;
+            lines.truncate(page.limit);
+            let last = lines.last().map(|(seq, _)| seq.to_string());
+            let mut resp = json(&StationAudit {
                 station: name,
                 public_key: st.public_key,
-                lines,
+                lines: lines.into_iter().map(|(_, l)| l).collect(),
                 head,
-            }))
+            });
+            if more && let Some(last) = last {
+                page.link(&r, &last, &mut resp);
+            }
+            Ok(resp)
         },
     )
     .await
@@ -779,6 +790,10 @@ pub(super) fn check_statement(
         (st.train == train, "train"),
         (st.params_sha256 == sha(params.as_bytes()), "parameters"),
         (named == asked, "stations"),
+        (
+            st.station_keys.is_empty() || st.station_keys.keys().collect::<Vec<_>>() == asked,
+            "stations' keys (not the stations asked for)",
+        ),
         (
             crate::sealed::RecipientPublicKey::from_pem(recipient_key, "recipient")
                 .is_ok_and(|k| k.fingerprint() == st.recipient_key_sha256),
