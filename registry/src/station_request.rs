@@ -287,7 +287,7 @@ mod tests {
         assert!(matches!(
             admit(
                 dir.path(),
-                "st1",
+                "key-of-st1",
                 &trusted(&alice),
                 true,
                 &reformatted,
