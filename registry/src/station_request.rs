@@ -234,6 +234,24 @@ mod tests {
         }]
     }
 
+    /// `admit` at station st1 (key id `key-of-st1`) trusting `researcher`.
+    fn at(
+        dir: &tempfile::TempDir,
+        researcher: &SecretKey,
+        required: bool,
+        item: &WorkItem,
+        now_ms: i64,
+    ) -> Result<Admitted, RequestError> {
+        admit(
+            dir.path(),
+            "key-of-st1",
+            &trusted(researcher),
+            required,
+            item,
+            now_ms,
+        )
+    }
+
     #[test]
     fn a_round_is_rebuilt_from_the_signed_plan_and_acted_on_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -243,15 +261,8 @@ mod tests {
             j.encoding = Encoding::Q8;
             j.proximal_mu = 5.0;
         }
-        let Admitted::Verified { verified, round } = admit(
-            dir.path(),
-            "key-of-st1",
-            &trusted(&alice),
-            true,
-            &item,
-            1_000,
-        )
-        .unwrap() else {
+        let Admitted::Verified { verified, round } = at(&dir, &alice, true, &item, 1_000).unwrap()
+        else {
             panic!("verified")
         };
         assert!(verified.first_time);
@@ -260,15 +271,8 @@ mod tests {
         assert_eq!(round.proximal_mu, 0.0);
         assert_eq!(round.encoding, plan().encoding);
         // The same run again (after approval): fine, not new.
-        let Admitted::Verified { verified, .. } = admit(
-            dir.path(),
-            "key-of-st1",
-            &trusted(&alice),
-            true,
-            &item,
-            1_000,
-        )
-        .unwrap() else {
+        let Admitted::Verified { verified, .. } = at(&dir, &alice, true, &item, 1_000).unwrap()
+        else {
             panic!()
         };
         assert!(!verified.first_time);
@@ -285,14 +289,7 @@ mod tests {
         reformatted.statement = Some(String::from_utf8(env.to_json()).unwrap());
         assert_ne!(reformatted.statement, item.statement);
         assert!(matches!(
-            admit(
-                dir.path(),
-                "key-of-st1",
-                &trusted(&alice),
-                true,
-                &reformatted,
-                1_000
-            ),
+            at(&dir, &alice, true, &reformatted, 1_000),
             Err(RequestError::Replayed)
         ));
         // A run the registry addressed to st2 (also named in the request, by another key) is
@@ -300,40 +297,19 @@ mod tests {
         let mut elsewhere = item.clone();
         elsewhere.station = "st2".into();
         assert!(matches!(
-            admit(
-                dir.path(),
-                "key-of-st1",
-                &trusted(&alice),
-                true,
-                &elsewhere,
-                1_000
-            ),
+            at(&dir, &alice, true, &elsewhere, 1_000),
             Err(RequestError::Mismatch(_))
         ));
         elsewhere.station = "st9".into();
         assert!(matches!(
-            admit(
-                dir.path(),
-                "key-of-st1",
-                &trusted(&alice),
-                true,
-                &elsewhere,
-                1_000
-            ),
+            at(&dir, &alice, true, &elsewhere, 1_000),
             Err(RequestError::Mismatch(_))
         ));
         // Round 1 again under another registry run: a replay.
         let mut again = item.clone();
         again.run = "1".repeat(32);
         assert!(matches!(
-            admit(
-                dir.path(),
-                "key-of-st1",
-                &trusted(&alice),
-                true,
-                &again,
-                1_000
-            ),
+            at(&dir, &alice, true, &again, 1_000),
             Err(RequestError::Replayed)
         ));
         // The same statement for another job: a replay.
@@ -344,14 +320,7 @@ mod tests {
             j.round = 2;
         }
         assert!(matches!(
-            admit(
-                dir.path(),
-                "key-of-st1",
-                &trusted(&alice),
-                true,
-                &other,
-                1_000
-            ),
+            at(&dir, &alice, true, &other, 1_000),
             Err(RequestError::Replayed)
         ));
         // Round 4 of a 2-round job with evaluation: out of the plan.
@@ -361,14 +330,7 @@ mod tests {
             j.round = 4;
         }
         assert!(matches!(
-            admit(
-                dir.path(),
-                "key-of-st1",
-                &trusted(&alice),
-                true,
-                &late,
-                1_000
-            ),
+            at(&dir, &alice, true, &late, 1_000),
             Err(RequestError::Mismatch(_))
         ));
     }
@@ -381,87 +343,38 @@ mod tests {
         let mut unsigned = item.clone();
         unsigned.statement = None;
         assert!(matches!(
-            admit(
-                dir.path(),
-                "key-of-st1",
-                &trusted(&alice),
-                true,
-                &unsigned,
-                1_000
-            ),
+            at(&dir, &alice, true, &unsigned, 1_000),
             Err(RequestError::Unsigned)
         ));
         assert!(matches!(
-            admit(
-                dir.path(),
-                "key-of-st1",
-                &trusted(&alice),
-                false,
-                &unsigned,
-                1_000
-            ),
+            at(&dir, &alice, false, &unsigned, 1_000),
             Ok(Admitted::Unsigned)
         ));
         assert!(matches!(
-            admit(
-                dir.path(),
-                "key-of-st1",
-                &trusted(&mallory),
-                true,
-                &item,
-                1_000
-            ),
+            at(&dir, &mallory, true, &item, 1_000),
             Err(RequestError::Untrusted)
         ));
         let mut swapped = item.clone();
         swapped.recipient_key = crate::sealed::RecipientKey::generate().public().to_pem();
         assert!(matches!(
-            admit(
-                dir.path(),
-                "key-of-st1",
-                &trusted(&alice),
-                true,
-                &swapped,
-                1_000
-            ),
+            at(&dir, &alice, true, &swapped, 1_000),
             Err(RequestError::Mismatch(_))
         ));
         let mut hostile = item.clone();
         hostile.task = "../../x".into();
         assert!(matches!(
-            admit(
-                dir.path(),
-                "key-of-st1",
-                &trusted(&alice),
-                true,
-                &hostile,
-                1_000
-            ),
+            at(&dir, &alice, true, &hostile, 1_000),
             Err(RequestError::Malformed(_))
         ));
         // A task's statement delivered as a job round.
         let mut as_job = item.clone();
         as_job.job = Some(RoundWork::from_plan("j1".into(), 1, plan()));
         assert!(matches!(
-            admit(
-                dir.path(),
-                "key-of-st1",
-                &trusted(&alice),
-                true,
-                &as_job,
-                1_000
-            ),
+            at(&dir, &alice, true, &as_job, 1_000),
             Err(RequestError::Mismatch(_))
         ));
         assert!(matches!(
-            admit(
-                dir.path(),
-                "key-of-st1",
-                &trusted(&alice),
-                true,
-                &item,
-                20_000
-            ),
+            at(&dir, &alice, true, &item, 20_000),
             Err(RequestError::Expired)
         ));
     }
