@@ -80,9 +80,10 @@ fn env_path(var: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
-fn recipient_public(path: &Path) -> Result<RecipientPublicKey> {
+/// The fingerprint of the X25519 key in `path` (a public key, or the private key's public half).
+fn recipient_fingerprint(path: &Path) -> Result<String> {
     if let Ok(k) = RecipientPublicKey::read(path) {
-        return Ok(k);
+        return Ok(k.fingerprint());
     }
     let k = RecipientKey::read(path).with_context(|| {
         format!(
@@ -90,7 +91,7 @@ fn recipient_public(path: &Path) -> Result<RecipientPublicKey> {
             path.display()
         )
     })?;
-    RecipientPublicKey::from_pem(&k.public().to_pem(), "recipient key").map_err(Into::into)
+    Ok(k.public().fingerprint())
 }
 
 /// The signed request for `ask`, or `None` (with a warning) when no signing key is given.
@@ -111,7 +112,7 @@ pub async fn sign(args: &SignArgs, client: &PersonClient, ask: Ask<'_>) -> Resul
         .clone()
         .or_else(|| env_path("AMICUS_RECIPIENT_KEY"))
         .context("a signed request names the key results are sealed to: pass --recipient-key FILE or set AMICUS_RECIPIENT_KEY")?;
-    let recipient = recipient_public(&recipient_path)?;
+    let recipient_key_sha256 = recipient_fingerprint(&recipient_path)?;
     let me = client.me().await?;
     let params = ask
         .params
@@ -124,7 +125,7 @@ pub async fn sign(args: &SignArgs, client: &PersonClient, ask: Ask<'_>) -> Resul
         train: ask.train.into(),
         params_sha256: amicus_bundle::sha256(params.as_bytes()).to_hex(),
         stations: ask.stations.to_vec(),
-        recipient_key_sha256: recipient.fingerprint(),
+        recipient_key_sha256,
         plan_sha256: ask.plan.map(request::plan_sha256),
         initial_weights_sha256: ask
             .initial_weights
@@ -243,14 +244,19 @@ pub fn check_results(asked: &str, results: &amicus_registry::wire::TaskResults) 
     for run in &results.runs {
         path_name("station", &run.station)?;
         for o in &run.outputs {
-            path_name("output", &o.name)?;
+            if amicus_bundle::manifest::check_output_name(&o.name).is_err() {
+                bail!(
+                    "the registry sent an output named {}: not a plain name (one a train could declare), refused",
+                    amicus_bundle::text::shown(&o.name, 80)
+                );
+            }
         }
     }
     Ok(())
 }
 
-/// A station or output name from the registry, checked before it becomes part of a path.
-pub fn path_name<'a>(what: &str, name: &'a str) -> Result<&'a str> {
+/// A station name from the registry, checked before it becomes part of a path.
+fn path_name<'a>(what: &str, name: &'a str) -> Result<&'a str> {
     if !request::plain_name(name) {
         bail!(
             "the registry sent a {what} named {}: not a plain name, refused",
@@ -342,6 +348,8 @@ mod tests {
             }],
         };
         check_results("t1", &results("t1", "st1", "summary.json")).unwrap();
+        // Whatever a manifest may declare is taken.
+        check_results("t1", &results("t1", "st1", "dice+hd95_per-site.json")).unwrap();
         assert!(check_results("t1", &results("t2", "st1", "summary.json")).is_err());
         for bad in ["../x", "/etc/passwd", ".hidden", "a\nb", ""] {
             assert!(check_results("t1", &results("t1", bad, "summary.json")).is_err());

@@ -777,8 +777,10 @@ impl Daemon {
             Ok(b) => b,
             Err(report) => return self.finish(item, None, report).await,
         };
+        let st = Station::open(&self.opts.dir)?;
+        let policy = st.policy()?;
         // The researcher's signed request, checked before anything else is looked at.
-        let verified = match self.check_request(&item, &path)? {
+        let verified = match self.check_request(&st, &policy, &item, &path)? {
             Ok(v) => v,
             Err(report) => return self.finish(item, None, report).await,
         };
@@ -790,8 +792,6 @@ impl Daemon {
             bundle.manifest().train.name,
             bundle.manifest().train.version
         );
-        let st = Station::open(&self.opts.dir)?;
-        let policy = st.policy()?;
         // Held for the data owner: a digest not approved, or approved for other parameters
         // than this run's (the owner can approve these exactly: `station approve RUN`).
         let admitted = policy.admit(&bundle).and_then(|_| {
@@ -1068,11 +1068,11 @@ impl Daemon {
     #[allow(clippy::type_complexity)]
     fn check_request(
         &self,
+        st: &Station,
+        policy: &amicus_runtime::policy::Policy,
         item: &WorkItem,
         bundle_path: &Path,
     ) -> Result<Result<Option<(Verified, Option<Box<RoundWork>>)>, Report>, DaemonError> {
-        let st = Station::open(&self.opts.dir)?;
-        let policy = st.policy()?;
         let admitted = station_request::admit(
             &self.opts.dir.join(DAEMON_DIR),
             &self.key.public().id().to_string(),

@@ -419,18 +419,16 @@ impl Db {
         Ok(r.rows_affected() == 1)
     }
 
-    /// Stop `name`'s token working. False when there is no such user.
+    /// Stop `name`'s token working (a second revocation keeps the first time). False when
+    /// there is no such user.
     pub async fn revoke_token(&self, name: &str) -> Result<bool, DbError> {
         let r =
-            sqlx::query("UPDATE users SET revoked_ms = $2 WHERE name = $1 AND revoked_ms IS NULL")
+            sqlx::query("UPDATE users SET revoked_ms = COALESCE(revoked_ms, $2) WHERE name = $1")
                 .bind(name)
                 .bind(now_ms())
                 .execute(&self.pool)
                 .await?;
-        if r.rows_affected() == 1 {
-            return Ok(true);
-        }
-        Ok(self.users().await?.iter().any(|u| u.name == name))
+        Ok(r.rows_affected() == 1)
     }
 
     /// The user whose token hashes to `token_sha256`. The lookup is by hash, so its timing

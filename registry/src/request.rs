@@ -293,12 +293,14 @@ pub fn secagg_sets_message(job: &str, round: u32, survivors: &[u32], dropped: &[
     .into_bytes()
 }
 
-/// A name from the network that may become part of a path: 1 to 64 of `A-Z a-z 0-9 . _ -`,
-/// starting with a letter or digit (so never `.`, `..` or a hidden file).
+/// The registry's names (people, stations, tasks, jobs), and any such name from the network
+/// that may become part of a path: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `.` (so
+/// never `.`, `..` or a hidden file). Output names follow the manifest's rule
+/// (`amicus_bundle::manifest::check_output_name`), which is as safe in a path.
 pub fn plain_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && !s.starts_with('.')
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }

@@ -498,10 +498,7 @@ impl From<ApiError> for (ApiError, Option<String>) {
 }
 
 pub(super) fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    crate::request::plain_name(s)
 }
 
 pub(super) fn valid_digest(s: &str) -> bool {

@@ -186,7 +186,10 @@ pub(super) async fn station_run_result(
             let mut outputs = Vec::new();
             let mut names = std::collections::BTreeSet::new();
             for o in upload.outputs {
-                if !valid_name(&o.name) || !names.insert(o.name.clone()) {
+                // The manifest's rule for output names: what a train may declare, nothing a
+                // researcher's `task results` could not write inside its folder.
+                let declarable = amicus_bundle::manifest::check_output_name(&o.name).is_ok();
+                if !declarable || !names.insert(o.name.clone()) {
                     return Err(bad_request(format!(
                         "bad or repeated output name {:?}",
                         o.name
