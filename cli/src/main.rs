@@ -15,6 +15,7 @@ mod demo;
 mod job;
 mod model;
 mod net;
+mod rekey;
 mod release;
 mod signing;
 mod train_build;
@@ -282,6 +283,16 @@ enum StationCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Rotate the station's key: a new key pair, handed over in the audit log (signed by the
+    /// old key, with the new key's proof). The station daemon hands the registry the rotation
+    /// on its next pass, with the old key, which is then deleted.
+    Rekey {
+        #[arg(long)]
+        dir: PathBuf,
+        /// No registry knows this station: delete the old secret key at once.
+        #[arg(long)]
+        no_registry: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -304,8 +315,9 @@ enum AuditCommand {
         /// The station whose copy at the registry to verify.
         #[arg(long, conflicts_with = "dir")]
         station: Option<String>,
-        /// Pin the station's public key (its station.pub) instead of trusting the registry's.
-        #[arg(long, requires = "station")]
+        /// Pin the station's public key (a station.pub you were given, the current one or
+        /// one it rotated away from) instead of trusting the registry's or the directory's.
+        #[arg(long)]
         key: Option<PathBuf>,
         #[arg(long)]
         json: bool,
@@ -467,6 +479,7 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", st.catalog()?);
                 Ok(())
             }
+            StationCommand::Rekey { dir, no_registry } => rekey::station_rekey(&dir, no_registry),
             StationCommand::Show { dir } => {
                 let st = Station::open(&dir)?;
                 let policy = st.policy()?;
@@ -530,7 +543,7 @@ fn run(cli: Cli) -> Result<()> {
                 key,
                 json,
             } => match (dir, station) {
-                (Some(dir), _) => audit_verify(&dir, json),
+                (Some(dir), _) => audit_verify(&dir, key.as_deref(), json),
                 (None, Some(station)) => {
                     net::audit_verify_remote(&conn, &station, key.as_deref(), json)
                 }
@@ -1038,9 +1051,12 @@ fn audit_show(dir: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn audit_verify(dir: &Path, json: bool) -> Result<()> {
-    let st = Station::open(dir)?;
-    let report = audit::verify(dir, &st.public_key()?)?;
+fn audit_verify(dir: &Path, pinned: Option<&Path>, json: bool) -> Result<()> {
+    let key = match pinned {
+        Some(p) => PublicKey::read(p)?,
+        None => Station::open(dir)?.public_key()?,
+    };
+    let report = audit::verify(dir, &key)?;
     report_verification(&report, json, "")
 }
 
@@ -1079,6 +1095,14 @@ pub(crate) fn report_verification(
                 "note: head lags the log by one entry (a crash between append and head update)"
             );
         }
+        if report.keys.len() > 1 {
+            for k in &report.keys {
+                println!(
+                    "{label}signed by key {} from entry seq {}",
+                    k.keyid, k.from_seq
+                );
+            }
+        }
     }
     match &report.problem {
         None => {
@@ -1098,7 +1122,12 @@ fn audit_export(dir: &Path, out: Option<&Path>) -> Result<()> {
     if let Some(p) = &report.problem {
         bail!("refusing to export an audit log that does not verify: {p}");
     }
-    let turtle = amicus_runtime::prov::export_turtle(dir, &key.id().to_string())?;
+    // The station's IRI stays its first key's across rotations.
+    let first = report
+        .keys
+        .first()
+        .map_or_else(|| key.id().to_string(), |k| k.keyid.clone());
+    let turtle = amicus_runtime::prov::export_turtle(dir, &first)?;
     match out {
         Some(path) => {
             std::fs::write(path, turtle).with_context(|| format!("writing {}", path.display()))?;

@@ -431,9 +431,13 @@ pub fn registry(cmd: RegistryCommand) -> Result<()> {
                     .last_seen_ms
                     .map(|ms| format!("last seen {}", humantime_ms(ms)))
                     .unwrap_or_else(|| "never seen".into());
+                let retired = match s.retired_keys.len() {
+                    0 => String::new(),
+                    n => format!("  ({n} retired key(s))"),
+                };
                 println!(
-                    "{:<20} {}  {seen}",
-                    s.name,
+                    "{:<20} {}  {seen}{retired}",
+                    amicus_bundle::text::shown(&s.name, 64),
                     amicus_bundle::text::short(&s.key_id, 16)
                 );
             }
@@ -942,29 +946,35 @@ pub fn audit_verify_remote(
             .await
             .map_err(anyhow::Error::from)
     })?;
+    let registered = PublicKey::from_pem(&audit.public_key, "registry")?;
     let key = match pinned {
-        Some(p) => {
-            let k = PublicKey::read(p)?;
-            let registered = PublicKey::from_pem(&audit.public_key, "registry")?;
-            if k.id() != registered.id() {
-                bail!(
-                    "the registry's key for {station} ({}) is not the pinned key ({})",
-                    registered.id(),
-                    k.id()
-                );
-            }
-            k
-        }
-        None => PublicKey::from_pem(&audit.public_key, "registry")?,
+        Some(p) => PublicKey::read(p)?,
+        None => registered,
     };
     let lines: Vec<&[u8]> = audit.lines.iter().map(|l| l.as_bytes()).collect();
     let head = match &audit.head {
         Some(h) => amicus_runtime::audit::HeadFile::Bytes(h.as_bytes().to_vec()),
         None => amicus_runtime::audit::HeadFile::Missing,
     };
-    // Stations upload the public chain: the copy of their log that may leave them.
-    let report =
+    // Stations upload the public chain: the copy of their log that may leave them. A pinned
+    // key may be the station's current one or one it rotated away from.
+    let mut report =
         amicus_runtime::audit::verify_lines(&lines, head, &key, amicus_runtime::audit::PUBLIC);
+    // The registry switches a station's key only when its copy takes the hand-over: the key
+    // it lists must be the one the copy ends with.
+    if report.problem.is_none()
+        && !lines.is_empty()
+        && report
+            .keys
+            .last()
+            .is_some_and(|k| k.keyid != registered.id().to_string())
+    {
+        report.problem = Some(format!(
+            "the registry lists key {} for {station}, but its copy of the log is signed by key {} since its last hand-over",
+            registered.id(),
+            report.keys.last().map(|k| k.keyid.as_str()).unwrap_or("?")
+        ));
+    }
     crate::report_verification(
         &report,
         json,

@@ -60,15 +60,20 @@ async fn station_key_ids(
     stations
         .iter()
         .map(|s| {
-            let (key, pinned) = pins
-                .keys
-                .get(s)
-                .with_context(|| format!("no key for station {s:?}: pass --station-key {s}=FILE"))?;
-            if !pinned {
-                eprintln!(
-                    "note: station {s} is named by the key the registry lists (pin it with --station-key {s}=FILE)"
-                );
-            }
+            // A station is named by the key pinned for it last (a station that rotated
+            // accepts requests naming any of its keys), else by the registry's current key.
+            let key = match pins.pinned.get(s).and_then(|k| k.last()) {
+                Some(k) => k,
+                None => {
+                    let k = pins.keys.get(s).and_then(|k| k.first()).with_context(|| {
+                        format!("no key for station {s:?}: pass --station-key {s}=FILE")
+                    })?;
+                    eprintln!(
+                        "note: station {s} is named by the key the registry lists (pin it with --station-key {s}=FILE)"
+                    );
+                    k
+                }
+            };
             Ok((s.clone(), key.id().to_string()))
         })
         .collect()
@@ -145,15 +150,18 @@ pub fn now_ms() -> i64 {
 /// Station keys the researcher pinned (`--station-key NAME=FILE`).
 #[derive(Args, Clone, Default)]
 pub struct VerifyArgs {
-    /// A station's public key you got from its data owner (repeat for more): its results are
-    /// checked against this key rather than the one the registry lists.
+    /// A station's public key you got from its data owner (repeat for more, and for a
+    /// station that rotated its key, give its old and new keys): its results are checked
+    /// against this key rather than the ones the registry lists.
     #[arg(long = "station-key", value_name = "NAME=FILE")]
     pub station_keys: Vec<String>,
 }
 
-/// Keys results are checked against: pinned ones first, then the registry's list.
+/// Keys results are checked against: pinned ones, else the registry's list (each station's
+/// current key and the keys it rotated away from, which signed its earlier results).
 pub struct StationKeys {
-    keys: BTreeMap<String, (PublicKey, bool)>,
+    keys: BTreeMap<String, Vec<PublicKey>>,
+    pinned: BTreeMap<String, Vec<PublicKey>>,
     /// Some key was pinned: then only pinned stations' results are taken (a registry could
     /// otherwise add a station of its own to the task).
     strict: bool,
@@ -161,22 +169,33 @@ pub struct StationKeys {
 
 impl StationKeys {
     pub async fn gather(args: &VerifyArgs, client: &PersonClient) -> Result<StationKeys> {
-        let mut keys = BTreeMap::new();
+        let mut keys: BTreeMap<String, Vec<PublicKey>> = BTreeMap::new();
         if let Ok(listed) = client.stations().await {
             for s in listed {
-                if let Ok(k) = PublicKey::from_pem(&s.public_key, &s.name) {
-                    keys.insert(s.name, (k, false));
-                }
+                let all = std::iter::once(&s.public_key)
+                    .chain(s.retired_keys.iter().map(|r| &r.public_key));
+                let parsed: Vec<PublicKey> = all
+                    .filter_map(|pem| PublicKey::from_pem(pem, &s.name).ok())
+                    .collect();
+                keys.insert(s.name, parsed);
             }
         }
+        let mut pinned: BTreeMap<String, Vec<PublicKey>> = BTreeMap::new();
         for pin in &args.station_keys {
             let (name, file) = pin
                 .split_once('=')
                 .with_context(|| format!("--station-key {pin:?}: expected NAME=FILE"))?;
-            keys.insert(name.to_string(), (PublicKey::read(Path::new(file))?, true));
+            pinned
+                .entry(name.to_string())
+                .or_default()
+                .push(PublicKey::read(Path::new(file))?);
         }
         let strict = !args.station_keys.is_empty();
-        Ok(StationKeys { keys, strict })
+        Ok(StationKeys {
+            keys,
+            pinned,
+            strict,
+        })
     }
 
     /// Whether `output` was signed by `station`'s key (for a job's round, as that round's);
@@ -189,19 +208,15 @@ impl StationKeys {
         sealed: &[u8],
         output: &SealedOutput,
     ) -> Result<()> {
-        if self.strict
-            && !self
-                .keys
-                .get(ctx.station)
-                .is_some_and(|(_, pinned)| *pinned)
-        {
+        let pinned = self.pinned.get(ctx.station);
+        if self.strict && pinned.is_none() {
             bail!(
                 "results from station {:?}, whose key you did not pin: refused (pin it with --station-key {}=FILE, or pin none to take the registry's keys)",
                 ctx.station,
                 ctx.station
             );
         }
-        let Some((key, pinned)) = self.keys.get(ctx.station) else {
+        let Some(keys) = pinned.or_else(|| self.keys.get(ctx.station)) else {
             bail!(
                 "no key for station {:?}: pass --station-key {}=FILE",
                 ctx.station,
@@ -215,16 +230,24 @@ impl StationKeys {
                 ctx.station
             );
         };
-        if !request::verify_output(key, ctx, round, sealed, sig) {
+        if !keys
+            .iter()
+            .any(|key| request::verify_output(key, ctx, round, sealed, sig))
+        {
             bail!(
-                "{} from {} does not carry the station's signature: refused (forged or damaged on the way)",
+                "{} from {} does not carry the station's signature: refused (forged or damaged on the way{})",
                 ctx.output,
-                ctx.station
+                ctx.station,
+                if pinned.is_some() {
+                    ", or signed by a key the station rotated to that you have not pinned"
+                } else {
+                    ""
+                }
             );
         }
-        if !pinned {
+        if pinned.is_none() {
             eprintln!(
-                "note: {} from {} checked against the key the registry lists for that station (pin it with --station-key {}=FILE)",
+                "note: {} from {} checked against the keys the registry lists for that station (pin it with --station-key {}=FILE)",
                 ctx.output, ctx.station, ctx.station
             );
         }
@@ -285,9 +308,12 @@ mod tests {
             SecretKey::generate().unwrap(),
             SecretKey::generate().unwrap(),
         );
-        let mut keys = BTreeMap::new();
-        keys.insert("st1".to_string(), (st1.public(), true));
-        keys.insert("evil".to_string(), (evil.public(), false));
+        // The registry lists st1 and a station of its own; the researcher pinned st1.
+        let mut listed = BTreeMap::new();
+        listed.insert("st1".to_string(), vec![st1.public()]);
+        listed.insert("evil".to_string(), vec![evil.public()]);
+        let mut pinned = BTreeMap::new();
+        pinned.insert("st1".to_string(), vec![st1.public()]);
         let ctx = |station| SealContext {
             task: "t",
             run: "r",
@@ -295,10 +321,15 @@ mod tests {
             output: "summary.json",
         };
         let lax = StationKeys {
-            keys: keys.clone(),
+            keys: listed.clone(),
+            pinned: BTreeMap::new(),
             strict: false,
         };
-        let strict = StationKeys { keys, strict: true };
+        let strict = StationKeys {
+            keys: listed,
+            pinned,
+            strict: true,
+        };
         let good = output(&st1, &ctx("st1"), None);
         lax.check(&ctx("st1"), None, b"sealed", &good).unwrap();
         strict.check(&ctx("st1"), None, b"sealed", &good).unwrap();
@@ -329,6 +360,55 @@ mod tests {
             lax.check(&ctx("st1"), None, b"sealed", &relabelled)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_rotated_station_is_checked_against_any_of_its_keys_and_only_those() {
+        let (old, new, evil) = (
+            SecretKey::generate().unwrap(),
+            SecretKey::generate().unwrap(),
+            SecretKey::generate().unwrap(),
+        );
+        let ctx = SealContext {
+            task: "t",
+            run: "r",
+            station: "st1",
+            output: "summary.json",
+        };
+        // The registry lists st1's current key and the one it retired.
+        let mut listed = BTreeMap::new();
+        listed.insert("st1".to_string(), vec![new.public(), old.public()]);
+        let lax = StationKeys {
+            keys: listed.clone(),
+            pinned: BTreeMap::new(),
+            strict: false,
+        };
+        for k in [&old, &new] {
+            lax.check(&ctx, None, b"sealed", &output(k, &ctx, None))
+                .unwrap();
+        }
+        assert!(
+            lax.check(&ctx, None, b"sealed", &output(&evil, &ctx, None))
+                .is_err()
+        );
+        // Pinned to the old key only: the new key's results are refused, whatever the
+        // registry lists; pinned to both, taken.
+        let only_old = StationKeys {
+            keys: listed.clone(),
+            pinned: [("st1".to_string(), vec![old.public()])].into(),
+            strict: true,
+        };
+        let e = only_old
+            .check(&ctx, None, b"sealed", &output(&new, &ctx, None))
+            .unwrap_err();
+        assert!(e.to_string().contains("rotated to"), "{e}");
+        let both = StationKeys {
+            keys: listed,
+            pinned: [("st1".to_string(), vec![old.public(), new.public()])].into(),
+            strict: true,
+        };
+        both.check(&ctx, None, b"sealed", &output(&new, &ctx, None))
+            .unwrap();
     }
 
     #[test]

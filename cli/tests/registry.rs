@@ -1875,3 +1875,133 @@ fn over_tls_through_the_hospitals_proxy_with_a_pinned_ca() {
     ]);
     assert!(!out.ok);
 }
+
+/// Whether the station keeps any retired secret key (the daemon deletes them once the
+/// registry has the rotation).
+fn retired_secrets(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("retired"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "key"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_station_rotates_its_key_and_the_registry_researchers_and_auditors_follow() {
+    let mut net = Net::new();
+    net.add_station("st1", "academic", 1);
+    let dir = net.station_dir("st1");
+    let old_pub = net.path("st1-old.pub");
+    std::fs::copy(dir.join("station.pub"), &old_pub).unwrap();
+    let cohort = net.push("cohort-stats");
+    ok(&["station", "approve", "--dir", s(&dir), s(&cohort)]);
+    net.start_daemon("st1");
+    let first = net.task(&cohort, &["st1"], "{}")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    net.wait_finished(&first, Duration::from_secs(120));
+
+    // The data owner rotates the key while the daemon runs.
+    let out = ok(&["station", "rekey", "--dir", s(&dir)]);
+    assert!(out.stdout.contains("handed over to key"), "{}", out.text());
+    let new_pub = net.path("st1-new.pub");
+    std::fs::copy(dir.join("station.pub"), &new_pub).unwrap();
+    assert_ne!(
+        std::fs::read(&old_pub).unwrap(),
+        std::fs::read(&new_pub).unwrap()
+    );
+    assert_eq!(retired_secrets(&dir), 1);
+    // The daemon hands the registry the rotation with the old key, then deletes that key.
+    let t0 = Instant::now();
+    while retired_secrets(&dir) > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the daemon never handed over the rotation\n{}",
+            net.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let listed = net
+        .person_ok("root", &["registry", "station", "list"])
+        .stdout;
+    assert!(listed.contains("1 retired key"), "{listed}");
+    // Work goes on under the new key.
+    let second = net.task(&cohort, &["st1"], "{}")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let done = net.wait_finished(&second, Duration::from_secs(120));
+    assert_eq!(run_of(&done, "st1")["state"], "done", "{done}");
+
+    // Results made before and after the rotation verify against the keys the registry lists.
+    let results = |task: &str, out: &str, pins: &[&Path]| {
+        let key = net.path("alice.key");
+        let out = net.path(out);
+        let pins: Vec<String> = pins
+            .iter()
+            .map(|p| format!("st1={}", p.display()))
+            .collect();
+        let mut args = vec!["task", "results", task, "--key", s(&key), "--out", s(&out)];
+        for p in &pins {
+            args.extend(["--station-key", p.as_str()]);
+        }
+        net.person("alice", &args)
+    };
+    for (i, task) in [&first, &second].into_iter().enumerate() {
+        let r = results(task, &format!("unpinned-{i}"), &[]);
+        assert!(r.ok, "{}", r.text());
+    }
+    // Pinned to the old key only, the new result is refused; pinned to both, taken.
+    let r = results(&first, "old-pin-first", &[&old_pub]);
+    assert!(r.ok, "{}", r.text());
+    let r = results(&second, "old-pin-second", &[&old_pub]);
+    assert!(!r.ok && r.text().contains("rotated to"), "{}", r.text());
+    let r = results(&second, "both-pins", &[&old_pub, &new_pub]);
+    assert!(r.ok, "{}", r.text());
+
+    // The auditor verifies the station's copy pinned to either key: one chain, two keys.
+    let t0 = Instant::now();
+    for key in [&old_pub, &new_pub] {
+        loop {
+            let v = net.person(
+                "audrey",
+                &[
+                    "audit",
+                    "verify",
+                    "--station",
+                    "st1",
+                    "--key",
+                    s(key),
+                    "--json",
+                ],
+            );
+            let report: serde_json::Value = serde_json::from_str(&v.stdout).unwrap_or_default();
+            if v.ok && report["keys"].as_array().is_some_and(|k| k.len() == 2) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "{}\n{}",
+                v.text(),
+                net.logs()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    // And the data owner's own log, pinned to the old key; a stranger's key is refused.
+    let local = ok(&["audit", "verify", "--dir", s(&dir), "--key", s(&old_pub)]);
+    assert!(local.stdout.contains("signed by key"), "{}", local.text());
+    ok(&["keygen", "--out", s(&net.path("stranger.key"))]);
+    let stranger = amicus(&[
+        "audit",
+        "verify",
+        "--dir",
+        s(&dir),
+        "--key",
+        s(&net.path("stranger.pub")),
+    ]);
+    assert!(!stranger.ok, "{}", stranger.text());
+}

@@ -157,21 +157,57 @@ pub fn http(timeout: Duration) -> reqwest::Client {
     http_with(timeout, &Transport::default()).expect("the default HTTP client builds")
 }
 
+/// Largest answer a station takes (a bundle is at most 256 MiB by the registry's default
+/// limits; everything else is far smaller): a hostile registry or proxy cannot make a station
+/// hold more than this in memory.
+pub const STATION_MAX_ANSWER: usize = 320 << 20;
+/// Largest answer a person's client takes (a task's sealed results come in one answer).
+pub const PERSON_MAX_ANSWER: usize = 1 << 30;
+/// Largest error answer read.
+const MAX_ERROR_ANSWER: usize = 64 << 10;
+
+/// The body of a response of at most `cap` bytes (checked against `Content-Length` first, then
+/// while streaming), or the registry's error.
 async fn answer(
     url: &str,
     r: Result<reqwest::Response, reqwest::Error>,
+    cap: usize,
 ) -> Result<Vec<u8>, ClientError> {
-    let resp = r.map_err(|e| ClientError::Unreachable {
+    let unreachable = |e: reqwest::Error| ClientError::Unreachable {
         url: url.to_string(),
         reason: e.to_string(),
-    })?;
+    };
+    let mut resp = r.map_err(unreachable)?;
     let status = resp.status();
-    let body = resp.bytes().await.map_err(|e| ClientError::Unreachable {
-        url: url.to_string(),
-        reason: e.to_string(),
-    })?;
+    let cap = if status.is_success() {
+        cap
+    } else {
+        MAX_ERROR_ANSWER
+    };
+    let too_large = || {
+        ClientError::Decode(format!(
+            "the answer from {url} is larger than {} MiB: refused",
+            cap >> 20
+        ))
+    };
+    if resp
+        .content_length()
+        .is_some_and(|n| n > cap as u64 && status.is_success())
+    {
+        return Err(too_large());
+    }
+    let mut body: Vec<u8> = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(unreachable)? {
+        if body.len().saturating_add(chunk.len()) > cap {
+            if status.is_success() {
+                return Err(too_large());
+            }
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
     if status.is_success() {
-        return Ok(body.to_vec());
+        return Ok(body);
     }
     match serde_json::from_slice::<ErrorBody>(&body) {
         Ok(e) => Err(ClientError::Api {
@@ -245,7 +281,7 @@ impl PersonClient {
         if let Some((bytes, ctype)) = body {
             req = req.header("content-type", ctype).body(bytes);
         }
-        answer(url.as_str(), req.send().await).await
+        answer(url.as_str(), req.send().await, PERSON_MAX_ANSWER).await
     }
 
     /// A creating request, sent with an Idempotency-Key and retried (same key) while the
@@ -455,7 +491,7 @@ impl PersonClient {
                 .and_then(|v| v.to_str().ok())
                 .and_then(crate::server::page::next_link)
                 .map(str::to_string);
-            let body = answer(url.as_str(), resp).await?;
+            let body = answer(url.as_str(), resp, PERSON_MAX_ANSWER).await?;
             each(decode(&body)?)?;
             // A relative path on this registry only: never another host.
             next = link.filter(|l| l.starts_with("/v1/") && !l.contains("//"));
@@ -465,6 +501,7 @@ impl PersonClient {
 }
 
 /// A station's client: every request signed with the station key.
+#[derive(Clone)]
 pub struct StationClient {
     base: reqwest::Url,
     authority: String,
@@ -483,6 +520,14 @@ impl StationClient {
         t: &Transport,
     ) -> Result<StationClient, ClientError> {
         Self::with_http(url, key, http_with(Duration::from_secs(90), t)?)
+    }
+
+    /// The same registry and connection pool, signing with `key` (a rotated station key).
+    pub fn with_key(&self, key: SecretKey) -> StationClient {
+        StationClient {
+            key,
+            ..self.clone()
+        }
     }
 
     /// A station client on a shared HTTP connection pool (many simulated stations in one
@@ -539,7 +584,12 @@ impl StationClient {
         if !body.is_empty() {
             req = req.header("content-type", "application/json");
         }
-        answer(url.as_str(), req.body(body).send().await).await
+        answer(
+            url.as_str(),
+            req.body(body).send().await,
+            STATION_MAX_ANSWER,
+        )
+        .await
     }
 
     async fn post<B: serde::Serialize>(
@@ -711,5 +761,64 @@ fn path_segment(name: &str) -> Result<&str, ClientError> {
         Ok(name)
     } else {
         Err(ClientError::Url(format!("{name:?} is not a plain name")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-shot HTTP server on loopback that answers `raw` to the first request.
+    async fn serve_once(raw: Vec<u8>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await;
+            let _ = tcp.write_all(&raw).await;
+            let _ = tcp.shutdown().await;
+        });
+        url
+    }
+
+    async fn fetch(raw: &[u8], cap: usize) -> Result<Vec<u8>, ClientError> {
+        let url = serve_once(raw.to_vec()).await;
+        let r = http(Duration::from_secs(10)).get(&url).send().await;
+        answer(&url, r, cap).await
+    }
+
+    #[tokio::test]
+    async fn answers_over_the_cap_are_refused_declared_or_streamed() {
+        // Declared too large: refused before any of the body is read.
+        let declared = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000000\r\n\r\n";
+        let e = fetch(declared, 2048).await.unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+        // Chunked, no length: refused once it passes the cap.
+        let mut chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..3 {
+            chunked.extend_from_slice(b"400\r\n");
+            chunked.extend_from_slice(&[b'x'; 1024]);
+            chunked.extend_from_slice(b"\r\n");
+        }
+        chunked.extend_from_slice(b"0\r\n\r\n");
+        let e = fetch(&chunked, 2048).await.unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+        // Within the cap: the body.
+        assert_eq!(fetch(&chunked, 4096).await.unwrap().len(), 3072);
+        // An error page of any size: cut, and still the status.
+        let mut error =
+            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..100 {
+            error.extend_from_slice(b"400\r\n");
+            error.extend_from_slice(&[b'y'; 1024]);
+            error.extend_from_slice(b"\r\n");
+        }
+        error.extend_from_slice(b"0\r\n\r\n");
+        match fetch(&error, 2048).await {
+            Err(ClientError::Api { status: 503, .. }) => {}
+            other => panic!("{other:?}"),
+        }
     }
 }

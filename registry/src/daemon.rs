@@ -455,6 +455,7 @@ impl Daemon {
         let mut reconciled = false;
         loop {
             let pass = async {
+                self.take_up_rotation().await?;
                 if !reconciled {
                     self.reconcile().await?;
                     reconciled = true;
@@ -490,6 +491,93 @@ impl Daemon {
                     reconciled = false;
                 }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Take up a rotation of the station's key (`amicus station rekey`, also while this daemon
+    /// runs): sign with the current key from now on, and while the registry still knows the
+    /// station by a retired key, upload the audit log through the hand-over with that key (the
+    /// registry switches the station to the new key as it stores the hand-over); then delete
+    /// the retired secrets. Until the registry has the hand-over the station takes no work.
+    async fn take_up_rotation(&mut self) -> Result<(), DaemonError> {
+        let dir = self.opts.dir.clone();
+        let key_file = dir.join(KEY_FILE);
+        let current =
+            amicus_bundle::PublicKey::read(&amicus_bundle::keys::public_key_path(&key_file))?;
+        if current != self.key.public() {
+            let key = SecretKey::read(&key_file)?;
+            if key.public() != current {
+                // Mid-rotation (the public half renamed, the secret not yet): next pass.
+                return Ok(());
+            }
+            self.key = key;
+            self.client = self.client.with_key(self.key.clone());
+            self.audit_next = None;
+            self.audit_uploaded_len = None;
+            say(&format!(
+                "the station's key is now {} (amicus station rekey)",
+                current.id()
+            ));
+        }
+        let retired: Vec<SecretKey> = amicus_runtime::rekey::retired_keys(&dir)?
+            .into_iter()
+            .filter_map(|k| k.secret)
+            .collect();
+        if retired.is_empty() {
+            return Ok(());
+        }
+        let known = |r: &Result<i64, ClientError>| match r {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some("unknown_station") => Ok(false),
+            Err(_) => Err(()),
+        };
+        let mut answer = self.client.audit_next().await;
+        if known(&answer) == Err(()) {
+            return Err(answer
+                .err()
+                .map(DaemonError::from)
+                .unwrap_or_else(|| DaemonError::Client(ClientError::Decode("no answer".into()))));
+        }
+        if known(&answer) == Ok(false) {
+            for old in &retired {
+                let client = self.client.with_key(old.clone());
+                match client.audit_next().await {
+                    Ok(next) => {
+                        say(&format!(
+                            "handing the registry the key rotation from key {} (in the audit log)",
+                            old.public().id()
+                        ));
+                        self.audit_next = Some(next);
+                        self.audit_uploaded_len = None;
+                        self.upload_audit_with(&client).await?;
+                        self.audit_next = None;
+                        self.audit_uploaded_len = None;
+                        break;
+                    }
+                    Err(e) if e.code() == Some("unknown_station") => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            answer = self.client.audit_next().await;
+        }
+        match answer {
+            Ok(_) => {
+                let n = amicus_runtime::rekey::forget_retired_secrets(&dir)
+                    .map_err(StationError::from)?;
+                say(&format!(
+                    "the registry knows this station by key {}; deleted {n} retired secret key(s)",
+                    current.id()
+                ));
+                Ok(())
+            }
+            Err(e) => {
+                say(&format!(
+                    "the registry does not know this station's key {} yet and took no hand-over from a retired key ({}); the station takes no work until it does",
+                    current.id(),
+                    amicus_bundle::text::shown(&e.to_string(), 300)
+                ));
+                Err(e.into())
             }
         }
     }
@@ -1075,7 +1163,7 @@ impl Daemon {
     ) -> Result<Result<Option<(Verified, Option<Box<RoundWork>>)>, Report>, DaemonError> {
         let admitted = station_request::admit(
             &self.opts.dir.join(DAEMON_DIR),
-            &self.key.public().id().to_string(),
+            &st.key_ids()?,
             &policy.researcher_keys(),
             policy.require_signed_requests,
             item,
@@ -1306,9 +1394,16 @@ impl Daemon {
 
     /// Send the audit lines the registry does not have yet, with the signed head.
     async fn upload_audit(&mut self) -> Result<(), DaemonError> {
+        let client = self.client.clone();
+        self.upload_audit_with(&client).await
+    }
+
+    /// Upload the public chain's new lines as `client` (the station's current key, or a
+    /// retired one while the registry learns of a rotation).
+    async fn upload_audit_with(&mut self, client: &StationClient) -> Result<(), DaemonError> {
         let next = match self.audit_next {
             Some(n) => n,
-            None => self.client.audit_next().await?,
+            None => client.audit_next().await?,
         };
         let dir = &self.opts.dir;
         let log = dir.join(amicus_runtime::audit::PUBLIC_LOG_FILE);
@@ -1347,10 +1442,10 @@ impl Daemon {
                     .and_then(|v| v["seq"].as_u64())
                     == Some(last_seq)
             });
-            match self.client.upload_audit(batch, head).await {
+            match client.upload_audit(batch, head).await {
                 Ok(n) => next = n as usize,
                 Err(e) if e.code() == Some("conflict") => {
-                    next = self.client.audit_next().await? as usize;
+                    next = client.audit_next().await? as usize;
                 }
                 Err(e) if e.is_transient() => return Err(e.into()),
                 Err(e) => {

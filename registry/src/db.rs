@@ -9,8 +9,8 @@
 //! are random text), times as BIGINT milliseconds.
 
 use crate::wire::{
-    JobState, Plan, RegistryAuditEntry, RoundWork, RunInfo, RunState, SecAggPhase, StationInfo,
-    TrainInfo, WorkItem,
+    JobState, Plan, RegistryAuditEntry, RetiredKey, RoundWork, RunInfo, RunState, SecAggPhase,
+    StationInfo, TrainInfo, WorkItem,
 };
 use sha2::{Digest as _, Sha256};
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -40,6 +40,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "signed-requests",
         include_str!("../../migrations/0005_signed_requests.sql"),
     ),
+    (
+        6,
+        "station-keys",
+        include_str!("../../migrations/0006_station_keys.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +61,20 @@ pub enum DbError {
     Corrupt(String),
     #[error("the database is too busy: {0}")]
     Busy(String),
+    #[error("key {0} belongs to another station or was retired")]
+    KeyTaken(String),
+}
+
+/// A station key hand-over that an audit upload carries (see migration 0006).
+#[derive(Debug, Clone)]
+pub struct Rekey {
+    /// The station's key when the upload began.
+    pub from_id: String,
+    /// Its key after the last hand-over in the upload.
+    pub to_id: String,
+    pub to_pem: String,
+    /// Every key handed over from, in order (`from_id` first): (key id, PEM).
+    pub retired: Vec<(String, String)>,
 }
 
 #[derive(Clone)]
@@ -460,6 +479,15 @@ impl Db {
         key_id: &str,
         public_key: &str,
     ) -> Result<bool, DbError> {
+        // A key some station retired is never taken again.
+        let retired: Option<String> =
+            sqlx::query_scalar("SELECT key_id FROM retired_station_keys WHERE key_id = $1")
+                .bind(key_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        if retired.is_some() {
+            return Ok(false);
+        }
         let r = sqlx::query(
             "INSERT INTO stations (name, key_id, public_key, created_ms) VALUES ($1, $2, $3, $4)
              ON CONFLICT DO NOTHING",
@@ -479,7 +507,51 @@ impl Db {
             key_id: r.try_get("key_id")?,
             public_key: r.try_get("public_key")?,
             last_seen_ms: r.try_get("last_seen_ms")?,
+            retired_keys: Vec::new(),
         })
+    }
+
+    /// The keys `station` signed with before its current one, oldest first.
+    pub async fn retired_keys(&self, station: &str) -> Result<Vec<RetiredKey>, DbError> {
+        let rows = sqlx::query(
+            "SELECT key_id, public_key, retired_ms FROM retired_station_keys WHERE station = $1
+             ORDER BY retired_ms, key_id",
+        )
+        .bind(station)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RetiredKey {
+                    key_id: r.try_get("key_id")?,
+                    public_key: r.try_get("public_key")?,
+                    retired_ms: r.try_get("retired_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every station's retired keys, by station.
+    async fn all_retired_keys(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, Vec<RetiredKey>>, DbError> {
+        let rows = sqlx::query(
+            "SELECT station, key_id, public_key, retired_ms FROM retired_station_keys
+             ORDER BY retired_ms, key_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: std::collections::BTreeMap<String, Vec<RetiredKey>> = Default::default();
+        for r in &rows {
+            out.entry(r.try_get("station")?)
+                .or_default()
+                .push(RetiredKey {
+                    key_id: r.try_get("key_id")?,
+                    public_key: r.try_get("public_key")?,
+                    retired_ms: r.try_get("retired_ms")?,
+                });
+        }
+        Ok(out)
     }
 
     pub async fn station_by_key(&self, key_id: &str) -> Result<Option<StationInfo>, DbError> {
@@ -492,6 +564,7 @@ impl Db {
         row.as_ref().map(Self::station_row).transpose()
     }
 
+    /// A station with its retired keys.
     pub async fn station(&self, name: &str) -> Result<Option<StationInfo>, DbError> {
         let row = sqlx::query(
             "SELECT name, key_id, public_key, last_seen_ms FROM stations WHERE name = $1",
@@ -499,16 +572,28 @@ impl Db {
         .bind(name)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(Self::station_row).transpose()
+        let Some(mut st) = row.as_ref().map(Self::station_row).transpose()? else {
+            return Ok(None);
+        };
+        st.retired_keys = self.retired_keys(name).await?;
+        Ok(Some(st))
     }
 
+    /// Every station with its retired keys.
     pub async fn stations(&self) -> Result<Vec<StationInfo>, DbError> {
         let rows = sqlx::query(
             "SELECT name, key_id, public_key, last_seen_ms FROM stations ORDER BY name",
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(Self::station_row).collect()
+        let mut retired = self.all_retired_keys().await?;
+        rows.iter()
+            .map(|r| {
+                let mut st = Self::station_row(r)?;
+                st.retired_keys = retired.remove(&st.name).unwrap_or_default();
+                Ok(st)
+            })
+            .collect()
     }
 
     /// Record that a station was seen; writes at most every 10 s per station.
@@ -1284,14 +1369,60 @@ impl Db {
     }
 
     /// Append verified lines (seq, line, hash) and the head; false if another upload won the
-    /// race (the caller retries from the new tip).
+    /// race (the caller retries from the new tip). `rekeyed`: the lines hand the station's key
+    /// over from `from` (its current key) to `to`, which becomes its key in the same
+    /// transaction; `Err(KeyTaken)` when `to` is another station's or was ever retired.
     pub async fn append_station_audit(
         &self,
         station: &str,
         lines: &[(i64, String, String)],
         head: Option<&str>,
+        rekeyed: Option<&Rekey>,
     ) -> Result<bool, DbError> {
         let mut tx = self.pool.begin().await?;
+        if let Some(k) = rekeyed {
+            // Every key the upload hands over to (the last and any in between) must be new.
+            for id in k.retired.iter().skip(1).map(|(id, _)| id).chain([&k.to_id]) {
+                let retired: Option<String> =
+                    sqlx::query_scalar("SELECT key_id FROM retired_station_keys WHERE key_id = $1")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                let taken: Option<String> =
+                    sqlx::query_scalar("SELECT name FROM stations WHERE key_id = $1")
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if retired.is_some() || taken.is_some() {
+                    return Err(DbError::KeyTaken(id.clone()));
+                }
+            }
+            let moved = sqlx::query(
+                "UPDATE stations SET key_id = $1, public_key = $2 WHERE name = $3 AND key_id = $4",
+            )
+            .bind(&k.to_id)
+            .bind(&k.to_pem)
+            .bind(station)
+            .bind(&k.from_id)
+            .execute(&mut *tx)
+            .await?;
+            if moved.rows_affected() != 1 {
+                // Another upload rotated it first.
+                return Ok(false);
+            }
+            for (id, pem) in &k.retired {
+                sqlx::query(
+                    "INSERT INTO retired_station_keys (key_id, station, public_key, retired_ms)
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(id)
+                .bind(station)
+                .bind(pem)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         for (seq, line, hash) in lines {
             let r = sqlx::query(
                 "INSERT INTO station_audit (station, seq, line, hash) VALUES ($1, $2, $3, $4)

@@ -42,13 +42,15 @@ pub enum Admitted {
     },
 }
 
-/// Check `item` against its signed request. `daemon_dir` holds the replay markers; `my_key`
-/// is this station's key id (its identity, whatever the registry calls it); `trusted` are the
+/// Check `item` against its signed request. `daemon_dir` holds the replay markers; `my_keys`
+/// are this station's key ids (its identity, whatever the registry calls it: the current key
+/// and any it rotated away from, so a request made before a rotation still finds it);
+/// `trusted` are the
 /// researchers the station's policy trusts; `required` is the policy's
 /// `require_signed_requests`.
 pub fn admit(
     daemon_dir: &Path,
-    my_key: &str,
+    my_keys: &[String],
     trusted: &[TrustedKey],
     required: bool,
     item: &WorkItem,
@@ -87,7 +89,7 @@ pub fn admit(
     // name must be for the station holding that key, or a request signed for another station
     // would run on this one's data.
     match statement.station_keys.get(&item.station) {
-        Some(id) if id == my_key => {}
+        Some(id) if my_keys.contains(id) => {}
         Some(_) => {
             return Err(RequestError::Mismatch(format!(
                 "the run is for station {}, which the researcher named by another key than this station's",
@@ -190,6 +192,11 @@ mod tests {
     }
 
     fn setup(job: bool) -> (SecretKey, WorkItem) {
+        setup_naming(job, "key-of-st1")
+    }
+
+    /// A request that names st1 by `st1_key`.
+    fn setup_naming(job: bool, st1_key: &str) -> (SecretKey, WorkItem) {
         let alice = SecretKey::generate().unwrap();
         let train = "ab".repeat(32);
         let params = "{\"epochs\":1}".to_string();
@@ -205,7 +212,7 @@ mod tests {
                 .fingerprint(),
             plan_sha256: job.then(|| request::plan_sha256(&plan())),
             initial_weights_sha256: None,
-            station_keys: [("st1", "key-of-st1"), ("st2", "key-of-st2")]
+            station_keys: [("st1", st1_key), ("st2", "key-of-st2")]
                 .iter()
                 .map(|(n, k)| (n.to_string(), k.to_string()))
                 .collect(),
@@ -244,12 +251,28 @@ mod tests {
     ) -> Result<Admitted, RequestError> {
         admit(
             dir.path(),
-            "key-of-st1",
+            &["key-of-st1".to_string(), "retired-key-of-st1".to_string()],
             &trusted(researcher),
             required,
             item,
             now_ms,
         )
+    }
+
+    #[test]
+    fn a_request_made_before_the_station_rotated_its_key_still_finds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (alice, item) = setup_naming(false, "retired-key-of-st1");
+        assert!(matches!(
+            at(&dir, &alice, true, &item, 1_000),
+            Ok(Admitted::Verified { .. })
+        ));
+        // A key this station never held is another station.
+        let (alice, item) = setup_naming(false, "key-of-someone-else");
+        assert!(matches!(
+            at(&dir, &alice, true, &item, 1_000),
+            Err(RequestError::Mismatch(_))
+        ));
     }
 
     #[test]

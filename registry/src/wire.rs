@@ -146,6 +146,18 @@ pub struct StationInfo {
     pub key_id: String,
     pub public_key: String,
     pub last_seen_ms: Option<i64>,
+    /// Keys the station signed with before `public_key` (`amicus station rekey`), oldest
+    /// first: results signed before a rotation verify against them.
+    #[serde(default)]
+    pub retired_keys: Vec<RetiredKey>,
+}
+
+/// A station key that a rotation retired.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetiredKey {
+    pub key_id: String,
+    pub public_key: String,
+    pub retired_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -2040,6 +2040,152 @@ async fn robustness(h: &Harness) {
     assert_eq!(r.status(), 400);
 }
 
+/// The public chain's lines and head of the station log in `dir`.
+fn public_chain(dir: &std::path::Path) -> (Vec<String>, String) {
+    let text = std::fs::read_to_string(dir.join("audit-public.log")).unwrap();
+    let head = std::fs::read_to_string(dir.join("audit-public.head")).unwrap();
+    (text.lines().map(str::to_string).collect(), head)
+}
+
+fn approved(i: u8) -> amicus_runtime::audit::Event {
+    amicus_runtime::audit::Event::DigestApproved {
+        digest: amicus_bundle::sha256(&[i]),
+        train: None,
+        scope: None,
+        params_sha256: None,
+    }
+}
+
+/// A station log in a new directory, signed by `key`, with one entry, then `handover`.
+fn log_handing_over(
+    key: &SecretKey,
+    handover: amicus_runtime::audit::Event,
+) -> (tempfile::TempDir, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = amicus_runtime::audit::AuditLog::new(dir.path(), key.clone());
+    log.create().unwrap();
+    log.append(approved(1)).unwrap();
+    log.append(handover).unwrap();
+    let (lines, _) = public_chain(dir.path());
+    (dir, lines)
+}
+
+async fn station_key_rotation(h: &Harness) {
+    use amicus_runtime::audit::{AuditLog, Event, rekey_message};
+    let b64 = |b: &[u8]| B64.encode(b);
+    // A station of its own whose log the runtime writes and rotates.
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("station.key");
+    let old = SecretKey::generate().unwrap();
+    old.write_pair(&key_file).unwrap();
+    h.admin
+        .add_station(&NewStation {
+            name: "rot".into(),
+            public_key: old.public().to_pem(),
+        })
+        .await
+        .unwrap();
+    let as_old = StationClient::new(&h.url, old.clone()).unwrap();
+    // Hostile hand-overs, each signed by the station's current key, are refused whole: one
+    // whose "new key" never agreed (the proof is someone else's), and one to a key another
+    // station holds (st2's, proof and all).
+    let stranger = SecretKey::generate().unwrap();
+    let (_d1, unproven) = log_handing_over(
+        &old,
+        Event::StationKeyRotated {
+            old_key: old.public().to_pem(),
+            new_key: h.st2_key.public().to_pem(),
+            proof: b64(&stranger.sign(&rekey_message(&old.public(), &h.st2_key.public()))),
+        },
+    );
+    refused(
+        h,
+        as_old.upload_audit(unproven, None).await,
+        400,
+        "bad_audit",
+    )
+    .await;
+    let (_d2, to_st2) = log_handing_over(
+        &old,
+        Event::StationKeyRotated {
+            old_key: old.public().to_pem(),
+            new_key: h.st2_key.public().to_pem(),
+            proof: b64(&h
+                .st2_key
+                .sign(&rekey_message(&old.public(), &h.st2_key.public()))),
+        },
+    );
+    match as_old.upload_audit(to_st2, None).await {
+        Err(ClientError::Api {
+            status: 409, code, ..
+        }) => assert_eq!(code, "key_taken"),
+        other => panic!("expected 409 key_taken, got {other:?}"),
+    }
+    assert_eq!(as_old.audit_next().await.unwrap(), 0, "nothing was stored");
+
+    // The real rotation.
+    let log = AuditLog::for_station(dir.path(), &key_file);
+    log.create().unwrap();
+    log.append(approved(2)).unwrap();
+    let rotated = amicus_runtime::rekey::rotate(&log, &key_file, true).unwrap();
+    log.append(approved(3)).unwrap();
+    let new = SecretKey::read(&key_file).unwrap();
+    assert_eq!(new.public(), rotated.new);
+    let as_new = StationClient::new(&h.url, new.clone()).unwrap();
+    // Until the registry's copy has the hand-over, it does not know the new key.
+    refused(h, as_new.audit_next().await, 401, "unknown_station").await;
+    let (lines, head) = public_chain(dir.path());
+    assert_eq!(lines.len(), 3);
+    // The old key uploads through the hand-over (and the new key's entry after it).
+    assert_eq!(
+        as_old
+            .upload_audit(lines.clone(), Some(head))
+            .await
+            .unwrap(),
+        3
+    );
+    refused(h, as_old.audit_next().await, 401, "unknown_station").await;
+    assert_eq!(as_new.audit_next().await.unwrap(), 3);
+    let listed = h.admin.stations().await.unwrap();
+    let rot = listed.iter().find(|s| s.name == "rot").unwrap();
+    assert_eq!(rot.key_id, new.public().id().to_string());
+    assert_eq!(rot.retired_keys.len(), 1);
+    assert_eq!(rot.retired_keys[0].key_id, old.public().id().to_string());
+    let trail = h.db.audit_entries().await.unwrap();
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.action == "station-key-rotated" && e.target == "rot"),
+        "the rotation is in the registry's trail"
+    );
+    // A retired key is never taken again, by this station or another.
+    refused(
+        h,
+        h.admin
+            .add_station(&NewStation {
+                name: "rot-again".into(),
+                public_key: old.public().to_pem(),
+            })
+            .await,
+        409,
+        "conflict",
+    )
+    .await;
+    // The auditor verifies the copy pinned to the old key or to the new one.
+    let copy = h.auditor.station_audit("rot").await.unwrap();
+    let raw: Vec<&[u8]> = copy.lines.iter().map(|l| l.as_bytes()).collect();
+    for pinned in [old.public(), new.public()] {
+        let report = amicus_runtime::audit::verify_lines(
+            &raw,
+            amicus_runtime::audit::HeadFile::Bytes(copy.head.clone().unwrap().into_bytes()),
+            &pinned,
+            amicus_runtime::audit::PUBLIC,
+        );
+        assert!(report.ok(), "{report:?}");
+        assert_eq!(report.keys.len(), 2);
+    }
+}
+
 async fn suite(db_url: &str) {
     let limits = Limits {
         json_bytes: 64 * 1024,
@@ -2057,6 +2203,7 @@ async fn suite(db_url: &str) {
     robustness(&h).await;
     tokens_and_signed_requests(&h).await;
     pagination(&h).await;
+    station_key_rotation(&h).await;
     trail_and_openapi(&h).await;
     // Reconnecting applies no migration twice.
     Db::connect(db_url).await.unwrap();

@@ -38,6 +38,9 @@ const DOMAIN: &[u8] = b"amicus-audit-v1\n";
 const HEAD_DOMAIN: &[u8] = b"amicus-audit-head-v1\n";
 const PUBLIC_DOMAIN: &[u8] = b"amicus-audit-public-v1\n";
 const PUBLIC_HEAD_DOMAIN: &[u8] = b"amicus-audit-public-head-v1\n";
+const REKEY_DOMAIN: &[u8] = b"amicus-station-rekey-v1\n";
+/// The tag of [`Event::StationKeyRotated`] (and its public projection).
+const HANDOVER_EVENT: &str = "station-key-rotated";
 /// Longest line an append may write; events truncate their free-text fields well below this.
 const MAX_LINE: usize = 256 * 1024;
 /// Longest free-text field (reasons, queries) kept in an event.
@@ -86,6 +89,8 @@ pub enum AuditError {
         "audit log {path} is damaged ({reason}); the station refuses to run until `amicus audit verify` passes"
     )]
     Damaged { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Key(#[from] amicus_bundle::KeyError),
 }
 
 /// What happened. Free-text fields are cut to [`MAX_TEXT`] bytes by [`Event::bounded`].
@@ -291,6 +296,15 @@ pub enum Event {
         query_sha256: Digest,
         outcome: String,
     },
+    /// The station handed the signing of this log to a new key (`amicus station rekey`).
+    /// Signed by the old key; every later entry and the head are signed by the new one.
+    /// `proof` is the new key's signature over [`rekey_message`]: the log shows that the new
+    /// key's holder took the hand-over. Both keys are public (PEM).
+    StationKeyRotated {
+        old_key: String,
+        new_key: String,
+        proof: String,
+    },
 }
 
 impl Event {
@@ -403,15 +417,67 @@ pub const GENESIS: Digest = Digest([0u8; 32]);
 /// Appends signed events to a station's audit log.
 pub struct AuditLog {
     dir: PathBuf,
-    key: SecretKey,
+    key: SigningKey,
+}
+
+/// Where the key that signs the log comes from.
+enum SigningKey {
+    /// Given (a new station, tests).
+    Held(SecretKey),
+    /// The station's key file, read under the log's lock at every append: a rotation by
+    /// another process (`amicus station rekey`) is then never raced by an append signed with
+    /// the key it retired.
+    File(PathBuf),
 }
 
 impl AuditLog {
-    /// The log in station directory `dir`, signed with the station key.
+    /// The log in station directory `dir`, signed with `key`.
     pub fn new(dir: &Path, key: SecretKey) -> AuditLog {
         AuditLog {
             dir: dir.to_path_buf(),
-            key,
+            key: SigningKey::Held(key),
+        }
+    }
+
+    /// The log in station directory `dir`, signed with the key in `key_file`, read at each
+    /// append (see [`crate::rekey`] for its rotation).
+    pub fn for_station(dir: &Path, key_file: &Path) -> AuditLog {
+        AuditLog {
+            dir: dir.to_path_buf(),
+            key: SigningKey::File(key_file.to_path_buf()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Hold the log's lock (appends from several processes are serialised by it).
+    pub(crate) fn lock(&self) -> Result<File, AuditError> {
+        let lock_path = self.dir.join(LOCK_FILE);
+        let io = |source| AuditError::Io {
+            path: lock_path.clone(),
+            source,
+        };
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io)?;
+        lock.lock().map_err(io)?;
+        Ok(lock)
+    }
+
+    /// The key that signs the next entry; call with the lock held. A key file's staged
+    /// rotation that a crash interrupted is finished first.
+    fn signing_key(&self) -> Result<SecretKey, AuditError> {
+        match &self.key {
+            SigningKey::Held(k) => Ok(k.clone()),
+            SigningKey::File(path) => {
+                crate::rekey::finish_staged(self, path)?;
+                Ok(SecretKey::read(path)?)
+            }
         }
     }
 
@@ -432,19 +498,20 @@ impl AuditLog {
 
     /// Append one event, durably. Returns its sequence number.
     pub fn append(&self, event: Event) -> Result<u64, AuditError> {
-        let lock_path = self.dir.join(LOCK_FILE);
+        let lock = self.lock()?;
+        let key = self.signing_key()?;
+        let seq = self.append_locked(&key, event)?;
+        drop(lock);
+        Ok(seq)
+    }
+
+    /// Append with the lock held, signed by `key`. Refuses when the log's last entry handed
+    /// the log to another key (a process holding a retired key).
+    pub(crate) fn append_locked(&self, key: &SecretKey, event: Event) -> Result<u64, AuditError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| AuditError::Io { path, source }
         };
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io(&lock_path))?;
-        lock.lock().map_err(io(&lock_path))?;
-
         let path = self.path();
         let mut file = OpenOptions::new()
             .read(true)
@@ -452,6 +519,17 @@ impl AuditLog {
             .open(&path)
             .map_err(io(&path))?;
         let (tail, torn) = read_tail(&mut file, &path)?;
+        if let Some(to) = tail.as_ref().and_then(|t| t.handed_to)
+            && to != key.public().id()
+        {
+            return Err(AuditError::Damaged {
+                path,
+                reason: format!(
+                    "the log was handed over to key {to} but this process signs with key {}; run `amicus station rekey` to finish the rotation",
+                    key.public().id()
+                ),
+            });
+        }
         let mut tail = tail.map(|t| (t.seq, t.hash));
         let mut written: Vec<(u64, String, Event)> = Vec::new();
         if let Some((offset, bytes)) = torn {
@@ -467,22 +545,53 @@ impl AuditLog {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default(),
             };
-            let (seq, hash, time) = self.write_entry(&mut file, &path, tail, &recovered)?;
+            let (seq, hash, time) = self.write_entry(key, &mut file, &path, tail, &recovered)?;
             tail = Some((seq, hash));
             written.push((seq, time, recovered));
         }
         let event = event.bounded();
-        let (seq, hash, time) = self.write_entry(&mut file, &path, tail, &event)?;
-        self.write_head(LOCAL, seq, hash)?;
+        let (seq, hash, time) = self.write_entry(key, &mut file, &path, tail, &event)?;
+        self.write_head(key, LOCAL, seq, hash)?;
         written.push((seq, time, event));
-        self.sync_public(&written)?;
-        drop(lock);
+        self.sync_public(key, &written)?;
         Ok(seq)
+    }
+
+    /// Sign both chains' heads again with `key` (the last step of a rotation: the head always
+    /// carries the signature of the key that signs the next entry). Call with the lock held.
+    pub(crate) fn resign_heads(&self, key: &SecretKey) -> Result<(), AuditError> {
+        for chain in [LOCAL, PUBLIC] {
+            let path = self.dir.join(chain.log);
+            let mut file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(AuditError::Io { path, source }),
+            };
+            if let (Some(tail), _) = read_tail(&mut file, &path)? {
+                self.write_head(key, chain, tail.seq, tail.hash)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The key the log's last entry handed the log to, if it is a hand-over. Call with the
+    /// lock held.
+    pub(crate) fn handed_to(&self) -> Result<Option<amicus_bundle::KeyId>, AuditError> {
+        let path = self.path();
+        let mut file = File::open(&path).map_err(|source| AuditError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(read_tail(&mut file, &path)?.0.and_then(|t| t.handed_to))
     }
 
     /// Bring the public chain up to the local entries just `written` (and any a crash left
     /// out before them): append the projection of each that has one.
-    fn sync_public(&self, written: &[(u64, String, Event)]) -> Result<(), AuditError> {
+    fn sync_public(
+        &self,
+        key: &SecretKey,
+        written: &[(u64, String, Event)],
+    ) -> Result<(), AuditError> {
         let Some(first) = written.first().map(|(seq, _, _)| *seq) else {
             return Ok(());
         };
@@ -542,12 +651,12 @@ impl AuditLog {
                 local_seq: *local_seq,
                 event: &projected,
             };
-            let hash = self.write_signed(&mut file, &path, PUBLIC, &entry)?;
+            let hash = self.write_signed(key, &mut file, &path, PUBLIC, &entry)?;
             chain = Some((seq, hash));
             last = chain;
         }
         if let Some((seq, hash)) = last {
-            self.write_head(PUBLIC, seq, hash)?;
+            self.write_head(key, PUBLIC, seq, hash)?;
         }
         Ok(())
     }
@@ -555,6 +664,7 @@ impl AuditLog {
     /// Write a local entry; returns its seq, hash and time.
     fn write_entry(
         &self,
+        key: &SecretKey,
         file: &mut File,
         path: &Path,
         tail: Option<(u64, Digest)>,
@@ -571,7 +681,7 @@ impl AuditLog {
             prev,
             event,
         };
-        let hash = self.write_signed(file, path, LOCAL, &entry)?;
+        let hash = self.write_signed(key, file, path, LOCAL, &entry)?;
         Ok((seq, hash, time))
     }
 
@@ -579,6 +689,7 @@ impl AuditLog {
     /// entry's hash.
     fn write_signed(
         &self,
+        key: &SecretKey,
         file: &mut File,
         path: &Path,
         chain: Chain,
@@ -596,7 +707,7 @@ impl AuditLog {
         signed.extend_from_slice(raw.get().as_bytes());
         let line = LineOut {
             entry: &raw,
-            sig: B64.encode(self.key.sign(&signed)),
+            sig: B64.encode(key.sign(&signed)),
         };
         let mut bytes = serde_json::to_vec(&line).map_err(|e| AuditError::Damaged {
             path: path.into(),
@@ -618,11 +729,17 @@ impl AuditLog {
         Ok(sha256(raw.get().as_bytes()))
     }
 
-    fn write_head(&self, chain: Chain, seq: u64, hash: Digest) -> Result<(), AuditError> {
+    fn write_head(
+        &self,
+        key: &SecretKey,
+        chain: Chain,
+        seq: u64,
+        hash: Digest,
+    ) -> Result<(), AuditError> {
         let head = Head {
             seq,
             hash,
-            sig: B64.encode(self.key.sign(&head_message(chain, seq, &hash))),
+            sig: B64.encode(key.sign(&head_message(chain, seq, &hash))),
         };
         let path = self.dir.join(chain.head);
         let bytes = serde_json::to_vec(&head).map_err(|e| AuditError::Damaged {
@@ -647,6 +764,8 @@ struct Tail {
     hash: Digest,
     /// Public entries: the local entry it projects.
     local_seq: Option<u64>,
+    /// A hand-over: the key it hands the log to (unverified; appends only compare).
+    handed_to: Option<amicus_bundle::KeyId>,
 }
 
 /// The last complete entry, and a torn tail (offset, bytes) if the file does not end with a
@@ -705,11 +824,17 @@ fn read_tail(
         serde_json::from_slice(last).map_err(|_| damaged("last entry is not JSON"))?;
     let header: EntryHeader = serde_json::from_str(line.entry.get())
         .map_err(|_| damaged("last entry has no sequence number"))?;
+    let handed_to = serde_json::from_str::<HandOverFields>(line.entry.get())
+        .ok()
+        .filter(|h| h.event == HANDOVER_EVENT)
+        .and_then(|h| PublicKey::from_pem(&h.new_key, "hand-over").ok())
+        .map(|k| k.id());
     Ok((
         Some(Tail {
             seq: header.seq,
             hash: sha256(line.entry.get().as_bytes()),
             local_seq: header.local_seq,
+            handed_to,
         }),
         torn,
     ))
@@ -791,6 +916,99 @@ pub struct VerifyReport {
     /// Projections the public chain does not have yet at its end (a crash between the two
     /// appends, or a log from before the public chain); the next append writes them.
     pub public_lags: u64,
+    /// The keys that signed the log, in order: more than one after a station key rotation.
+    pub keys: Vec<KeySpan>,
+}
+
+/// A key that signed a log from entry `from_seq` on (until the next span's `from_seq`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeySpan {
+    pub from_seq: u64,
+    pub keyid: String,
+}
+
+/// What the new key signs when it takes over a log from the old one.
+pub fn rekey_message(old: &PublicKey, new: &PublicKey) -> Vec<u8> {
+    let mut m = REKEY_DOMAIN.to_vec();
+    m.extend_from_slice(old.id().to_string().as_bytes());
+    m.push(b'\n');
+    m.extend_from_slice(new.id().to_string().as_bytes());
+    m
+}
+
+/// The fields of an entry that matter if it is a hand-over (any entry parses).
+#[derive(Deserialize)]
+struct HandOverFields {
+    #[serde(default)]
+    event: String,
+    #[serde(default)]
+    old_key: String,
+    #[serde(default)]
+    new_key: String,
+    #[serde(default)]
+    proof: String,
+}
+
+/// A verified entry's hand-over, checked against the key that signed it: the key that signs
+/// the entries after it (`None`: not a hand-over).
+fn checked_handover(raw: &[u8], signer: &PublicKey) -> Result<Option<PublicKey>, String> {
+    let Ok(h) = serde_json::from_slice::<HandOverFields>(raw) else {
+        return Ok(None);
+    };
+    if h.event != HANDOVER_EVENT {
+        return Ok(None);
+    }
+    let old = PublicKey::from_pem(&h.old_key, "old_key")
+        .map_err(|_| "a key hand-over without a readable old key".to_string())?;
+    let new = PublicKey::from_pem(&h.new_key, "new_key")
+        .map_err(|_| "a key hand-over without a readable new key".to_string())?;
+    if old != *signer {
+        return Err(format!(
+            "a key hand-over from key {} signed by key {}",
+            old.id(),
+            signer.id()
+        ));
+    }
+    if new == old {
+        return Err("a key hand-over to the same key".into());
+    }
+    let proven = B64
+        .decode(&h.proof)
+        .map(|p| new.verify(&rekey_message(&old, &new), &p))
+        .unwrap_or(false);
+    if !proven {
+        return Err(format!(
+            "a key hand-over to key {} without that key's proof",
+            new.id()
+        ));
+    }
+    Ok(Some(new))
+}
+
+/// The keys a log's hand-overs claim, in order (unverified): empty when it has none.
+fn claimed_keys(lines: &[&[u8]]) -> Vec<PublicKey> {
+    let mut keys: Vec<PublicKey> = Vec::new();
+    for line in lines {
+        let Ok(parsed) = serde_json::from_slice::<LineIn>(line) else {
+            continue;
+        };
+        let Ok(h) = serde_json::from_str::<HandOverFields>(parsed.entry.get()) else {
+            continue;
+        };
+        if h.event != HANDOVER_EVENT {
+            continue;
+        }
+        if let (Ok(old), Ok(new)) = (
+            PublicKey::from_pem(&h.old_key, "old_key"),
+            PublicKey::from_pem(&h.new_key, "new_key"),
+        ) {
+            if keys.is_empty() {
+                keys.push(old);
+            }
+            keys.push(new);
+        }
+    }
+    keys
 }
 
 impl VerifyReport {
@@ -921,16 +1139,25 @@ pub enum HeadFile {
     Unreadable(String),
 }
 
-/// Check one complete log line: its signature by `key`, that it is entry `expect_seq`, and that
-/// it chains to `prev`. Returns the entry's hash (the next entry's `prev`). The registry runs
-/// this on every line a station uploads.
+/// A line that verified.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The entry's hash (the next entry's `prev`).
+    pub hash: Digest,
+    /// A key hand-over (checked): the key that signs the entries after this one.
+    pub next_key: Option<PublicKey>,
+}
+
+/// Check one complete log line: its signature by `key`, that it is entry `expect_seq`, that it
+/// chains to `prev`, and if it hands the log to a new key, that the hand-over is from `key`
+/// and carries the new key's proof. The registry runs this on every line a station uploads.
 pub fn check_line(
     line: &[u8],
     key: &PublicKey,
     expect_seq: u64,
     prev: &Digest,
     chain: Chain,
-) -> Result<Digest, String> {
+) -> Result<Checked, String> {
     let Ok(parsed) = serde_json::from_slice::<LineIn>(line) else {
         return Err("not an audit entry (edited or corrupted)".into());
     };
@@ -958,17 +1185,30 @@ pub fn check_line(
             "does not chain to the previous entry (entries deleted, inserted or reordered)".into(),
         );
     }
-    Ok(sha256(raw))
+    Ok(Checked {
+        hash: sha256(raw),
+        next_key: checked_handover(raw, key)?,
+    })
 }
 
 /// Verify complete log lines (from the station's file or from the registry's copy) and the
-/// station's signed head against the station's public key.
+/// station's signed head against the station's public key `key`, following key hand-overs
+/// (`amicus station rekey`). `key` may be any key the log was signed with: the first (each
+/// hand-over is signed by the key before it) or a later one (its signatures cover the hash
+/// chain back to the first entry); a key that signed no entry and not the head is refused.
 pub fn verify_lines(
     lines: &[&[u8]],
     head: HeadFile,
     key: &PublicKey,
     chain: Chain,
 ) -> VerifyReport {
+    // A log that was handed over starts with the first hand-over's old key; which keys
+    // signed what is checked line by line below.
+    let claimed = claimed_keys(lines);
+    let mut current = match claimed.first() {
+        Some(first) if claimed.contains(key) => *first,
+        _ => *key,
+    };
     let mut report = VerifyReport {
         valid_entries: 0,
         problem: None,
@@ -976,13 +1216,28 @@ pub fn verify_lines(
         head_lags: false,
         public_entries: 0,
         public_lags: 0,
+        keys: vec![KeySpan {
+            from_seq: 0,
+            keyid: current.id().to_string(),
+        }],
     };
     let mut prev = GENESIS;
     let mut expect_seq = 0u64;
+    let mut pinned_signed = false;
+    let mut handover: Option<(u64, PublicKey)> = None;
     for (i, line) in lines.iter().enumerate() {
-        match check_line(line, key, expect_seq, &prev, chain) {
-            Ok(hash) => {
-                prev = hash;
+        match check_line(line, &current, expect_seq, &prev, chain) {
+            Ok(checked) => {
+                pinned_signed |= current == *key;
+                prev = checked.hash;
+                if let Some(next) = checked.next_key {
+                    handover = Some((expect_seq, current));
+                    current = next;
+                    report.keys.push(KeySpan {
+                        from_seq: expect_seq + 1,
+                        keyid: current.id().to_string(),
+                    });
+                }
                 expect_seq += 1;
                 report.valid_entries += 1;
             }
@@ -995,17 +1250,64 @@ pub fn verify_lines(
             }
         }
     }
-    finish_head(head, key, report, expect_seq, prev, chain)
+    let (mut report, head_signer) = finish_head(
+        head,
+        &current,
+        handover.as_ref().map(|(s, k)| (*s, k)),
+        report,
+        expect_seq,
+        prev,
+        chain,
+    );
+    pinned_signed |= head_signer == Some(*key);
+    if report.problem.is_none() && expect_seq > 0 && !pinned_signed {
+        let ids: Vec<&str> = report.keys.iter().map(|k| k.keyid.as_str()).collect();
+        report.problem = Some(format!(
+            "key {} signed none of this log (it is signed by key {})",
+            key.id(),
+            ids.join(", then ")
+        ));
+    }
+    report
 }
 
-/// Compare the verified chain with the signed head to detect truncation.
+/// Compare the verified chain with the signed head to detect truncation. The head is signed
+/// by `key` (the key of the next entry), or, up to the last hand-over `before` (its seq and
+/// old key), by the key before it (a crash before the rotation re-signed the head). Returns
+/// the key that signed the head.
 fn finish_head(
     head: HeadFile,
     key: &PublicKey,
+    before: Option<(u64, &PublicKey)>,
+    report: VerifyReport,
+    next_seq: u64,
+    last_hash: Digest,
+    chain: Chain,
+) -> (VerifyReport, Option<PublicKey>) {
+    let mut signer = None;
+    let report = check_head(
+        head,
+        key,
+        before,
+        report,
+        next_seq,
+        last_hash,
+        chain,
+        &mut signer,
+    );
+    (report, signer)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_head(
+    head: HeadFile,
+    key: &PublicKey,
+    before: Option<(u64, &PublicKey)>,
     mut report: VerifyReport,
     next_seq: u64,
     last_hash: Digest,
     chain: Chain,
+    signer: &mut Option<PublicKey>,
 ) -> VerifyReport {
     let head_file = chain.head;
     if report.problem.is_some() {
@@ -1029,14 +1331,20 @@ fn finish_head(
             return report;
         }
     };
-    let sig_ok = B64
-        .decode(&head.sig)
-        .map(|s| key.verify(&head_message(chain, head.seq, &head.hash), &s))
-        .unwrap_or(false);
-    if !sig_ok {
+    let signed_by = |k: &PublicKey| {
+        B64.decode(&head.sig)
+            .map(|s| k.verify(&head_message(chain, head.seq, &head.hash), &s))
+            .unwrap_or(false)
+    };
+    let head_key = match before {
+        Some((seq, old)) if head.seq <= seq && !signed_by(key) => old,
+        _ => key,
+    };
+    if !signed_by(head_key) {
         report.problem = Some(format!("{head_file} signature does not verify"));
         return report;
     }
+    *signer = Some(*head_key);
     let last_seq = next_seq.checked_sub(1);
     match last_seq {
         Some(last) if head.seq == last => {

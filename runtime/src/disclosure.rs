@@ -163,6 +163,12 @@ pub enum PublicEvent {
         /// `ok` or `refused`.
         outcome: String,
     },
+    /// Leaves as it is: a verifier of the public chain follows the hand-over with it.
+    StationKeyRotated {
+        old_key: String,
+        new_key: String,
+        proof: String,
+    },
 }
 
 /// The class of a run's outcome, as a researcher and an auditor see it.
@@ -426,6 +432,15 @@ pub fn public(event: &Event) -> Option<PublicEvent> {
             } else {
                 "refused".into()
             },
+        },
+        Event::StationKeyRotated {
+            old_key,
+            new_key,
+            proof,
+        } => PublicEvent::StationKeyRotated {
+            old_key,
+            new_key,
+            proof,
         },
     })
 }

@@ -282,10 +282,14 @@ pub(super) async fn station_audit_upload(State(app): State<App>, req: Request) -
                 None => amicus_runtime::audit::GENESIS,
             };
             let mut rows = Vec::new();
+            // Lines after a hand-over are signed by the key it hands over to; the station's
+            // key becomes that key when the lines are stored.
+            let mut signer = key;
+            let mut retired: Vec<(String, String)> = Vec::new();
             for line in &upload.lines {
-                let hash = amicus_runtime::audit::check_line(
+                let checked = amicus_runtime::audit::check_line(
                     line.as_bytes(),
-                    &key,
+                    &signer,
                     seq as u64,
                     &prev,
                     amicus_runtime::audit::PUBLIC,
@@ -297,8 +301,12 @@ pub(super) async fn station_audit_upload(State(app): State<App>, req: Request) -
                         format!("entry {seq}: {why}"),
                     )
                 })?;
-                rows.push((seq, line.clone(), hash.to_hex()));
-                prev = hash;
+                rows.push((seq, line.clone(), checked.hash.to_hex()));
+                prev = checked.hash;
+                if let Some(next) = checked.next_key {
+                    retired.push((signer.id().to_string(), signer.to_pem()));
+                    signer = next;
+                }
                 seq += 1;
             }
             if let Some(h) = &upload.head
@@ -310,14 +318,43 @@ pub(super) async fn station_audit_upload(State(app): State<App>, req: Request) -
                     "head is not the station's audit.head",
                 ));
             }
-            if !app
+            let rekey = (!retired.is_empty()).then(|| crate::db::Rekey {
+                from_id: station.key_id.clone(),
+                to_id: signer.id().to_string(),
+                to_pem: signer.to_pem(),
+                retired,
+            });
+            let stored = match app
                 .db
-                .append_station_audit(&station.name, &rows, upload.head.as_deref())
-                .await?
+                .append_station_audit(&station.name, &rows, upload.head.as_deref(), rekey.as_ref())
+                .await
             {
+                Ok(stored) => stored,
+                Err(crate::db::DbError::KeyTaken(id)) => {
+                    return Err(err(
+                        StatusCode::CONFLICT,
+                        "key_taken",
+                        format!(
+                            "the log hands this station's key over to key {id}, which another station holds or which was retired: refused"
+                        ),
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if !stored {
                 return Err(conflict(
                     "another upload of this station's log came first; fetch next_seq and retry",
                 ));
+            }
+            if let Some(k) = &rekey {
+                trail(
+                    &app,
+                    &caller.label(),
+                    "station-key-rotated",
+                    &station.name,
+                    &format!("ok key {} -> {}", k.from_id, k.to_id),
+                )
+                .await;
             }
             if !rows.is_empty() {
                 trail(

@@ -258,10 +258,27 @@ impl Station {
     }
 
     fn audit(&self) -> Result<AuditLog, StationError> {
-        Ok(AuditLog::new(
-            &self.dir,
-            SecretKey::read(&self.dir.join(KEY_FILE))?,
-        ))
+        Ok(AuditLog::for_station(&self.dir, &self.dir.join(KEY_FILE)))
+    }
+
+    /// Rotate the station's key (see [`crate::rekey`]). `keep_old_secret`: a registry knows
+    /// this station by the old key; its daemon announces the hand-over with it, then deletes it.
+    pub fn rekey(&self, keep_old_secret: bool) -> Result<crate::rekey::Rotated, StationError> {
+        Ok(crate::rekey::rotate(
+            &self.audit()?,
+            &self.dir.join(KEY_FILE),
+            keep_old_secret,
+        )?)
+    }
+
+    /// The ids of every key this station has signed with: the current one first, then the
+    /// retired ones.
+    pub fn key_ids(&self) -> Result<Vec<String>, StationError> {
+        let mut ids = vec![self.public_key()?.id().to_string()];
+        for k in crate::rekey::retired_keys(&self.dir)? {
+            ids.push(k.public.id().to_string());
+        }
+        Ok(ids)
     }
 
     /// Scan the station's archive into its index (incrementally) and audit the result.
