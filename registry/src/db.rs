@@ -45,6 +45,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "station-keys",
         include_str!("../../migrations/0006_station_keys.sql"),
     ),
+    (
+        7,
+        "list-pages",
+        include_str!("../../migrations/0007_list_pages.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -638,6 +643,86 @@ impl Db {
         Ok(r.rows_affected())
     }
 
+    // ---- pages of growing lists ------------------------------------------------------
+
+    /// One page of `table` in (`order`, `id`) order, read with the database's index rather
+    /// than the whole list: at most `limit` rows after the row whose `id` is `after`, only rows
+    /// whose `filter` column equals its value. `None` when `after` names no row of that list.
+    /// Table and column names are this module's constants, never a caller's text.
+    #[allow(clippy::too_many_arguments)]
+    async fn keyset<T>(
+        &self,
+        table: &'static str,
+        cols: &'static str,
+        order: &'static str,
+        id: &'static str,
+        filter: Option<(&'static str, &str)>,
+        after: Option<&str>,
+        limit: usize,
+        row: fn(&AnyRow) -> Result<T, DbError>,
+    ) -> Result<Option<Vec<T>>, DbError> {
+        let cursor = match after {
+            None => None,
+            Some(a) => {
+                let sql = match filter {
+                    Some((col, _)) => {
+                        format!("SELECT {order} FROM {table} WHERE {id} = $1 AND {col} = $2")
+                    }
+                    None => format!("SELECT {order} FROM {table} WHERE {id} = $1"),
+                };
+                // Audited: only the `'static` names above are formatted in; values are bound.
+                let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql)).bind(a);
+                if let Some((_, v)) = filter {
+                    q = q.bind(v);
+                }
+                match q.fetch_optional(&self.pool).await? {
+                    None => return Ok(None),
+                    Some(at) => Some((at, a)),
+                }
+            }
+        };
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        let mut conds = Vec::new();
+        if let Some((col, _)) = filter {
+            conds.push(format!("{col} = {}", next()));
+        }
+        if cursor.is_some() {
+            let (at, last) = (next(), next());
+            conds.push(format!(
+                "({order} > {at} OR ({order} = {at} AND {id} > {last}))"
+            ));
+        }
+        let limit_param = next();
+        let sql = format!(
+            "SELECT {cols} FROM {table}{} ORDER BY {order}, {id} LIMIT {limit_param}",
+            if conds.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", conds.join(" AND "))
+            }
+        );
+        // Audited: only the `'static` names above and numbered placeholders are formatted in.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        if let Some((_, v)) = filter {
+            q = q.bind(v);
+        }
+        if let Some((at, last)) = cursor {
+            q = q.bind(at).bind(last);
+        }
+        let rows = q
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(row)
+            .collect::<Result<Vec<T>, _>>()
+            .map(Some)
+    }
+
     // ---- trains -------------------------------------------------------------------------
 
     /// Store a verified bundle. A second upload of the same digest replaces the stored bytes
@@ -692,14 +777,23 @@ impl Db {
         })
     }
 
-    pub async fn trains(&self) -> Result<Vec<TrainInfo>, DbError> {
-        let rows = sqlx::query(
-            "SELECT digest, name, version, bytes, capabilities, signers, uploaded_by, created_ms
-             FROM trains ORDER BY created_ms, digest",
+    /// A page of the trains, oldest first (see [`Db::keyset`]).
+    pub async fn trains(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<TrainInfo>>, DbError> {
+        self.keyset(
+            "trains",
+            "digest, name, version, bytes, capabilities, signers, uploaded_by, created_ms",
+            "created_ms",
+            "digest",
+            None,
+            after,
+            limit,
+            Self::train_row,
         )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(Self::train_row).collect()
+        .await
     }
 
     pub async fn train(&self, digest: &str) -> Result<Option<TrainInfo>, DbError> {
@@ -760,23 +854,24 @@ impl Db {
     }
 
     /// Tasks of one researcher, or all of them.
-    pub async fn tasks(&self, researcher: Option<&str>) -> Result<Vec<TaskRow>, DbError> {
-        let rows = match researcher {
-            Some(r) => sqlx::query(
-                "SELECT id, researcher, train, params, created_ms, expires_ms, statement FROM tasks
-                     WHERE researcher = $1 ORDER BY created_ms, id",
-            )
-            .bind(r)
-            .fetch_all(&self.pool)
-            .await?,
-            None => sqlx::query(
-                "SELECT id, researcher, train, params, created_ms, expires_ms, statement FROM tasks
-                     ORDER BY created_ms, id",
-            )
-            .fetch_all(&self.pool)
-            .await?,
-        };
-        rows.iter().map(Self::task_row).collect()
+    /// A page of the tasks (of one researcher, or all), oldest first.
+    pub async fn tasks(
+        &self,
+        researcher: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<TaskRow>>, DbError> {
+        self.keyset(
+            "tasks",
+            "id, researcher, train, params, created_ms, expires_ms, statement",
+            "created_ms",
+            "id",
+            researcher.map(|r| ("researcher", r)),
+            after,
+            limit,
+            Self::task_row,
+        )
+        .await
     }
 
     fn run_row(r: &AnyRow) -> Result<RunInfo, DbError> {
@@ -801,15 +896,24 @@ impl Db {
         rows.iter().map(Self::run_row).collect()
     }
 
-    pub async fn runs_of_station(&self, station: &str) -> Result<Vec<RunInfo>, DbError> {
-        let rows = sqlx::query(
-            "SELECT id, task, station, state, reason, updated_ms FROM runs WHERE station = $1
-             ORDER BY updated_ms, id",
+    /// A page of a station's runs, least recently changed first.
+    pub async fn runs_of_station(
+        &self,
+        station: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<RunInfo>>, DbError> {
+        self.keyset(
+            "runs",
+            "id, task, station, state, reason, updated_ms",
+            "updated_ms",
+            "id",
+            Some(("station", station)),
+            after,
+            limit,
+            Self::run_row,
         )
-        .bind(station)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(Self::run_row).collect()
+        .await
     }
 
     pub async fn run(&self, id: &str) -> Result<Option<RunInfo>, DbError> {
@@ -1094,15 +1198,25 @@ impl Db {
     }
 
     /// Jobs of one researcher, or all of them.
-    pub async fn jobs(&self, researcher: Option<&str>) -> Result<Vec<JobRow>, DbError> {
-        let rows = sqlx::query(
-            "SELECT id, researcher, train, params, plan, stations, recipient_key, state, round, reason,
-             created_ms, updated_ms, statement FROM jobs WHERE $1 IS NULL OR researcher = $1 ORDER BY created_ms, id",
+    /// A page of the jobs (of one researcher, or all), oldest first.
+    pub async fn jobs(
+        &self,
+        researcher: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<Vec<JobRow>>, DbError> {
+        self.keyset(
+            "jobs",
+            "id, researcher, train, params, plan, stations, recipient_key, state, round, reason, \
+             created_ms, updated_ms, statement",
+            "created_ms",
+            "id",
+            researcher.map(|r| ("researcher", r)),
+            after,
+            limit,
+            Self::job_row,
         )
-        .bind(researcher)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(Self::job_row).collect()
+        .await
     }
 
     /// Ids of the jobs still running.

@@ -1138,9 +1138,83 @@ async fn pagination(h: &Harness) {
         assert_eq!(status, 400, "{bad}: {body}");
         assert!(body["error"]["code"].is_string(), "{bad}: {body}");
     }
-    // Paging hides nothing a caller may not see: bob's pages hold none of alice's tasks.
+    // Paging hides nothing a caller may not see: bob's pages hold none of alice's tasks, and
+    // one of alice's task ids is no cursor for him.
     let bob: Vec<TaskInfo> = h.bob.tasks().await.unwrap();
     assert!(bob.iter().all(|t| t.researcher == "bob"));
+    let carol = h
+        .admin
+        .add_user(&NewUser {
+            name: "carol".into(),
+            role: Role::Researcher,
+            station: None,
+            enc_public_key: None,
+            token_expires_in_s: None,
+        })
+        .await
+        .unwrap()
+        .token;
+    let (status, _, body) = get(format!("/v1/tasks?after={}", ids[0]), carol).await;
+    assert_eq!(status, 400, "{body}");
+    // Every list the database pages: two at a time, the same items in the same order as one
+    // big page, whatever ties in time the ids break.
+    let auditor = {
+        let made = h
+            .admin
+            .add_user(&NewUser {
+                name: "pages-auditor".into(),
+                role: Role::Auditor,
+                station: None,
+                enc_public_key: None,
+                token_expires_in_s: None,
+            })
+            .await
+            .unwrap();
+        made.token
+    };
+    for name in ["paged-train-a", "paged-train-b"] {
+        h.alice
+            .push_train(sample_bundle(name, &SecretKey::generate().unwrap()).to_bytes())
+            .await
+            .unwrap();
+    }
+    for (path, id) in [
+        ("/v1/trains", "digest"),
+        ("/v1/tasks", "id"),
+        ("/v1/jobs", "id"),
+        ("/v1/stations/st1/runs", "id"),
+    ] {
+        let (status, _, whole) = get(format!("{path}?limit=1000"), auditor.clone()).await;
+        assert_eq!(status, 200, "{path}: {whole}");
+        let whole: Vec<String> = whole
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x[id].as_str().unwrap().to_string())
+            .collect();
+        assert!(whole.len() >= 2, "{path}: {}", whole.len());
+        let mut paged = Vec::new();
+        let mut next = Some(format!("{path}?limit=2"));
+        while let Some(p) = next.take() {
+            let (status, link, body) = get(p, auditor.clone()).await;
+            assert_eq!(status, 200, "{path}: {body}");
+            paged.extend(
+                body.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x[id].as_str().unwrap().to_string()),
+            );
+            next = link.map(|l| {
+                amicus_registry::server::page::next_link(&l)
+                    .unwrap()
+                    .to_string()
+            });
+            assert!(paged.len() <= whole.len() + 2, "{path}: pages never end");
+        }
+        assert_eq!(paged, whole, "{path}");
+        let (status, _, _) = get(format!("{path}?after=nosuchitem"), auditor.clone()).await;
+        assert_eq!(status, 400, "{path}");
+    }
 }
 
 async fn trail_and_openapi(h: &Harness) {

@@ -285,9 +285,13 @@ pub(super) async fn list_jobs(State(app): State<App>, req: Request) -> Response 
             let page = super::page::page(&r)?;
             let who =
                 (caller.role() == Some(Role::Researcher)).then(|| caller.person().name.clone());
-            let rows = page.skip(app.db.jobs(who.as_deref()).await?, |j| &j.id)?;
+            let rows = page.known(
+                app.db
+                    .jobs(who.as_deref(), page.after.as_deref(), page.fetch())
+                    .await?,
+            )?;
             let mut out = Vec::new();
-            for j in rows.into_iter().take(page.limit.saturating_add(1)) {
+            for j in rows {
                 out.push(job_info(&app, j).await?);
             }
             Ok(page.answer(&r, out, |j| j.id.clone()))

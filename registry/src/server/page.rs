@@ -2,7 +2,9 @@
 //! [`DEFAULT_PAGE`] when not given), the items after the cursor in the list's order, and a
 //! `Link: <PATH?limit=N&after=LAST>; rel="next"` header while more remain. The body stays a
 //! plain JSON array (a station's audit copy pages its `lines`). A cursor is the last item's id
-//! (a sequence number for the trail and audit copies).
+//! (a sequence number for the trail and audit copies). Lists that grow with use (trains,
+//! tasks, jobs, a station's runs, the trail, audit copies) are paged by the database
+//! (`Db::keyset`, indexed); users and stations, which an admin adds, are paged in memory.
 //!
 //! Owns the query parameters and the header. Must not decide what a caller may see: the
 //! handlers filter first, then page.
@@ -48,6 +50,16 @@ impl Page {
                 .parse::<i64>()
                 .map_err(|_| bad_request("after is a sequence number here")),
         }
+    }
+
+    /// Rows to fetch from a paged query: one more than the page says whether another follows.
+    pub(super) fn fetch(&self) -> usize {
+        self.limit.saturating_add(1)
+    }
+
+    /// A paged query's rows (`None`: the cursor named no item of the list, refused).
+    pub(super) fn known<T>(&self, rows: Option<Vec<T>>) -> Result<Vec<T>, ApiError> {
+        rows.ok_or_else(|| bad_request("after names no item of this list"))
     }
 
     /// `items` (the whole list, in order) from after the cursor; an unknown cursor is refused.

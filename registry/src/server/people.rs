@@ -330,7 +330,11 @@ pub(super) async fn station_runs(
             may_see_station(c.as_ref().expect("authenticated"), &name)?;
             let page = page(&r)?;
             app.db.expire_overdue().await?;
-            let rest = page.skip(app.db.runs_of_station(&name).await?, |x| &x.id)?;
+            let rest = page.known(
+                app.db
+                    .runs_of_station(&name, page.after.as_deref(), page.fetch())
+                    .await?,
+            )?;
             Ok(page.answer(&r, rest, |x| x.id.clone()))
         },
     )
@@ -388,7 +392,7 @@ pub(super) async fn list_trains(State(app): State<App>, req: Request) -> Respons
         Auth::People(ANY_PERSON),
         |app, r, _| async move {
             let page = page(&r)?;
-            let rest = page.skip(app.db.trains().await?, |t| &t.digest)?;
+            let rest = page.known(app.db.trains(page.after.as_deref(), page.fetch()).await?)?;
             Ok(page.answer(&r, rest, |t| t.digest.clone()))
         },
     )
@@ -632,10 +636,13 @@ pub(super) async fn list_tasks(State(app): State<App>, req: Request) -> Response
             app.db.expire_overdue().await?;
             let who =
                 (caller.role() == Some(Role::Researcher)).then(|| caller.person().name.clone());
-            let rows = page.skip(app.db.tasks(who.as_deref()).await?, |t| &t.id)?;
+            let rows = page.known(
+                app.db
+                    .tasks(who.as_deref(), page.after.as_deref(), page.fetch())
+                    .await?,
+            )?;
             let mut out = Vec::new();
-            // One more than the page: it says whether a next page exists.
-            for t in rows.into_iter().take(page.limit.saturating_add(1)) {
+            for t in rows {
                 out.push(task_info(&app, t).await?);
             }
             Ok(page.answer(&r, out, |t| t.id.clone()))
