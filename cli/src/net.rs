@@ -960,6 +960,13 @@ pub fn audit_verify_remote(
     // key may be the station's current one or one it rotated away from.
     let mut report =
         amicus_runtime::audit::verify_lines(&lines, head, &key, amicus_runtime::audit::PUBLIC);
+    // Nothing proves nothing: an empty copy is a registry that dropped the log, or a station
+    // that never uploaded one.
+    if lines.is_empty() && report.problem.is_none() {
+        report.problem = Some(format!(
+            "the registry holds none of {station}'s log (never uploaded, or dropped): nothing to verify"
+        ));
+    }
     // The registry switches a station's key only when its copy takes the hand-over: the key
     // it lists must be the one the copy ends with.
     if report.problem.is_none()

@@ -1895,6 +1895,13 @@ fn a_station_rotates_its_key_and_the_registry_researchers_and_auditors_follow() 
     let dir = net.station_dir("st1");
     let old_pub = net.path("st1-old.pub");
     std::fs::copy(dir.join("station.pub"), &old_pub).unwrap();
+    // Before the daemon has uploaded anything, the registry's copy proves nothing: refused.
+    let empty = net.person("audrey", &["audit", "verify", "--station", "st1"]);
+    assert!(
+        !empty.ok && empty.text().contains("holds none"),
+        "{}",
+        empty.text()
+    );
     let cohort = net.push("cohort-stats");
     ok(&["station", "approve", "--dir", s(&dir), s(&cohort)]);
     net.start_daemon("st1");

@@ -502,13 +502,16 @@ impl Daemon {
     /// the retired secrets. Until the registry has the hand-over the station takes no work.
     async fn take_up_rotation(&mut self) -> Result<(), DaemonError> {
         let dir = self.opts.dir.clone();
+        // A rotation a crash interrupted is finished before anything is signed.
+        Station::open(&dir)?.finish_rekey()?;
         let key_file = dir.join(KEY_FILE);
         let current =
             amicus_bundle::PublicKey::read(&amicus_bundle::keys::public_key_path(&key_file))?;
         if current != self.key.public() {
             let key = SecretKey::read(&key_file)?;
             if key.public() != current {
-                // Mid-rotation (the public half renamed, the secret not yet): next pass.
+                // Another process is between the two renames of a rotation: take it up on the
+                // next pass (the registry still knows the key this daemon holds).
                 return Ok(());
             }
             self.key = key;

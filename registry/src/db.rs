@@ -1489,14 +1489,42 @@ impl Db {
     pub async fn append_station_audit(
         &self,
         station: &str,
+        signer_key_id: &str,
         lines: &[(i64, String, String)],
         head: Option<&str>,
         rekeyed: Option<&Rekey>,
     ) -> Result<bool, DbError> {
         let mut tx = self.pool.begin().await?;
+        // The lines were checked with the key the station had when the request was
+        // authenticated: still its key? A write first, so that it also takes the write lock
+        // (SQLite) or the row lock (PostgreSQL) for the rest of the transaction: an upload
+        // racing a key hand-over either sees the new key here or waits for it.
+        let current =
+            sqlx::query("UPDATE stations SET key_id = $1 WHERE name = $2 AND key_id = $1")
+                .bind(signer_key_id)
+                .bind(station)
+                .execute(&mut *tx)
+                .await?;
+        if current.rows_affected() != 1 {
+            return Ok(false);
+        }
         if let Some(k) = rekeyed {
-            // Every key the upload hands over to (the last and any in between) must be new.
-            for id in k.retired.iter().skip(1).map(|(id, _)| id).chain([&k.to_id]) {
+            // Every key the upload hands over to (the last and any in between) must be new,
+            // and appear once.
+            let handed: Vec<&String> = k
+                .retired
+                .iter()
+                .skip(1)
+                .map(|(id, _)| id)
+                .chain([&k.to_id])
+                .collect();
+            let mut seen = std::collections::BTreeSet::new();
+            for id in &handed {
+                if !seen.insert(*id) || **id == k.from_id {
+                    return Err(DbError::KeyTaken((*id).clone()));
+                }
+            }
+            for id in handed {
                 let retired: Option<String> =
                     sqlx::query_scalar("SELECT key_id FROM retired_station_keys WHERE key_id = $1")
                         .bind(id)

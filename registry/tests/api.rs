@@ -2245,6 +2245,35 @@ async fn station_key_rotation(h: &Harness) {
         "conflict",
     )
     .await;
+    // An upload checked with the key the station had when it was authenticated is not
+    // stored once the key has moved on (an upload racing the hand-over).
+    let (tip, last) = h.db.station_audit_tip("rot").await.unwrap();
+    let stale = vec![(tip, "{}".to_string(), last.unwrap())];
+    assert!(
+        !h.db
+            .append_station_audit("rot", &old.public().id().to_string(), &stale, None, None)
+            .await
+            .unwrap()
+    );
+    // Handing the key back and forth within one upload (K1 -> K2 -> K1) is refused, not a 5xx.
+    let k2 = SecretKey::generate().unwrap();
+    for (from, to) in [(&new, &k2), (&k2, &new)] {
+        AuditLog::new(dir.path(), from.clone())
+            .append(Event::StationKeyRotated {
+                old_key: from.public().to_pem(),
+                new_key: to.public().to_pem(),
+                proof: b64(&to.sign(&rekey_message(&from.public(), &to.public()))),
+            })
+            .unwrap();
+    }
+    let (lines, _) = public_chain(dir.path());
+    match as_new.upload_audit(lines[3..].to_vec(), None).await {
+        Err(ClientError::Api {
+            status: 409, code, ..
+        }) => assert_eq!(code, "key_taken"),
+        other => panic!("expected 409 key_taken, got {other:?}"),
+    }
+    assert_eq!(as_new.audit_next().await.unwrap(), 3, "nothing was stored");
     // The auditor verifies the copy pinned to the old key or to the new one.
     let copy = h.auditor.station_audit("rot").await.unwrap();
     let raw: Vec<&[u8]> = copy.lines.iter().map(|l| l.as_bytes()).collect();

@@ -79,6 +79,16 @@ pub fn rotate(
     })
 }
 
+/// Finish a rotation a crash interrupted, if one did, taking the log's lock: what anything
+/// that signs as the station (the daemon) runs before reading the key file.
+pub fn finish_interrupted(log: &AuditLog, key_file: &Path) -> Result<(), AuditError> {
+    if !log.dir().join(STAGE_DIR).join(STAGED_KEY).exists() {
+        return Ok(());
+    }
+    let _lock = log.lock()?;
+    finish_staged(log, key_file)
+}
+
 /// Finish a rotation a crash interrupted (call with the log's lock held): a staged key the
 /// log was handed over to replaces the key file; one it was not is dropped.
 pub(crate) fn finish_staged(log: &AuditLog, key_file: &Path) -> Result<(), AuditError> {
@@ -325,8 +335,10 @@ mod tests {
         // The head is still the old key's: the log verifies as it is.
         let report = audit::verify(dir.path(), &first).unwrap();
         assert!(report.ok(), "{report:?}");
-        // The next append switches to the staged key before writing.
+        // The daemon finishes the rotation before it signs anything (nothing appended).
         let log = AuditLog::for_station(dir.path(), &key_file);
+        finish_interrupted(&log, &key_file).unwrap();
+        assert_eq!(SecretKey::read(&key_file).unwrap().public(), new.public());
         log.append(indexed()).unwrap();
         assert_eq!(
             PublicKey::read(&public_key_path(&key_file)).unwrap(),

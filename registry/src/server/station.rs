@@ -326,7 +326,13 @@ pub(super) async fn station_audit_upload(State(app): State<App>, req: Request) -
             });
             let stored = match app
                 .db
-                .append_station_audit(&station.name, &rows, upload.head.as_deref(), rekey.as_ref())
+                .append_station_audit(
+                    &station.name,
+                    &station.key_id,
+                    &rows,
+                    upload.head.as_deref(),
+                    rekey.as_ref(),
+                )
                 .await
             {
                 Ok(stored) => stored,

@@ -271,6 +271,14 @@ impl Station {
         )?)
     }
 
+    /// Finish a key rotation a crash interrupted (see [`crate::rekey::finish_interrupted`]).
+    pub fn finish_rekey(&self) -> Result<(), StationError> {
+        Ok(crate::rekey::finish_interrupted(
+            &self.audit()?,
+            &self.dir.join(KEY_FILE),
+        )?)
+    }
+
     /// The ids of every key this station has signed with: the current one first, then the
     /// retired ones.
     pub fn key_ids(&self) -> Result<Vec<String>, StationError> {
