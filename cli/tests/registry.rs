@@ -702,14 +702,7 @@ fn registry_restart_and_station_crash_lose_nothing() {
 #[test]
 fn nothing_a_run_influenced_reaches_the_registry() {
     let mut net = Net::new();
-    net.add_station("st1", "academic", 1);
-    let dir = net.station_dir("st1");
-    edit_policy(
-        &dir,
-        "allowed_capabilities = [\"cohort\"]",
-        "allowed_capabilities = [\"cohort\", \"imaging\", \"kernels\"]",
-    );
-    edit_policy(&dir, "min_patients = 10", "min_patients = 1");
+    let dir = imaging_station(&net, "st1", 1, 1);
     let hog = net.push("testing/host-hog");
     ok(&["station", "approve", "--dir", s(&dir), s(&hog)]);
     net.start_daemon("st1");
@@ -1191,16 +1184,27 @@ fn metrics(dir: &Path, round: u32, station: &str) -> serde_json::Value {
 /// Three stations st1–st3 (academic profile, one synthetic seed each) whose policies allow
 /// fed-seg's capabilities, further edited by `policy(name, dir)`; fed-seg pushed and approved
 /// everywhere, daemons running. Returns the bundle.
+/// A station (as `add_station`) whose policy also allows imaging and kernels and cohorts of
+/// `min_patients`; its directory.
+fn imaging_station(net: &Net, name: &str, seed: u64, min_patients: u32) -> PathBuf {
+    net.add_station(name, "academic", seed);
+    let dir = net.station_dir(name);
+    edit_policy(
+        &dir,
+        "allowed_capabilities = [\"cohort\"]",
+        "allowed_capabilities = [\"cohort\", \"imaging\", \"kernels\"]",
+    );
+    edit_policy(
+        &dir,
+        "min_patients = 10",
+        &format!("min_patients = {min_patients}"),
+    );
+    dir
+}
+
 fn fl_stations(net: &mut Net, seeds: [u64; 3], policy: impl Fn(&str, &Path)) -> PathBuf {
     for (name, seed) in ["st1", "st2", "st3"].into_iter().zip(seeds) {
-        net.add_station(name, "academic", seed);
-        let dir = net.station_dir(name);
-        edit_policy(
-            &dir,
-            "allowed_capabilities = [\"cohort\"]",
-            "allowed_capabilities = [\"cohort\", \"imaging\", \"kernels\"]",
-        );
-        edit_policy(&dir, "min_patients = 10", "min_patients = 3");
+        let dir = imaging_station(net, name, seed, 3);
         policy(name, &dir);
     }
     let fed = net.push("fed-seg");
@@ -2011,4 +2015,69 @@ fn a_station_rotates_its_key_and_the_registry_researchers_and_auditors_follow() 
         s(&net.path("stranger.pub")),
     ]);
     assert!(!stranger.ok, "{}", stranger.text());
+}
+
+/// A registry that hands the stations other starting weights than those the researcher
+/// signed for (here: one value changed in the job's stored checkpoint 0): the station
+/// refuses round 1 before training and audits why.
+#[test]
+fn a_registry_cannot_substitute_the_weights_a_job_starts_from() {
+    let mut net = Net::new();
+    let dir = imaging_station(&net, "st1", 21, 3);
+    let fed = net.push("fed-seg");
+    ok(&["station", "approve", "--dir", s(&dir), s(&fed)]);
+    let id = create_job(
+        &net,
+        &fed,
+        &["st1"],
+        r#"{"rounds": 1, "min_stations": 1, "round_seconds": 120}"#,
+        "{}",
+        &[],
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use sqlx::Row as _;
+        let db = amicus_registry::db::Db::connect(&net.db()).await.unwrap();
+        let row = sqlx::query("SELECT weights FROM checkpoints WHERE job = $1 AND round = 0")
+            .bind(&id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        let bytes: Vec<u8> = row.try_get(0).unwrap();
+        let mut w = amicus_fl::wire::Weights::decode(&bytes).unwrap();
+        w.tensors[0].data[0] += 0.5;
+        let done = sqlx::query("UPDATE checkpoints SET weights = $1 WHERE job = $2 AND round = 0")
+            .bind(w.encode())
+            .bind(&id)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(done.rows_affected(), 1);
+    });
+    net.start_daemon("st1");
+    let t0 = Instant::now();
+    loop {
+        let events = ok(&["audit", "show", "--dir", s(&dir), "--json"]).stdout;
+        if events.contains("are not those the researcher signed for") {
+            assert!(!events.contains("\"run-started\""), "nothing ran: {events}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "the station took the substituted weights\n{}",
+            net.logs()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let job: serde_json::Value = serde_json::from_str(
+        &net.person_ok("alice", &["job", "show", &id, "--json"])
+            .stdout,
+    )
+    .unwrap();
+    let run = &job["rounds"][0]["runs"][0];
+    assert_eq!(run["state"], "refused", "{job}");
 }
