@@ -1899,6 +1899,143 @@ async fn secure_aggregation(h: &Harness) {
 
 /// What a hostile or careless researcher, a late station and a damaged row can do to the
 /// service: each is refused or contained, and the registry goes on.
+/// A registry's proxy that passes every request through unchanged (the station's signature
+/// still verifies: the `Host` it signed goes along) and shows the station whose key id is
+/// `victim` a different survivor set in the reveal phase: every sharer survived.
+async fn equivocating_proxy(upstream: String, victim: String) -> String {
+    use axum::response::IntoResponse;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let http = amicus_registry::client::http(Duration::from_secs(60));
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let (http, upstream, victim) = (http.clone(), upstream.clone(), victim.clone());
+        async move {
+            let (parts, body) = req.into_parts();
+            let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+            let target = format!(
+                "{upstream}{}",
+                parts.uri.path_and_query().map_or("/", |p| p.as_str())
+            );
+            let mut ask = http.request(parts.method.clone(), target);
+            for (name, value) in &parts.headers {
+                if name != "content-length" && name != "transfer-encoding" {
+                    ask = ask.header(name, value);
+                }
+            }
+            let answer = ask.body(bytes.to_vec()).send().await.unwrap();
+            let status = answer.status();
+            let mut body = answer.bytes().await.unwrap().to_vec();
+            let from_victim = parts
+                .headers
+                .get("signature-input")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains(&victim));
+            if from_victim
+                && status.is_success()
+                && parts.method == axum::http::Method::GET
+                && parts.uri.path().ends_with("/secagg")
+            {
+                let mut view: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                if view["phase"] == "reveal" {
+                    let sharers = view["sharers"].clone();
+                    view["survivors"] = sharers;
+                    view["dropped"] = serde_json::json!([]);
+                    body = serde_json::to_vec(&view).unwrap();
+                }
+            }
+            (status, [("content-type", "application/json")], body).into_response()
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// A registry that shows two survivors different survivor sets (here through a proxy in
+/// front of one of them): each signs the sets it was shown, sees that the other's signature
+/// is over other sets, and neither reveals anything.
+async fn equivocating_registry(h: &Harness) {
+    use amicus_registry::station_secagg::join;
+    let mut keys = Vec::new();
+    for name in ["eq1", "eq2", "eq3"] {
+        let k = SecretKey::generate().unwrap();
+        h.admin
+            .add_station(&NewStation {
+                name: name.into(),
+                public_key: k.public().to_pem(),
+            })
+            .await
+            .unwrap();
+        keys.push(k);
+    }
+    let honest: Vec<StationClient> = keys
+        .iter()
+        .map(|k| StationClient::new(&h.url, k.clone()).unwrap())
+        .collect();
+    let names = ["eq1", "eq2", "eq3"];
+    let base = secagg_plan(1, 2, 30);
+    let job = new_job(h, &names, base.clone(), &[0.0; 4]).await;
+    let mut runs = Vec::new();
+    for st in &honest {
+        runs.push(start_round(st, &job.id).await);
+    }
+    let deadline = amicus_registry::db::now_ms() + 60_000;
+    let plan = base.secure_aggregation.unwrap();
+    let named: std::collections::BTreeMap<String, String> = names
+        .iter()
+        .zip(&keys)
+        .map(|(n, k)| (n.to_string(), k.public().id().to_string()))
+        .collect();
+    let (s1, s2, s3) = tokio::join!(
+        join(
+            &honest[0], &keys[0], "eq1", &named, &job.id, 1, plan, deadline
+        ),
+        join(
+            &honest[1], &keys[1], "eq2", &named, &job.id, 1, plan, deadline
+        ),
+        join(
+            &honest[2], &keys[2], "eq3", &named, &job.id, 1, plan, deadline
+        ),
+    );
+    let (s1, s2, _s3) = (s1.unwrap(), s2.unwrap(), s3.unwrap());
+    honest[0]
+        .result_with_update(
+            &runs[0],
+            Vec::new(),
+            Some(&s1.mask(&update(&[1.0; 4], 1)).unwrap()),
+        )
+        .await
+        .unwrap();
+    honest[1]
+        .result_with_update(
+            &runs[1],
+            Vec::new(),
+            Some(&s2.mask(&update(&[2.0; 4], 1)).unwrap()),
+        )
+        .await
+        .unwrap();
+    honest[2]
+        .report(&runs[2], RunState::Failed, Some("station crashed".into()))
+        .await
+        .unwrap();
+    let view = honest[0].secagg_view(&job.id, 1).await.unwrap();
+    assert_eq!((view.survivors, view.dropped), (vec![0, 1], vec![2]));
+    // eq2 talks to the registry through the lie; eq1 directly.
+    let lying = equivocating_proxy(h.url.clone(), keys[1].public().id().to_string()).await;
+    let lied_to = StationClient::new(&lying, keys[1].clone()).unwrap();
+    let shown = lied_to.secagg_view(&job.id, 1).await.unwrap();
+    assert_eq!((shown.survivors, shown.dropped), (vec![0, 1, 2], vec![]));
+    let soon = amicus_registry::db::now_ms() + 6_000;
+    let (r1, r2) = tokio::join!(s1.reveal(&honest[0], soon), s2.reveal(&lied_to, soon));
+    for r in [r1, r2] {
+        let e = r.expect_err("a station revealed under an equivocating registry");
+        assert!(e.to_string().contains("confirmed"), "{e}");
+    }
+    // Both signed what they were shown, and nothing was revealed.
+    let after = honest[0].secagg_view(&job.id, 1).await.unwrap();
+    assert_eq!(after.consistency.len(), 2);
+    assert_eq!(after.phase, SecAggPhase::Reveal);
+}
+
 async fn robustness(h: &Harness) {
     let job_with = |plan: Plan| NewJob {
         statement: None,
@@ -2303,6 +2440,7 @@ async fn suite(db_url: &str) {
     long_poll_and_expiry(&h).await;
     federated_jobs(&h).await;
     secure_aggregation(&h).await;
+    equivocating_registry(&h).await;
     robustness(&h).await;
     tokens_and_signed_requests(&h).await;
     pagination(&h).await;
