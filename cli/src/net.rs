@@ -4,8 +4,8 @@
 //! `amicus-registry`.
 
 use amicus_bundle::{Bundle, PublicKey};
+use amicus_daemon::{self as daemon, Daemon, DaemonOptions};
 use amicus_registry::client::PersonClient;
-use amicus_registry::daemon::{self, Daemon, DaemonOptions};
 use amicus_registry::db::Db;
 use amicus_registry::sealed::{RecipientKey, RecipientPublicKey, SealContext};
 use amicus_registry::server::{self, App, Limits};

@@ -8,9 +8,12 @@
 //! - `httpsig`: RFC 9421 signatures of station requests.
 //! - `sealed`: HPKE-sealed results and the researcher's X25519 key files.
 //! - `client`: HTTP clients for people (bearer token) and stations (signing key).
-//! - `daemon`: `amicus station serve`, a station's pull-only loop around `amicus-runtime`.
-//! - `station_secagg`: a station's part in a securely aggregated round (keys, sealed shares,
-//!   masking, revealing).
+//! - `request`: researchers' signed requests and stations' signed outputs.
+//!
+//! The station's side (`amicus station serve`, its checks of signed requests, its part in
+//! secure aggregation) is the `amicus-daemon` crate: this crate must not depend on the station
+//! runtime, so a registry is built without wasmtime, ONNX Runtime, oxigraph or DICOM code (it
+//! checks stations' audit lines with `amicus_bundle::audit_chain`).
 //!
 //! The registry never holds a private key of anyone, never sees a result's plaintext (a federated
 //! round's updates are not results: they come to it to be aggregated, masked when the plan asks
@@ -18,13 +21,10 @@
 //! never runs a train; stations never listen on a socket.
 
 pub mod client;
-pub mod daemon;
 pub mod db;
 pub mod httpsig;
 pub mod jobs;
 pub mod request;
 pub mod sealed;
 pub mod server;
-pub mod station_request;
-pub mod station_secagg;
 pub mod wire;

@@ -1588,11 +1588,11 @@ async fn start_round(st: &StationClient, job: &str) -> String {
 }
 
 /// Secure aggregation through the real protocol code of the stations
-/// (`amicus_registry::station_secagg`): the registry gets exactly the FedAvg sum, stores
+/// (`amicus_daemon::secagg`): the registry gets exactly the FedAvg sum, stores
 /// only masked updates, recovers a station that dropped after sharing, refuses plain
 /// updates and out-of-phase messages, and below the threshold fails with nothing unmasked.
 async fn secure_aggregation(h: &Harness) {
-    use amicus_registry::station_secagg::join;
+    use amicus_daemon::secagg::join;
     let st4_key = SecretKey::generate().unwrap();
     h.admin
         .add_station(&NewStation {
@@ -1954,7 +1954,7 @@ async fn equivocating_proxy(upstream: String, victim: String) -> String {
 /// front of one of them): each signs the sets it was shown, sees that the other's signature
 /// is over other sets, and neither reveals anything.
 async fn equivocating_registry(h: &Harness) {
-    use amicus_registry::station_secagg::join;
+    use amicus_daemon::secagg::join;
     let mut keys = Vec::new();
     for name in ["eq1", "eq2", "eq3"] {
         let k = SecretKey::generate().unwrap();

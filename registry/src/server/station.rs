@@ -279,7 +279,7 @@ pub(super) async fn station_audit_upload(State(app): State<App>, req: Request) -
                         "stored hash unreadable",
                     )
                 })?,
-                None => amicus_runtime::audit::GENESIS,
+                None => amicus_bundle::audit_chain::GENESIS,
             };
             let mut rows = Vec::new();
             // Lines after a hand-over are signed by the key it hands over to; the station's
@@ -287,12 +287,12 @@ pub(super) async fn station_audit_upload(State(app): State<App>, req: Request) -
             let mut signer = key;
             let mut retired: Vec<(String, String)> = Vec::new();
             for line in &upload.lines {
-                let checked = amicus_runtime::audit::check_line(
+                let checked = amicus_bundle::audit_chain::check_line(
                     line.as_bytes(),
                     &signer,
                     seq as u64,
                     &prev,
-                    amicus_runtime::audit::PUBLIC,
+                    amicus_bundle::audit_chain::PUBLIC,
                 )
                 .map_err(|why| {
                     err(

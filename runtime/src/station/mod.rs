@@ -430,7 +430,7 @@ impl Station {
     }
 
     /// Record that a securely aggregated round's update left masked (the daemon masks it
-    /// after the run; see `amicus_registry::station_secagg`).
+    /// after the run; see `amicus_daemon::secagg`).
     pub fn record_masked_update(
         &self,
         run_id: &str,

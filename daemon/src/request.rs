@@ -1,5 +1,5 @@
 //! The station daemon's check of what the registry delivers against the researcher's signed
-//! request (`crate::request`), before anything is fetched into a run.
+//! request (`amicus_registry::request`), before anything is fetched into a run.
 //!
 //! Owns the replay markers (`<station>/registry/requests/`): a statement is bound to the first
 //! task or job it arrived with, and each of its rounds to the first registry run that carried
@@ -7,9 +7,9 @@
 //! trust (the station's policy lists the researchers) nor run, audit or report anything: the
 //! daemon does, with what this returns.
 
-use crate::request::{self, Delivered, RequestError, RequestStatement};
-use crate::wire::{RoundWork, WorkItem};
 use amicus_bundle::{Digest, TrustedKey};
+use amicus_registry::request::{self, Delivered, RequestError, RequestStatement};
+use amicus_registry::wire::{RoundWork, WorkItem};
 use std::path::Path;
 
 /// Folder (under the daemon's directory) of replay markers.
@@ -183,9 +183,9 @@ fn bind(path: &Path, value: &str) -> Result<bool, RequestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::{nonce, sign_request};
-    use crate::wire::{Encoding, Plan};
     use amicus_bundle::{SecretKey, sha256};
+    use amicus_registry::request::{nonce, sign_request};
+    use amicus_registry::wire::{Encoding, Plan};
 
     fn plan() -> Plan {
         serde_json::from_value(serde_json::json!({"rounds": 2, "evaluate_final": true})).unwrap()
@@ -200,16 +200,20 @@ mod tests {
         let alice = SecretKey::generate().unwrap();
         let train = "ab".repeat(32);
         let params = "{\"epochs\":1}".to_string();
-        let recipient = crate::sealed::RecipientKey::generate().public().to_pem();
+        let recipient = amicus_registry::sealed::RecipientKey::generate()
+            .public()
+            .to_pem();
         let st = RequestStatement {
             kind: if job { "job" } else { "task" }.into(),
             researcher: "alice".into(),
             train: train.clone(),
             params_sha256: sha256(params.as_bytes()).to_hex(),
             stations: vec!["st1".into(), "st2".into()],
-            recipient_key_sha256: crate::sealed::RecipientPublicKey::from_pem(&recipient, "t")
-                .unwrap()
-                .fingerprint(),
+            recipient_key_sha256: amicus_registry::sealed::RecipientPublicKey::from_pem(
+                &recipient, "t",
+            )
+            .unwrap()
+            .fingerprint(),
             plan_sha256: job.then(|| request::plan_sha256(&plan())),
             initial_weights_sha256: None,
             station_keys: [("st1", st1_key), ("st2", "key-of-st2")]
@@ -223,7 +227,7 @@ mod tests {
             run: "0".repeat(32),
             task: "t1".into(),
             station: "st1".into(),
-            state: crate::wire::RunState::Delivered,
+            state: amicus_registry::wire::RunState::Delivered,
             train,
             params,
             recipient_key: recipient,
@@ -378,7 +382,9 @@ mod tests {
             Err(RequestError::Untrusted)
         ));
         let mut swapped = item.clone();
-        swapped.recipient_key = crate::sealed::RecipientKey::generate().public().to_pem();
+        swapped.recipient_key = amicus_registry::sealed::RecipientKey::generate()
+            .public()
+            .to_pem();
         assert!(matches!(
             at(&dir, &alice, true, &swapped, 1_000),
             Err(RequestError::Mismatch(_))

@@ -8,14 +8,14 @@
 //! shares remove its masks. Must not send an unmasked update; the protocol's arithmetic is
 //! `amicus_fl::secagg`'s, the sealing `sealed`'s.
 
-use crate::client::{ClientError, StationClient};
-use crate::db::now_ms;
-use crate::jobs::{hex32, secagg_label};
-use crate::sealed::{ShareKey, seal_share, share_aad};
-use crate::wire::{
+use amicus_fl::secagg::{self, ShareBundle, StationSecrets};
+use amicus_registry::client::{ClientError, StationClient};
+use amicus_registry::db::now_ms;
+use amicus_registry::jobs::{hex32, secagg_label};
+use amicus_registry::sealed::{ShareKey, seal_share, share_aad};
+use amicus_registry::wire::{
     RevealedShare, SealedShare, SecAggMessage, SecAggPhase, SecAggPlan, SecAggView, SecretKind,
 };
-use amicus_fl::secagg::{self, ShareBundle, StationSecrets};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use std::collections::{BTreeMap, BTreeSet};
@@ -95,7 +95,7 @@ pub type StationKeyIds = BTreeMap<String, String>;
 fn check_advertisements(
     job: &str,
     round: u32,
-    participants: &[crate::wire::SecAggParticipant],
+    participants: &[amicus_registry::wire::SecAggParticipant],
     named: &StationKeyIds,
 ) -> Result<(), SecAggLeft> {
     let mut seen = BTreeSet::new();
@@ -125,7 +125,8 @@ fn check_advertisements(
                 "station {who}'s round keys are signed by another key than the researcher named"
             )));
         }
-        let msg = crate::request::secagg_keys_message(job, round, p.id, &p.station, &p.keys);
+        let msg =
+            amicus_registry::request::secagg_keys_message(job, round, p.id, &p.station, &p.keys);
         let ok = B64.decode(sig).is_ok_and(|s| key.verify(&msg, &s));
         if !ok {
             return Err(out(format!(
@@ -165,14 +166,14 @@ pub async fn join(
     let secrets = StationSecrets::new(me, &mut operating_system_randomness);
     let share_key = ShareKey::generate();
     let commitment = hex::encode(secrets.self_commitment(&secagg_label(job, round)));
-    let mut keys = crate::wire::SecAggKeys {
+    let mut keys = amicus_registry::wire::SecAggKeys {
         mask_public: hex::encode(secrets.mask_public()),
         share_public: hex::encode(share_key.public()),
         self_commitment: commitment.clone(),
         station_key: Some(station_key.public().to_pem()),
         signature: None,
     };
-    let msg = crate::request::secagg_keys_message(job, round, me, station, &keys);
+    let msg = amicus_registry::request::secagg_keys_message(job, round, me, station, &keys);
     keys.signature = Some(B64.encode(station_key.sign(&msg)));
     client
         .secagg_send(
@@ -335,7 +336,7 @@ pub async fn join(
 fn agreeing(
     mine: &[u8],
     survivors: &[u32],
-    signatures: &[crate::wire::ConsistencySignature],
+    signatures: &[amicus_registry::wire::ConsistencySignature],
     peers: &BTreeMap<u32, amicus_bundle::PublicKey>,
 ) -> BTreeSet<u32> {
     signatures
@@ -359,7 +360,7 @@ impl SecAggSession {
         shown: &SecAggView,
         deadline_ms: i64,
     ) -> Result<(), SecAggLeft> {
-        let mine = crate::request::secagg_sets_message(
+        let mine = amicus_registry::request::secagg_sets_message(
             &self.job,
             self.round,
             &shown.survivors,
@@ -491,8 +492,8 @@ impl SecAggSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{SecAggKeys, SecAggParticipant};
     use amicus_bundle::SecretKey;
+    use amicus_registry::wire::{SecAggKeys, SecAggParticipant};
 
     fn advertised(station: &str, id: u32, key: &SecretKey) -> SecAggParticipant {
         let mut keys = SecAggKeys {
@@ -502,7 +503,7 @@ mod tests {
             station_key: Some(key.public().to_pem()),
             signature: None,
         };
-        let msg = crate::request::secagg_keys_message("j", 1, id, station, &keys);
+        let msg = amicus_registry::request::secagg_keys_message("j", 1, id, station, &keys);
         keys.signature = Some(B64.encode(key.sign(&msg)));
         SecAggParticipant {
             id,
@@ -519,10 +520,10 @@ mod tests {
             .enumerate()
             .map(|(i, k)| (i as u32, k.public()))
             .collect();
-        let shown = crate::request::secagg_sets_message("j", 1, &[0, 1, 2], &[3]);
+        let shown = amicus_registry::request::secagg_sets_message("j", 1, &[0, 1, 2], &[3]);
         // What the registry showed station 2 instead: station 1 dropped.
-        let other = crate::request::secagg_sets_message("j", 1, &[0, 2], &[1, 3]);
-        let sig = |i: usize, m: &[u8]| crate::wire::ConsistencySignature {
+        let other = amicus_registry::request::secagg_sets_message("j", 1, &[0, 2], &[1, 3]);
+        let sig = |i: usize, m: &[u8]| amicus_registry::wire::ConsistencySignature {
             id: i as u32,
             station: format!("s{i}"),
             signature: B64.encode(keys[i].sign(m)),
@@ -536,7 +537,7 @@ mod tests {
                 sig(2, &other),
                 // Station 3 is not a survivor here: its word does not count.
                 sig(3, &shown),
-                crate::wire::ConsistencySignature {
+                amicus_registry::wire::ConsistencySignature {
                     id: 2,
                     station: "s2".into(),
                     signature: B64.encode(keys[0].sign(&shown)),

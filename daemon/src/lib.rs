@@ -1,4 +1,4 @@
-//! `amicus station serve`: a station's pull-only loop. It long-polls the registry for runs,
+//! The station daemon (`amicus station serve`): a station's pull-only loop. It long-polls the registry for runs,
 //! downloads and verifies bundles (cached by digest), holds trains that need the data owner's
 //! approval, runs the rest through `amicus-runtime` (which verifies, admits, audits and runs),
 //! seals outputs to the requesting researcher, and uploads results and the station's audit log.
@@ -15,14 +15,21 @@
 //! before it runs; a daemon that finds a started run in its journal when it starts reports it
 //! failed ("the station stopped during the run") and never runs it again. A run the registry
 //! believes running that the journal does not know is reported failed too.
+//!
+//! Modules: [`request`] checks a delivered run against the researcher's signed request;
+//! [`secagg`] is the station's part in a securely aggregated round. This crate is the station's
+//! side of the registry protocol, outside the registry crate so that the registry does not
+//! depend on the station runtime.
 
-use crate::client::{ClientError, StationClient};
-use crate::request::sign_output;
-use crate::sealed::{RecipientPublicKey, SealContext, seal};
-use crate::station_request::{self, Admitted, Verified};
-use crate::station_secagg;
-use crate::wire::{RoundWork, RunState, SealedOutput, WorkItem};
+use amicus_registry::client::{ClientError, StationClient};
+use amicus_registry::request::sign_output;
+use amicus_registry::sealed::{RecipientPublicKey, SealContext, seal};
+pub mod request;
+pub mod secagg;
+
+use crate::request::{Admitted, Verified};
 use amicus_bundle::{Bundle, SecretKey, sha256};
+use amicus_registry::wire::{RoundWork, RunState, SealedOutput, WorkItem};
 use amicus_runtime::sandbox::{FederatedRound, UPDATE_OUTPUT};
 use amicus_runtime::station::{HeldState, KEY_FILE, Station, StationError};
 use base64::Engine as _;
@@ -396,7 +403,7 @@ pub struct DaemonOptions {
     pub dir: PathBuf,
     pub registry: String,
     /// TLS roots and proxy (see [`NetworkConfig`]).
-    pub transport: crate::client::Transport,
+    pub transport: amicus_registry::client::Transport,
     /// Long-poll length.
     pub poll_wait: Duration,
     /// Longest pause between attempts while the registry is unreachable.
@@ -1025,7 +1032,7 @@ impl Daemon {
                     .as_ref()
                     .map(|(v, _)| v.statement.station_keys.clone())
                     .unwrap_or_default();
-                match station_secagg::join(
+                match secagg::join(
                     &self.client,
                     &self.key,
                     &item.station,
@@ -1152,7 +1159,7 @@ impl Daemon {
         Ok(())
     }
 
-    /// Whether the registry delivered what the researcher signed for (`station_request`):
+    /// Whether the registry delivered what the researcher signed for (`request`):
     /// `Ok(None)` when the policy does not require signed requests and none came, the verified
     /// request (and for a job round, the round rebuilt from the signed plan) otherwise, or the
     /// refusal to report. Refusals are audited.
@@ -1164,13 +1171,13 @@ impl Daemon {
         item: &WorkItem,
         bundle_path: &Path,
     ) -> Result<Result<Option<(Verified, Option<Box<RoundWork>>)>, Report>, DaemonError> {
-        let admitted = station_request::admit(
+        let admitted = request::admit(
             &self.opts.dir.join(DAEMON_DIR),
             &st.key_ids()?,
             &policy.researcher_keys(),
             policy.require_signed_requests,
             item,
-            crate::db::now_ms(),
+            amicus_registry::db::now_ms(),
         );
         match admitted {
             Ok(Admitted::Unsigned) => Ok(Ok(None)),
@@ -1211,7 +1218,7 @@ impl Daemon {
         &self,
         run: &str,
         local_run: &str,
-        session: &station_secagg::SecAggSession,
+        session: &secagg::SecAggSession,
         outputs: Vec<(String, PathBuf)>,
     ) -> Result<Report, DaemonError> {
         let mut masked_outputs = Vec::new();
