@@ -438,6 +438,21 @@ async fn people_and_scopes(h: &Harness) {
 }
 
 /// A fresh researcher token for raw requests (tokens are shown once, so make a new user).
+/// A new person `name` with `role` (no station, no key), added by the admin; their token.
+async fn person_token(h: &Harness, name: &str, role: Role) -> String {
+    h.admin
+        .add_user(&NewUser {
+            name: name.into(),
+            role,
+            station: None,
+            enc_public_key: None,
+            token_expires_in_s: None,
+        })
+        .await
+        .unwrap()
+        .token
+}
+
 async fn alice_token(h: &Harness) -> String {
     let name = format!("r{}", amicus_registry::db::random_id());
     let u = NewUser {
@@ -757,20 +772,7 @@ async fn audit_copies(h: &Harness) {
         .await
         .unwrap();
     assert_eq!(r.status(), 403, "researchers do not read station logs");
-    let auditor_token = {
-        let made = h
-            .admin
-            .add_user(&NewUser {
-                name: "paging-auditor".into(),
-                role: Role::Auditor,
-                station: None,
-                enc_public_key: None,
-                token_expires_in_s: None,
-            })
-            .await
-            .unwrap();
-        made.token
-    };
+    let auditor_token = person_token(h, "paging-auditor", Role::Auditor).await;
     let r = amicus_registry::client::http(Duration::from_secs(60))
         .get(format!("{}/v1/stations/st1/audit?limit=2", h.url))
         .bearer_auth(&auditor_token)
@@ -1142,36 +1144,12 @@ async fn pagination(h: &Harness) {
     // one of alice's task ids is no cursor for him.
     let bob: Vec<TaskInfo> = h.bob.tasks().await.unwrap();
     assert!(bob.iter().all(|t| t.researcher == "bob"));
-    let carol = h
-        .admin
-        .add_user(&NewUser {
-            name: "carol".into(),
-            role: Role::Researcher,
-            station: None,
-            enc_public_key: None,
-            token_expires_in_s: None,
-        })
-        .await
-        .unwrap()
-        .token;
+    let carol = person_token(h, "carol", Role::Researcher).await;
     let (status, _, body) = get(format!("/v1/tasks?after={}", ids[0]), carol).await;
     assert_eq!(status, 400, "{body}");
     // Every list the database pages: two at a time, the same items in the same order as one
     // big page, whatever ties in time the ids break.
-    let auditor = {
-        let made = h
-            .admin
-            .add_user(&NewUser {
-                name: "pages-auditor".into(),
-                role: Role::Auditor,
-                station: None,
-                enc_public_key: None,
-                token_expires_in_s: None,
-            })
-            .await
-            .unwrap();
-        made.token
-    };
+    let auditor = person_token(h, "pages-auditor", Role::Auditor).await;
     for name in ["paged-train-a", "paged-train-b"] {
         h.alice
             .push_train(sample_bundle(name, &SecretKey::generate().unwrap()).to_bytes())
