@@ -85,7 +85,13 @@ fn take_event_pipe() -> Result<File, String> {
             #[cfg(target_os = "linux")]
             {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-                if libc::getppid() == 1 {
+                // The station died before the line above: the worker was re-parented. The
+                // station names its own pid (it is pid 1 itself as a container's entry point).
+                let station = std::env::var(super::supervise::PARENT_ENV)
+                    .ok()
+                    .and_then(|p| p.parse::<libc::pid_t>().ok());
+                let parent = libc::getppid();
+                if station.map_or(parent == 1, |s| s != parent) {
                     return Err("the station is gone".into());
                 }
             }

@@ -10,11 +10,15 @@ use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The hidden subcommand of `amicus` that runs a worker.
 pub const SUBCOMMAND: &str = "__run-worker";
+
+/// The environment variable that tells a worker its station's pid.
+pub const PARENT_ENV: &str = "AMICUS_STATION_PID";
 
 /// How long after the deadline a worker may take to stop by itself before it is killed.
 pub const GRACE: Duration = Duration::from_millis(750);
@@ -118,6 +122,24 @@ pub enum Stopped {
     Station(String),
     /// The worker broke the protocol.
     Protocol(String),
+    /// The station is shutting down ([`interrupt_runs`]).
+    Shutdown,
+}
+
+/// Set once the station process is shutting down and its runs may no longer finish.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Stop every run's worker in this process now, and any started later: the station is shutting
+/// down (its daemon got SIGTERM and the grace for runs in flight is over). Each such run ends
+/// with the outcome `interrupted`, audited like any other end. There is no way back: the
+/// process is about to exit.
+pub fn interrupt_runs() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Whether [`interrupt_runs`] was called.
+pub fn runs_interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 /// Everything the station knows once the worker is gone.
@@ -162,6 +184,7 @@ pub fn supervise(
         .args(&spawn.command.args)
         .env_clear()
         .env("MALLOC_ARENA_MAX", "2")
+        .env(PARENT_ENV, std::process::id().to_string())
         .env("AMICUS_ORT_LIB", amicus_kernels::library_path())
         .current_dir(spawn.workdir)
         .stdin(Stdio::piped())
@@ -258,6 +281,10 @@ pub fn supervise(
     let mut ready_at: Option<Instant> = None;
     let mut deadline = started + spawn.setup;
     loop {
+        if runs_interrupted() {
+            end.stopped = Some(Stopped::Shutdown);
+            break;
+        }
         let now = Instant::now();
         if now >= deadline {
             end.stopped = Some(if ready_at.is_some() {
@@ -435,6 +462,9 @@ pub fn outcome_of_failure(end: &WorkerEnd, wall: Duration) -> Outcome {
             return Outcome::Crashed("the worker did not get ready in time".into());
         }
         Some(Stopped::Station(reason)) => return Outcome::LimitExceeded(reason.clone()),
+        Some(Stopped::Shutdown) => {
+            return Outcome::Interrupted("the station shut down during the run".into());
+        }
         Some(Stopped::Protocol(reason)) => {
             return Outcome::Crashed(format!("the worker broke the protocol: {reason}"));
         }
