@@ -189,7 +189,9 @@ enum StationCommand {
         params: Option<PathBuf>,
     },
     /// Run the station daemon: poll the registry for work (outbound connections only), run
-    /// what policy admits, return sealed results and the audit log.
+    /// what policy admits, return sealed results and the audit log. SIGTERM or SIGINT stop it
+    /// cleanly (exit 0): no new work, a run in flight finishes within --stop-grace or ends
+    /// `interrupted`, reports and the audit log go out.
     Serve {
         #[arg(long)]
         dir: PathBuf,
@@ -199,6 +201,10 @@ enum StationCommand {
         /// Long-poll length in seconds.
         #[arg(long, default_value_t = 20)]
         poll_wait: u64,
+        /// Seconds a run in flight may go on after SIGTERM before it is stopped (keep it below
+        /// the service manager's stop timeout: podman's default is 10 s, Kubernetes' 30 s).
+        #[arg(long, default_value_t = 5)]
+        stop_grace: u64,
         #[command(flatten)]
         transport: net::TransportArgs,
     },
@@ -441,8 +447,9 @@ fn run(cli: Cli) -> Result<()> {
                 dir,
                 registry,
                 poll_wait,
+                stop_grace,
                 transport,
-            } => net::station_serve(&dir, registry, poll_wait, &transport),
+            } => net::station_serve(&dir, registry, poll_wait, stop_grace, &transport),
             StationCommand::Pending { dir, json } => net::station_pending(&dir, json),
             StationCommand::Refuse { dir, run, reason } => net::station_refuse(&dir, &run, &reason),
             StationCommand::Held { dir, json } => release::held(&dir, json),

@@ -6,10 +6,9 @@
 use amicus_bundle::{Bundle, PublicKey};
 use amicus_daemon::{self as daemon, Daemon, DaemonOptions};
 use amicus_registry::client::PersonClient;
-use amicus_registry::db::Db;
-use amicus_registry::sealed::{RecipientKey, RecipientPublicKey, SealContext};
-use amicus_registry::server::{self, App, Limits};
-use amicus_registry::wire::{NewStation, NewTask, NewUser, Role, RunState, TaskInfo, TokenRequest};
+use amicus_registry::sealed::{RecipientKey, SealContext};
+use amicus_registry::wire::{NewStation, NewTask, RunState, TaskInfo, TokenRequest};
+use amicus_registryd::{parse_duration, write_secret};
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use clap::{Args, Subcommand};
@@ -88,16 +87,8 @@ impl Conn {
 
 #[derive(Subcommand)]
 pub enum RegistryCommand {
-    /// Run the registry service.
-    Serve {
-        /// sqlite://FILE (created if missing) or postgres://user:pass@host/db.
-        #[arg(long, default_value = "sqlite://registry.db")]
-        db: String,
-        #[arg(long, default_value = "127.0.0.1:7700")]
-        listen: String,
-        #[command(flatten)]
-        serve: ServeArgs,
-    },
+    /// Run the registry service until SIGTERM or SIGINT (the same as `amicus-registry serve`).
+    Serve(amicus_registryd::ServeCommand),
     /// People: add a user directly in the database (the way to create the first admin);
     /// prints the user's token once.
     #[command(subcommand)]
@@ -119,28 +110,8 @@ pub enum RegistryCommand {
 
 #[derive(Subcommand)]
 pub enum UserCommand {
-    Add {
-        #[arg(long)]
-        db: String,
-        #[arg(long)]
-        name: String,
-        /// admin, researcher, data-owner or auditor.
-        #[arg(long)]
-        role: String,
-        /// The station a data owner owns.
-        #[arg(long)]
-        station: Option<String>,
-        /// A researcher's X25519 public key (from `amicus keygen --x25519`): results are
-        /// sealed to it.
-        #[arg(long)]
-        enc_key: Option<PathBuf>,
-        /// Write the token to this file (mode 0600) instead of printing it.
-        #[arg(long)]
-        token_out: Option<PathBuf>,
-        /// The token stops working after this long (e.g. 90days; default: never).
-        #[arg(long)]
-        expires_in: Option<String>,
-    },
+    /// Add a person with a role; prints the token once (or writes it with --token-out).
+    Add(amicus_registryd::UserAddCommand),
 }
 
 #[derive(Subcommand)]
@@ -241,80 +212,6 @@ pub enum TaskCommand {
     },
 }
 
-/// How `registry serve` treats connections and callers.
-#[derive(Args, Debug, Clone)]
-pub struct ServeArgs {
-    /// Terminate TLS here: the certificate chain (PEM, leaf first). With --tls-key.
-    #[arg(long, requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// The certificate's private key (PEM).
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// Most connections open at once (default: three quarters of the open-files limit).
-    #[arg(long)]
-    pub max_connections: Option<usize>,
-    /// Seconds a client may take to send a request's head (and a TLS handshake).
-    #[arg(long, default_value_t = 10)]
-    pub header_timeout: u64,
-    /// Seconds an idle keep-alive connection stays open.
-    #[arg(long, default_value_t = 60)]
-    pub idle_timeout: u64,
-    /// Requests per second per client address (bursts of four times that).
-    #[arg(long, default_value_t = 100)]
-    pub rate_per_address: u32,
-    /// Requests per second per person or station (bursts of four times that).
-    #[arg(long, default_value_t = 50)]
-    pub rate_per_identity: u32,
-}
-
-impl ServeArgs {
-    fn options(&self) -> Result<server::ServeOptions> {
-        let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(c), Some(k)) => Some(
-                server::tls_server_config(c, k)
-                    .map_err(|e| anyhow::anyhow!("TLS certificate: {e}"))?,
-            ),
-            _ => None,
-        };
-        Ok(server::ServeOptions {
-            max_connections: self
-                .max_connections
-                .unwrap_or_else(server::default_max_connections),
-            header_read_timeout: Duration::from_secs(self.header_timeout.max(1)),
-            idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
-            tls,
-        })
-    }
-
-    fn limits(&self) -> Limits {
-        Limits {
-            rates: server::RateLimits {
-                per_address: self.rate_per_address.max(1),
-                address_burst: self.rate_per_address.max(1).saturating_mul(4),
-                per_identity: self.rate_per_identity.max(1),
-                identity_burst: self.rate_per_identity.max(1).saturating_mul(4),
-            },
-            ..Limits::default()
-        }
-    }
-}
-
-/// Resolves at SIGINT or SIGTERM (what a service manager or container runtime sends).
-pub async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -324,93 +221,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn registry(cmd: RegistryCommand) -> Result<()> {
     let rt = runtime()?;
     match cmd {
-        RegistryCommand::Serve { db, listen, serve } => rt.block_on(async {
-            let options = serve.options()?;
-            let database = Db::connect(&db)
-                .await
-                .with_context(|| format!("opening the registry database {}", redact(&db)))?;
-            let listener = tokio::net::TcpListener::bind(&listen)
-                .await
-                .with_context(|| format!("listening on {listen}"))?;
-            let addr = listener.local_addr()?;
-            let scheme = if options.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            };
-            println!(
-                "registry listening on {scheme}://{addr} (database {}; at most {} connections)",
-                redact(&db),
-                options.max_connections
-            );
-            let app = App::new(database, serve.limits());
-            server::serve_with(listener, app.clone(), options, stop_signal()).await?;
-            app.flush_trail().await;
-            eprintln!("registry stopped");
-            Ok(())
-        }),
-        RegistryCommand::User(UserCommand::Add {
-            db,
-            name,
-            role,
-            station,
-            enc_key,
-            token_out,
-            expires_in,
-        }) => rt.block_on(async {
-            let token_expires_in_s = expires_in
-                .map(|s| parse_duration(&s))
-                .transpose()?
-                .map(|d| d.as_secs());
-            let role = Role::parse(&role).with_context(|| {
-                format!("unknown role {role:?}: admin, researcher, data-owner or auditor")
-            })?;
-            let enc_public_key = match enc_key {
-                Some(p) => Some(RecipientPublicKey::read(&p)?.to_pem()),
-                None => None,
-            };
-            let database = Db::connect(&db).await?;
-            let created = server::add_user(
-                &database,
-                &NewUser {
-                    name,
-                    role,
-                    station,
-                    enc_public_key,
-                    token_expires_in_s,
-                },
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?;
-            database
-                .audit(
-                    "local-admin",
-                    "user-add",
-                    &created.user.name,
-                    &format!("ok role {}", role.as_str()),
-                )
-                .await?;
-            match token_out {
-                Some(path) => {
-                    write_secret(&path, &created.token)?;
-                    println!(
-                        "user {} ({}) added; token written to {} (mode 0600)",
-                        created.user.name,
-                        role.as_str(),
-                        path.display()
-                    );
-                }
-                None => {
-                    println!(
-                        "user {} ({}) added; token (shown once):",
-                        created.user.name,
-                        role.as_str()
-                    );
-                    println!("{}", created.token);
-                }
-            }
-            Ok(())
-        }),
+        RegistryCommand::Serve(c) => rt.block_on(amicus_registryd::serve(&c)),
+        RegistryCommand::User(UserCommand::Add(c)) => rt.block_on(amicus_registryd::user_add(&c)),
         RegistryCommand::Station(RegistryStationCommand::Add { conn, name, key }) => {
             rt.block_on(async {
                 let pk = PublicKey::read(&key)?;
@@ -523,18 +335,6 @@ fn humantime_ms(ms: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// A database URL without its password.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 /// Write a secret over `path` (a rotated token over the old one): a new file beside it, mode
 /// 0600, renamed into place.
 fn replace_secret(path: &Path, text: &str) -> Result<()> {
@@ -546,22 +346,6 @@ fn replace_secret(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_file_name(format!(".{}.{}", name.to_string_lossy(), hex::encode(raw)));
     write_secret(&tmp, text)?;
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
-}
-
-fn write_secret(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    writeln!(f, "{text}")?;
-    Ok(())
 }
 
 pub fn push(conn: &Conn, bundle: &Path) -> Result<()> {
@@ -641,11 +425,6 @@ fn print_task(t: &TaskInfo) {
                 .unwrap_or_default()
         );
     }
-}
-
-fn parse_duration(s: &str) -> Result<Duration> {
-    humantime::parse_duration(s)
-        .with_context(|| format!("{s:?} is not a duration (e.g. 90s, 30m, 2h)"))
 }
 
 pub fn task(cmd: TaskCommand) -> Result<()> {
@@ -828,6 +607,7 @@ pub fn station_serve(
     dir: &Path,
     registry: Option<String>,
     poll_wait: u64,
+    stop_grace: u64,
     transport: &TransportArgs,
 ) -> Result<()> {
     let config = daemon::NetworkConfig::read(dir)?;
@@ -847,8 +627,9 @@ pub fn station_serve(
         transport,
         poll_wait: Duration::from_secs(poll_wait),
         max_backoff: Duration::from_secs(30),
+        stop_grace: Duration::from_secs(stop_grace),
     })?;
-    runtime()?.block_on(d.serve())?;
+    runtime()?.block_on(d.serve_until(amicus_registryd::stop_signal()))?;
     Ok(())
 }
 

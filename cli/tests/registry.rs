@@ -263,8 +263,13 @@ impl Net {
     }
 
     fn start_daemon(&mut self, name: &str) {
+        self.start_daemon_with(name, &["--poll-wait", "2"]);
+    }
+
+    fn start_daemon_with(&mut self, name: &str, more: &[&str]) {
         let dir = self.station_dir(name);
-        let mut args = vec!["station", "serve", "--dir", s(&dir), "--poll-wait", "2"];
+        let mut args = vec!["station", "serve", "--dir", s(&dir)];
+        args.extend(more);
         let url = self.url();
         // With TLS, the station's network.toml says where and how (written by the test).
         if self.tls.is_none() {
@@ -278,6 +283,33 @@ impl Net {
             .spawn()
             .unwrap();
         self.daemons.push((name.to_string(), child));
+    }
+
+    /// SIGTERM to a station daemon (what podman, systemd and Kubernetes send); how it exited,
+    /// and how long that took.
+    fn stop_daemon(&mut self, name: &str, limit: Duration) -> (std::process::ExitStatus, Duration) {
+        let i = self.daemons.iter().position(|(n, _)| n == name).unwrap();
+        let (_, mut c) = self.daemons.remove(i);
+        let t0 = Instant::now();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return (status, t0.elapsed());
+            }
+            if t0.elapsed() > limit {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "{name} did not stop within {limit:?} of SIGTERM\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn kill_daemon(&mut self, name: &str) {
@@ -697,6 +729,126 @@ fn registry_restart_and_station_crash_lose_nothing() {
     for st in ["st1", "st2"] {
         ok(&["audit", "verify", "--dir", s(&net.station_dir(st))]);
     }
+}
+
+/// Waits until the station's own log shows a run started.
+fn wait_run_started(net: &Net, station: &str) {
+    let t0 = Instant::now();
+    while !ok(&[
+        "audit",
+        "show",
+        "--dir",
+        s(&net.station_dir(station)),
+        "--json",
+    ])
+    .stdout
+    .contains("\"run-started\"")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{station} never started the run\n{}",
+            net.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM (a service manager's or container runtime's stop): the daemon takes no new work,
+/// lets a run in flight finish within its grace or stops it (`interrupted`, audited, and
+/// reported as such: never left `running`), and exits 0. Idle, it stops at once, long poll
+/// or not.
+#[test]
+fn sigterm_stops_a_station_cleanly_finishing_or_interrupting_its_run() {
+    let mut net = Net::new();
+    for (name, seed) in [("st1", 1), ("st2", 2)] {
+        net.add_station(name, "academic", seed);
+    }
+    let slow = net.push("testing/slow");
+    for st in ["st1", "st2"] {
+        ok(&[
+            "station",
+            "approve",
+            "--dir",
+            s(&net.station_dir(st)),
+            s(&slow),
+        ]);
+    }
+    // st1 gives a run one second; st2 waits for it.
+    net.start_daemon_with("st1", &["--poll-wait", "2", "--stop-grace", "1"]);
+    net.start_daemon_with("st2", &["--poll-wait", "2", "--stop-grace", "300"]);
+    let task = net.task(&slow, &["st1", "st2"], r#"{"rounds": 150}"#);
+    let id = task["id"].as_str().unwrap().to_string();
+    wait_run_started(&net, "st1");
+    wait_run_started(&net, "st2");
+    let (status, took) = net.stop_daemon("st1", Duration::from_secs(30));
+    assert!(status.success(), "st1 exited {status}\n{}", net.logs());
+    assert!(took < Duration::from_secs(20), "st1 took {took:?}");
+    let (status, _) = net.stop_daemon("st2", Duration::from_secs(300));
+    assert!(status.success(), "st2 exited {status}\n{}", net.logs());
+    // Both outcomes reached the registry before the daemons exited: nothing left running.
+    let t = net.show(&id);
+    assert_eq!(run_of(&t, "st2")["state"], "done", "{t}\n{}", net.logs());
+    assert_eq!(run_of(&t, "st1")["state"], "failed", "{t}\n{}", net.logs());
+    let reason = run_of(&t, "st1")["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("interrupted: the station shut down during the run"),
+        "{reason}"
+    );
+    let events: Vec<serde_json::Value> = serde_json::from_str(
+        &ok(&[
+            "audit",
+            "show",
+            "--dir",
+            s(&net.station_dir("st1")),
+            "--json",
+        ])
+        .stdout,
+    )
+    .unwrap();
+    let finished: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["entry"]["event"] == "run-finished")
+        .collect();
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(finished[0]["entry"]["outcome"], "interrupted");
+    // The registry's copy of st1's log has the interruption too (uploaded before exiting).
+    let remote = net.person("audrey", &["audit", "verify", "--station", "st1", "--json"]);
+    assert!(remote.ok, "{}", remote.text());
+    let local = ok(&[
+        "audit",
+        "verify",
+        "--dir",
+        s(&net.station_dir("st1")),
+        "--json",
+    ]);
+    let entries = |text: &str| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        v["public_entries"]
+            .as_u64()
+            .or(v["valid_entries"].as_u64())
+            .unwrap_or_else(|| panic!("{v}"))
+    };
+    assert_eq!(
+        entries(&remote.stdout),
+        entries(&local.stdout),
+        "remote {} local {}",
+        remote.stdout,
+        local.stdout
+    );
+    for st in ["st1", "st2"] {
+        ok(&["audit", "verify", "--dir", s(&net.station_dir(st))]);
+    }
+    // Idle, in the middle of a 20 s long poll: it stops at once.
+    net.start_daemon_with("st1", &["--poll-wait", "20"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, took) = net.stop_daemon("st1", Duration::from_secs(10));
+    assert!(status.success(), "{status}\n{}", net.logs());
+    assert!(took < Duration::from_secs(3), "idle stop took {took:?}");
+    // A restarted station takes new work (nothing stuck in its journal).
+    net.start_daemon("st1");
+    let again = net.task(&slow, &["st1"], r#"{"rounds": 1}"#);
+    let t = net.wait_finished(again["id"].as_str().unwrap(), Duration::from_secs(60));
+    assert_eq!(run_of(&t, "st1")["state"], "done", "{t}");
 }
 
 #[test]

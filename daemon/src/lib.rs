@@ -408,6 +408,9 @@ pub struct DaemonOptions {
     pub poll_wait: Duration,
     /// Longest pause between attempts while the registry is unreachable.
     pub max_backoff: Duration,
+    /// After a stop is asked for ([`Daemon::serve_until`]), how long a run in flight may go
+    /// on before its worker is stopped and the run ends `interrupted`.
+    pub stop_grace: Duration,
 }
 
 /// A station's loop. Returns only on a local error the daemon cannot work around (station
@@ -422,6 +425,8 @@ pub struct Daemon {
     audit_next: Option<i64>,
     /// Length of `audit.log` when it was last uploaded in full: unchanged means nothing to send.
     audit_uploaded_len: Option<u64>,
+    /// Becomes true when a stop is asked for: no new work from then on.
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 fn say(msg: &str) {
@@ -441,11 +446,83 @@ impl Daemon {
             client,
             audit_next: None,
             audit_uploaded_len: None,
+            stop: tokio::sync::watch::channel(false).1,
         })
     }
 
-    /// Run forever.
-    pub async fn serve(mut self) -> Result<(), DaemonError> {
+    /// Run until the process is killed.
+    pub async fn serve(self) -> Result<(), DaemonError> {
+        self.serve_until(std::future::pending()).await
+    }
+
+    /// Run until `stop` resolves (SIGTERM or SIGINT in `amicus station serve`), then stop
+    /// cleanly: take no new work and stop waiting for it; let a run in flight finish within
+    /// [`DaemonOptions::stop_grace`], after which its worker is stopped and the run ends
+    /// `interrupted` (audited, and reported to the registry as such); send the reports and
+    /// the audit log the registry can still take; return. Whatever is left (a report the
+    /// registry did not take, work delivered but not started) is in the journal for the next
+    /// start.
+    pub async fn serve_until(
+        mut self,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), DaemonError> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        self.stop = rx;
+        let grace = self.opts.stop_grace;
+        tokio::spawn(async move {
+            stop.await;
+            say(&format!(
+                "stopping: no new work; a run in flight has {:.0} s to finish",
+                grace.as_secs_f32()
+            ));
+            let _ = tx.send(true);
+            tokio::time::sleep(grace).await;
+            amicus_runtime::worker::supervise::interrupt_runs();
+            // Keep the channel open: the daemon's receivers must not see it close.
+            std::future::pending::<()>().await;
+        });
+        let result = self.serve_loop().await;
+        if self.stopping() && result.is_ok() {
+            // What the log gained during the last run, if the registry takes it quickly.
+            if tokio::time::timeout(Duration::from_secs(5), self.upload_audit())
+                .await
+                .is_err()
+            {
+                say("stopping: the audit log upload did not finish; it is sent at the next start");
+            }
+            say("stopped");
+        }
+        result
+    }
+
+    /// Whether a stop was asked for.
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Resolves once a stop is asked for (never, for [`Daemon::serve`]).
+    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stop.clone();
+        async move {
+            if rx.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Resolves a while after a stop is asked for: the grace for runs, and time to report
+    /// them. A pass still going then is abandoned, as a crash would leave it (the journal
+    /// is written before every step, so the next start takes up where it stopped).
+    fn stopped_hard(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let stopped = self.stopped();
+        let wait = self.opts.stop_grace + Duration::from_secs(10);
+        async move {
+            stopped.await;
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn serve_loop(&mut self) -> Result<(), DaemonError> {
         let st = Station::open(&self.opts.dir)?;
         let recovered = st.recover()?;
         if recovered > 0 {
@@ -461,6 +538,10 @@ impl Daemon {
         let mut backoff = Duration::from_secs(1);
         let mut reconciled = false;
         loop {
+            if self.stopping() {
+                return Ok(());
+            }
+            let hard = self.stopped_hard();
             let pass = async {
                 self.take_up_rotation().await?;
                 if !reconciled {
@@ -468,8 +549,14 @@ impl Daemon {
                     reconciled = true;
                 }
                 self.pass().await
-            }
-            .await;
+            };
+            let pass = tokio::select! {
+                r = pass => r,
+                _ = hard => {
+                    say("stopping: abandoning the work in progress; the next start takes it up");
+                    return Ok(());
+                }
+            };
             match pass {
                 Ok(()) => backoff = Duration::from_secs(1),
                 // The registry (or a proxy in front of it) answered with something this station
@@ -488,7 +575,10 @@ impl Daemon {
                         amicus_bundle::text::shown(&e.to_string(), 300),
                         pause.as_secs_f32()
                     ));
-                    tokio::time::sleep(pause).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = self.stopped() => return Ok(()),
+                    }
                     backoff = (backoff * 2).min(self.opts.max_backoff);
                     // Our view of the registry's audit copy may be stale after an outage.
                     self.audit_next = None;
@@ -661,6 +751,10 @@ impl Daemon {
         // if the registry answers the poll below (otherwise it is simply unreachable).
         let mut stalled: Vec<(WorkItem, DaemonError)> = Vec::new();
         for e in self.journal.all()? {
+            // Stopping: reports still go out, but nothing new starts.
+            if self.stopping() && matches!(e.progress, Progress::Received | Progress::Held) {
+                continue;
+            }
             let item = e.item.clone();
             let result = match e.progress {
                 Progress::Finished { report } => {
@@ -709,7 +803,17 @@ impl Daemon {
         } else {
             self.opts.poll_wait
         };
-        let items = match self.client.work_items(wait.as_secs()).await {
+        if self.stopping() {
+            return Ok(());
+        }
+        // A stop ends the long poll at once. A run the registry delivered in an answer dropped
+        // here is taken up by the next start's reconciliation.
+        let stopped = self.stopped();
+        let polled = tokio::select! {
+            r = self.client.work_items(wait.as_secs()) => r,
+            _ = stopped => return Ok(()),
+        };
+        let items = match polled {
             Ok(items) => items,
             // The first stalled run's error says more than the poll's.
             Err(e) => return Err(stalled.into_iter().next().map_or(e.into(), |(_, err)| err)),
@@ -734,6 +838,10 @@ impl Daemon {
             }
             if self.journal.get(&item.run)?.is_some() {
                 continue;
+            }
+            if self.stopping() {
+                // Delivered but not journalled: the next start's reconciliation takes it up.
+                break;
             }
             say(&format!(
                 "run {}: received (task {}, train {})",

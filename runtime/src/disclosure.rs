@@ -182,6 +182,7 @@ pub fn outcome_class(label: &str) -> &'static str {
         | "limit-exceeded" => "limit",
         "policy-violation" | "not-a-train" | "refused" => "refused",
         "trapped" => "trapped",
+        "interrupted" => "interrupted",
         _ => "failed",
     }
 }
@@ -193,6 +194,7 @@ pub fn class_reason(class: &str) -> Option<String> {
         "limit" => "the run reached one of the station's limits",
         "refused" => "the station refused what the run produced",
         "trapped" => "the train stopped with a trap",
+        "interrupted" => "the station shut down during the run, which was not run again",
         _ => "the run failed",
     };
     Some(format!("{text}; the station's data owner has the details"))
@@ -462,7 +464,7 @@ mod tests {
             ("not-a-train", "refused"),
             ("trapped", "trapped"),
             ("failed", "failed"),
-            ("interrupted", "failed"),
+            ("interrupted", "interrupted"),
             ("something new", "failed"),
         ] {
             assert_eq!(outcome_class(label), class, "{label}");

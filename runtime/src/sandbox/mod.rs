@@ -472,6 +472,8 @@ pub enum Outcome {
     LimitExceeded(String),
     /// The component does not implement the contract (nothing of the train ran).
     NotATrain(String),
+    /// The station stopped the run because it was shutting down (SIGTERM past its grace).
+    Interrupted(String),
 }
 
 impl Outcome {
@@ -487,6 +489,7 @@ impl Outcome {
             Outcome::Crashed(_) => "failed",
             Outcome::CpuTimeExceeded => "cpu-time-exceeded",
             Outcome::LimitExceeded(_) => "limit-exceeded",
+            Outcome::Interrupted(_) => "interrupted",
             Outcome::NotATrain(_) => "not-a-train",
         }
     }
@@ -507,6 +510,7 @@ impl Outcome {
             Outcome::CpuTimeExceeded => Some("stopped: CPU time limit exceeded".into()),
             Outcome::LimitExceeded(m) => Some(format!("stopped: {m}")),
             Outcome::NotATrain(m) => Some(m.clone()),
+            Outcome::Interrupted(m) => Some(format!("interrupted: {m}")),
         }
     }
 }

@@ -1186,6 +1186,7 @@ fn executed(end: WorkerEnd, wall: Duration) -> Executed {
                         Outcome::Crashed(_)
                         | Outcome::CpuTimeExceeded
                         | Outcome::LimitExceeded(_)
+                        | Outcome::Interrupted(_)
                         | Outcome::NotATrain(_) => Outcome::Crashed(
                             "the worker reported an outcome only the station decides".into(),
                         ),
