@@ -4,7 +4,8 @@
 # - CMake and a C++ compiler (the JPEG-LS and JPEG 2000 codecs build from C/C++ sources);
 # - ONNX Runtime's shared library, from the pinned `onnxruntime` wheel on PyPI (hash-checked),
 #   at ~/.cache/amicus/onnxruntime/ where the station finds it;
-# and with --test, what the test suite needs besides:
+# with --deploy, podman and runc (to build and run the container images, deploy/images.sh);
+# and with --test, those and what the test suite needs besides:
 # - dicom3tools (Debian: dciodvfy validates the synthetic DICOM in the tests);
 # - pydicom (with the pylibjpeg/pyjpegls decoders), numpy, rdflib and onnx in a venv at
 #   ~/.cache/amicus/venv (independent readers and writers of the DICOM, pixel data, PROV-O
@@ -66,7 +67,23 @@ if [ ! -f "$ORT_DIR/libonnxruntime.so.$ORT_VERSION" ]; then
   rm -rf "$tmp"
 fi
 
-[ "${1:-}" = "--test" ] || exit 0
+# Podman, runc and their helpers: `deploy/images.sh` builds the container images with them and
+# the test suite runs the images (deploy/containers.conf picks runc; see README "Deploy").
+install_podman() {
+  if ! command -v podman >/dev/null || ! command -v runc >/dev/null \
+      || ! dpkg -s catatonit containernetworking-plugins >/dev/null 2>&1; then
+    echo "setup: installing podman, runc, catatonit and the container network plugins"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq podman runc catatonit \
+      containernetworking-plugins >/dev/null
+  fi
+}
+
+case "${1:-}" in
+  --deploy) install_podman; exit 0 ;;
+  --test) install_podman ;;
+  *) exit 0 ;;
+esac
 
 if ! command -v dciodvfy >/dev/null; then
   echo "setup: installing dicom3tools (dciodvfy)"
