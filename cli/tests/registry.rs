@@ -27,6 +27,13 @@ struct Net {
     daemons: Vec<(String, Child)>,
     /// The registry terminates TLS with a certificate of this CA; clients pin it.
     tls: Option<amicus_testkit::TestCa>,
+    /// The database every registry process uses (default: SQLite in the test's directory).
+    db_url: Option<String>,
+    /// More registry processes on the same database: their ports and processes.
+    replicas: Vec<(u16, Option<Child>)>,
+    /// Where people and stations reach the registry, when not the first process directly
+    /// (a load balancer in front of the replicas).
+    via: Option<String>,
 }
 
 impl Drop for Net {
@@ -38,6 +45,12 @@ impl Drop for Net {
         if let Some(c) = &mut self.registry {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        for (_, c) in &mut self.replicas {
+            if let Some(c) = c {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
 }
@@ -53,6 +66,15 @@ impl Net {
     }
 
     fn build(tls: bool) -> Net {
+        Self::build_on(tls, None)
+    }
+
+    /// A registry whose database is `db_url` (PostgreSQL, for replicas).
+    fn on_database(db_url: &str) -> Net {
+        Self::build_on(false, Some(db_url.to_string()))
+    }
+
+    fn build_on(tls: bool, db_url: Option<String>) -> Net {
         let tmp = tempfile::tempdir().unwrap();
         let tls = tls.then(|| amicus_testkit::TestCa::new(tmp.path(), "registry"));
         let mut net = Net {
@@ -61,6 +83,9 @@ impl Net {
             registry: None,
             daemons: Vec::new(),
             tls,
+            db_url,
+            replicas: Vec::new(),
+            via: None,
         };
         ok(&["keygen", "--out", s(&net.path("alice-sign.key"))]);
         ok(&["keygen", "--x25519", "--out", s(&net.path("alice.key"))]);
@@ -115,10 +140,16 @@ impl Net {
     }
 
     fn db(&self) -> String {
-        format!("sqlite://{}", self.path("registry.db").display())
+        match &self.db_url {
+            Some(u) => u.clone(),
+            None => format!("sqlite://{}", self.path("registry.db").display()),
+        }
     }
 
     fn url(&self) -> String {
+        if let Some(v) = &self.via {
+            return v.clone();
+        }
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
@@ -132,13 +163,24 @@ impl Net {
     }
 
     fn start_registry(&mut self) {
+        let child = self.registry_process(self.port, "registry");
+        self.registry = Some(child);
+    }
+
+    /// Another registry process on the same database; its port.
+    fn start_replica(&mut self) -> u16 {
+        let port = free_port();
+        let child = self.registry_process(port, &format!("replica-{port}"));
+        self.replicas.push((port, Some(child)));
+        port
+    }
+
+    fn registry_process(&self, port: u16, log: &str) -> Child {
         let mut args = vec![
             "registry".to_string(),
             "serve".into(),
-            "--db".into(),
-            self.db(),
             "--listen".into(),
-            format!("127.0.0.1:{}", self.port),
+            format!("127.0.0.1:{port}"),
         ];
         if let Some(ca) = &self.tls {
             args.extend([
@@ -148,21 +190,23 @@ impl Net {
                 ca.key_pem.display().to_string(),
             ]);
         }
+        // The database URL (a password, with PostgreSQL) in the environment, not in argv.
         let child = command()
             .args(&args)
-            .stdout(self.log("registry"))
-            .stderr(self.log("registry"))
+            .env("AMICUS_DB_URL", self.db())
+            .stdout(self.log(log))
+            .stderr(self.log(log))
             .spawn()
             .unwrap();
-        self.registry = Some(child);
         let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
                 t0.elapsed() < Duration::from_secs(20),
                 "registry did not start"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        child
     }
 
     fn kill_registry(&mut self) {
@@ -821,16 +865,14 @@ fn sigterm_stops_a_station_cleanly_finishing_or_interrupting_its_run() {
         s(&net.station_dir("st1")),
         "--json",
     ]);
-    let entries = |text: &str| -> u64 {
+    let field = |text: &str, name: &str| -> u64 {
         let v: serde_json::Value = serde_json::from_str(text).unwrap();
-        v["public_entries"]
-            .as_u64()
-            .or(v["valid_entries"].as_u64())
-            .unwrap_or_else(|| panic!("{v}"))
+        v[name].as_u64().unwrap_or_else(|| panic!("{v}"))
     };
+    // The registry holds the public chain: all of it, the interruption included.
     assert_eq!(
-        entries(&remote.stdout),
-        entries(&local.stdout),
+        field(&remote.stdout, "valid_entries"),
+        field(&local.stdout, "public_entries"),
         "remote {} local {}",
         remote.stdout,
         local.stdout
@@ -2232,4 +2274,159 @@ fn a_registry_cannot_substitute_the_weights_a_job_starts_from() {
     .unwrap();
     let run = &job["rounds"][0]["runs"][0];
     assert_eq!(run["state"], "refused", "{job}");
+}
+
+/// A throwaway PostgreSQL server (scripts/postgres.sh), stopped when dropped.
+struct Postgres {
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Postgres {
+    fn start() -> Postgres {
+        let dir = tempfile::tempdir().unwrap();
+        // PostgreSQL runs as its own user: it must reach its directory.
+        let _ = std::process::Command::new("chmod")
+            .args(["755", s(dir.path())])
+            .status();
+        let out = std::process::Command::new("bash")
+            .arg(repo_root().join("scripts/postgres.sh"))
+            .args([
+                "start",
+                s(&dir.path().join("data")),
+                &free_port().to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "PostgreSQL (scripts/setup.sh --test installs it): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Postgres { dir, url }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(repo_root().join("scripts/postgres.sh"))
+            .args(["stop", s(&self.dir.path().join("data"))])
+            .output();
+    }
+}
+
+/// Three registry processes on one PostgreSQL behind a load balancer; stations and people
+/// reach whichever replica the balancer picks, and one replica is killed mid-job. Every round
+/// ends exactly once, no run is delivered (or started) twice, the trail's hash chain stays
+/// whole with three writers, and the job completes.
+#[test]
+fn three_registry_replicas_on_one_postgres_survive_losing_one_mid_job() {
+    let pg = Postgres::start();
+    let mut net = Net::on_database(&pg.url);
+    let (p2, p3) = (net.start_replica(), net.start_replica());
+    let backends: Vec<std::net::SocketAddr> = [net.port, p2, p3]
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}").parse().unwrap())
+        .collect();
+    let balancer = amicus_testkit::balancer::Balancer::start(backends);
+    net.via = Some(balancer.url());
+    let fed = fl_stations(&mut net, [31, 32, 33], |_, _| {});
+    let id = create_job(
+        &net,
+        &fed,
+        &["st1", "st2", "st3"],
+        r#"{"rounds": 3, "min_stations": 2, "round_seconds": 300}"#,
+        r#"{"local_steps": 3, "batch": 4, "test_series": 1}"#,
+        &[],
+    )
+    .unwrap();
+    let round = |net: &Net| -> u64 {
+        let out = net.person("alice", &["job", "show", &id, "--json"]);
+        if !out.ok {
+            return 0; // the balancer's pick was the replica just killed: ask again
+        }
+        let j: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        j["round"].as_u64().unwrap_or(0)
+    };
+    let t0 = Instant::now();
+    while round(&net) < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "round 1 never ended\n{}",
+            net.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // One replica dies (SIGKILL: no clean shutdown) with round 2 under way.
+    net.kill_registry();
+    let out = net.person("alice", &["job", "show", &id, "--json", "--wait", "900s"]);
+    assert!(
+        out.ok,
+        "job did not finish:\n{}\n{}",
+        out.text(),
+        net.logs()
+    );
+    let job: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(job["state"], "done", "{job}\n{}", net.logs());
+    assert_eq!(job["rounds"].as_array().unwrap().len(), 3, "{job}");
+    let served = balancer.served();
+    assert!(
+        served.iter().all(|&n| n > 0),
+        "every replica served: {served:?}"
+    );
+
+    // The trail, from the replicas still running: whole, one end per round, one delivery
+    // per run.
+    let out = net.person_ok("audrey", &["registry", "audit", "--json"]);
+    let trail: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).unwrap();
+    let mut ends: Vec<u64> = trail
+        .iter()
+        .filter(|e| e["action"] == "job-round" && e["target"] == id.as_str())
+        .map(|e| {
+            let outcome = e["outcome"].as_str().unwrap();
+            outcome
+                .strip_prefix("ok round ")
+                .and_then(|r| r.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{outcome}"))
+        })
+        .collect();
+    ends.sort_unstable();
+    assert_eq!(ends, vec![1, 2, 3], "each round ends exactly once");
+    let delivered: Vec<(&str, &str)> = trail
+        .iter()
+        .filter(|e| e["action"] == "run-delivered")
+        .map(|e| (e["actor"].as_str().unwrap(), e["target"].as_str().unwrap()))
+        .collect();
+    let mut runs: Vec<&str> = delivered.iter().map(|(_, r)| *r).collect();
+    runs.sort_unstable();
+    let before = runs.len();
+    runs.dedup();
+    assert_eq!(
+        runs.len(),
+        before,
+        "a run was delivered twice: {delivered:?}"
+    );
+    assert!(before >= 6, "{delivered:?}");
+    for st in ["st1", "st2", "st3"] {
+        let events: Vec<serde_json::Value> = serde_json::from_str(
+            &ok(&["audit", "show", "--dir", s(&net.station_dir(st)), "--json"]).stdout,
+        )
+        .unwrap();
+        let started = events
+            .iter()
+            .filter(|e| e["entry"]["event"] == "run-started")
+            .count();
+        let handed = delivered
+            .iter()
+            .filter(|(actor, _)| *actor == format!("station:{st}"))
+            .count();
+        assert!(
+            started <= handed && handed > 0,
+            "{st} started {started} runs, was handed {handed}"
+        );
+        ok(&["audit", "verify", "--dir", s(&net.station_dir(st))]);
+    }
 }

@@ -1,9 +1,11 @@
 //! Test support shared by the workspace's tests, and only by tests (a dev-dependency): a test
-//! certificate authority that issues loopback server certificates, and an HTTP proxy on
-//! loopback that speaks CONNECT and plain forwarding, as a hospital's proxy would.
+//! certificate authority that issues loopback server certificates, an HTTP proxy on loopback
+//! that speaks CONNECT and plain forwarding, as a hospital's proxy would, and a TCP load
+//! balancer in front of registry replicas.
 //!
 //! Owns nothing the product uses. Must not be a dependency of anything but tests.
 
+pub mod balancer;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};

@@ -46,6 +46,9 @@ pub fn command() -> Command {
         "AMICUS_CA_FILE",
         "AMICUS_SIGN_KEY",
         "AMICUS_RECIPIENT_KEY",
+        "AMICUS_DB_URL",
+        "AMICUS_LISTEN",
+        "AMICUS_REGISTRY_CONFIG",
     ] {
         c.env_remove(v);
     }
