@@ -112,9 +112,12 @@ enum TrainCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Build a train crate for wasm32-wasip2 and pack it with its train.toml and models into an
+    /// unsigned bundle (sign it with `train sign`).
     Build {
         /// The train crate (a folder with Cargo.toml and train.toml).
         crate_dir: PathBuf,
+        /// Where to write the bundle (e.g. my-train.train).
         #[arg(long)]
         out: PathBuf,
     },

@@ -141,6 +141,7 @@ pub enum TokenCommand {
 
 #[derive(Subcommand)]
 pub enum RegistryStationCommand {
+    /// Admin: register a station by name with its public key; its daemon can then poll.
     Add {
         #[command(flatten)]
         conn: Conn,

@@ -1623,6 +1623,12 @@ impl Db {
         Ok((lines, head))
     }
 
+    /// Whether the database answers (readiness).
+    pub async fn ping(&self) -> Result<(), DbError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     // ---- the registry's own trail -------------------------------------------------------
 
     /// Append to the registry's hash-chained trail. Concurrent appends race on the primary

@@ -244,3 +244,90 @@ fn the_registry_binary_depends_on_no_station_code() {
         );
     }
 }
+
+fn postgres(args: &[&str]) -> Result<String, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/postgres.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn status_of(port: u16, path: &str) -> Option<u16> {
+    let r = get(port, path)?;
+    r.get(9..12)?.parse().ok()
+}
+
+fn wait_status(port: u16, path: &str, want: u16, limit: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if status_of(port, path) == Some(want) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// Readiness follows the database: 503 while PostgreSQL is down (liveness stays 200), 200
+/// again when it is back, with the same process.
+#[test]
+fn readiness_follows_the_database() {
+    let tmp = tempfile::tempdir().unwrap();
+    let _ = Command::new("chmod")
+        .args(["755", tmp.path().to_str().unwrap()])
+        .status();
+    let data = tmp.path().join("pg");
+    let data = data.to_str().unwrap();
+    let pg_port = free_port().to_string();
+    let url = match postgres(&["start", data, &pg_port]) {
+        Ok(u) => u,
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "PostgreSQL cannot start here: {e}"
+            );
+            eprintln!("SKIPPED (counted): PostgreSQL cannot start here: {e}");
+            return;
+        }
+    };
+    struct Stop<'a>(&'a str);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = postgres(&["stop", self.0]);
+        }
+    }
+    let _stop = Stop(data);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = registry(
+        &["serve"],
+        &[("AMICUS_DB_URL", &url), ("AMICUS_LISTEN", &listen)],
+        tmp.path(),
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let ok = wait_status(port, "/v1/ready", 200, Duration::from_secs(30));
+    let down = ok && {
+        postgres(&["stop", data]).unwrap();
+        wait_status(port, "/v1/ready", 503, Duration::from_secs(20))
+    };
+    let alive = status_of(port, "/v1/health");
+    let back = down && {
+        postgres(&["start", data, &pg_port]).unwrap();
+        wait_status(port, "/v1/ready", 200, Duration::from_secs(30))
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ok, "never ready");
+    assert!(down, "still ready with the database down");
+    assert_eq!(alive, Some(200), "liveness must not follow the database");
+    assert!(back, "not ready again after the database came back");
+}

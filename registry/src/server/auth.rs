@@ -373,7 +373,9 @@ where
         Err(e) => e,
     };
     let actor = label.unwrap_or_else(|| "anonymous".to_string());
-    if e.code != "database_unavailable" {
+    // Answers about the database being out of reach are not written to it (the write would
+    // hold the answer for the pool's timeout).
+    if e.code != "database_unavailable" && e.code != "not_ready" {
         record_refusal(&app, &actor, &source, action, &path, &e).await;
     }
     e.into_response()

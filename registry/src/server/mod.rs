@@ -57,6 +57,7 @@ pub const OPENAPI: &str = include_str!("../../openapi.json");
 /// Every route: (method, path as in the OpenAPI document).
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/health"),
+    ("get", "/v1/ready"),
     ("get", "/v1/openapi.json"),
     ("get", "/v1/me"),
     ("get", "/v1/users"),
@@ -387,6 +388,7 @@ pub fn router(app: App) -> Router {
     let limits = app.limits.clone();
     Router::new()
         .route("/v1/health", get(health))
+        .route("/v1/ready", get(people::ready))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/me", get(me))
         .route("/v1/users", get(list_users).post(create_user))

@@ -67,6 +67,23 @@ pub(super) async fn health(State(app): State<App>, req: Request) -> Response {
     .await
 }
 
+/// Readiness: 200 while the database answers within 3 s, else 503 `not_ready` (a load
+/// balancer or Kubernetes then sends no traffic here; `/v1/health` stays 200: the process is
+/// alive).
+pub(super) async fn ready(State(app): State<App>, req: Request) -> Response {
+    handle(app, "ready", req, 0, Auth::None, |app, _, _| async move {
+        match tokio::time::timeout(std::time::Duration::from_secs(3), app.db.ping()).await {
+            Ok(Ok(())) => Ok(json(&serde_json::json!({"status": "ready"}))),
+            _ => Err(err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "the registry cannot reach its database",
+            )),
+        }
+    })
+    .await
+}
+
 pub(super) async fn openapi(State(app): State<App>, req: Request) -> Response {
     handle(app, "openapi", req, 0, Auth::None, |_, _, _| async {
         Ok(([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response())
