@@ -208,6 +208,11 @@ enum StationCommand {
         /// the service manager's stop timeout: podman's default is 10 s, Kubernetes' 30 s).
         #[arg(long, default_value_t = 5)]
         stop_grace: u64,
+        /// Write the daemon's Prometheus metrics (OpenMetrics text) to this file after every
+        /// pass, e.g. into node_exporter's textfile directory (default:
+        /// <dir>/registry/metrics.prom). The station listens on no socket.
+        #[arg(long)]
+        metrics_file: Option<PathBuf>,
         #[command(flatten)]
         transport: net::TransportArgs,
     },
@@ -451,8 +456,15 @@ fn run(cli: Cli) -> Result<()> {
                 registry,
                 poll_wait,
                 stop_grace,
+                metrics_file,
                 transport,
-            } => net::station_serve(&dir, registry, poll_wait, stop_grace, &transport),
+            } => net::station_serve(
+                &dir,
+                registry,
+                poll_wait,
+                (stop_grace, metrics_file),
+                &transport,
+            ),
             StationCommand::Pending { dir, json } => net::station_pending(&dir, json),
             StationCommand::Refuse { dir, run, reason } => net::station_refuse(&dir, &run, &reason),
             StationCommand::Held { dir, json } => release::held(&dir, json),

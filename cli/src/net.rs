@@ -608,7 +608,7 @@ pub fn station_serve(
     dir: &Path,
     registry: Option<String>,
     poll_wait: u64,
-    stop_grace: u64,
+    (stop_grace, metrics_file): (u64, Option<PathBuf>),
     transport: &TransportArgs,
 ) -> Result<()> {
     let config = daemon::NetworkConfig::read(dir)?;
@@ -629,6 +629,7 @@ pub fn station_serve(
         poll_wait: Duration::from_secs(poll_wait),
         max_backoff: Duration::from_secs(30),
         stop_grace: Duration::from_secs(stop_grace),
+        metrics_file,
     })?;
     runtime()?.block_on(d.serve_until(amicus_registryd::stop_signal()))?;
     Ok(())

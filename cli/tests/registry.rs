@@ -34,6 +34,8 @@ struct Net {
     /// Where people and stations reach the registry, when not the first process directly
     /// (a load balancer in front of the replicas).
     via: Option<String>,
+    /// The first registry process serves metrics on this port.
+    metrics_port: Option<u16>,
 }
 
 impl Drop for Net {
@@ -86,6 +88,7 @@ impl Net {
             db_url,
             replicas: Vec::new(),
             via: None,
+            metrics_port: None,
         };
         ok(&["keygen", "--out", s(&net.path("alice-sign.key"))]);
         ok(&["keygen", "--x25519", "--out", s(&net.path("alice.key"))]);
@@ -163,7 +166,16 @@ impl Net {
     }
 
     fn start_registry(&mut self) {
-        let child = self.registry_process(self.port, "registry");
+        let mut child = self.registry_process(self.port, "registry");
+        if let Some(m) = self.metrics_port {
+            let _ = child.kill();
+            let _ = child.wait();
+            child = self.registry_process_with(
+                self.port,
+                "registry",
+                &["--metrics-listen".into(), format!("127.0.0.1:{m}")],
+            );
+        }
         self.registry = Some(child);
     }
 
@@ -176,12 +188,17 @@ impl Net {
     }
 
     fn registry_process(&self, port: u16, log: &str) -> Child {
+        self.registry_process_with(port, log, &[])
+    }
+
+    fn registry_process_with(&self, port: u16, log: &str, more: &[String]) -> Child {
         let mut args = vec![
             "registry".to_string(),
             "serve".into(),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
         ];
+        args.extend(more.iter().cloned());
         if let Some(ca) = &self.tls {
             args.extend([
                 "--tls-cert".into(),
@@ -2429,4 +2446,183 @@ fn three_registry_replicas_on_one_postgres_survive_losing_one_mid_job() {
         );
         ok(&["audit", "verify", "--dir", s(&net.station_dir(st))]);
     }
+}
+
+/// `GET path` on 127.0.0.1:port, the whole answer.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Metric samples as Prometheus' own OpenMetrics parser (the `prometheus-client` Python
+/// package) reads them: (sample name, labels, value).
+fn parse_metrics(text: &str) -> Vec<(String, serde_json::Value, f64)> {
+    let py = python().expect("the test venv (scripts/setup.sh --test) has prometheus-client");
+    let script = [
+        "import sys, json",
+        "from prometheus_client.openmetrics.parser import text_string_to_metric_families",
+        "out = []",
+        "for fam in text_string_to_metric_families(sys.stdin.read()):",
+        "    for s in fam.samples:",
+        "        out.append([s.name, s.labels, s.value])",
+        "print(json.dumps(out))",
+    ]
+    .join("\n");
+    let mut child = std::process::Command::new(py)
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser refused:\n{}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<(String, serde_json::Value, f64)> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!v.is_empty(), "{text}");
+    v
+}
+
+fn sample(
+    samples: &[(String, serde_json::Value, f64)],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    samples
+        .iter()
+        .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l[*k] == *v))
+        .map(|(_, _, v)| *v)
+        .reduce(|a, b| a + b)
+}
+
+/// The registry's metrics listener and the station daemon's metrics file, read with
+/// Prometheus' own parser after a task: requests and refusals counted, runs by state, the
+/// station seen; the daemon's runs, run time, queue, last poll and audit log size.
+#[test]
+fn registry_and_station_metrics_parse_and_count_what_happened() {
+    let mut net = Net::new();
+    let metrics_port = free_port();
+    net.kill_registry();
+    net.metrics_port = Some(metrics_port);
+    net.start_registry();
+    net.add_station("st1", "academic", 5);
+    let stats = net.push("cohort-stats");
+    ok(&[
+        "station",
+        "approve",
+        "--dir",
+        s(&net.station_dir("st1")),
+        s(&stats),
+    ]);
+    net.start_daemon("st1");
+    let task = net.task(&stats, &["st1"], "{}");
+    let t = net.wait_finished(task["id"].as_str().unwrap(), Duration::from_secs(120));
+    assert_eq!(run_of(&t, "st1")["state"], "done", "{t}");
+    // A refusal: no credentials.
+    assert!(http_get(net.port, "/v1/me").starts_with("HTTP/1.1 401"));
+    // Metrics are not on the API's port.
+    assert!(http_get(net.port, "/metrics").starts_with("HTTP/1.1 404"));
+
+    let answer = http_get(metrics_port, "/metrics");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("application/openmetrics-text"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+    let reg = parse_metrics(body);
+    let ok_requests = sample(&reg, "amicus_registry_requests_total", &[("status", "200")]);
+    assert!(ok_requests.is_some_and(|n| n >= 5.0), "{body}");
+    assert!(
+        sample(
+            &reg,
+            "amicus_registry_requests_total",
+            &[("action", "me"), ("status", "401")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{body}"
+    );
+    assert!(
+        sample(
+            &reg,
+            "amicus_registry_refusals_total",
+            &[("code", "unauthenticated")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&reg, "amicus_registry_runs", &[("state", "done")]),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&reg, "amicus_registry_stations", &[]),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&reg, "amicus_registry_stations_seen_5m", &[]),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        sample(&reg, "amicus_registry_request_duration_seconds_count", &[])
+            .is_some_and(|n| n >= 5.0),
+        "{body}"
+    );
+
+    // The daemon writes its file after every pass.
+    let file = net.station_dir("st1").join("registry/metrics.prom");
+    let t0 = Instant::now();
+    let station = loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        if text.contains("amicus_station_runs_total{outcome=\"done\"} 1") {
+            break text;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{}:\n{text}",
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let st = parse_metrics(&station);
+    assert_eq!(
+        sample(&st, "amicus_station_runs_total", &[("outcome", "done")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&st, "amicus_station_run_duration_seconds_count", &[]),
+        Some(1.0)
+    );
+    assert!(
+        sample(
+            &st,
+            "amicus_station_last_successful_poll_timestamp_seconds",
+            &[]
+        )
+        .is_some_and(|t| t > 1.7e9)
+    );
+    assert!(sample(&st, "amicus_station_audit_log_bytes", &[]).is_some_and(|b| b > 1000.0));
+    assert_eq!(
+        sample(&st, "amicus_station_queue", &[("stage", "started")]),
+        Some(0.0)
+    );
 }

@@ -24,6 +24,7 @@
 use amicus_registry::client::{ClientError, StationClient};
 use amicus_registry::request::sign_output;
 use amicus_registry::sealed::{RecipientPublicKey, SealContext, seal};
+pub mod metrics;
 pub mod request;
 pub mod secagg;
 
@@ -411,6 +412,8 @@ pub struct DaemonOptions {
     /// After a stop is asked for ([`Daemon::serve_until`]), how long a run in flight may go
     /// on before its worker is stopped and the run ends `interrupted`.
     pub stop_grace: Duration,
+    /// Where the metrics file goes (default `<station>/registry/metrics.prom`).
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// A station's loop. Returns only on a local error the daemon cannot work around (station
@@ -427,6 +430,7 @@ pub struct Daemon {
     audit_uploaded_len: Option<u64>,
     /// Becomes true when a stop is asked for: no new work from then on.
     stop: tokio::sync::watch::Receiver<bool>,
+    metrics: metrics::Metrics,
 }
 
 fn say(msg: &str) {
@@ -447,6 +451,7 @@ impl Daemon {
             audit_next: None,
             audit_uploaded_len: None,
             stop: tokio::sync::watch::channel(false).1,
+            metrics: metrics::Metrics::default(),
         })
     }
 
@@ -482,6 +487,7 @@ impl Daemon {
             std::future::pending::<()>().await;
         });
         let result = self.serve_loop().await;
+        self.write_metrics();
         if self.stopping() && result.is_ok() {
             // What the log gained during the last run, if the registry takes it quickly.
             if tokio::time::timeout(Duration::from_secs(5), self.upload_audit())
@@ -493,6 +499,38 @@ impl Daemon {
             say("stopped");
         }
         result
+    }
+
+    /// Write the metrics file; a failure is said, never fatal.
+    fn write_metrics(&self) {
+        let path = self
+            .opts
+            .metrics_file
+            .clone()
+            .unwrap_or_else(|| self.opts.dir.join(DAEMON_DIR).join("metrics.prom"));
+        let mut queue = [0i64; 5];
+        if let Ok(entries) = self.journal.all() {
+            for e in entries {
+                let i = match e.progress {
+                    Progress::Received => 0,
+                    Progress::Held => 1,
+                    Progress::Started => 2,
+                    Progress::AwaitingRelease { .. } => 3,
+                    Progress::Finished { .. } => 4,
+                    Progress::Reported { .. } => continue,
+                };
+                queue[i] += 1;
+            }
+        }
+        let audit_bytes = std::fs::metadata(self.opts.dir.join(amicus_runtime::audit::LOG_FILE))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if let Err(e) = self.metrics.write(&path, queue, audit_bytes) {
+            say(&format!(
+                "cannot write the metrics file {}: {e}",
+                path.display()
+            ));
+        }
     }
 
     /// Whether a stop was asked for.
@@ -557,12 +595,14 @@ impl Daemon {
                     return Ok(());
                 }
             };
+            self.write_metrics();
             match pass {
                 Ok(()) => backoff = Duration::from_secs(1),
                 // The registry (or a proxy in front of it) answered with something this station
                 // cannot use, or not at all: wait and ask again. Only the station's own
                 // directory failing stops the daemon.
                 Err(DaemonError::Client(e)) => {
+                    self.metrics.unreachable();
                     let mut jitter = [0u8; 1];
                     getrandom::fill(&mut jitter).ok();
                     if !e.is_transient() {
@@ -813,6 +853,9 @@ impl Daemon {
             r = self.client.work_items(wait.as_secs()) => r,
             _ = stopped => return Ok(()),
         };
+        if polled.is_ok() {
+            self.metrics.polled();
+        }
         let items = match polled {
             Ok(items) => items,
             // The first stalled run's error says more than the poll's.
@@ -1170,6 +1213,7 @@ impl Daemon {
         };
         let dir = self.opts.dir.clone();
         let params = item.params.clone();
+        let run_started = std::time::Instant::now();
         let outcome = tokio::task::spawn_blocking(move || {
             let st = Station::open(&dir)?;
             match round {
@@ -1185,6 +1229,7 @@ impl Daemon {
                 reason: e.to_string(),
             })
         });
+        self.metrics.ran(run_started.elapsed());
         let local_run = outcome.as_ref().map(|r| r.run_id.clone()).ok();
         // Outputs held for the data owner: nothing is reported until they decide.
         if let Ok(record) = &outcome
@@ -1410,6 +1455,11 @@ impl Daemon {
         train_name: Option<String>,
         report: Report,
     ) -> Result<(), DaemonError> {
+        self.metrics.reported(match &report {
+            Report::Done { .. } => "done",
+            Report::Refused { .. } => "refused",
+            Report::Failed { .. } => "failed",
+        });
         self.journal.put(&JournalEntry {
             item: item.clone(),
             progress: Progress::Finished {

@@ -1872,3 +1872,47 @@ pub fn verify_registry_trail(entries: &[RegistryAuditEntry]) -> Result<(), Strin
     }
     Ok(())
 }
+
+/// Counts for the metrics endpoint, read at each scrape.
+#[derive(Debug, Clone, Default)]
+pub struct Census {
+    pub runs_by_state: Vec<(String, i64)>,
+    pub jobs_by_state: Vec<(String, i64)>,
+    pub stations: i64,
+    pub stations_seen_5m: i64,
+    pub rounds_ended: i64,
+}
+
+impl Db {
+    /// What the metrics endpoint reports about the database's contents.
+    pub async fn census(&self) -> Result<Census, DbError> {
+        let by_state = |table: &'static str| {
+            sqlx::AssertSqlSafe(format!(
+                "SELECT state, COUNT(*) AS n FROM {table} GROUP BY state ORDER BY state"
+            ))
+        };
+        let mut c = Census::default();
+        for row in sqlx::query(by_state("runs")).fetch_all(&self.pool).await? {
+            c.runs_by_state
+                .push((row.try_get("state")?, row.try_get::<i64, _>("n")?));
+        }
+        for row in sqlx::query(by_state("jobs")).fetch_all(&self.pool).await? {
+            c.jobs_by_state
+                .push((row.try_get("state")?, row.try_get::<i64, _>("n")?));
+        }
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n,
+                    COALESCE(SUM(CASE WHEN last_seen_ms >= $1 THEN 1 ELSE 0 END), 0) AS seen
+             FROM stations",
+        )
+        .bind(now_ms() - 300_000)
+        .fetch_one(&self.pool)
+        .await?;
+        c.stations = row.try_get("n")?;
+        c.stations_seen_5m = row.try_get("seen")?;
+        c.rounds_ended = sqlx::query_scalar("SELECT COUNT(*) FROM checkpoints")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(c)
+    }
+}

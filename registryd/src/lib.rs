@@ -22,6 +22,8 @@ use std::time::Duration;
 pub const DB_ENV: &str = "AMICUS_DB_URL";
 /// Where the listening address comes from when `--listen` is not given.
 pub const LISTEN_ENV: &str = "AMICUS_LISTEN";
+/// Where the metrics listener's address comes from when `--metrics-listen` is not given.
+pub const METRICS_ENV: &str = "AMICUS_METRICS_LISTEN";
 /// Where the configuration file comes from when `--config` is not given.
 pub const CONFIG_ENV: &str = "AMICUS_REGISTRY_CONFIG";
 
@@ -31,7 +33,7 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
 /// `serve`: run the registry service until SIGTERM or SIGINT.
 #[derive(Args, Debug, Clone, Default)]
 pub struct ServeCommand {
-    /// A TOML configuration file (default: $AMICUS_REGISTRY_CONFIG): any of `db`, `listen`,
+    /// A TOML configuration file (default: $AMICUS_REGISTRY_CONFIG): any of `db`, `listen`, `metrics_listen`,
     /// `tls_cert`, `tls_key`, `max_connections`, `header_timeout`, `idle_timeout`,
     /// `rate_per_address`, `rate_per_identity`. Flags and environment variables win over it.
     #[arg(long)]
@@ -46,6 +48,11 @@ pub struct ServeCommand {
     /// 127.0.0.1:7700).
     #[arg(long)]
     pub listen: Option<String>,
+    /// Serve Prometheus metrics (OpenMetrics text, `GET /metrics`, no authentication) on this
+    /// address, e.g. an internal interface (default: $AMICUS_METRICS_LISTEN, then the
+    /// configuration file, then none).
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
     /// Terminate TLS here: the certificate chain (PEM, leaf first). With --tls-key.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -75,6 +82,7 @@ pub struct ServeCommand {
 pub struct Config {
     pub db: Option<String>,
     pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub max_connections: Option<usize>,
@@ -99,6 +107,7 @@ impl Config {
 pub struct Settings {
     pub db: String,
     pub listen: String,
+    pub metrics_listen: Option<String>,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub max_connections: usize,
     pub header_timeout: Duration,
@@ -131,6 +140,11 @@ impl ServeCommand {
             .or_else(|| env(LISTEN_ENV))
             .or(file.listen)
             .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let metrics_listen = self
+            .metrics_listen
+            .clone()
+            .or_else(|| env(METRICS_ENV))
+            .or(file.metrics_listen);
         let tls = match (
             self.tls_cert.clone().or(file.tls_cert),
             self.tls_key.clone().or(file.tls_key),
@@ -152,6 +166,7 @@ impl ServeCommand {
         Ok(Settings {
             db,
             listen,
+            metrics_listen,
             tls,
             max_connections: self
                 .max_connections
@@ -243,7 +258,24 @@ pub async fn serve(cmd: &ServeCommand) -> Result<()> {
         options.max_connections
     );
     let app = App::new(database, settings.limits());
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics = match &settings.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening for metrics on {addr}"))?;
+            println!("metrics on http://{}/metrics", l.local_addr()?);
+            Some(tokio::spawn(server::serve_metrics(l, app.clone(), async {
+                let _ = metrics_stopped.await;
+            })))
+        }
+        None => None,
+    };
     server::serve_with(listener, app.clone(), options, stop_signal()).await?;
+    let _ = stop_metrics.send(());
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     app.flush_trail().await;
     eprintln!("registry stopped");
     Ok(())

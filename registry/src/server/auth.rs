@@ -309,6 +309,7 @@ where
     F: FnOnce(App, Req, Option<Caller>) -> Fut,
     Fut: Future<Output = Result<Response, ApiError>>,
 {
+    let started = std::time::Instant::now();
     let path = req.uri().path().to_string();
     let source = client_address(&req)
         .map(|a| a.to_string())
@@ -369,14 +370,22 @@ where
     }
     .await;
     let (e, label) = match result {
-        Ok(resp) => return resp,
+        Ok(resp) => {
+            app.metrics
+                .answered(action, resp.status().as_u16(), started.elapsed());
+            return resp;
+        }
         Err(e) => e,
     };
+    app.metrics
+        .answered(action, e.status.as_u16(), started.elapsed());
     let actor = label.unwrap_or_else(|| "anonymous".to_string());
     // Answers about the database being out of reach are not written to it (the write would
     // hold the answer for the pool's timeout).
     if e.code != "database_unavailable" && e.code != "not_ready" {
         record_refusal(&app, &actor, &source, action, &path, &e).await;
+    } else {
+        app.metrics.refused(e.code);
     }
     e.into_response()
 }

@@ -34,6 +34,7 @@ use tokio::sync::Notify;
 mod auth;
 mod jobs;
 mod listen;
+pub mod metrics;
 pub mod page;
 mod people;
 mod secagg;
@@ -48,6 +49,7 @@ use secagg::*;
 use station::*;
 
 pub use listen::{ServeOptions, default_max_connections, serve, serve_with, tls_server_config};
+pub use metrics::serve_metrics;
 pub use people::add_user;
 pub use throttle::{ROWS_PER_MINUTE, RateLimits};
 
@@ -132,6 +134,7 @@ pub struct App {
     throttle: Arc<throttle::Throttle>,
     refusals: Arc<throttle::Refusals>,
     large_bodies: Arc<tokio::sync::Semaphore>,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl App {
@@ -142,6 +145,7 @@ impl App {
             throttle: Arc::new(throttle::Throttle::new(limits.rates)),
             refusals: Arc::new(throttle::Refusals::default()),
             large_bodies: Arc::new(tokio::sync::Semaphore::new(limits.large_bodies.max(1))),
+            metrics: Arc::new(metrics::Metrics::default()),
             limits: Arc::new(limits),
         }
     }
@@ -247,6 +251,7 @@ async fn record_refusal(
     target: &str,
     e: &ApiError,
 ) {
+    app.metrics.refused(e.code);
     let outcome = format!("refused {} {}: {}", e.status.as_u16(), e.code, e.message);
     if let Some(row) = app.refusals.note(
         actor,
