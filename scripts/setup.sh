@@ -7,8 +7,9 @@
 # with --deploy, podman and runc (to build and run the container images, deploy/images.sh);
 # and with --test, those and what the test suite needs besides:
 # - dicom3tools (Debian: dciodvfy validates the synthetic DICOM in the tests);
-# - pydicom (with the pylibjpeg/pyjpegls decoders), numpy, rdflib, onnx and prometheus-client
-#   (Prometheus' own parser of the metrics amicus serves) in a venv at
+# - pydicom (with the pylibjpeg/pyjpegls decoders), numpy, rdflib, onnx, prometheus-client
+#   (Prometheus' own parser of the metrics amicus serves) and PyYAML (reads the Kubernetes
+#   manifests) in a venv at
 #   ~/.cache/amicus/venv (independent readers and writers of the DICOM, pixel data, PROV-O
 #   and ONNX models the tests check);
 # - a real-world DICOM corpus at ~/.cache/amicus/corpus: pydicom's own test files and the
@@ -98,12 +99,12 @@ if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
 fi
 
-if ! "$VENV/bin/python" -c "import pydicom, numpy, rdflib, pylibjpeg, libjpeg, openjpeg, jpeg_ls, onnx, dp_accounting, prometheus_client" 2>/dev/null; then
-  echo "setup: installing pydicom (and its JPEG, JPEG 2000, JPEG-LS decoders), numpy, rdflib, onnx, dp-accounting and prometheus-client into $VENV"
+if ! "$VENV/bin/python" -c "import pydicom, numpy, rdflib, pylibjpeg, libjpeg, openjpeg, jpeg_ls, onnx, dp_accounting, prometheus_client, yaml" 2>/dev/null; then
+  echo "setup: installing pydicom (and its JPEG, JPEG 2000, JPEG-LS decoders), numpy, rdflib, onnx, dp-accounting, prometheus-client and PyYAML into $VENV"
   ensure_venv
   "$VENV/bin/pip" install -q --disable-pip-version-check "pydicom==3.*" "numpy<3" "rdflib==7.*" \
     "pylibjpeg==2.1.0" "pylibjpeg-libjpeg==2.5.0" "pylibjpeg-openjpeg==2.6.0" "pyjpegls==1.5.1" \
-    "onnx==1.23.2" "dp-accounting==0.6.0" "prometheus-client==0.21.1"
+    "onnx==1.23.2" "dp-accounting==0.6.0" "prometheus-client==0.21.1" "PyYAML==6.0.2"
 fi
 
 CORPUS="${HOME}/.cache/amicus/corpus"

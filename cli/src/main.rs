@@ -161,6 +161,10 @@ enum StationCommand {
         archive: PathBuf,
         #[arg(long)]
         name: Option<String>,
+        /// A station already set up in --dir (for this archive) is left as it is, exit 0: for
+        /// a container's init step, which runs at every start.
+        #[arg(long)]
+        if_missing: bool,
     },
     /// Data owner: trust a signer's public key.
     Trust {
@@ -393,7 +397,32 @@ fn run(cli: Cli) -> Result<()> {
             TrainCommand::List { conn, json } => net::list_trains(&conn, json),
         },
         Command::Station(c) => match c {
-            StationCommand::Init { dir, archive, name } => {
+            StationCommand::Init {
+                dir,
+                archive,
+                name,
+                if_missing,
+            } => {
+                if if_missing && dir.join(amicus_runtime::station::STATION_FILE).exists() {
+                    let st = Station::open(&dir)?;
+                    let wanted = archive
+                        .canonicalize()
+                        .with_context(|| format!("the archive {}", archive.display()))?;
+                    if st.config().archive != wanted {
+                        bail!(
+                            "{} is a station for the archive {}, not {}",
+                            dir.display(),
+                            st.config().archive.display(),
+                            wanted.display()
+                        );
+                    }
+                    println!(
+                        "station {:?} already set up in {}; nothing changed",
+                        st.config().name,
+                        dir.display()
+                    );
+                    return Ok(());
+                }
                 let st = Station::init(&dir, &archive, name.as_deref())?;
                 println!(
                     "station {:?} created in {}\n  key      {}\n  archive  {}\n  policy   {} (deny by default: trust signers with `amicus station trust`, approve digests with `amicus station approve`)",

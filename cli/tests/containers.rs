@@ -151,23 +151,19 @@ fn edit(path: &Path, from: &str, to: &str) {
     std::fs::write(path, text.replacen(from, to, 1)).unwrap();
 }
 
-#[test]
-fn images_run_a_task_and_a_federated_job_locked_down() {
-    if let Err(why) = podman_usable() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "containers cannot run here: {why}"
-        );
-        eprintln!("SKIPPED (counted): containers cannot run here: {why}");
-        return;
+/// `bash deploy/images.sh`, once per test process (the tests here share its images); the
+/// station's and the registry's image names.
+fn images() -> (String, String) {
+    static BUILT: std::sync::Mutex<Option<(String, String)>> = std::sync::Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(b) = built.as_ref() {
+        return b.clone();
     }
     let v = version();
-    let (station_image, registry_image) = (
+    let names = (
         format!("localhost/amicus-station:{v}"),
         format!("localhost/amicus-registry:{v}"),
     );
-
-    // The images, as an operator builds them.
     let out = Command::new("bash")
         .arg(repo_root().join("deploy/images.sh"))
         .env("CONTAINERS_CONF", containers_conf())
@@ -180,6 +176,22 @@ fn images_run_a_task_and_a_federated_job_locked_down() {
     );
     assert!(out.status.success(), "deploy/images.sh failed:\n{text}");
     eprintln!("{text}");
+    *built = Some(names.clone());
+    names
+}
+
+#[test]
+fn images_run_a_task_and_a_federated_job_locked_down() {
+    if let Err(why) = podman_usable() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "containers cannot run here: {why}"
+        );
+        eprintln!("SKIPPED (counted): containers cannot run here: {why}");
+        return;
+    }
+    let (station_image, registry_image) = images();
+    let v = version();
     for (image, limit_mb) in [(&registry_image, 40u64), (&station_image, 150)] {
         let size: u64 = podman_ok(&["image", "inspect", "--format", "{{.Size}}", image])
             .trim()
@@ -591,5 +603,326 @@ fn images_run_a_task_and_a_federated_job_locked_down() {
         podman_ok(&["stop", "-t", "20", &c]);
         let code = podman_ok(&["inspect", "--format", "{{.State.ExitCode}}", &c]);
         assert_eq!(code.trim(), "0", "{c} exited {code}\n{}", site.logs());
+    }
+}
+
+/// Every document of a YAML file, as JSON (PyYAML, in the test venv).
+fn yaml_docs(path: &Path) -> Vec<serde_json::Value> {
+    let py = python().expect("the test venv (scripts/setup.sh --test)");
+    let out = Command::new(py)
+        .args([
+            "-c",
+            "import sys, json, yaml; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))",
+            s(path),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.get(9..12)?.parse().ok()
+}
+
+/// The Kubernetes manifests: every workload locked down (non-root, read-only root, no
+/// privilege escalation, all capabilities dropped), the registry with two or more replicas and
+/// probes on routes it has, the station's archive read-only. Then, as far as `podman kube
+/// play` supports them: the registry's Deployment and Secret (podman runs one replica) on
+/// PostgreSQL, ready and serving metrics; the station's StatefulSet pod template as a Pod (podman
+/// has no StatefulSet) whose init container makes the station and whose daemon reaches that
+/// registry.
+#[test]
+fn kubernetes_manifests_are_locked_down_and_play_in_podman() {
+    let dir = repo_root().join("deploy/kubernetes");
+    let mut workloads = 0;
+    let mut docs_of = std::collections::HashMap::new();
+    for name in ["registry.yaml", "postgres.yaml", "station.yaml"] {
+        let docs = yaml_docs(&dir.join(name));
+        for d in &docs {
+            let kind = d["kind"].as_str().unwrap_or("");
+            if !matches!(kind, "Deployment" | "StatefulSet") {
+                continue;
+            }
+            workloads += 1;
+            let pod = &d["spec"]["template"]["spec"];
+            let who = format!("{name} {kind} {}", d["metadata"]["name"]);
+            assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{who}");
+            assert_eq!(pod["automountServiceAccountToken"], false, "{who}");
+            let containers = pod["containers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .chain(pod["initContainers"].as_array().into_iter().flatten());
+            for c in containers {
+                let sc = &c["securityContext"];
+                assert_eq!(sc["allowPrivilegeEscalation"], false, "{who}");
+                assert_eq!(
+                    sc["capabilities"]["drop"],
+                    serde_json::json!(["ALL"]),
+                    "{who}"
+                );
+                if !c["image"].as_str().unwrap_or("").contains("postgres") {
+                    assert_eq!(sc["readOnlyRootFilesystem"], true, "{who}");
+                }
+            }
+        }
+        docs_of.insert(name, docs);
+    }
+    assert_eq!(workloads, 3);
+    let registry_docs = &docs_of["registry.yaml"];
+    let deployment = registry_docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .unwrap();
+    assert!(deployment["spec"]["replicas"].as_u64().unwrap() >= 2);
+    let probes = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(probes["readinessProbe"]["httpGet"]["path"], "/v1/ready");
+    assert_eq!(probes["livenessProbe"]["httpGet"]["path"], "/v1/health");
+    let station_set = docs_of["station.yaml"]
+        .iter()
+        .find(|d| d["kind"] == "StatefulSet")
+        .unwrap()
+        .clone();
+    let archive_mount = station_set["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "archive")
+        .unwrap()
+        .clone();
+    assert_eq!(archive_mount["readOnly"], true);
+
+    if let Err(why) = podman_usable() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "containers cannot run here: {why}"
+        );
+        eprintln!("SKIPPED (counted): podman kube play cannot run here: {why}");
+        return;
+    }
+    images();
+    let tmp = tempfile::tempdir().unwrap();
+    let _ = Command::new("chmod").args(["755", s(tmp.path())]).status();
+    let pg = tmp.path().join("pg");
+    let out = Command::new("bash")
+        .arg(repo_root().join("scripts/postgres.sh"))
+        .args(["start", s(&pg), &free_port().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let db = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Down(Vec<PathBuf>, PathBuf, Vec<String>);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            for f in &self.0 {
+                let _ = podman(&["kube", "down", s(f)]);
+            }
+            for secret in &self.2 {
+                let _ = podman(&["secret", "rm", secret]);
+            }
+            let _ = Command::new("bash")
+                .arg(repo_root().join("scripts/postgres.sh"))
+                .args(["stop", s(&self.1)])
+                .output();
+        }
+    }
+    let mut down = Down(Vec::new(), pg.clone(), Vec::new());
+
+    // The registry's manifest, pointed at this PostgreSQL and at loopback ports. On the host's
+    // network podman takes no port declarations: they go, and the probes name the port.
+    let (port, metrics) = (free_port(), free_port());
+    let mut played_docs = Vec::new();
+    for mut d in registry_docs.clone() {
+        match d["kind"].as_str() {
+            Some("Secret") => {
+                // podman 4.3 stores a played Secret as its YAML but reads a referenced one as
+                // a JSON map of base64 values: make the secret here, under the manifest's name.
+                use base64::Engine as _;
+                let name = d["metadata"]["name"].as_str().unwrap().to_string();
+                let secret = serde_json::json!({
+                    "url": base64::engine::general_purpose::STANDARD.encode(&db),
+                });
+                let file = tmp.path().join("secret.json");
+                std::fs::write(&file, secret.to_string()).unwrap();
+                let _ = podman(&["secret", "rm", &name]);
+                podman_ok(&["secret", "create", &name, s(&file)]);
+                down.2.push(name);
+                continue;
+            }
+            Some("Deployment") => {
+                d["metadata"]["name"] = format!("amicus-registry-{port}").into();
+                // podman plays each replica as a pod: on the host's network they would share
+                // one port. Replicas are tested with processes (cli/tests/registry.rs).
+                d["spec"]["replicas"] = 1.into();
+                let c = &mut d["spec"]["template"]["spec"]["containers"][0];
+                for e in c["env"].as_array_mut().unwrap() {
+                    match e["name"].as_str() {
+                        Some("AMICUS_LISTEN") => e["value"] = format!("127.0.0.1:{port}").into(),
+                        Some("AMICUS_METRICS_LISTEN") => {
+                            e["value"] = format!("127.0.0.1:{metrics}").into()
+                        }
+                        _ => {}
+                    }
+                }
+                c.as_object_mut().unwrap().remove("ports");
+                c["readinessProbe"]["httpGet"]["port"] = port.into();
+                c["livenessProbe"]["httpGet"]["port"] = port.into();
+            }
+            _ => continue, // Services: podman has none
+        }
+        played_docs.push(serde_json::to_string_pretty(&d).unwrap());
+    }
+    let played = tmp.path().join("registry.yaml");
+    std::fs::write(&played, played_docs.join("\n---\n")).unwrap();
+    podman_ok(&["kube", "play", "--network", "host", s(&played)]);
+    down.0.push(played);
+    let t0 = Instant::now();
+    while http_status(port, "/v1/ready") != Some(200) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the registry pod never got ready"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(http_status(metrics, "/metrics"), Some(200));
+
+    // The station's pod template as a Pod, its volumes as host directories.
+    let archive = tmp.path().join("archive");
+    ok(&[
+        "synth",
+        "--out",
+        s(&archive),
+        "--site",
+        "k8s",
+        "--patients",
+        "3",
+        "--seed",
+        "7",
+    ]);
+    let _ = Command::new("chmod")
+        .args(["-R", "a+rX", s(&archive)])
+        .status();
+    let state = tmp.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let _ = Command::new("chown")
+        .args(["10001:10001", s(&state)])
+        .status();
+    let mut spec = station_set["spec"]["template"]["spec"].clone();
+    spec["volumes"] = serde_json::json!([
+        {"name": "state", "hostPath": {"path": s(&state), "type": "Directory"}},
+        {"name": "archive", "hostPath": {"path": s(&archive), "type": "Directory"}},
+    ]);
+    spec["containers"][0]["env"][0]["value"] = format!("http://127.0.0.1:{port}").into();
+    let pod_name = format!("amicus-station-{port}");
+    // podman 4.3 races with its own init containers ("cannot remove container ... as it is
+    // running"): the init container runs as a pod of its own first, with the same spec.
+    let mut init_spec = spec.clone();
+    let init = init_spec["initContainers"][0].clone();
+    init_spec["containers"] = serde_json::json!([init]);
+    init_spec.as_object_mut().unwrap().remove("initContainers");
+    init_spec["restartPolicy"] = "Never".into();
+    spec.as_object_mut().unwrap().remove("initContainers");
+    let labels = station_set["spec"]["template"]["metadata"]["labels"].clone();
+    for (name, spec, file) in [
+        (format!("{pod_name}-init"), init_spec, "station-init.yaml"),
+        (pod_name.clone(), spec, "station.yaml"),
+    ] {
+        // podman does not expand Kubernetes' `$(VAR)` in arguments: do it as Kubernetes
+        // would (STATION_NAME is the pod's name).
+        let mut spec = spec;
+        let url = format!("http://127.0.0.1:{port}");
+        if let Some(args) = spec["containers"][0]["args"].as_array_mut() {
+            for a in args {
+                let expanded = a
+                    .as_str()
+                    .unwrap_or("")
+                    .replace("$(STATION_NAME)", &pod_name)
+                    .replace("$(AMICUS_REGISTRY)", &url);
+                *a = expanded.into();
+            }
+        }
+        let pod = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": labels},
+            "spec": spec,
+        });
+        let played = tmp.path().join(file);
+        std::fs::write(&played, serde_json::to_string_pretty(&pod).unwrap()).unwrap();
+        podman_ok(&["kube", "play", "--network", "host", s(&played)]);
+        down.0.push(played);
+        if file == "station-init.yaml" {
+            let toml = state.join("station/station.toml");
+            let t0 = Instant::now();
+            while !toml.exists() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "the init container made no station"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    // The init container made the station, named after the pod.
+    let toml = state.join("station/station.toml");
+    let made = std::fs::read_to_string(&toml).unwrap();
+    assert!(made.contains(&pod_name), "{made}");
+    // Registered by an admin, its daemon reaches the registry (a signed poll).
+    let token = tmp.path().join("root.token");
+    ok(&[
+        "registry",
+        "user",
+        "add",
+        "--db",
+        &db,
+        "--name",
+        "root",
+        "--role",
+        "admin",
+        "--token-out",
+        s(&token),
+    ]);
+    let url = format!("http://127.0.0.1:{port}");
+    let conn = ["--registry", url.as_str(), "--token-file", s(&token)];
+    let mut add = vec!["registry", "station", "add", "--name", &pod_name, "--key"];
+    let key = state.join("station/station.pub");
+    add.push(s(&key));
+    add.extend(conn);
+    ok(&add);
+    let t0 = Instant::now();
+    loop {
+        let mut list = vec!["registry", "station", "list"];
+        list.extend(conn);
+        let out = ok(&list);
+        if out.stdout.contains(&pod_name) && !out.stdout.contains("never") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the station pod never polled:\n{}\n{}",
+            out.stdout,
+            String::from_utf8_lossy(&podman(&["pod", "logs", &pod_name]).stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
