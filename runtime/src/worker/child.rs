@@ -87,8 +87,11 @@ fn take_event_pipe() -> Result<File, String> {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
                 // The station died before the line above: the worker was re-parented. The
                 // station names its own pid (it is pid 1 itself as a container's entry point).
-                let station = std::env::var(super::supervise::PARENT_ENV)
-                    .ok()
+                let station = std::env::args()
+                    .find_map(|a| {
+                        a.strip_prefix(super::supervise::PARENT_ARG)
+                            .map(str::to_string)
+                    })
                     .and_then(|p| p.parse::<libc::pid_t>().ok());
                 let parent = libc::getppid();
                 if station.map_or(parent == 1, |s| s != parent) {

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 /// The hidden subcommand of `amicus` that runs a worker.
 pub const SUBCOMMAND: &str = "__run-worker";
 
-/// The environment variable that tells a worker its station's pid.
-pub const PARENT_ENV: &str = "AMICUS_STATION_PID";
+/// The argument that tells a worker its station's pid (`--station-pid=N`, after the
+/// subcommand): the worker's environment stays empty but for what it needs.
+pub const PARENT_ARG: &str = "--station-pid=";
 
 /// How long after the deadline a worker may take to stop by itself before it is killed.
 pub const GRACE: Duration = Duration::from_millis(750);
@@ -58,7 +59,10 @@ impl WorkerCommand {
         };
         Ok(WorkerCommand {
             program,
-            args: vec![SUBCOMMAND.into()],
+            args: vec![
+                SUBCOMMAND.into(),
+                format!("{PARENT_ARG}{}", std::process::id()).into(),
+            ],
         })
     }
 }
@@ -184,7 +188,6 @@ pub fn supervise(
         .args(&spawn.command.args)
         .env_clear()
         .env("MALLOC_ARENA_MAX", "2")
-        .env(PARENT_ENV, std::process::id().to_string())
         .env("AMICUS_ORT_LIB", amicus_kernels::library_path())
         .current_dir(spawn.workdir)
         .stdin(Stdio::piped())
